@@ -1,0 +1,84 @@
+"""sd_demo web app. Spaces runs this file; locally: ``python app.py [--model M] [--share] [--auth USER:PASS]``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import gradio as gr
+
+from sd_demo.__main__ import add_runtime_flags
+from sd_demo.engine import Engine, EngineSettings
+from sd_demo.ui import generate as generate_tab
+from sd_demo.ui import info as info_tab
+
+log = logging.getLogger("sd_demo")
+QUEUE_MAX = 20  # waiting jobs beyond this are refused with "queue full" instead of piling up
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="sd_demo web app")
+    add_runtime_flags(p)
+    p.set_defaults(model=os.environ.get("SD_DEMO_MODEL", "embedded"))
+    p.add_argument("--share", action="store_true", help="open a public gradio.live link (use --auth with it)")
+    p.add_argument("--auth", default=os.environ.get("SD_DEMO_AUTH"), help="USER:PASS[,USER2:PASS2] required to log in")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1 or $GRADIO_SERVER_NAME)")
+    p.add_argument("--port", type=int, default=None, help="port (default 7860 or $GRADIO_SERVER_PORT)")
+    p.add_argument("--outputs", default=os.environ.get("SD_DEMO_OUTPUTS", "outputs"), help="folder for PNGs")
+    return p.parse_args(argv)
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    if not text:
+        return None
+    pairs = []
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError("--auth: expected USER:PASS (several separated by commas)")
+        pairs.append((user, password))
+    return pairs
+
+
+def is_public(args: argparse.Namespace) -> bool:
+    """A share link without auth, or a Space: anyone can use it, so no custom model ids or local paths."""
+    return bool((args.share and not args.auth) or os.environ.get("SPACE_ID"))
+
+
+def build_demo(args: argparse.Namespace) -> gr.Blocks:
+    engine = Engine(EngineSettings(args.model, args.device, args.dtype, args.attention, args.allow_pickle, args.outputs))
+    try:
+        engine.load()  # the start-up model is ready before the first click; a bad one is reported in the UI
+    except ValueError as exc:
+        log.error("%s", exc)
+    public = is_public(args)
+    with gr.Blocks(title="sd_demo") as demo:
+        gr.Markdown("# sd_demo · Stable Diffusion")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate"):
+                gen = generate_tab.build(engine, public=public)
+            with gr.Tab("PNG Info", id="info"):
+                info_tab.build(gen, tabs, "generate")
+    demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)
+    demo.engine = engine  # for tests and scripts that drive the app in-process
+    return demo
+
+
+def launch(demo: gr.Blocks, args: argparse.Namespace, **kw):
+    auth = parse_auth(args.auth)
+    if args.share and not auth:
+        log.warning("public share link without --auth: custom model ids and local paths are disabled")
+    return demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, **kw)
+
+
+# Spaces and `gradio app.py` import this module and look for `demo`; flags only apply when run as a script.
+ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+demo = build_demo(ARGS)
+
+if __name__ == "__main__":
+    try:
+        launch(demo, ARGS)
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")

@@ -1,0 +1,110 @@
+"""Command line: ``python -m sd_demo generate ...``. Flags for generation come from GenerationParams' fields."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .generate import GenerationParams, param_fields
+
+log = logging.getLogger("sd_demo")
+
+
+def add_param_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per GenerationParams field: --negative-prompt, --steps, --guidance, --batch, ..."""
+    for name, default, meta in param_fields():
+        flag = meta.get("flag") or "--" + name.replace("_", "-")
+        typ = type(default) if default is not None else int
+        kw = {"type": typ, "default": default, "help": f"{meta['help']} (default: {default})", "dest": name}
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        parser.add_argument(flag, **kw)
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    """Model and hardware flags shared by the CLI and app.py."""
+    parser.add_argument("--model", default="embedded", help="Hub id[@revision], local diffusers folder, or 'embedded'")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                        help="auto: fp16 on CUDA/MPS, fp32 on CPU")
+    parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"],
+                        help="auto: xformers on CUDA when it works, else PyTorch SDPA")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow loading .bin/.ckpt weights (pickle can run code: only for repos you trust)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sd_demo", description="Stable Diffusion from the command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="text to image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_runtime_flags(gen)
+    add_param_flags(gen)
+    gen.add_argument("--out", required=True, help="FILE.png, or a folder (A1111-style numbered names)")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    return parser
+
+
+def output_paths(out: str, seeds: list[int], overwrite: bool) -> list[Path] | None:
+    """Exact file paths for a FILE.png --out; None means 'a folder, number the files'."""
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--out: '{out}' is a file but not a .png; give FILE.png or a folder")
+        return None
+    paths = [path] if len(seeds) == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(seeds))]
+    taken = [str(p) for p in paths if p.exists()]
+    if taken and not overwrite:
+        raise ValueError(f"--out: {', '.join(taken)} already exists; choose another name or pass --overwrite")
+    return paths
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from .engine import Engine, EngineSettings, save_result
+    from .infotext import write_png
+
+    params = GenerationParams(**{name: getattr(args, name) for name, _, _ in param_fields()}).validate()
+    seeds_hint = [0] * params.batch_size
+    paths = output_paths(args.out, seeds_hint, args.overwrite)  # refuse before the slow part
+    engine = Engine(EngineSettings(args.model, args.device, args.dtype, args.attention, args.allow_pickle))
+    model = engine.load()
+    print(model.describe(), file=sys.stderr)
+    bar = tqdm(total=params.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def on_step(ev):
+        bar.total = ev.total
+        bar.update(ev.step - bar.n)
+
+    result, _ = engine.generate(params, on_step=on_step, save=False)
+    bar.close()
+    if paths is None:
+        written = save_result(result, Path(args.out))
+    else:
+        for image, info, path in zip(result.images, result.infotexts, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_png(image, path, info)
+        written = paths
+    for path, seed in zip(written, result.seeds):
+        print(f"{path}  (seed {seed})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+    except ValueError as exc:  # user-facing mistakes: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""GenerationParams -> images + infotext. No gradio here: the CLI and the UI both call ``generate``.
+
+Stages: check_inputs -> seeds/generators -> scheduler -> denoise (the diffusers pipeline, latents out) -> decode
+(with an fp32 retry that guards fp16 VAEs against NaN/black images) -> infotext.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from . import __version__
+from .infotext import Infotext
+from .models import LoadedModel
+from .preview import fit_preview_map, latents_to_preview
+from .sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, make_scheduler, resolve_schedule
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+MAX_SIDE = 2048
+MAX_STEPS = 150
+MAX_BATCH = 8
+
+
+def _f(default, help: str, flag: str | None = None, **kw):
+    """A dataclass field whose help text and CLI flag live next to its default (the CLI is generated from them)."""
+    return field(default=default, metadata={"help": help, "flag": flag, **kw})
+
+
+@dataclass
+class GenerationParams:
+    prompt: str = _f("", "what to draw")
+    negative_prompt: str = _f("", "what to avoid")
+    steps: int = _f(20, f"denoising steps, 1-{MAX_STEPS} (20 is A1111's default)")
+    guidance_scale: float = _f(7.0, "CFG scale: how strongly to follow the prompt (0 = ignore it)", flag="--guidance")
+    width: int | None = _f(None, "image width in px, multiple of 8 (default: the model's native size)")
+    height: int | None = _f(None, "image height in px, multiple of 8 (default: the model's native size)")
+    seed: int = _f(-1, "random seed; -1 picks one at random (the used seed is reported)")
+    sampler: str = _f(DEFAULT_SAMPLER, "sampler, A1111 names", choices=list(SAMPLERS))
+    schedule: str = _f("Automatic", "noise schedule type (A1111 'Schedule type')", choices=list(SCHEDULES))
+    batch_size: int = _f(1, f"images per run, 1-{MAX_BATCH}; image i uses seed+i", flag="--batch")
+    clip_skip: int = _f(1, "use the text encoder's N-th last layer (1 = last, A1111 numbering)")
+
+    def validate(self) -> "GenerationParams":
+        """Raise ValueError naming the field for anything a user must change; return self for chaining."""
+        def bad(name: str, why: str):
+            raise ValueError(f"{name}: {why}")
+
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            bad("prompt", "must be text")
+        if not 1 <= int(self.steps) <= MAX_STEPS:
+            bad("steps", f"{self.steps} is out of range; use 1 to {MAX_STEPS}")
+        if not 0 <= float(self.guidance_scale) <= 50:
+            bad("guidance_scale", f"{self.guidance_scale} is out of range; use 0 to 50")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if v is not None and (int(v) <= 0 or int(v) > MAX_SIDE or int(v) % 8):
+                bad(name, f"{v} px is not allowed; use a multiple of 8 between 8 and {MAX_SIDE}")
+        if not (int(self.seed) == -1 or 0 <= int(self.seed) <= MAX_SEED):
+            bad("seed", f"{self.seed} is out of range; use -1 (random) or 0 to {MAX_SEED}")
+        if not 1 <= int(self.batch_size) <= MAX_BATCH:
+            bad("batch_size", f"{self.batch_size} is out of range; use 1 to {MAX_BATCH}")
+        if not 1 <= int(self.clip_skip) <= 12:
+            bad("clip_skip", f"{self.clip_skip} is out of range; use 1 to 12")
+        resolve_schedule(self.sampler, self.schedule)  # unknown sampler / schedule -> ValueError
+        return self
+
+
+def param_fields():
+    """(name, default, metadata) of every GenerationParams field, for the CLI and the UI."""
+    return [(f.name, f.default, f.metadata) for f in fields(GenerationParams)]
+
+
+@dataclass
+class StepEvent:
+    step: int  # 1-based, counts scheduler iterations (2nd-order samplers run ~2x steps)
+    total: int
+    elapsed: float  # seconds since the denoising loop started
+    previews: list[Image.Image] | None = None
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    infotexts: list[Infotext]
+    seeds: list[int]
+    interrupted_at: int | None = None  # step at which a Stop arrived, None when the run completed
+    seconds: float = 0.0
+
+
+def resolve_seed(seed: int) -> int:
+    return random.randint(0, MAX_SEED) if int(seed) == -1 else int(seed)
+
+
+def check_inputs(model: LoadedModel, params: GenerationParams) -> GenerationParams:
+    params.validate()
+    size = model.default_size
+    return replace(
+        params,
+        width=int(params.width or size),
+        height=int(params.height or size),
+        seed=resolve_seed(params.seed),
+        steps=int(params.steps),
+        batch_size=int(params.batch_size),
+        clip_skip=int(params.clip_skip),
+        guidance_scale=float(params.guidance_scale),
+    )
+
+
+def make_generators(seed: int, n: int) -> list[torch.Generator]:
+    # CPU generators: the same seed gives the same noise, hence the same image, on CPU, CUDA and MPS.
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+
+
+def _step_callback(model: LoadedModel, on_step, cancel, preview_every: int, state: dict):
+    t0 = time.perf_counter()
+
+    def callback(pipe, i, t, kwargs):
+        if cancel is not None and cancel.is_set() and state.get("interrupted_at") is None:
+            state["interrupted_at"] = i + 1
+            pipe._interrupt = True  # diffusers skips the remaining steps and returns the current latents
+        if on_step is not None:
+            total = len(pipe.scheduler.timesteps)
+            previews = None
+            if preview_every and ((i + 1) % preview_every == 0) and i + 1 < total:
+                if model.preview_map is None:
+                    model.preview_map = fit_preview_map(pipe.vae)
+                previews = latents_to_preview(kwargs["latents"], model.preview_map)
+            on_step(StepEvent(i + 1, total, time.perf_counter() - t0, previews))
+        return kwargs
+
+    return callback
+
+
+def denoise(model: LoadedModel, p: GenerationParams, generators, callback) -> torch.Tensor:
+    """Run the diffusers pipeline's loop and return latents (B, 4, H/8, W/8)."""
+    kwargs = dict(
+        prompt=p.prompt,
+        negative_prompt=p.negative_prompt or None,
+        num_inference_steps=p.steps,
+        guidance_scale=p.guidance_scale,
+        width=p.width,
+        height=p.height,
+        num_images_per_prompt=p.batch_size,
+        generator=generators,
+        output_type="latent",
+        callback_on_step_end=callback,
+        callback_on_step_end_tensor_inputs=["latents"],
+        # A1111 counts the last layer as clip skip 1; diffusers counts layers skipped (None = none).
+        clip_skip=p.clip_skip - 1 or None,
+    )
+    return model.pipe(**kwargs).images
+
+
+@torch.no_grad()
+def decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+    """VAE-decode (B, 4, h, w) latents to PIL images, retrying in fp32 when fp16 overflows to NaN."""
+    vae = model.pipe.vae
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # the SDXL VAE is known to overflow in fp16: upcast once and keep it
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, latents.shape[1], 1, 1)
+        m, s = torch.tensor(mean).view(shape), torch.tensor(std).view(shape)
+        latents = latents * s.to(latents) / vae.config.scaling_factor + m.to(latents)
+    else:
+        latents = latents / vae.config.scaling_factor
+    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    if not torch.isfinite(image).all() and vae.dtype != torch.float32:
+        log.warning("VAE decode gave NaN in %s; upcasting the VAE to fp32 and decoding again", vae.dtype)
+        vae.to(torch.float32)
+        image = vae.decode(latents.float(), return_dict=False)[0]
+    return model.pipe.image_processor.postprocess(image, output_type="pil")
+
+
+def make_infotext(model: LoadedModel, p: GenerationParams, seed: int) -> Infotext:
+    params = {
+        "Steps": p.steps,
+        "Sampler": p.sampler,
+        "Schedule type": resolve_schedule(p.sampler, p.schedule),
+        "CFG scale": p.guidance_scale,
+        "Seed": seed,
+        "Size": f"{p.width}x{p.height}",
+        "Model": model.ref.label if model.ref.source != "local" else model.folder.name,
+    }
+    if p.clip_skip > 1:
+        params["Clip skip"] = p.clip_skip
+    params["Version"] = f"sd_demo {__version__}"
+    return Infotext(p.prompt, p.negative_prompt, params)
+
+
+def generate(
+    model: LoadedModel,
+    params: GenerationParams,
+    *,
+    on_step: Callable[[StepEvent], None] | None = None,
+    cancel: threading.Event | None = None,
+    preview_every: int = 5,
+) -> GenerationResult:
+    """Generate ``params.batch_size`` images; image i uses seed+i. Stop via ``cancel`` returns what was reached."""
+    p = check_inputs(model, params)
+    t0 = time.perf_counter()
+    state: dict = {}
+    with model.lock:  # one job at a time per pipeline: the scheduler below is pipeline state
+        model.pipe.scheduler = make_scheduler(p.sampler, p.schedule, model.base_scheduler_config)
+        callback = _step_callback(model, on_step, cancel, preview_every, state)
+        latents = denoise(model, p, make_generators(p.seed, p.batch_size), callback)
+        images = decode(model, latents)
+    seeds = [p.seed + i for i in range(p.batch_size)]
+    return GenerationResult(
+        images=images,
+        infotexts=[make_infotext(model, p, s) for s in seeds],
+        seeds=seeds,
+        interrupted_at=state.get("interrupted_at"),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+# A1111 infotext keys -> GenerationParams fields, for "send to Generate" from a PNG.
+_INFOTEXT_FIELDS = {
+    "Steps": ("steps", int),
+    "Sampler": ("sampler", str),
+    "Schedule type": ("schedule", str),
+    "CFG scale": ("guidance_scale", float),
+    "Seed": ("seed", int),
+    "Clip skip": ("clip_skip", int),
+}
+
+
+def params_from_infotext(info: Infotext) -> tuple[GenerationParams, list[str]]:
+    """Parameters found in an infotext, plus the names of keys we could not use (shown to the user)."""
+    values: dict = {"prompt": info.prompt, "negative_prompt": info.negative_prompt}
+    ignored = []
+    for key, value in info.params.items():
+        if key in _INFOTEXT_FIELDS:
+            name, conv = _INFOTEXT_FIELDS[key]
+            try:
+                values[name] = conv(value)
+            except (TypeError, ValueError):
+                ignored.append(key)
+        elif key == "Size" and info.size:
+            values["width"], values["height"] = info.size
+        elif key not in ("Model", "Model hash", "Version"):
+            ignored.append(key)
+    sampler = values.get("sampler")
+    if sampler is not None and sampler not in SAMPLERS:
+        # A1111 before 1.6 wrote the schedule into the sampler name: "DPM++ 2M Karras".
+        base, _, sched = sampler.rpartition(" ")
+        if base in SAMPLERS and sched in SCHEDULES and "schedule" not in values:
+            values["sampler"], values["schedule"] = base, sched
+        else:
+            ignored.append(f"Sampler ({values.pop('sampler')})")
+    if values.get("schedule") not in SCHEDULES and "schedule" in values:
+        ignored.append(f"Schedule type ({values.pop('schedule')})")
+    return GenerationParams(**values), ignored

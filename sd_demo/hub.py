@@ -1,0 +1,151 @@
+"""Everything that talks to the Hugging Face Hub or its local cache (huggingface_hub only here).
+
+A diffusers repo often holds several copies of each weight (pickle .bin, fp32 and fp16 safetensors, EMA and
+non-EMA, a single-file checkpoint at the top). We list the repo first and download only the files one pipeline
+needs, so a 2 GB fp16 load never pulls the 10 GB repo.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from huggingface_hub import HfApi, scan_cache_dir, snapshot_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = (".safetensors",)
+PICKLE_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# Small files every component needs: configs, tokenizer vocabularies, the pipeline index.
+CONFIG_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model")
+# Components whose weights we load; other folders (safety_checker, feature_extractor) are never fetched.
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def is_offline() -> bool:
+    # Read at call time: tests and users may set HF_HUB_OFFLINE after huggingface_hub was imported.
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") or hf_constants.HF_HUB_OFFLINE
+
+
+def cache_dir() -> str:
+    # Also read at call time, so a test or a Space can point at another cache without re-importing.
+    return os.environ.get("HF_HUB_CACHE") or hf_constants.HF_HUB_CACHE
+
+
+def _hub_error(repo_id: str, revision: str | None, exc: Exception) -> ValueError:
+    rev = f"@{revision}" if revision else ""
+    if isinstance(exc, GatedRepoError):
+        return ValueError(f"model '{repo_id}' is gated: accept its license on the Hub and log in (HF_TOKEN)")
+    if isinstance(exc, RevisionNotFoundError):
+        return ValueError(f"model '{repo_id}' has no revision '{revision}'")
+    if isinstance(exc, RepositoryNotFoundError):
+        return ValueError(f"unknown model '{repo_id}': no such repo on the Hub (check the id, or log in if private)")
+    if isinstance(exc, LocalEntryNotFoundError) or is_offline():
+        return ValueError(
+            f"unknown model '{repo_id}{rev}': not in the local Hugging Face cache and the Hub is offline "
+            "(download it once with network, or pass a local folder)"
+        )
+    return ValueError(f"could not reach the Hub for '{repo_id}{rev}': {exc}")
+
+
+def list_repo_files(repo_id: str, revision: str | None = None) -> list[str]:
+    """Files of a model repo: from the Hub, or from the cached snapshot when offline."""
+    try:
+        if is_offline():
+            folder = snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=cache_dir())
+            root = Path(folder)
+            return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        return HfApi().list_repo_files(repo_id, revision=revision)
+    except Exception as exc:  # every hub failure becomes one actionable line
+        raise _hub_error(repo_id, revision, exc) from exc
+
+
+@dataclass
+class WeightPlan:
+    files: list[str]  # repo paths to download
+    variant: str | None  # diffusers/transformers variant to load ("fp16") or None
+    pickle: bool  # weights come from pickle files (only with allow_pickle)
+
+
+def plan_download(files: list[str], repo_label: str, *, want_fp16: bool, allow_pickle: bool) -> WeightPlan:
+    """Choose the weight files to fetch: safetensors, the fp16 variant when it exists and fp16 is wanted."""
+    if "model_index.json" not in files:
+        raise ValueError(f"'{repo_label}' is not a diffusers pipeline (no model_index.json)")
+    configs = [f for f in files if any(fnmatch.fnmatch(f, p) for p in CONFIG_PATTERNS)]
+    components = [c for c in WEIGHT_COMPONENTS if any(f.startswith(c + "/") for f in files)]
+
+    def weights(comp: str, exts: tuple[str, ...]) -> list[str]:
+        return [f for f in files if f.startswith(comp + "/") and f.count("/") == 1 and f.endswith(exts)]
+
+    def pick(cands: list[str], variant: str | None) -> list[str]:
+        # "diffusion_pytorch_model.fp16.safetensors" is variant fp16; sharded files carry "-0000x-of-" names.
+        if variant:
+            return [f for f in cands if f".{variant}." in f]
+        return [f for f in cands if not any(f".{v}." in f for v in ("fp16", "bf16", "non_ema", "ema_only"))]
+
+    safe = {c: weights(c, SAFE_WEIGHTS) for c in components}
+    if not all(safe.values()):
+        missing = [c for c, w in safe.items() if not w]
+        if not allow_pickle:
+            raise ValueError(
+                f"'{repo_label}' has no safetensors weights for {', '.join(missing)} (only pickle files, which can run "
+                "code when loaded); use a safetensors model, or pass --allow-pickle if you trust this repo"
+            )
+        return WeightPlan(configs + [f for c in components for f in pick(weights(c, PICKLE_WEIGHTS), None)], None, True)
+    # Prefer the fp16 variant when fp16 is wanted; some repos ship only fp16 files, so it is also the fallback.
+    order = ["fp16", None] if want_fp16 else [None, "fp16"]
+    variant = next((v for v in order if all(pick(w, v) for w in safe.values())), "missing")
+    if variant == "missing":
+        raise ValueError(f"'{repo_label}' mixes weight variants across components; cannot pick a consistent set")
+    chosen = [f for c in components for f in pick(safe[c], variant)]
+    return WeightPlan(configs + chosen, variant, False)
+
+
+def fetch_model(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    want_fp16: bool = False,
+    allow_pickle: bool = False,
+    tqdm_class=None,
+) -> tuple[Path, WeightPlan]:
+    """Download (or find in the cache) what a pipeline needs from a Hub repo; returns the local snapshot folder."""
+    label = f"{repo_id}@{revision}" if revision else repo_id
+    plan = plan_download(list_repo_files(repo_id, revision), label, want_fp16=want_fp16, allow_pickle=allow_pickle)
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=plan.files,
+            local_files_only=is_offline(),
+            cache_dir=cache_dir(),
+            tqdm_class=tqdm_class,
+        )
+    except Exception as exc:
+        raise _hub_error(repo_id, revision, exc) from exc
+    return Path(folder), plan
+
+
+def cached_pipelines() -> list[str]:
+    """Repo ids in the local HF cache that look like diffusers pipelines (offered in the model selector)."""
+    try:
+        info = scan_cache_dir(cache_dir())
+    except Exception:  # no cache folder yet
+        return []
+    out = []
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        if any((Path(rev.snapshot_path) / "model_index.json").exists() for rev in repo.revisions):
+            out.append(repo.repo_id)
+    return sorted(out)

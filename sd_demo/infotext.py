@@ -1,0 +1,175 @@
+"""Write and parse A1111's "parameters" infotext (the PNG text chunk).
+
+Layout, as produced by A1111's ``create_infotext``::
+
+    <prompt, may span lines>
+    Negative prompt: <negative, may span lines>   (omitted when empty)
+    Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 42, Size: 512x512
+
+Value typing rule (what makes ``parse_infotext(format_infotext(x)) == x``):
+
+* write: ints as ``str(n)``; whole floats as ints (``7.0`` -> ``7``, A1111
+  style); other floats as ``repr`` (shortest exact form); str as is. A value
+  containing ``, : " \\r \\n``, with surrounding whitespace, or empty is
+  written as a JSON string (A1111's ``quote()``; the last three triggers are
+  ours, because A1111 would silently lose those values).
+* read: quoted values are always str. An unquoted value becomes an int if
+  it is an int's canonical spelling (``str(int(v)) == v``, so hashes like
+  ``0123`` stay str), else a float if it is a finite float's ``repr``,
+  else it stays str.
+
+So ints and floats round-trip (whole floats come back as equal ints); a str
+that spells a canonical number (e.g. ``"42"``) comes back as a number, and
+``bool`` is written as ``True``/``False`` and comes back as str.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+# A1111's re_param_code: key, then a JSON-quoted or a comma-free value.
+_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# Keys we write must be read back by _PARAM_RE unchanged (we strip parsed keys).
+_KEY_RE = re.compile(r"\w[\w \-/]*[\w\-/]")
+_SIZE_RE = re.compile(r"\s*(\d+)\s*x\s*(\d+)\s*")
+_NEG = "Negative prompt:"
+
+
+@dataclass
+class Infotext:
+    prompt: str
+    negative_prompt: str = ""
+    params: dict[str, str | int | float] = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(width, height) from the "Size" param ("512x768"), if well formed."""
+        m = _SIZE_RE.fullmatch(str(self.params.get("Size", "")))
+        return (int(m[1]), int(m[2])) if m else None
+
+
+def _quote(s: str) -> str:
+    if not s or s != s.strip() or any(c in s for c in ',:"\r\n'):
+        return json.dumps(s, ensure_ascii=False)
+    return s
+
+
+def _format_value(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def _parse_value(v: str) -> str | int | float:
+    v = v.strip()
+    if len(v) >= 2 and v[0] == v[-1] == '"':
+        try:
+            return json.loads(v)
+        except ValueError:  # A1111's unquote: keep the raw text
+            return v
+    try:
+        if str(n := int(v)) == v:
+            return n
+    except ValueError:
+        pass
+    try:
+        f = float(v)
+        if math.isfinite(f) and repr(f) == v:
+            return f
+    except ValueError:
+        pass
+    return v
+
+
+def format_infotext(info: Infotext) -> str:
+    pairs = []
+    for k, v in info.params.items():
+        if v is None:
+            continue
+        if not _KEY_RE.fullmatch(k):
+            raise ValueError(f"infotext key not readable back by A1111: {k!r}")
+        pairs.append(f"{k}: {_quote(_format_value(v))}")
+    neg = f"\n{_NEG} {info.negative_prompt}" if info.negative_prompt else ""
+    return f"{info.prompt}{neg}\n{', '.join(pairs)}".strip()
+
+
+def parse_infotext(text: str) -> Infotext:
+    """Parse leniently, following A1111's ``parse_generation_parameters``."""
+    *lines, last = text.strip().split("\n")
+    pairs = _PARAM_RE.findall(last)
+    if len(pairs) < 3:  # A1111's rule: otherwise the last line is prompt text
+        lines.append(last)
+        pairs = []
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
+    for line in lines:
+        line = line.strip()  # also drops the \r of Windows newlines
+        # Checked on every line, like A1111 (a repeated marker is dropped too).
+        if line.startswith(_NEG):
+            in_negative = True
+            line = line[len(_NEG):].strip()
+        (negative if in_negative else prompt).append(line)
+    return Infotext(
+        prompt="\n".join(prompt).strip(),
+        negative_prompt="\n".join(negative).strip(),
+        params={k.strip(): _parse_value(v) for k, v in pairs},
+    )
+
+
+def _pnginfo(info: Infotext) -> PngInfo:
+    pnginfo = PngInfo()
+    # PIL picks tEXt, or iTXt when the text is not latin-1 (same as A1111).
+    pnginfo.add_text("parameters", format_infotext(info))
+    return pnginfo
+
+
+def png_bytes(image: Image.Image, info: Infotext) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_pnginfo(info))
+    return buf.getvalue()
+
+
+def write_png(image: Image.Image, path, info: Infotext) -> None:
+    """Save a PNG with the chunk, replacing ``path`` atomically.
+
+    Readers (e.g. a gallery) never see a half-written file: we write a
+    sibling temp file (same filesystem, so os.replace is atomic) and rename.
+    """
+    path = os.fspath(path)
+    head, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(head, f".{name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # plain open keeps umask-based permissions
+            image.save(f, format="PNG", pnginfo=_pnginfo(info))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_png(path_or_image) -> Infotext | None:
+    """Parse the "parameters" chunk of a PNG (path, file object or Image)."""
+    if isinstance(path_or_image, Image.Image):
+        return _read_image(path_or_image)
+    with Image.open(path_or_image) as im:
+        return _read_image(im)
+
+
+def _read_image(im: Image.Image) -> Infotext | None:
+    text = im.info.get("parameters")
+    if text is None and hasattr(im, "text"):  # chunks placed after IDAT
+        text = im.text.get("parameters")
+    return parse_infotext(text) if isinstance(text, str) else None

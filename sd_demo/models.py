@@ -1,0 +1,316 @@
+"""Resolve a model, load each component on its own, assemble the pipeline, pick device / dtype / attention.
+
+A model spec is a Hub repo id (optionally ``id@revision``), a local diffusers folder, or ``embedded``.
+Components are loaded one by one (not ``DiffusionPipeline.from_pretrained``) so that we control exactly which
+classes and files are used: safetensors only, never remote code or custom pipelines.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import json
+import logging
+import re
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+
+# Loading prints a tqdm bar per component and a note about torchvision (we need no image processor): our own
+# progress reporting replaces them, and an app log full of bars hides what matters.
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+import diffusers  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402, SchedulerMixin, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from . import hub
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED_DIR = ASSETS / "shapes-sd"
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ATTENTION = ("auto", "sdpa", "xformers")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from. ``source`` is 'hub', 'local' or 'embedded'."""
+
+    source: str
+    name: str  # repo id, folder path, or "embedded"
+    revision: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.revision}" if self.revision else self.name
+
+
+def parse_model_ref(spec: str) -> ModelRef:
+    """'embedded' | existing folder | 'org/name[@rev]' -> ModelRef, or ValueError saying what is accepted."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise ValueError("model: empty; give a Hub repo id (org/name[@revision]), a local folder, or 'embedded'")
+    if spec == "embedded":
+        return ModelRef("embedded", "embedded")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ModelRef("local", str(path.resolve()))
+    repo, _, rev = spec.partition("@")
+    if _REPO_ID.match(repo) and not spec.startswith((".", "/", "~")):
+        return ModelRef("hub", repo, rev or None)
+    raise ValueError(
+        f"unknown model '{spec}': not a folder here and not a Hub repo id like 'org/name' or 'org/name@revision'"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- device and dtype
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested not in DEVICES:
+        raise ValueError(f"device: '{requested}' is not one of {', '.join(DEVICES)}")
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda requested but no CUDA GPU is visible; use --device cpu")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device: mps requested but Apple MPS is not available; use --device cpu")
+    return requested
+
+
+def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
+    """CUDA and MPS run fp16 by default (bf16 selectable), the CPU fp32: fp16 matmuls on CPU are slow or missing."""
+    if requested not in DTYPES:
+        raise ValueError(f"dtype: '{requested}' is not one of {', '.join(DTYPES)}")
+    if requested == "auto":
+        return torch.float16 if device in ("cuda", "mps") else torch.float32
+    if device == "cpu" and requested == "fp16":
+        raise ValueError("dtype: fp16 is not supported on the CPU; use fp32 (default) or bf16")
+    return DTYPES[requested]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def _xformers_probe() -> None:
+    """Import xformers and run one tiny kernel call: an import alone does not prove the CUDA kernels exist."""
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")  # xformers warns loudly when its build does not match torch
+        import xformers.ops  # noqa: PLC0415  (optional dependency)
+
+        q = torch.zeros(1, 8, 1, 32, device="cuda", dtype=torch.float16)
+        xformers.ops.memory_efficient_attention(q, q, q)
+
+
+def select_attention(requested: str, device: str) -> tuple[str, str]:
+    """Return (backend, reason). 'auto' takes xformers only on CUDA when its probe succeeds, else PyTorch SDPA."""
+    if requested not in ATTENTION:
+        raise ValueError(f"attention: '{requested}' is not one of {', '.join(ATTENTION)}")
+    if requested == "sdpa":
+        return "sdpa", "PyTorch SDPA (forced)"
+    if device != "cuda":
+        if requested == "xformers":
+            raise ValueError(f"attention: xformers needs a CUDA GPU but this run is on {device}; use --attention sdpa")
+        return "sdpa", f"PyTorch SDPA (xformers needs CUDA; running on {device})"
+    try:
+        _xformers_probe()
+    except Exception as exc:  # ImportError, or a build without kernels for this GPU / torch
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip(": ")
+        if requested == "xformers":
+            raise ValueError(f"attention: xformers is not usable here ({reason}); use --attention sdpa") from exc
+        return "sdpa", f"PyTorch SDPA (xformers unavailable: {reason})"
+    return "xformers", "xformers memory-efficient attention" + (" (forced)" if requested == "xformers" else "")
+
+
+def apply_attention(pipe, backend: str) -> None:
+    if backend == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()
+    else:
+        for module in (pipe.unet, pipe.vae):
+            module.set_attn_processor(AttnProcessor2_0())
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """A ready pipeline and what the UI / infotext need to know about it."""
+
+    pipe: Any
+    ref: ModelRef
+    family: str  # "sd1", "sd2" or "sdxl"
+    device: str
+    dtype: torch.dtype
+    attention: str
+    attention_reason: str
+    folder: Path
+    default_size: int  # native resolution in px
+    base_scheduler_config: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per pipeline
+    preview_map: Any = None  # (W, b) latent -> RGB, fitted lazily by preview.py
+
+    @property
+    def prediction_type(self) -> str:
+        return self.base_scheduler_config.get("prediction_type", "epsilon")
+
+    def describe(self) -> str:
+        return (
+            f"{self.ref.label} · {self.family.upper()} ({self.prediction_type}) · {self.device} "
+            f"{dtype_name(self.dtype)} · attention: {self.attention_reason}"
+        )
+
+
+def detect_family(folder: Path) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
+    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
+        return "sdxl"
+    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    # SD 2.x UNets project attention inputs linearly and cross-attend to 1024-d OpenCLIP features.
+    return "sd2" if unet_cfg.get("use_linear_projection") or unet_cfg.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def load_scheduler(folder: Path) -> SchedulerMixin:
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    name = json.loads(cfg_path.read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    # Only diffusers' own scheduler classes: a config must not be able to name arbitrary code.
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        log.warning("scheduler '%s' is not a diffusers scheduler; using EulerDiscreteScheduler", name)
+        cls = diffusers.EulerDiscreteScheduler
+    return cls.from_pretrained(folder, subfolder="scheduler")
+
+
+def resolve_folder(ref: ModelRef, *, want_fp16: bool, allow_pickle: bool, tqdm_class=None) -> tuple[Path, hub.WeightPlan]:
+    if ref.source == "embedded":
+        if not (EMBEDDED_DIR / "model_index.json").exists():
+            raise ValueError(
+                "the embedded model is not built yet (assets/shapes-sd is missing); pass --model with a Hub id or folder"
+            )
+        folder = EMBEDDED_DIR
+    elif ref.source == "local":
+        folder = Path(ref.name)
+    else:
+        return hub.fetch_model(
+            ref.name, ref.revision, want_fp16=want_fp16, allow_pickle=allow_pickle, tqdm_class=tqdm_class
+        )
+    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    return folder, hub.plan_download(files, ref.label, want_fp16=want_fp16, allow_pickle=allow_pickle)
+
+
+def _load_components(folder: Path, family: str, dtype: torch.dtype, plan: hub.WeightPlan) -> dict:
+    kw = {"torch_dtype": dtype, "use_safetensors": not plan.pickle, "variant": plan.variant}
+    tkw = {"dtype": dtype, "use_safetensors": not plan.pickle, "variant": plan.variant}  # transformers 5 spelling
+    comps = {
+        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw),
+        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw),
+        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **tkw),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        "scheduler": load_scheduler(folder),
+    }
+    if family == "sdxl":
+        comps["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **tkw)
+        comps["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+    return comps
+
+
+def assemble_pipeline(comps: dict, family: str):
+    if family == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(**comps)
+    # No safety checker: like A1111 we leave content policy to the host; the components are the user's choice.
+    return diffusers.StableDiffusionPipeline(
+        **comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    attention: str = "auto",
+    allow_pickle: bool = False,
+    tqdm_class=None,
+) -> LoadedModel:
+    """Load a pipeline for ``spec``; every user mistake surfaces as one ValueError line."""
+    ref = parse_model_ref(spec)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    backend, reason = select_attention(attention, dev)
+    folder, plan = resolve_folder(ref, want_fp16=dt == torch.float16, allow_pickle=allow_pickle, tqdm_class=tqdm_class)
+    family = detect_family(folder)
+    try:
+        comps = _load_components(folder, family, dt, plan)
+    except (OSError, EnvironmentError) as exc:
+        raise ValueError(f"model '{ref.label}' could not be loaded: {str(exc).splitlines()[0]}") from exc
+    pipe = assemble_pipeline(comps, family).to(dev)
+    pipe.set_progress_bar_config(disable=True)  # progress is reported through our own callback
+    apply_attention(pipe, backend)
+    log.info("loaded %s (%s) on %s %s; attention: %s", ref.label, family, dev, dtype_name(dt), reason)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return LoadedModel(
+        pipe=pipe,
+        ref=ref,
+        family=family,
+        device=dev,
+        dtype=dt,
+        attention=backend,
+        attention_reason=reason,
+        folder=folder,
+        default_size=int(pipe.unet.config.sample_size) * vae_scale,
+        base_scheduler_config=dict(pipe.scheduler.config),
+    )
+
+
+class PipelineCache:
+    """Holds at most one loaded pipeline per (model, device, dtype); loading another frees the old one first."""
+
+    def __init__(self, loader: Callable[..., LoadedModel] = load_model):
+        self._loader = loader
+        self._key: tuple | None = None
+        self._model: LoadedModel | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._model
+
+    def get(self, spec: str, *, device="auto", dtype="auto", attention="auto", allow_pickle=False, tqdm_class=None):
+        dev = pick_device(device)
+        key = (parse_model_ref(spec), dev, dtype_name(pick_dtype(dev, dtype)), attention, allow_pickle)
+        with self._lock:
+            if self._key == key and self._model is not None:
+                return self._model
+            self.release()  # free the old weights before the new ones arrive: two SDXL models do not fit most GPUs
+            self._model = self._loader(
+                spec, device=dev, dtype=dtype, attention=attention, allow_pickle=allow_pickle, tqdm_class=tqdm_class
+            )
+            self._key = key
+            return self._model
+
+    def release(self) -> None:
+        if self._model is None:
+            return
+        self._model, self._key = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

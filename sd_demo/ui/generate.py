@@ -1,0 +1,195 @@
+"""The Generate tab. Only widgets and wiring: every decision is made by sd_demo.engine / sd_demo.generate."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ..engine import Engine
+from ..generate import MAX_BATCH, MAX_SIDE, MAX_STEPS, GenerationParams
+from ..infotext import format_infotext
+from ..sampling.registry import SAMPLERS, SCHEDULES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateTab:
+    """Components other tabs write to (PNG Info's "Send to Generate")."""
+
+    prompt: gr.Textbox
+    negative_prompt: gr.Textbox
+    sampler: gr.Dropdown
+    schedule: gr.Dropdown
+    steps: gr.Slider
+    guidance_scale: gr.Slider
+    width: gr.Slider
+    height: gr.Slider
+    seed: gr.Number
+    batch_size: gr.Slider
+    clip_skip: gr.Slider
+
+    def param_components(self) -> list:
+        return [self.prompt, self.negative_prompt, self.sampler, self.schedule, self.steps, self.guidance_scale,
+                self.width, self.height, self.seed, self.batch_size, self.clip_skip]
+
+
+def _user_error(exc: Exception) -> gr.Error:
+    """A ValueError is the user's to fix: show its line. Anything else is ours: log the traceback, show one line."""
+    if isinstance(exc, ValueError):
+        return gr.Error(str(exc))
+    log.exception("generation failed", exc_info=exc)
+    return gr.Error(f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def make_generate_fn(engine: Engine, public: bool):
+    def generate(
+        prompt: str,
+        negative_prompt: str = "",
+        sampler: str = GenerationParams.sampler,
+        schedule: str = GenerationParams.schedule,
+        steps: int = GenerationParams.steps,
+        guidance_scale: float = GenerationParams.guidance_scale,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int = -1,
+        batch_size: int = 1,
+        clip_skip: int = 1,
+        model: str | None = None,
+        request: gr.Request = None,
+        progress=gr.Progress(),
+    ):
+        """Text to image. Yields live previews; the final yield holds the PNGs (with A1111 infotext)."""
+        try:
+            if public and model and model not in engine.model_choices():
+                raise ValueError(f"model: '{model}' is not offered on this public app; pick one from the list")
+            params = GenerationParams(
+                prompt=prompt or "", negative_prompt=negative_prompt or "", steps=int(steps),
+                guidance_scale=float(guidance_scale), width=int(width) if width else None,
+                height=int(height) if height else None, seed=int(seed if seed is not None else -1),
+                sampler=sampler, schedule=schedule, batch_size=int(batch_size), clip_skip=int(clip_skip),
+            ).validate()
+        except (ValueError, TypeError) as exc:
+            raise gr.Error(str(exc)) from None
+        job = getattr(request, "session_hash", None) or "api"
+        events: queue.Queue = queue.Queue()
+        box: dict = {}
+
+        def work():
+            try:
+                box["out"] = engine.generate(params, model=model or None, on_step=events.put, job=job)
+            except Exception as exc:  # handed to the UI thread below
+                box["err"] = exc
+            finally:
+                events.put(None)
+
+        worker = threading.Thread(target=work, daemon=True, name="sd_demo-generate")
+        worker.start()
+        progress(0, desc="loading model" if engine.cache.current is None else "starting")
+        try:
+            while (ev := events.get()) is not None:
+                progress((ev.step, ev.total), desc="denoising", unit="steps")
+                rate = ev.step / ev.elapsed if ev.elapsed else 0
+                status = f"step {ev.step}/{ev.total} · {rate:.2f} it/s"
+                yield gr.skip(), (ev.previews[0] if ev.previews else gr.skip()), status, gr.skip(), gr.skip()
+        finally:
+            if worker.is_alive():  # the client went away or the event was cancelled: stop the job too
+                engine.cancel(job)
+        worker.join()
+        if "err" in box:
+            raise _user_error(box["err"])
+        result, paths = box["out"]
+        infos = [format_infotext(i) for i in result.infotexts]
+        stop = f" · stopped at step {result.interrupted_at}" if result.interrupted_at else ""
+        status = f"{len(paths)} image(s) in {result.seconds:.1f} s · seed {result.seeds[0]}{stop} · {engine.model_status()}"
+        yield [str(p) for p in paths], None, status, infos[0], infos
+
+    return generate
+
+
+def _load_model_fn(engine: Engine, public: bool):
+    def load(model: str, progress=gr.Progress(track_tqdm=True)):
+        try:
+            if public and model not in engine.model_choices():
+                raise ValueError(f"model: '{model}' is not offered on this public app")
+            progress(0, desc=f"loading {model}")
+            loaded = engine.load(model)
+        except Exception as exc:
+            raise _user_error(exc) from None
+        size = loaded.default_size
+        return loaded.describe(), gr.update(value=size), gr.update(value=size)
+
+    return load
+
+
+def build(engine: Engine, public: bool = False) -> GenerateTab:
+    """Lay out the tab and wire its events; call inside a gr.Blocks context."""
+    current = engine.cache.current
+    size = current.default_size if current else 512
+    with gr.Row():
+        model = gr.Dropdown(engine.model_choices(), value=engine.settings.model, label="Model",
+                            allow_custom_value=not public, scale=4,
+                            info="Hub id (org/name[@revision]), local folder, or embedded")
+        load_btn = gr.Button("Load", scale=1)
+    model_status = gr.Markdown(engine.model_status(), elem_id="model-status")
+    with gr.Row():
+        with gr.Column(scale=5):
+            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background")
+            negative = gr.Textbox(label="Negative prompt", lines=2)
+            with gr.Row():
+                sampler = gr.Dropdown(list(SAMPLERS), value=GenerationParams.sampler, label="Sampling method")
+                schedule = gr.Dropdown(list(SCHEDULES), value=GenerationParams.schedule, label="Schedule type")
+            steps = gr.Slider(1, MAX_STEPS, value=GenerationParams.steps, step=1, label="Sampling steps")
+            with gr.Row():
+                width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
+                height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
+            with gr.Row():
+                batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
+                cfg = gr.Slider(0, 30, value=GenerationParams.guidance_scale, step=0.5, label="CFG scale")
+            with gr.Row():
+                seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=4)
+                random_btn = gr.Button("🎲", scale=1, min_width=40)
+                reuse_btn = gr.Button("♻️", scale=1, min_width=40)
+            with gr.Accordion("Advanced", open=False):
+                clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
+        with gr.Column(scale=6):
+            with gr.Row():
+                run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+            gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
+            preview = gr.Image(label="Live preview", interactive=False, height=160)
+            status = gr.Markdown("", elem_id="run-status")
+            infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="infotext")
+    infos = gr.State([])
+    tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip)
+
+    inputs = tab.param_components() + [model]
+    gen = run_btn.click(make_generate_fn(engine, public), inputs, [gallery, preview, status, infotext, infos],
+                        api_name="generate", concurrency_id="device", concurrency_limit=1)
+    prompt.submit(make_generate_fn(engine, public), inputs, [gallery, preview, status, infotext, infos],
+                  api_visibility="private", concurrency_id="device", concurrency_limit=1)
+
+    def stop(request: gr.Request):
+        engine.cancel(request.session_hash)
+
+    stop_btn.click(stop, None, None, queue=False, api_visibility="private")
+    load_btn.click(_load_model_fn(engine, public), model, [model_status, width, height],
+                   api_visibility="private", concurrency_id="device", concurrency_limit=1)
+    random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")
+
+    def last_seed(texts: list[str]):
+        from ..infotext import parse_infotext
+
+        return parse_infotext(texts[0]).params.get("Seed", -1) if texts else -1
+
+    reuse_btn.click(last_seed, infos, seed, queue=False, api_visibility="private")
+
+    def show_info(texts: list[str], evt: gr.SelectData):
+        return texts[evt.index] if texts and evt.index < len(texts) else ""
+
+    gallery.select(show_info, infos, infotext, queue=False, api_visibility="private")
+    del gen
+    return tab

@@ -1,0 +1,44 @@
+"""The PNG Info tab: drop a PNG, read its A1111 parameters, send them to the Generate tab."""
+from __future__ import annotations
+
+import gradio as gr
+
+from ..generate import params_from_infotext
+from ..infotext import Infotext, format_infotext, read_png
+from .generate import GenerateTab
+
+
+def read_parameters(path: str | None) -> tuple[str, Infotext | None]:
+    if not path:
+        return "", None
+    try:
+        info = read_png(path)
+    except Exception:  # not an image, truncated file, ...: say so instead of failing
+        return "This file could not be read as an image.", None
+    if info is None:
+        return "No generation parameters in this image (no A1111 'parameters' text).", None
+    return format_infotext(info), info
+
+
+def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str) -> None:
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(label="Source PNG", type="filepath", sources=["upload", "clipboard"], format="png")
+        with gr.Column():
+            text = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="png-info-text")
+            send = gr.Button("Send to Generate", variant="primary")
+            note = gr.Markdown("")
+    image.change(lambda p: read_parameters(p)[0], image, text, api_name="png_info")
+
+    def send_to_generate(path: str | None):
+        _, info = read_parameters(path)
+        if info is None:
+            raise gr.Error("drop a PNG with generation parameters first")
+        params, ignored = params_from_infotext(info)
+        values = [params.prompt, params.negative_prompt, params.sampler, params.schedule, params.steps,
+                  params.guidance_scale, params.width or gr.skip(), params.height or gr.skip(), params.seed,
+                  params.batch_size, params.clip_skip]
+        msg = f"Not applied: {', '.join(ignored)}" if ignored else ""
+        return [*values, msg, gr.Tabs(selected=generate_tab_id)]
+
+    send.click(send_to_generate, image, [*target.param_components(), note, tabs], api_visibility="private")

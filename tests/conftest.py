@@ -1,0 +1,36 @@
+"""Shared pytest setup: never touch the network, and offer tiny offline SD models."""
+
+import os
+
+# Set before anything imports huggingface_hub (it reads these once, at import time).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+
+# Repo ids under which the `hf_cache` fixture stores the tiny models.
+TINY_REPO_IDS = {"sd15": "tiny/sd15", "sd2v": "tiny/sd2v", "sdxl": "tiny/sdxl"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """{"sd15" | "sd2v" | "sdxl": Path} of saved tiny diffusers folders, built once per session."""
+    # Imported here so test runs that never use the fixture don't pay for importing torch.
+    from tests.tiny_models import KINDS, build_tiny_sd
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {kind: build_tiny_sd(kind, root / kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory, tiny_model_dirs):
+    """A Hub cache dir holding the tiny models as "tiny/sd15", "tiny/sd2v", "tiny/sdxl".
+
+    Pass it as ``cache_dir=`` (HF_HUB_CACHE is only read when huggingface_hub is imported).
+    """
+    from tests.tiny_models import fill_hf_cache
+
+    cache_dir = tmp_path_factory.mktemp("hf_cache")
+    for kind, repo_id in TINY_REPO_IDS.items():
+        fill_hf_cache(cache_dir, repo_id, tiny_model_dirs[kind])
+    return cache_dir
