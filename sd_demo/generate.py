@@ -18,6 +18,7 @@ from PIL import Image
 from . import __version__
 from .infotext import Infotext
 from .models import LoadedModel
+from .prompts import encode_with_clip_skip
 from .preview import fit_preview_map, latents_to_preview
 from .sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, make_scheduler, resolve_schedule
 
@@ -123,9 +124,6 @@ def _step_callback(model: LoadedModel, on_step, cancel, preview_every: int, stat
     t0 = time.perf_counter()
 
     def callback(pipe, i, t, kwargs):
-        if cancel is not None and cancel.is_set() and state.get("interrupted_at") is None:
-            state["interrupted_at"] = i + 1
-            pipe._interrupt = True  # diffusers skips the remaining steps and returns the current latents
         if on_step is not None:
             total = len(pipe.scheduler.timesteps)
             previews = None
@@ -134,6 +132,9 @@ def _step_callback(model: LoadedModel, on_step, cancel, preview_every: int, stat
                     model.preview_map = fit_preview_map(pipe.vae)
                 previews = latents_to_preview(kwargs["latents"], model.preview_map)
             on_step(StepEvent(i + 1, total, time.perf_counter() - t0, previews))
+        if cancel is not None and cancel.is_set() and state.get("interrupted_at") is None:
+            state["interrupted_at"] = i + 1
+            pipe._interrupt = True  # diffusers skips the remaining steps and returns the current latents
         return kwargs
 
     return callback
@@ -153,9 +154,15 @@ def denoise(model: LoadedModel, p: GenerationParams, generators, callback) -> to
         output_type="latent",
         callback_on_step_end=callback,
         callback_on_step_end_tensor_inputs=["latents"],
-        # A1111 counts the last layer as clip skip 1; diffusers counts layers skipped (None = none).
-        clip_skip=p.clip_skip - 1 or None,
     )
+    if p.clip_skip > 1 and model.family != "sdxl":
+        # diffusers' SD clip-skip path is broken with transformers 5: encode here (see prompts.py).
+        kwargs["prompt_embeds"] = encode_with_clip_skip(model.pipe, kwargs.pop("prompt"), p.clip_skip)
+        kwargs["negative_prompt_embeds"] = encode_with_clip_skip(model.pipe, p.negative_prompt, p.clip_skip)
+        kwargs.pop("negative_prompt")
+    elif p.clip_skip > 1:
+        # A1111 counts the last layer as clip skip 1; diffusers counts layers skipped (None = none).
+        kwargs["clip_skip"] = p.clip_skip - 1
     return model.pipe(**kwargs).images
 
 

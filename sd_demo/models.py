@@ -27,9 +27,9 @@ transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
 import diffusers  # noqa: E402
-from diffusers import AutoencoderKL  # noqa: E402, SchedulerMixin, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from . import hub
 

@@ -34,3 +34,18 @@ def hf_cache(tmp_path_factory, tiny_model_dirs):
     for kind, repo_id in TINY_REPO_IDS.items():
         fill_hf_cache(cache_dir, repo_id, tiny_model_dirs[kind])
     return cache_dir
+
+
+@pytest.fixture
+def use_hf_cache(hf_cache, monkeypatch):
+    """Point sd_demo.hub at the pre-filled cache, as a user's ~/.cache/huggingface would be."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache))
+    return hf_cache
+
+
+@pytest.fixture(scope="session")
+def loaded_models(tiny_model_dirs):
+    """{kind: LoadedModel} loaded once per session through sd_demo.models (local-folder path)."""
+    from sd_demo.models import load_model
+
+    return {kind: load_model(str(path)) for kind, path in tiny_model_dirs.items()}

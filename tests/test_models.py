@@ -1,0 +1,128 @@
+"""Model resolution and loading: Hub ids through the HF cache, local folders, pickle refusal, attention, cache."""
+import gc
+import shutil
+import weakref
+
+import pytest
+import torch
+
+from sd_demo import hub, models
+from sd_demo.models import PipelineCache, load_model, parse_model_ref, select_attention
+from tests.tiny_models import fill_hf_cache, make_pickle_only
+
+
+def test_parse_model_ref(tmp_path):
+    assert parse_model_ref("embedded").source == "embedded"
+    assert parse_model_ref("org/name") == models.ModelRef("hub", "org/name", None)
+    assert parse_model_ref("org/name@v1.0").revision == "v1.0"
+    assert parse_model_ref(str(tmp_path)).source == "local"
+    for bad in ["", "not a repo", "./missing/folder", "/no/such/dir"]:
+        with pytest.raises(ValueError, match="model"):
+            parse_model_ref(bad)
+
+
+@pytest.mark.parametrize("kind,family,pipe_cls,pred", [
+    ("sd15", "sd1", "StableDiffusionPipeline", "epsilon"),
+    ("sd2v", "sd2", "StableDiffusionPipeline", "v_prediction"),
+    ("sdxl", "sdxl", "StableDiffusionXLPipeline", "epsilon"),
+])
+def test_load_from_hub_cache(use_hf_cache, kind, family, pipe_cls, pred):
+    m = load_model(f"tiny/{kind}")
+    assert m.ref.source == "hub" and m.family == family and type(m.pipe).__name__ == pipe_cls
+    assert m.prediction_type == pred
+    assert str(use_hf_cache) in str(m.folder)  # loaded from the cache snapshot, not from the build folder
+    assert (m.device, m.dtype, m.attention) == ("cpu", torch.float32, "sdpa")
+    assert m.default_size == 64
+
+
+def test_unknown_hub_model_is_a_clear_error(use_hf_cache):
+    with pytest.raises(ValueError, match="unknown model 'nobody/nothing'.*offline"):
+        load_model("nobody/nothing")
+    with pytest.raises(ValueError, match="tiny/sd15@v9"):
+        load_model("tiny/sd15@v9")
+
+
+def test_pickle_only_repo_is_refused(tmp_path, tiny_model_dirs, monkeypatch):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dirs["sd15"], folder)
+    make_pickle_only(folder)
+    cache = tmp_path / "cache"
+    fill_hf_cache(cache, "someone/pickled", folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    for spec in ["someone/pickled", str(folder)]:
+        with pytest.raises(ValueError, match=r"has no safetensors weights.*--allow-pickle") as err:
+            load_model(spec)
+        assert "pickled" in str(err.value)  # the message names the repo
+    assert load_model(str(folder), allow_pickle=True).family == "sd1"  # explicit opt-in works
+
+
+def test_download_plan_prefers_fp16_variant_and_skips_extras():
+    files = ["model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned.ckpt", "scheduler/scheduler_config.json",
+             "tokenizer/vocab.json", "tokenizer/merges.txt", "safety_checker/model.safetensors"]
+    for comp, name in [("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")]:
+        files += [f"{comp}/config.json", f"{comp}/{name}.safetensors", f"{comp}/{name}.fp16.safetensors",
+                  f"{comp}/{name}.bin", f"{comp}/{name}.non_ema.safetensors"]
+    fp16 = hub.plan_download(files, "r", want_fp16=True, allow_pickle=False)
+    assert fp16.variant == "fp16" and not fp16.pickle
+    weights = [f for f in fp16.files if f.endswith(".safetensors")]
+    assert sorted(weights) == sorted(["unet/diffusion_pytorch_model.fp16.safetensors",
+                                      "vae/diffusion_pytorch_model.fp16.safetensors",
+                                      "text_encoder/model.fp16.safetensors"])
+    fp32 = hub.plan_download(files, "r", want_fp16=False, allow_pickle=False)
+    assert fp32.variant is None and "unet/diffusion_pytorch_model.safetensors" in fp32.files
+    assert not any(f.endswith((".bin", ".ckpt")) or f.startswith("safety_checker") for f in fp32.files + fp16.files)
+
+
+def test_attention_selection(monkeypatch):
+    assert select_attention("auto", "cpu")[0] == "sdpa"
+    with pytest.raises(ValueError, match="xformers needs a CUDA GPU.*--attention sdpa"):
+        select_attention("xformers", "cpu")
+
+    def no_kernels():
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    monkeypatch.setattr(models, "_xformers_probe", no_kernels)
+    backend, reason = select_attention("auto", "cuda")  # xformers imports but its probe fails: clean fallback
+    assert backend == "sdpa" and "xformers unavailable: NotImplementedError" in reason
+    with pytest.raises(ValueError, match="xformers is not usable here"):
+        select_attention("xformers", "cuda")
+    monkeypatch.setattr(models, "_xformers_probe", lambda: None)
+    assert select_attention("auto", "cuda")[0] == "xformers"
+
+
+def test_sdpa_processors_installed(loaded_models):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    procs = loaded_models["sd15"].pipe.unet.attn_processors.values()
+    assert procs and all(isinstance(p, AttnProcessor2_0) for p in procs)
+
+
+def test_dtype_rules():
+    assert models.pick_dtype("cuda") == torch.float16
+    assert models.pick_dtype("cuda", "bf16") == torch.bfloat16
+    assert models.pick_dtype("mps") == torch.float16
+    assert models.pick_dtype("cpu") == torch.float32
+    with pytest.raises(ValueError, match="fp16 is not supported on the CPU"):
+        models.pick_dtype("cpu", "fp16")
+
+
+def test_embedded_or_clear_error():
+    if (models.EMBEDDED_DIR / "model_index.json").exists():
+        pytest.skip("embedded model is built")
+    with pytest.raises(ValueError, match="embedded model is not built yet"):
+        load_model("embedded")
+
+
+def test_cache_reuses_and_frees_on_switch(tiny_model_dirs):
+    cache = PipelineCache()
+    first = cache.get(str(tiny_model_dirs["sd15"]))
+    assert cache.get(str(tiny_model_dirs["sd15"])) is first
+    ref = weakref.ref(first.pipe.unet)
+    del first
+    second = cache.get(str(tiny_model_dirs["sd2v"]))
+    gc.collect()
+    assert ref() is None, "switching models must free the old pipeline"
+    assert cache.current is second
+    cache.release()
+    assert cache.current is None
