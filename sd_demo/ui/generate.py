@@ -138,7 +138,7 @@ def build(engine: Engine, public: bool = False) -> GenerateTab:
     with gr.Row():
         with gr.Column(scale=5):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background")
-            negative = gr.Textbox(label="Negative prompt", lines=2)
+            negative = gr.Textbox("", label="Negative prompt", lines=2)
             with gr.Row():
                 sampler = gr.Dropdown(list(SAMPLERS), value=GenerationParams.sampler, label="Sampling method")
                 schedule = gr.Dropdown(list(SCHEDULES), value=GenerationParams.schedule, label="Schedule type")
@@ -167,10 +167,12 @@ def build(engine: Engine, public: bool = False) -> GenerateTab:
     tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip)
 
     inputs = tab.param_components() + [model]
-    gen = run_btn.click(make_generate_fn(engine, public), inputs, [gallery, preview, status, infotext, infos],
-                        api_name="generate", concurrency_id="device", concurrency_limit=1)
-    prompt.submit(make_generate_fn(engine, public), inputs, [gallery, preview, status, infotext, infos],
-                  api_visibility="private", concurrency_id="device", concurrency_limit=1)
+    outputs = [gallery, preview, status, infotext, infos]
+    # One job at a time on the device; preprocess=False so that our validation (which names the field) sees the
+    # raw values instead of gradio's range checks ("Value 0 is less than minimum value 1.").
+    run = dict(concurrency_id="device", concurrency_limit=1, preprocess=False)
+    run_btn.click(make_generate_fn(engine, public), inputs, outputs, api_name="generate", **run)
+    prompt.submit(make_generate_fn(engine, public), inputs, outputs, api_visibility="private", **run)
 
     def stop(request: gr.Request):
         engine.cancel(request.session_hash)
@@ -191,5 +193,4 @@ def build(engine: Engine, public: bool = False) -> GenerateTab:
         return texts[evt.index] if texts and evt.index < len(texts) else ""
 
     gallery.select(show_info, infos, infotext, queue=False, api_visibility="private")
-    del gen
     return tab

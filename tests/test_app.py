@@ -1,0 +1,68 @@
+"""The web app end to end: launch on a free localhost port, drive it with gradio_client like a script user."""
+import socket
+
+import pytest
+from gradio_client import Client, handle_file
+
+from sd_demo.infotext import read_png
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model_dirs, tmp_path_factory):
+    import app
+
+    args = app.parse_args(["--model", str(tiny_model_dirs["sd15"]), "--outputs", str(tmp_path_factory.mktemp("out")),
+                           "--port", str(free_port())])
+    demo = app.build_demo(args)
+    _, url, _ = app.launch(demo, args, prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return Client(app_url, verbose=False)
+
+
+def test_generate_endpoint_returns_png_with_infotext(client):
+    gallery, preview, status, infotext = client.predict(
+        prompt="a red circle", negative_prompt="blurry", steps=3, seed=5, batch_size=2, api_name="/generate"
+    )
+    assert len(gallery) == 2 and "seed 5" in status
+    info = read_png(gallery[0]["image"])
+    assert info.prompt == "a red circle" and info.negative_prompt == "blurry"
+    assert info.params["Seed"] == 5 and info.params["Steps"] == 3
+    assert read_png(gallery[1]["image"]).params["Seed"] == 6
+    assert infotext.startswith("a red circle\nNegative prompt: blurry\nSteps: 3")
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"width": 100}, "width"), ({"height": 4096}, "height"), ({"steps": 0}, "steps"), ({"steps": 151}, "steps"),
+    ({"guidance_scale": -1}, "guidance_scale"), ({"batch_size": 9}, "batch_size"), ({"sampler": "Nope"}, "sampler"),
+    ({"model": "nobody/nothing"}, "model"),
+])
+def test_bad_input_is_a_clear_error_and_app_keeps_serving(client, kw, field):
+    with pytest.raises(Exception) as err:
+        client.predict(prompt="x", steps=kw.pop("steps", 2), **kw, api_name="/generate")
+    message = str(err.value)
+    assert field in message and "Traceback" not in message
+    gallery, *_ = client.predict(prompt="still alive", steps=2, seed=1, api_name="/generate")
+    assert len(gallery) == 1
+
+
+def test_png_info_endpoint_reads_parameters(client, tmp_path):
+    gallery, *_ = client.predict(prompt="a blue star", steps=2, seed=9, api_name="/generate")
+    text = client.predict(handle_file(gallery[0]["image"]), api_name="/png_info")
+    assert text.startswith("a blue star\nSteps: 2") and "Seed: 9" in text
+
+
+def test_api_lists_named_generate_parameters(client):
+    api = client.view_api(print_info=False, return_format="dict")
+    params = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
+    assert params[:4] == ["prompt", "negative_prompt", "sampler", "schedule"] and "seed" in params and "model" in params
