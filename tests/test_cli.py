@@ -1,0 +1,73 @@
+"""`python -m sd_demo generate`: PNGs with infotext, no overwriting, one-line errors with a non-zero exit."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sd_demo.__main__ import main
+from sd_demo.infotext import read_png
+
+
+def test_generate_writes_png_with_infotext(tiny_model_dirs, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    rc = main(["generate", "--model", str(tiny_model_dirs["sd2v"]), "--prompt", "a cat", "--negative-prompt", "dog",
+               "--steps", "3", "--seed", "11", "--sampler", "Euler a", "--guidance", "5", "--out", str(out)])
+    assert rc == 0 and out.exists()
+    info = read_png(out)
+    assert (info.prompt, info.negative_prompt) == ("a cat", "dog")
+    assert {k: info.params[k] for k in ("Steps", "Sampler", "CFG scale", "Seed")} == {
+        "Steps": 3, "Sampler": "Euler a", "CFG scale": 5, "Seed": 11}
+    assert "(seed 11)" in capsys.readouterr().out
+
+
+def test_batch_into_folder_and_cli_matches_library(tiny_model_dirs, tmp_path, loaded_models):
+    from sd_demo.generate import GenerationParams, generate
+
+    rc = main(["generate", "--model", str(tiny_model_dirs["sd15"]), "--prompt", "a red star", "--steps", "2",
+               "--seed", "3", "--batch", "2", "--out", str(tmp_path / "runs")])
+    files = sorted((tmp_path / "runs").glob("*.png"))
+    assert rc == 0 and [f.name for f in files] == ["00000-3.png", "00001-4.png"]
+    lib = generate(loaded_models["sd15"], GenerationParams(prompt="a red star", steps=2, seed=4)).images[0]
+    assert np.abs(np.asarray(Image.open(files[1]), dtype=int) - np.asarray(lib, dtype=int)).max() <= 2
+
+
+def test_refuses_to_overwrite(tiny_model_dirs, tmp_path, capsys):
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"user data")
+    rc = main(["generate", "--model", str(tiny_model_dirs["sd15"]), "--prompt", "x", "--steps", "1", "--out", str(out)])
+    assert rc == 2 and out.read_bytes() == b"user data"
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--width", "100"], "width: 100 px"),
+    (["--steps", "0"], "steps: 0"),
+    (["--batch", "9"], "batch_size: 9"),
+    (["--guidance", "-2"], "guidance_scale: -2"),
+    (["--model", "nobody/nothing"], "unknown model 'nobody/nothing'"),
+])
+def test_bad_input_one_line_nonzero(tiny_model_dirs, tmp_path, capsys, args, needle):
+    rc = main(["generate", "--model", str(tiny_model_dirs["sd15"]), "--prompt", "x", "--steps", "2",
+               "--out", str(tmp_path / "x.png"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_process_exit_status_and_single_line(tmp_path):
+    """The real process: status 2, one 'error:' line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "sd_demo", "generate", "--model", "nobody/nothing", "--prompt", "x",
+                           "--out", str(tmp_path / "x.png")], capture_output=True, text=True,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HUB_CACHE": str(tmp_path)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
+        "error: unknown model 'nobody/nothing': not in the local Hugging Face cache and the Hub is offline "
+        "(download it once with network, or pass a local folder)"]
+
+
+def test_unknown_sampler_rejected_by_parser(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sd_demo", "generate", "--prompt", "x", "--sampler", "Nope",
+                           "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice: 'Nope'" in proc.stderr
