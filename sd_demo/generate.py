@@ -216,7 +216,10 @@ def generate(
     t0 = time.perf_counter()
     state: dict = {}
     with model.lock:  # one job at a time per pipeline: the scheduler below is pipeline state
-        model.pipe.scheduler = make_scheduler(p.sampler, p.schedule, model.base_scheduler_config)
+        key = (p.sampler, p.schedule)
+        if key not in model.schedulers:  # built once per pair; set_timesteps resets its state each run
+            model.schedulers[key] = make_scheduler(p.sampler, p.schedule, model.base_scheduler_config)
+        model.pipe.scheduler = model.schedulers[key]
         callback = _step_callback(model, on_step, cancel, preview_every, state)
         latents = denoise(model, p, make_generators(p.seed, p.batch_size), callback)
         images = decode(model, latents)

@@ -168,6 +168,7 @@ class LoadedModel:
     base_scheduler_config: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per pipeline
     preview_map: Any = None  # (W, b) latent -> RGB, fitted lazily by preview.py
+    schedulers: dict = field(default_factory=dict)  # (sampler, schedule) -> scheduler, built on first use
 
     @property
     def prediction_type(self) -> str:
