@@ -1,12 +1,12 @@
 """Our generation path vs stock diffusers, side by side in one run.
 
-    python benchmarks/generate.py [--model DIR] [--steps 20] [--runs 5] [--sampler "DPM++ 2M"]
+    python benchmarks/generate.py [--model DIR] [--steps 20] [--runs 10] [--size 64] [--sampler "DPM++ 2M"]
 
-Each side runs in its own child process (so peak RSS is its own): stock is
-``StableDiffusionPipeline.from_pretrained(path)(prompt, ...)`` with the same scheduler config, steps, seed and CPU
-generator; ours is ``sd_demo.engine.Engine.generate``. Peak RSS and the image come from each side alone in a child process; s/image is the median of --runs
-(after a warm-up) with both sides alternating in one process. Prints those, load time
-and the maximum pixel difference between the two images. Without --model a tiny SD 1.x model is built in a temp dir.
+Stock is ``StableDiffusionPipeline.from_pretrained(path)(prompt, ...)`` with the same scheduler config, steps, seed
+and CPU generator; ours is ``sd_demo.engine.Engine.generate``. Peak RSS, load time and the image come from each
+side alone in a child process; s/image is the median of --runs (after a warm-up) with both sides alternating in
+one process, so both see the same machine load. Also prints the maximum pixel difference between the two images.
+Without --model a tiny random SD 1.x model is built in a temp dir.
 """
 from __future__ import annotations
 
