@@ -48,16 +48,18 @@ def is_public(args: argparse.Namespace) -> bool:
 
 def build_demo(args: argparse.Namespace) -> gr.Blocks:
     engine = Engine(EngineSettings(args.model, args.device, args.dtype, args.attention, args.allow_pickle, args.outputs))
+    notice = ""
     try:
         engine.load()  # the start-up model is ready before the first click; a bad one is reported in the UI
     except ValueError as exc:
         log.error("%s", exc)
+        notice = f"⚠️ {exc}. Pick or type a model above and press Load."
     public = is_public(args)
     with gr.Blocks(title="sd_demo") as demo:
         gr.Markdown("# sd_demo · Stable Diffusion")
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
-                gen = generate_tab.build(engine, public=public)
+                gen = generate_tab.build(engine, public=public, notice=notice)
             with gr.Tab("PNG Info", id="info"):
                 info_tab.build(gen, tabs, "generate")
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)
@@ -74,11 +76,13 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, **kw):
 
 # Spaces and `gradio app.py` import this module and look for `demo`; flags only apply when run as a script.
 ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
+if __name__ == "__main__":
+    try:
+        parse_auth(ARGS.auth)  # a malformed --auth stops here, before the model load, never opens an open app
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 demo = build_demo(ARGS)
 
 if __name__ == "__main__":
-    try:
-        launch(demo, ARGS)
-    except ValueError as exc:
-        sys.exit(f"error: {exc}")
+    launch(demo, ARGS)

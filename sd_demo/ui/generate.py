@@ -125,7 +125,7 @@ def _load_model_fn(engine: Engine, public: bool):
     return load
 
 
-def build(engine: Engine, public: bool = False) -> GenerateTab:
+def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab:
     """Lay out the tab and wire its events; call inside a gr.Blocks context."""
     current = engine.cache.current
     size = current.default_size if current else 512
@@ -134,7 +134,7 @@ def build(engine: Engine, public: bool = False) -> GenerateTab:
                             allow_custom_value=not public, scale=4,
                             info="Hub id (org/name[@revision]), local folder, or embedded")
         load_btn = gr.Button("Load", scale=1)
-    model_status = gr.Markdown(engine.model_status(), elem_id="model-status")
+    model_status = gr.Markdown(notice or engine.model_status(), elem_id="model-status")
     with gr.Row():
         with gr.Column(scale=5):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background")
@@ -178,8 +178,9 @@ def build(engine: Engine, public: bool = False) -> GenerateTab:
         engine.cancel(request.session_hash)
 
     stop_btn.click(stop, None, None, queue=False, api_visibility="private")
-    load_btn.click(_load_model_fn(engine, public), model, [model_status, width, height],
-                   api_visibility="private", concurrency_id="device", concurrency_limit=1)
+    for trigger in (load_btn.click, model.select):  # the Load button, or picking a model from the list
+        trigger(_load_model_fn(engine, public), model, [model_status, width, height],
+                api_visibility="private", concurrency_id="device", concurrency_limit=1)
     random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")
 
     def last_seed(texts: list[str]):
