@@ -7,6 +7,13 @@ from gradio_client import Client, handle_file
 from sd_demo.infotext import read_png
 
 
+ENGINES = {}  # app url -> the Engine behind it, so tests can act as the Stop button does
+
+
+def _engine_of(url):
+    return ENGINES[url]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -21,6 +28,7 @@ def app_url(tiny_model_dirs, tmp_path_factory):
                            "--port", str(free_port())])
     demo = app.build_demo(args)
     _, url, _ = app.launch(demo, args, prevent_thread_lock=True, quiet=True)
+    ENGINES[url] = demo.engine
     yield url
     demo.close()
 
@@ -66,3 +74,20 @@ def test_api_lists_named_generate_parameters(client):
     api = client.view_api(print_info=False, return_format="dict")
     params = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
     assert params[:4] == ["prompt", "negative_prompt", "sampler", "schedule"] and "seed" in params and "model" in params
+
+
+def test_stop_ends_only_this_sessions_run(client, app_url):
+    """Stop (keyed by the caller's session) ends the run after the current step and returns the image so far."""
+    import time
+
+    job = client.submit(prompt="long", steps=150, width=512, height=512, seed=3, api_name="/generate")
+    engine = _engine_of(app_url)
+    deadline = time.time() + 60
+    while not engine.cancel(client.session_hash):  # True once the job is running under this session's key
+        assert time.time() < deadline, "job never started"
+        time.sleep(0.05)
+    gallery, _, status, infotext = job.result(timeout=120)
+    assert len(gallery) == 1 and "stopped at step" in status
+    stopped_at = int(status.split("stopped at step ")[1].split()[0])
+    assert 1 <= stopped_at < 150
+    assert not engine.cancel("someone-else")  # another session has nothing running to stop

@@ -193,3 +193,22 @@ def test_clip_skip_encoder_matches_pipeline_at_last_layer(loaded_models):
     assert torch.equal(ours, theirs)
     skipped = encode_with_clip_skip(pipe, "a red circle", 2)
     assert skipped.shape == ours.shape and not torch.allclose(skipped, ours)
+
+
+def test_vae_nan_guard_retries_in_fp32(tiny_model_dirs):
+    """A half-precision VAE that overflows (NaN) is upcast to fp32 and the image decoded again, not returned black."""
+    from sd_demo.models import load_model
+
+    m = load_model(str(tiny_model_dirs["sd15"]), dtype="bf16")  # bf16 runs on CPU; fp16 is what CUDA uses
+    vae, calls = m.pipe.vae, []
+    real_decode = vae.decode
+
+    def overflowing_decode(z, **kw):
+        calls.append(vae.dtype)
+        out = real_decode(z, **kw)
+        return (out[0] * float("nan"),) if vae.dtype != torch.float32 else out
+
+    vae.decode = overflowing_decode
+    r = run(m, steps=2)
+    assert calls == [torch.bfloat16, torch.float32] and vae.dtype == torch.float32
+    assert px(r.images[0]).std() > 0  # a real image, not the black one NaN would give
