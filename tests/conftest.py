@@ -49,3 +49,24 @@ def loaded_models(tiny_model_dirs):
     from sd_demo.models import load_model
 
     return {kind: load_model(str(path)) for kind, path in tiny_model_dirs.items()}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_server(tiny_model_dirs, tmp_path_factory):
+    """(url, engine) of the real app (app.build_demo + app.launch) on a free localhost port, tiny SD 1.x model."""
+    import app
+
+    args = app.parse_args(["--model", str(tiny_model_dirs["sd15"]), "--outputs", str(tmp_path_factory.mktemp("out")),
+                           "--port", str(_free_port())])
+    demo = app.build_demo(args)
+    _, url, _ = app.launch(demo, args, prevent_thread_lock=True, quiet=True)
+    yield url, demo.engine
+    demo.close()

@@ -1,36 +1,13 @@
 """The web app end to end: launch on a free localhost port, drive it with gradio_client like a script user."""
-import socket
-
 import pytest
 from gradio_client import Client, handle_file
 
 from sd_demo.infotext import read_png
 
 
-ENGINES = {}  # app url -> the Engine behind it, so tests can act as the Stop button does
-
-
-def _engine_of(url):
-    return ENGINES[url]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_url(tiny_model_dirs, tmp_path_factory):
-    import app
-
-    args = app.parse_args(["--model", str(tiny_model_dirs["sd15"]), "--outputs", str(tmp_path_factory.mktemp("out")),
-                           "--port", str(free_port())])
-    demo = app.build_demo(args)
-    _, url, _ = app.launch(demo, args, prevent_thread_lock=True, quiet=True)
-    ENGINES[url] = demo.engine
-    yield url
-    demo.close()
+def app_url(app_server):
+    return app_server[0]
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +53,12 @@ def test_api_lists_named_generate_parameters(client):
     assert params[:4] == ["prompt", "negative_prompt", "sampler", "schedule"] and "seed" in params and "model" in params
 
 
-def test_stop_ends_only_this_sessions_run(client, app_url):
+def test_stop_ends_only_this_sessions_run(client, app_server):
     """Stop (keyed by the caller's session) ends the run after the current step and returns the image so far."""
     import time
 
     job = client.submit(prompt="long", steps=150, width=512, height=512, seed=3, api_name="/generate")
-    engine = _engine_of(app_url)
+    engine = app_server[1]
     deadline = time.time() + 60
     while not engine.cancel(client.session_hash):  # True once the job is running under this session's key
         assert time.time() < deadline, "job never started"

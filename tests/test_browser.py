@@ -1,0 +1,65 @@
+"""A person's path through the UI in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright)."""
+import os
+
+import pytest
+
+from sd_demo.infotext import read_png
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)"),
+]
+# Flags for a closed network: no background calls home that would be refused and slow start-up.
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def page(app_server, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(app_server[0])
+        page.get_by_label("Prompt", exact=True).wait_for()
+        yield page
+        browser.close()
+
+
+def test_type_prompt_generate_and_read_parameters(page, tmp_path):
+    page.get_by_label("Prompt", exact=True).fill("a green square")
+    page.get_by_label("Negative prompt").fill("blurry")
+    steps = page.get_by_label("number input for Sampling steps")
+    steps.fill("4")
+    steps.press("Enter")
+    page.get_by_label("Seed (-1 = random)").fill("77")
+    page.locator("#generate-btn").click()
+    page.locator("#gallery img").first.wait_for(timeout=60_000)
+    info = page.locator("#infotext textarea")
+    page.wait_for_function("() => document.querySelector('#infotext textarea').value.includes('Seed: 77')")
+    text = info.input_value()
+    assert text.startswith("a green square\nNegative prompt: blurry\nSteps: 4, Sampler: DPM++ 2M")
+    assert "seed 77" in page.locator("#run-status").inner_text()
+    page.screenshot(path=str(tmp_path / "generate.png"))
+
+
+def test_png_info_sends_parameters_back(page, app_server, tmp_path):
+    from sd_demo.generate import GenerationParams
+
+    engine = app_server[1]
+    _, paths = engine.generate(GenerationParams(prompt="a purple star", negative_prompt="ugly", steps=3, seed=123,
+                                                sampler="Euler a", guidance_scale=4.5))
+    assert read_png(paths[0]).params["Seed"] == 123
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("input[type=file]").first.set_input_files(str(paths[0]))
+    page.wait_for_function("() => document.querySelector('#png-info-text textarea').value.includes('Seed: 123')")
+    page.get_by_role("button", name="Send to Generate").click()
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.wait_for()
+    page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value === 'a purple star')")
+    assert prompt.input_value() == "a purple star"
+    assert page.get_by_label("Negative prompt").input_value() == "ugly"
+    assert page.get_by_label("Seed (-1 = random)").input_value() == "123"
+    assert page.get_by_label("number input for CFG scale").input_value() == "4.5"
