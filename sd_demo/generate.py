@@ -18,7 +18,7 @@ from PIL import Image
 from . import __version__
 from .infotext import Infotext
 from .models import LoadedModel
-from .prompts import encode_with_clip_skip
+from .prompts import PromptEncoder, WeightedPrompt, needs_encoding, parse_attention
 from .preview import fit_preview_map, latents_to_preview
 from .sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, make_scheduler, resolve_schedule
 
@@ -93,6 +93,7 @@ class GenerationResult:
     infotexts: list[Infotext]
     seeds: list[int]
     interrupted_at: int | None = None  # step at which a Stop arrived, None when the run completed
+    warnings: list[str] = field(default_factory=list)  # how a malformed prompt was read (shown to the user)
     seconds: float = 0.0
 
 
@@ -140,7 +141,8 @@ def _step_callback(model: LoadedModel, on_step, cancel, preview_every: int, stat
     return callback
 
 
-def denoise(model: LoadedModel, p: GenerationParams, generators, callback) -> torch.Tensor:
+def denoise(model: LoadedModel, p: GenerationParams, pos: WeightedPrompt, neg: WeightedPrompt, generators,
+            callback) -> torch.Tensor:
     """Run the diffusers pipeline's loop and return latents (B, 4, H/8, W/8)."""
     kwargs = dict(
         prompt=p.prompt,
@@ -155,14 +157,18 @@ def denoise(model: LoadedModel, p: GenerationParams, generators, callback) -> to
         callback_on_step_end=callback,
         callback_on_step_end_tensor_inputs=["latents"],
     )
-    if p.clip_skip > 1 and model.family != "sdxl":
-        # diffusers' SD clip-skip path is broken with transformers 5: encode here (see prompts.py).
-        kwargs["prompt_embeds"] = encode_with_clip_skip(model.pipe, kwargs.pop("prompt"), p.clip_skip)
-        kwargs["negative_prompt_embeds"] = encode_with_clip_skip(model.pipe, p.negative_prompt, p.clip_skip)
-        kwargs.pop("negative_prompt")
-    elif p.clip_skip > 1:
-        # A1111 counts the last layer as clip skip 1; diffusers counts layers skipped (None = none).
-        kwargs["clip_skip"] = p.clip_skip - 1
+    sdxl = model.family == "sdxl"
+    if needs_encoding([pos, neg], model.pipe.tokenizer, p.clip_skip, sdxl):
+        # Weights, long prompts, SD clip skip: compel-based encoding (prompts.py) hands the pipeline embeddings.
+        del kwargs["prompt"], kwargs["negative_prompt"]
+        kwargs.update(PromptEncoder(model.pipe, p.clip_skip, sdxl).pipeline_kwargs(pos, neg, not p.negative_prompt))
+    else:
+        # Plain prompts: the pipeline's own encoding, so images equal stock diffusers bit for bit. Escapes like
+        # "\(" are resolved by the parser, hence the joined text rather than the raw prompt.
+        kwargs["prompt"] = "".join(t for t, _ in pos.chunks[0])
+        kwargs["negative_prompt"] = "".join(t for t, _ in neg.chunks[0]) or None
+        if p.clip_skip > 1:  # only SDXL gets here: its diffusers clip-skip path works with transformers 5
+            kwargs["clip_skip"] = p.clip_skip - 1  # A1111 counts the last layer as 1; diffusers counts skipped ones
     return model.pipe(**kwargs).images
 
 
@@ -221,7 +227,8 @@ def generate(
             model.schedulers[key] = make_scheduler(p.sampler, p.schedule, model.base_scheduler_config)
         model.pipe.scheduler = model.schedulers[key]
         callback = _step_callback(model, on_step, cancel, preview_every, state)
-        latents = denoise(model, p, make_generators(p.seed, p.batch_size), callback)
+        pos, neg = parse_attention(p.prompt), parse_attention(p.negative_prompt)
+        latents = denoise(model, p, pos, neg, make_generators(p.seed, p.batch_size), callback)
         images = decode(model, latents)
     seeds = [p.seed + i for i in range(p.batch_size)]
     return GenerationResult(
@@ -229,6 +236,7 @@ def generate(
         infotexts=[make_infotext(model, p, s) for s in seeds],
         seeds=seeds,
         interrupted_at=state.get("interrupted_at"),
+        warnings=[f"prompt: {w}" for w in pos.warnings] + [f"negative prompt: {w}" for w in neg.warnings],
         seconds=time.perf_counter() - t0,
     )
 

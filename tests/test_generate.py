@@ -182,17 +182,33 @@ def test_preview_map_explains_real_vae_colours(loaded_models):
     assert r2 > 0.3
 
 
-def test_clip_skip_encoder_matches_pipeline_at_last_layer(loaded_models):
-    import torch
+@pytest.mark.parametrize("kind", KINDS)
+def test_compel_path_equals_pipeline_encoding_for_plain_prompts(loaded_models, kind):
+    """Our weighted/long-prompt encoder, given an unweighted prompt, must reproduce the pipeline's own encoding."""
+    from sd_demo.prompts import PromptEncoder, parse_attention
 
-    from sd_demo.prompts import encode_with_clip_skip
+    m = loaded_models[kind]
+    sdxl = kind == "sdxl"
+    kw = PromptEncoder(m.pipe, 1, sdxl).pipeline_kwargs(parse_attention("a red circle"), parse_attention("blurry"), False)
+    theirs = m.pipe.encode_prompt("a red circle", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+                                  negative_prompt="blurry", **({"prompt_2": None} if sdxl else {}))
+    assert torch.allclose(kw["prompt_embeds"], theirs[0], atol=1e-6)
+    assert torch.allclose(kw["negative_prompt_embeds"], theirs[1], atol=1e-6)
+    if sdxl:
+        assert torch.allclose(kw["pooled_prompt_embeds"], theirs[2], atol=1e-6)
 
-    pipe = loaded_models["sd15"].pipe
-    ours = encode_with_clip_skip(pipe, "a red circle", 1)
-    theirs = pipe.encode_prompt("a red circle", "cpu", 1, False)[0]
-    assert torch.equal(ours, theirs)
-    skipped = encode_with_clip_skip(pipe, "a red circle", 2)
-    assert skipped.shape == ours.shape and not torch.allclose(skipped, ours)
+
+def test_clip_skip_uses_an_earlier_layer(loaded_models):
+    from sd_demo.prompts import PromptEncoder, parse_attention
+
+    pipe, prompt = loaded_models["sd15"].pipe, parse_attention("a red circle")
+    last = PromptEncoder(pipe, 1).embeds(prompt)
+    skipped = PromptEncoder(pipe, 2).embeds(prompt)
+    with torch.no_grad():
+        hidden = pipe.text_encoder(pipe.tokenizer("a red circle", padding="max_length", return_tensors="pt").input_ids,
+                                   output_hidden_states=True).hidden_states[-2]
+    assert torch.allclose(skipped, pipe.text_encoder.final_layer_norm(hidden), atol=1e-6)
+    assert not torch.allclose(skipped, last)
 
 
 def test_vae_nan_guard_retries_in_fp32(tiny_model_dirs):

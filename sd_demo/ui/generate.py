@@ -105,6 +105,8 @@ def make_generate_fn(engine: Engine, public: bool):
         infos = [format_infotext(i) for i in result.infotexts]
         stop = f" · stopped at step {result.interrupted_at}" if result.interrupted_at else ""
         status = f"{len(paths)} image(s) in {result.seconds:.1f} s · seed {result.seeds[0]}{stop} · {engine.model_status()}"
+        if result.warnings:
+            status += "\n\n⚠️ " + "; ".join(result.warnings)
         yield [str(p) for p in paths], None, status, infos[0], infos
 
     return generate
