@@ -161,7 +161,9 @@ def denoise(model: LoadedModel, p: GenerationParams, pos: WeightedPrompt, neg: W
     if needs_encoding([pos, neg], model.pipe.tokenizer, p.clip_skip, sdxl):
         # Weights, long prompts, SD clip skip: compel-based encoding (prompts.py) hands the pipeline embeddings.
         del kwargs["prompt"], kwargs["negative_prompt"]
-        kwargs.update(PromptEncoder(model.pipe, p.clip_skip, sdxl).pipeline_kwargs(pos, neg, not p.negative_prompt))
+        if p.clip_skip not in model.prompt_encoders:  # keeps compel's cached empty-prompt encoding between runs
+            model.prompt_encoders[p.clip_skip] = PromptEncoder(model.pipe, p.clip_skip, sdxl)
+        kwargs.update(model.prompt_encoders[p.clip_skip].pipeline_kwargs(pos, neg, not p.negative_prompt))
     else:
         # Plain prompts: the pipeline's own encoding, so images equal stock diffusers bit for bit. Escapes like
         # "\(" are resolved by the parser, hence the joined text rather than the raw prompt.

@@ -169,6 +169,7 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per pipeline
     preview_map: Any = None  # (W, b) latent -> RGB, fitted lazily by preview.py
     schedulers: dict = field(default_factory=dict)  # (sampler, schedule) -> scheduler, built on first use
+    prompt_encoders: dict = field(default_factory=dict)  # clip skip -> prompts.PromptEncoder, built on first use
 
     @property
     def prediction_type(self) -> str:
