@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 
 import diffusers
 
+from .dpmpp_2s_ancestral import DPMSolverPP2SAncestralScheduler
+
+# Scheduler classes written in this project (diffusers has no equivalent, or we offer our own from the math).
+OUR_CLASSES = {c.__name__: c for c in [DPMSolverPP2SAncestralScheduler]}
+
 
 @dataclass(frozen=True)
 class Sampler:
@@ -27,6 +32,7 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, "Karras"),
         Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, "Karras"),
         Sampler("DPM++ SDE", "DPMSolverSDEScheduler", {}, "Karras"),
+        Sampler("DPM++ 2S a", "DPMSolverPP2SAncestralScheduler", {}, "Karras", ours=True),
         Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
         Sampler("Euler", "EulerDiscreteScheduler"),
         Sampler("Heun", "HeunDiscreteScheduler"),
@@ -77,7 +83,7 @@ def make_scheduler(sampler: str, schedule: str, base_config: dict):
     """Build the scheduler for (sampler, schedule) from the model's scheduler config; refuse unsupported pairs."""
     resolved = resolve_schedule(sampler, schedule)
     spec = SAMPLERS[sampler]
-    cls = getattr(diffusers, spec.cls)
+    cls = OUR_CLASSES.get(spec.cls) or getattr(diffusers, spec.cls)
     keys = _init_keys(cls)
     wanted = SCHEDULES[resolved]
     unsupported = [k for k in wanted if k not in keys]
