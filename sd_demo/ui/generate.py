@@ -37,6 +37,11 @@ class GenerateTab:
                 self.width, self.height, self.seed, self.batch_size, self.clip_skip]
 
 
+def sampler_choices() -> list[tuple[str, str]]:
+    """(label, value) pairs: the value is A1111's name; our own schedulers carry a star in the label."""
+    return [(f"{name} ★" if spec.ours else name, name) for name, spec in SAMPLERS.items()]
+
+
 def _user_error(exc: Exception) -> gr.Error:
     """A ValueError is the user's to fix: show its line. Anything else is ours: log the traceback, show one line."""
     if isinstance(exc, ValueError):
@@ -142,7 +147,8 @@ def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background")
             negative = gr.Textbox("", label="Negative prompt", lines=2)
             with gr.Row():
-                sampler = gr.Dropdown(list(SAMPLERS), value=GenerationParams.sampler, label="Sampling method")
+                sampler = gr.Dropdown(sampler_choices(), value=GenerationParams.sampler, label="Sampling method",
+                                      info="★ = written in this project")
                 schedule = gr.Dropdown(list(SCHEDULES), value=GenerationParams.schedule, label="Schedule type")
             steps = gr.Slider(1, MAX_STEPS, value=GenerationParams.steps, step=1, label="Sampling steps")
             with gr.Row():
