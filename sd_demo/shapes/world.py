@@ -19,7 +19,8 @@ from itertools import product
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .captions import CaptionStyle, caption, parse_prompt  # noqa: F401  (re-exported: the world's text side)
+# Re-exported so the world's text side is importable from here too.
+from .captions import CaptionStyle, caption, parse_prompt, random_caption  # noqa: F401
 from .vocab import ATTRIBUTES, PALETTE, Color, Position, PromptSpec, Shape, Size  # noqa: F401
 
 HELD_OUT_MODULUS = 8
