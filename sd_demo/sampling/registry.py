@@ -11,9 +11,13 @@ from dataclasses import dataclass, field
 import diffusers
 
 from .dpmpp_2s_ancestral import DPMSolverPP2SAncestralScheduler
+from .ours import OursDDIMScheduler, OursDDPMScheduler, OursDPMSolverPP2MScheduler
 
 # Scheduler classes written in this project (diffusers has no equivalent, or we offer our own from the math).
-OUR_CLASSES = {c.__name__: c for c in [DPMSolverPP2SAncestralScheduler]}
+OUR_CLASSES = {
+    c.__name__: c
+    for c in [DPMSolverPP2SAncestralScheduler, OursDDPMScheduler, OursDDIMScheduler, OursDPMSolverPP2MScheduler]
+}
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler("UniPC", "UniPCMultistepScheduler"),
         Sampler("LCM", "LCMScheduler"),
         Sampler("TCD", "TCDScheduler"),
+        Sampler("DPM++ 2M (ours)", "OursDPMSolverPP2MScheduler", {"solver_order": 2}, "Karras", ours=True),
+        Sampler("DDIM (ours)", "OursDDIMScheduler", {"set_alpha_to_one": False}, ours=True),
+        Sampler("DDPM (ours)", "OursDDPMScheduler", {}, ours=True),
     ]
 }
 DEFAULT_SAMPLER = "DPM++ 2M"
