@@ -29,31 +29,13 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .ours import karras_sigmas, make_betas
+
 
 @dataclass
 class AncestralStepOutput(BaseOutput):
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor
-
-
-def train_alphas_cumprod(beta_schedule: str, beta_start: float, beta_end: float, n: int, trained_betas=None):
-    """ᾱ_t = Π_{s≤t} (1 − β_s) for the training schedule (DDPM eq. 4's notation)."""
-    if trained_betas is not None:
-        betas = np.asarray(trained_betas, dtype=np.float64)
-    elif beta_schedule == "linear":
-        betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
-    elif beta_schedule == "scaled_linear":  # Stable Diffusion's: linear in √β
-        betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
-    else:
-        raise ValueError(f"beta_schedule '{beta_schedule}' is not supported (use linear or scaled_linear)")
-    return np.cumprod(1.0 - betas)
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
-    """EDM eq. 5: σ_i = (σ_max^{1/ρ} + i/(n−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ."""
-    ramp = np.linspace(0, 1, n)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
 
 
 class DPMSolverPP2SAncestralScheduler(SchedulerMixin, ConfigMixin):
@@ -78,7 +60,8 @@ class DPMSolverPP2SAncestralScheduler(SchedulerMixin, ConfigMixin):
     ):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type '{prediction_type}' is not supported (use epsilon or v_prediction)")
-        acp = train_alphas_cumprod(beta_schedule, beta_start, beta_end, num_train_timesteps, trained_betas)
+        betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas).double().numpy()
+        acp = np.cumprod(1.0 - betas)  # ᾱ_t = Π_{s≤t} (1 − β_s)
         self.train_sigmas = np.sqrt((1 - acp) / acp)  # σ(t) for t = 0 … T−1, increasing
         self.log_train_sigmas = np.log(self.train_sigmas)
         self.alphas_cumprod = torch.from_numpy(acp).float()
@@ -89,6 +72,7 @@ class DPMSolverPP2SAncestralScheduler(SchedulerMixin, ConfigMixin):
 
     # -------------------------------------------------------------------------------------------------- schedule
     def _spaced_timesteps(self, n: int) -> np.ndarray:
+        # Not ours.spaced_timesteps: σ-space samplers (Euler family, k-diffusion) keep "linspace" unrounded.
         cfg, T = self.config, self.config.num_train_timesteps
         if cfg.timestep_spacing == "linspace":
             return np.linspace(0, T - 1, n)[::-1].copy()

@@ -1,5 +1,8 @@
 """Measure the shapes evaluator: python -m sd_demo.shapes [--n 1000] [--seed 0] [--blur 1.5 --noise 8]
-[--save DIR]  (prints markdown tables; --save also writes a few example renders with their captions)."""
+[--save DIR]  (prints markdown tables; --save also writes a few example renders with their captions).
+
+Also: ``python -m sd_demo.shapes train --out DIR`` (train the embedded model from nothing, see train.py) and
+``python -m sd_demo.shapes eval --model DIR`` (held-out prompt adherence table, see eval_model.py)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +18,11 @@ from .world import render, sample_scenes
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     parser = argparse.ArgumentParser(prog="python -m sd_demo.shapes", description=__doc__)
     parser.add_argument("--n", type=int, default=1000, help="scenes per measurement")
     parser.add_argument("--seed", type=int, default=0)
@@ -50,6 +58,24 @@ def save_examples(out: Path, seed: int, corruption: Corruption) -> None:
         image.save(out / f"{i:02d}.png")
         corrupt(image, corruption, seed=i).save(out / f"{i:02d}_corrupted.png")
         print(f"{out / f'{i:02d}.png'}: {text}")
+
+
+def train_main(argv: list[str]) -> None:
+    from .train import add_arguments, config_from_args, run
+
+    parser = argparse.ArgumentParser(prog="python -m sd_demo.shapes train",
+                                     description="train the embedded shapes model from nothing (seeded)")
+    add_arguments(parser)
+    run(config_from_args(parser.parse_args(argv)))
+
+
+def eval_main(argv: list[str]) -> None:
+    from .eval_model import main as eval_model_main
+
+    eval_model_main(argv)
+
+
+SUBCOMMANDS = {"train": train_main, "eval": eval_main}
 
 
 if __name__ == "__main__":
