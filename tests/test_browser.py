@@ -63,3 +63,4 @@ def test_png_info_sends_parameters_back(page, app_server, tmp_path):
     assert page.get_by_label("Negative prompt").input_value() == "ugly"
     assert page.get_by_label("Seed (-1 = random)").input_value() == "123"
     assert page.get_by_label("number input for CFG scale").input_value() == "4.5"
+    assert page.get_by_label("Sampling method").input_value() == "Euler a"
