@@ -22,6 +22,22 @@ def add_param_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kw)
 
 
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--method, --steps, --lr, --rank, ...); booleans are switches."""
+    from .train.config import config_fields
+
+    for name, default, meta in config_fields():
+        flag = meta.get("flag") or "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=default, dest=name, help=meta["help"])
+            continue
+        typ = type(default) if default is not None else str
+        kw = {"type": typ, "default": default, "help": f"{meta['help']} (default: {default})", "dest": name}
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        parser.add_argument(flag, **kw)
+
+
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """Model and hardware flags shared by the CLI and app.py."""
     parser.add_argument("--model", default="embedded", help="Hub id[@revision], local diffusers folder, or 'embedded'")
@@ -42,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_param_flags(gen)
     gen.add_argument("--out", required=True, help="FILE.png, or a folder (A1111-style numbered names)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    tr = sub.add_parser("train", help="fine-tune a model (LoRA, DreamBooth, textual inversion, full)")
+    add_train_flags(tr)
     return parser
 
 
@@ -91,12 +109,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from .train.config import TrainConfig, config_fields
+    from .train.loop import train
+
+    cfg = TrainConfig(**{name: getattr(args, name) for name, _, _ in config_fields()}).validate()
+    bar = tqdm(total=cfg.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def on_event(ev):
+        bar.update(ev.step - bar.n)
+        bar.set_postfix(loss=f"{ev.loss:.4f}", lr=f"{ev.lr:.2e}")
+
+    result = train(cfg, on_event=on_event)
+    bar.close()
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for f in result.files:
+        print(f)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "train":
+            return cmd_train(args)
     except ValueError as exc:  # user-facing mistakes: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""Training engine: data (datasets, captions, buckets), methods, the accelerate loop, export."""

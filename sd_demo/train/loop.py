@@ -1,0 +1,276 @@
+"""The training loop: data -> cached latents / text embeddings -> UNet noise-prediction loss -> adapter weights.
+
+Determinism is by construction so that ``--resume`` continues exactly: every random draw of step k (noise,
+timesteps, flips, caption dropout) comes from a generator seeded with (seed, k), the batch order from a sampler
+whose position is checkpointed, and the optimizer / LR-schedule states are saved with the weights.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..models import load_model
+from . import checkpoint as ckpt
+from . import methods
+from .card import write_card
+from .config import Method, TrainConfig
+from .data import BucketBatchSampler, DataConfig, TrainDataset, load_example, scan_dataset, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainEvent:
+    """One progress report; the CLI draws a bar from it, the UI a plot and a gallery."""
+
+    step: int
+    total: int
+    loss: float
+    lr: float
+    sec_per_step: float
+    eta_sec: float
+    images: list = field(default_factory=list)  # validation images (PIL) when sampled at this step
+    message: str = ""
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    files: list[Path]
+    steps: int
+    final_loss: float | None
+    losses: list[float]
+    warnings: list[str] = field(default_factory=list)
+
+
+def prepare_out(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: '{out}' is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (cfg.overwrite or cfg.resume):
+        raise ValueError(f"out: '{out}' is not empty; choose a new folder, or pass --overwrite (or --resume latest)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    # One generator per (seed, step): resuming at step k draws exactly what an uninterrupted run draws at step k.
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+
+
+@torch.no_grad()
+def cache_latents(vae, dataset: TrainDataset, flips: bool) -> dict[tuple[int, bool], torch.Tensor]:
+    """VAE-encode every image once (both orientations when flipping): the VAE never runs in the loop."""
+    cache = {}
+    sf = vae.config.scaling_factor
+    for i, ex in enumerate(dataset.examples):
+        h, w = dataset.bucket(i)
+        for flip in ((False, True) if flips else (False,)):
+            img = load_example(ex, (w, h), center_crop=dataset.cfg.center_crop, flip=flip)
+            x = to_tensor(img).unsqueeze(0).to(vae.device, vae.dtype)  # (1, 3, H, W)
+            cache[(i, flip)] = (vae.encode(x).latent_dist.mean * sf).squeeze(0).float()  # (4, H/8, W/8)
+    return cache
+
+
+class TextEncoderCache:
+    """Text conditioning per caption; cached when the text encoders are frozen (the common LoRA case)."""
+
+    def __init__(self, pipe, frozen: bool, sdxl: bool):
+        self.pipe, self.frozen, self.sdxl, self.cache = pipe, frozen, sdxl, {}
+
+    def __call__(self, captions: list[str]) -> dict:
+        if not self.frozen:
+            return self._encode(captions)
+        for c in set(captions) - set(self.cache):
+            with torch.no_grad():
+                self.cache[c] = {k: v[0] for k, v in self._encode([c]).items()}
+        return {k: torch.stack([self.cache[c][k] for c in captions]) for k in self.cache[captions[0]]}
+
+    def _encode(self, captions: list[str]) -> dict:
+        if not self.sdxl:
+            emb = self.pipe.encode_prompt(captions, self.pipe.device, 1, False)[0]
+            return {"encoder_hidden_states": emb}
+        emb, _, pooled, _ = self.pipe.encode_prompt(captions, device=self.pipe.device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": emb, "text_embeds": pooled}
+
+
+def sdxl_added_cond(text: dict, size: tuple[int, int], dtype) -> dict:
+    """SDXL's micro-conditioning: (original size, crop top-left, target size), here the bucket size and no crop."""
+    h, w = size
+    n = text["encoder_hidden_states"].shape[0]
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype).repeat(n, 1)
+    return {"added_cond_kwargs": {"text_embeds": text.pop("text_embeds"), "time_ids": time_ids}}
+
+
+def loss_fn(pred, noise, latents, t, noise_sched, snr_gamma: float) -> torch.Tensor:
+    """MSE to ε or v (the model's prediction_type); optional min-SNR-γ weighting (Hang et al. 2023)."""
+    if noise_sched.config.prediction_type == "v_prediction":
+        target = noise_sched.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    if not snr_gamma:
+        return F.mse_loss(pred.float(), target.float())
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_sched, t)
+    weight = torch.clamp(snr, max=snr_gamma) / (snr + 1 if noise_sched.config.prediction_type == "v_prediction" else snr)
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per * weight).mean()
+
+
+class Batches:
+    """Endless, resumable stream of index batches from the bucket sampler (next epoch when one runs out)."""
+
+    def __init__(self, sampler: BucketBatchSampler):
+        self.sampler = sampler
+        self._it = iter(sampler)
+
+    def __next__(self) -> list[int]:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self._it = iter(self.sampler)
+            return next(self._it)
+
+
+def make_optimizer(params, cfg: TrainConfig, device: str):
+    if device == "cuda":
+        try:  # 8-bit AdamW halves optimizer memory on GPUs; optional dependency
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr)
+        except ImportError:
+            log.info("bitsandbytes not installed: using torch AdamW")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+
+
+def _validation_images(model, cfg: TrainConfig, unet) -> list:
+    from ..generate import GenerationParams, generate
+
+    unet.eval()
+    try:
+        params = GenerationParams(prompt=cfg.validation_prompt, steps=20, seed=cfg.seed, batch_size=2,
+                                  width=cfg.resolution, height=cfg.resolution)
+        return generate(model, params, preview_every=0).images
+    finally:
+        unet.train()
+
+
+def _export(cfg: TrainConfig, trainable, pipe, out: Path) -> list[Path]:
+    method = Method(cfg.method)
+    if trainable.lora:
+        return methods.export_lora(trainable, pipe, out, cfg.alpha)
+    if method == Method.FULL:
+        return methods.export_full(pipe, out)
+    raise ValueError(f"method: export of '{cfg.method}' is not available yet")
+
+
+def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None,
+          cancel: threading.Event | None = None) -> TrainResult:
+    """Run a whole training job; ``cancel`` stops it after the current step with a resumable checkpoint."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    cfg.validate()
+    out = prepare_out(cfg)
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model)
+    pipe, sdxl = model.pipe, model.family == "sdxl"
+    dcfg = DataConfig(path=cfg.data, resolution=cfg.resolution, instance_prompt=cfg.instance_prompt,
+                      trigger=cfg.trigger, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
+                      buckets=cfg.buckets)
+    report = scan_dataset(dcfg)
+    dataset = TrainDataset(report, dcfg, seed=cfg.seed)
+    latents = cache_latents(pipe.vae, dataset, cfg.random_flip)
+    trainable = methods.setup(cfg, pipe)
+    text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=sdxl)
+    optimizer = make_optimizer(trainable.params(), cfg, model.device)
+    lr_sched = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                             num_training_steps=cfg.steps)
+    noise_sched = DDPMScheduler.from_config(model.base_scheduler_config)
+    sampler = BucketBatchSampler(dataset, cfg.batch, seed=cfg.seed)
+    start, losses = 0, []
+    if cfg.resume:
+        weights, opt_state, meta = ckpt.load_checkpoint(ckpt.resolve_resume(cfg.resume, out))
+        trainable.load_state(weights)
+        optimizer.load_state_dict(opt_state)
+        lr_sched.load_state_dict(meta["lr_scheduler"])
+        sampler.load_state_dict(meta["sampler"])
+        start, losses = meta["step"], meta.get("losses", [])
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device == "cpu")
+    unet, optimizer, lr_sched = accelerator.prepare(pipe.unet, optimizer, lr_sched)
+    unet.train()
+    batches, t0, samples = Batches(sampler), time.perf_counter(), []
+    for step in range(start, cfg.steps):
+        loss = _train_step(cfg, step, unet, batches, dataset, latents, text, noise_sched, accelerator, sdxl)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss)
+        done = step + 1
+        images = []
+        if cfg.validation_prompt and cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.steps:
+            images = _validation_images(model, cfg, unet)
+        stopping = cancel is not None and cancel.is_set()
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping:
+            ckpt.save_checkpoint(out / "checkpoints", done, trainable.state(), optimizer, lr_sched,
+                                 {"sampler": sampler.state_dict(), "losses": losses}, cfg.keep_checkpoints)
+        if on_event:
+            rate = (time.perf_counter() - t0) / (done - start)
+            on_event(TrainEvent(done, cfg.steps, loss, lr_sched.get_last_lr()[0], rate, rate * (cfg.steps - done),
+                                images))
+        if stopping:
+            return TrainResult(out, [], done, loss, losses, ["stopped: resume with --resume latest"])
+    files = _export(cfg, trainable, pipe, out)
+    if cfg.validation_prompt:
+        (out / "samples").mkdir(exist_ok=True)
+        for i, img in enumerate(_validation_images(model, cfg, unet)):
+            samples.append(out / "samples" / f"sample-{i}.png")
+            img.save(samples[-1])
+    files.append(write_card(out, cfg, model.ref.label, samples, losses[-1] if losses else None))
+    return TrainResult(out, files, cfg.steps, losses[-1] if losses else None, losses, list(report_warnings(report)))
+
+
+def report_warnings(report) -> list[str]:
+    skipped = [f"skipped {name}: {why}" for name, why in report.skipped]
+    return skipped + [f"upscaled {name} (smaller than the resolution)" for name in report.upscaled]
+
+
+def _train_step(cfg, step, unet, batches, dataset, latents, text, noise_sched, accelerator, sdxl) -> float:
+    """One optimizer step's forward/backward passes (grad_accum micro-batches); returns the mean loss."""
+    g = step_generator(cfg.seed, step)
+    total = 0.0
+    for _ in range(cfg.grad_accum):
+        idx = next(batches)
+        flips = [bool(torch.rand(1, generator=g) < 0.5) if cfg.random_flip else False for _ in idx]
+        lat = torch.stack([latents[(i, f)] for i, f in zip(idx, flips)]).to(accelerator.device)  # (B, 4, h, w)
+        captions = [("" if cfg.caption_dropout and torch.rand(1, generator=g).item() < cfg.caption_dropout
+                     else dataset.examples[i].caption) for i in idx]
+        noise = torch.randn(lat.shape, generator=g).to(lat)
+        if cfg.noise_offset:  # shifts each channel's mean: lets the model learn very dark / bright images
+            noise = noise + cfg.noise_offset * torch.randn(lat.shape[:2] + (1, 1), generator=g).to(lat)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(lat.device)
+        noisy = noise_sched.add_noise(lat, noise, t)
+        cond = text(captions)
+        if sdxl:
+            cond.update(sdxl_added_cond(cond, dataset.bucket(idx[0]), lat.dtype))
+        with accelerator.autocast():
+            pred = unet(noisy, t, **cond).sample
+        loss = loss_fn(pred, noise, lat, t, noise_sched, cfg.snr_gamma) / cfg.grad_accum
+        accelerator.backward(loss)
+        total += loss.item()
+    return total

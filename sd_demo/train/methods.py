@@ -1,0 +1,104 @@
+"""What each training method makes trainable, and how its weights are saved, restored and exported."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from .config import Method, TrainConfig
+
+TEXT_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class Trainable:
+    """The modules a method trains. Checkpoints hold exactly ``named()``; everything else stays the base model."""
+
+    modules: dict[str, torch.nn.Module]  # "unet" / "text_encoder" / "text_encoder_2" -> module with trainable parts
+    trains_text_encoder: bool
+    lora: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def named(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{m}.{n}": p for m, mod in self.modules.items() for n, p in mod.named_parameters() if p.requires_grad}
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(self.named().values())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach() for k, p in self.named().items()}
+
+    @torch.no_grad()
+    def load_state(self, weights: dict[str, torch.Tensor]) -> None:
+        named = self.named()
+        missing = set(named) - set(weights)
+        if missing:
+            raise ValueError(f"resume: the checkpoint lacks {len(missing)} trainable tensors (was it made with another "
+                             "--method, --rank or --train-text-encoder?)")
+        for k, p in named.items():
+            p.copy_(weights[k])
+
+
+def _freeze(pipe) -> None:
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).requires_grad_(False)
+
+
+def setup(cfg: TrainConfig, pipe) -> Trainable:
+    _freeze(pipe)
+    method = Method(cfg.method)
+    encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
+    if method == Method.FULL:
+        pipe.unet.requires_grad_(True)
+        mods = {"unet": pipe.unet}
+        if cfg.train_text_encoder:
+            for name, enc in encoders.items():
+                enc.requires_grad_(True)
+                mods[name] = enc
+        return Trainable(mods, cfg.train_text_encoder)
+    if method in (Method.LORA, Method.DREAMBOOTH):
+        targets = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
+        # Gaussian init of A with B = 0: the adapter starts as an exact no-op, as in the diffusers examples.
+        pipe.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                         target_modules=targets))
+        mods = {"unet": pipe.unet}
+        if cfg.train_text_encoder:
+            for name, enc in encoders.items():
+                enc.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                           target_modules=TEXT_LORA_MODULES))
+                mods[name] = enc
+        return Trainable(mods, cfg.train_text_encoder, lora=True)
+    raise ValueError(f"method: '{cfg.method}' is not available yet in this version; use lora, dreambooth or full")
+
+
+def lora_state_dicts(t: Trainable) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT-format LoRA weights per module (keys without the adapter name), as diffusers' loaders expect."""
+    return {name: get_peft_model_state_dict(mod) for name, mod in t.modules.items()}
+
+
+def export_lora(t: Trainable, pipe, out: Path, alpha: float) -> list[Path]:
+    """pytorch_lora_weights.safetensors (diffusers) and <out>.safetensors (kohya: A1111, ComfyUI)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    sds = lora_state_dicts(t)
+    kwargs = {f"{name}_lora_layers": convert_state_dict_to_diffusers(sd) for name, sd in sds.items()}
+    type(pipe).save_lora_weights(str(out), safe_serialization=True, **kwargs)
+    flat = {f"{name}.{k}": v for name, sd in sds.items() for k, v in sd.items()}
+    kohya = convert_state_dict_to_kohya(flat)
+    # diffusers writes alpha = rank (a scale of 1); ours may differ, and A1111 scales by alpha / rank.
+    kohya = {k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()}
+    kohya_path = out / f"{out.resolve().name}.safetensors"
+    save_file(kohya, str(kohya_path), metadata={"ss_network_dim": str(t.modules["unet"].peft_config["default"].r),
+                                                "ss_network_alpha": str(alpha), "ss_network_module": "networks.lora"})
+    return [out / "pytorch_lora_weights.safetensors", kohya_path]
+
+
+def export_full(pipe, out: Path) -> list[Path]:
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return [out / "model_index.json"]
