@@ -7,8 +7,6 @@ whose position is checkpointed, and the optimizer / LR-schedule states are saved
 from __future__ import annotations
 
 import logging
-import math
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -225,14 +223,14 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         images = []
         if cfg.validation_prompt and cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.steps:
             images = _validation_images(model, cfg, unet)
-        stopping = cancel is not None and cancel.is_set()
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping:
-            ckpt.save_checkpoint(out / "checkpoints", done, trainable.state(), optimizer, lr_sched,
-                                 {"sampler": sampler.state_dict(), "losses": losses}, cfg.keep_checkpoints)
         if on_event:
             rate = (time.perf_counter() - t0) / (done - start)
             on_event(TrainEvent(done, cfg.steps, loss, lr_sched.get_last_lr()[0], rate, rate * (cfg.steps - done),
                                 images))
+        stopping = cancel is not None and cancel.is_set() and done < cfg.steps
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping:
+            ckpt.save_checkpoint(out / "checkpoints", done, trainable.state(), optimizer, lr_sched,
+                                 {"sampler": sampler.state_dict(), "losses": losses}, cfg.keep_checkpoints)
         if stopping:
             return TrainResult(out, [], done, loss, losses, ["stopped: resume with --resume latest"])
     files = _export(cfg, trainable, pipe, out)

@@ -88,6 +88,10 @@ def export_lora(t: Trainable, pipe, out: Path, alpha: float) -> list[Path]:
 
     sds = lora_state_dicts(t)
     kwargs = {f"{name}_lora_layers": convert_state_dict_to_diffusers(sd) for name, sd in sds.items()}
+    # The adapter config (rank, alpha, targets) goes into the file's metadata; without it diffusers assumes
+    # alpha = rank and would load an alpha != rank LoRA at the wrong strength.
+    kwargs.update({f"{name}_lora_adapter_metadata": mod.peft_config["default"].to_dict()
+                   for name, mod in t.modules.items()})
     type(pipe).save_lora_weights(str(out), safe_serialization=True, **kwargs)
     flat = {f"{name}.{k}": v for name, sd in sds.items() for k, v in sd.items()}
     kohya = convert_state_dict_to_kohya(flat)

@@ -1,0 +1,190 @@
+"""Training engine mechanics on the tiny SD 1.x model: resume equals an uninterrupted run (also after SIGKILL),
+exported LoRA files load through diffusers and reproduce the trained outputs, bad input is refused cleanly."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from sd_demo.__main__ import main
+from sd_demo.train.config import TrainConfig
+from sd_demo.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Eight flat-colour 64 px images with captions: enough to train a few steps."""
+    d = tmp_path_factory.mktemp("train_data")
+    for i in range(8):
+        Image.new("RGB", (64, 64), (200, 25 * i, 40)).save(d / f"{i}.png")
+        (d / f"{i}.txt").write_text(f"a red square {i}")
+    return d
+
+
+def config(model, data, out, **kw):
+    base = dict(method="lora", model=str(model), data=str(data), out=str(out), steps=6, resolution=64, batch=2,
+                rank=4, alpha=8.0, lr=1e-2, seed=3, lr_schedule="cosine", warmup_steps=2, grad_accum=2,
+                caption_dropout=0.3, random_flip=True, snr_gamma=5.0, noise_offset=0.05)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def lora_tensors(out):
+    return load_file(str(out / "pytorch_lora_weights.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dirs, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full_run")
+    result = train(config(tiny_model_dirs["sd15"], data_dir, out))
+    return out, result
+
+
+def test_training_changes_weights_and_writes_outputs(uninterrupted):
+    out, result = uninterrupted
+    assert len(result.losses) == 6 and all(np.isfinite(result.losses))
+    names = {p.name for p in out.iterdir()}
+    assert {"pytorch_lora_weights.safetensors", f"{out.name}.safetensors", "README.md"} <= names
+    weights = lora_tensors(out)
+    ups = [v for k, v in weights.items() if "lora_B" in k or "lora.up" in k]
+    assert ups and any(v.abs().max() > 0 for v in ups), "B starts at zero; training must move it"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "base_model:" in card and "| rank | 4 |" in card
+
+
+def test_stop_and_resume_equals_uninterrupted(tiny_model_dirs, data_dir, tmp_path, uninterrupted):
+    cancel = threading.Event()
+    first = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path),
+                  on_event=lambda ev: cancel.set() if ev.step == 3 else None, cancel=cancel)
+    assert first.steps == 3 and (tmp_path / "checkpoints" / "step-000003").is_dir()
+    resumed = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, resume="latest"))
+    assert resumed.losses == pytest.approx(uninterrupted[1].losses, abs=1e-6)
+    assert max_diff(lora_tensors(tmp_path), lora_tensors(uninterrupted[0])) <= 1e-6
+
+
+def test_sigkill_mid_run_then_resume_latest(tiny_model_dirs, data_dir, tmp_path, uninterrupted):
+    argv = ["--method", "lora", "--model", str(tiny_model_dirs["sd15"]), "--data", str(data_dir), "--out",
+            str(tmp_path), "--steps", "6", "--resolution", "64", "--batch", "2", "--rank", "4", "--alpha", "8",
+            "--lr", "0.01", "--seed", "3", "--lr-schedule", "cosine", "--warmup-steps", "2", "--grad-accum", "2",
+            "--caption-dropout", "0.3", "--random-flip", "--snr-gamma", "5", "--noise-offset", "0.05",
+            "--checkpoint-every", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sd_demo", "train", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "checkpoints" / "step-000002" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "training never wrote its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists(), "killed before the end"
+    assert main(["train", *argv, "--resume", "latest"]) == 0
+    assert max_diff(lora_tensors(tmp_path), lora_tensors(uninterrupted[0])) <= 1e-6
+
+
+def _generate(pipe, seed=0):
+    return pipe("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(seed),
+                output_type="np").images[0]
+
+
+def test_exported_lora_loads_in_diffusers_and_reproduces_training(tiny_model_dirs, uninterrupted):
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = uninterrupted
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd15"], safety_checker=None)
+    base.set_progress_bar_config(disable=True)
+    plain = _generate(base)
+    base.load_lora_weights(str(out))
+    with_diffusers_file = _generate(base)
+    assert np.abs(with_diffusers_file - plain).max() > 1e-3, "the LoRA must change the output"
+
+    kohya = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd15"], safety_checker=None)
+    kohya.set_progress_bar_config(disable=True)
+    kohya.load_lora_weights(str(out), weight_name=f"{out.name}.safetensors")
+    # alpha (8) != rank (4): the kohya file must carry alpha so that A1111 and diffusers scale it the same way.
+    assert np.abs(_generate(kohya) - with_diffusers_file).max() < 1e-5
+
+
+def test_exported_lora_equals_the_trained_adapter(tiny_model_dirs, data_dir, tmp_path):
+    """Images from the pipeline that trained (adapters in place) equal a fresh pipeline + the exported file."""
+    from diffusers import StableDiffusionPipeline
+
+    from sd_demo.models import load_model
+    from sd_demo.train import loop
+
+    captured = {}
+    real_export = loop._export
+
+    def spy(cfg, trainable, pipe, out):
+        captured["image"] = _generate(pipe)
+        return real_export(cfg, trainable, pipe, out)
+
+    loop._export = spy
+    try:
+        train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=3))
+    finally:
+        loop._export = real_export
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd15"], safety_checker=None)
+    fresh.set_progress_bar_config(disable=True)
+    fresh.scheduler = load_model(str(tiny_model_dirs["sd15"])).pipe.scheduler  # same scheduler as in training
+    fresh.load_lora_weights(str(tmp_path))
+    assert np.abs(_generate(fresh) - captured["image"]).max() < 1e-5
+
+
+def test_full_disk_during_checkpoint_keeps_the_previous_one(tiny_model_dirs, data_dir, tmp_path, monkeypatch):
+    from sd_demo.train import checkpoint
+
+    real_save = checkpoint.save_file
+    calls = {"n": 0}
+
+    def failing_save(tensors, path, *a, **kw):
+        calls["n"] += 1
+        if "step-000004" in path:
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, checkpoint_every=2))
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["step-000002"], "no half-written checkpoint may remain"
+    weights, _, meta = checkpoint.load_checkpoint(tmp_path / "checkpoints" / "step-000002")
+    assert meta["step"] == 2 and weights
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--rank", "0", "rank: 0 must be > 0"),
+    ("--lr", "0", "lr: 0.0 must be > 0"),
+    ("--steps", "0", "steps: 0 must be > 0"),
+    ("--method", "magic", "invalid choice: 'magic'"),
+])
+def test_bad_training_input(tiny_model_dirs, data_dir, tmp_path, capsys, flag, value, needle):
+    argv = ["train", "--model", str(tiny_model_dirs["sd15"]), "--data", str(data_dir), "--out", str(tmp_path / "o"),
+            flag, value]
+    if flag == "--method":
+        with pytest.raises(SystemExit):
+            main(argv)
+    else:
+        assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_empty_out_is_refused_and_untouched(tiny_model_dirs, data_dir, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["train", "--model", str(tiny_model_dirs["sd15"]), "--data", str(data_dir), "--out", str(tmp_path),
+                 "--steps", "1", "--resolution", "64"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
