@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="text to image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_runtime_flags(gen)
     add_param_flags(gen)
+    gen.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO[:SCALE]",
+                     help="apply a LoRA (a training --out folder, a .safetensors file or a Hub repo); repeatable")
     gen.add_argument("--out", required=True, help="FILE.png, or a folder (A1111-style numbered names)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     tr = sub.add_parser("train", help="fine-tune a model (LoRA, DreamBooth, textual inversion, full)")
@@ -87,7 +89,12 @@ def cmd_generate(args) -> int:
     seeds_hint = [0] * params.batch_size
     paths = output_paths(args.out, seeds_hint, args.overwrite)  # refuse before the slow part
     engine = Engine(EngineSettings(args.model, args.device, args.dtype, args.attention, args.allow_pickle))
+    from .models import parse_lora
+
+    loras = [parse_lora(s) for s in args.lora]
     model = engine.load()
+    with model.lock:
+        model.set_loras(loras)  # a bad --lora fails here, before any output
     print(model.describe(), file=sys.stderr)
     bar = tqdm(total=params.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
 
@@ -95,7 +102,7 @@ def cmd_generate(args) -> int:
         bar.total = ev.total
         bar.update(ev.step - bar.n)
 
-    result, _ = engine.generate(params, on_step=on_step, save=False)
+    result, _ = engine.generate(params, on_step=on_step, save=False, loras=loras)
     bar.close()
     if paths is None:
         written = save_result(result, Path(args.out))

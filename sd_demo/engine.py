@@ -103,9 +103,12 @@ class Engine:
         on_step: Callable[[StepEvent], None] | None = None,
         save: bool = True,
         job: str = "default",
+        loras: list[tuple[str, float]] | None = None,
     ) -> tuple[GenerationResult, list[Path]]:
         params.validate()  # fail on bad input before a possibly slow model load
         loaded = self.load(model)
+        with loaded.lock:
+            loaded.set_loras(loras or [])
         cancel = threading.Event()
         with self._jobs_lock:
             self._jobs[job] = cancel
@@ -114,6 +117,12 @@ class Engine:
         finally:
             with self._jobs_lock:
                 self._jobs.pop(job, None)
+        if loras:  # infotext names them (A1111 puts <lora:name:scale> in the prompt; we keep the prompt as typed)
+            for info in result.infotexts:
+                version = info.params.pop("Version", None)
+                info.params["Lora"] = ", ".join(f"{Path(src).name}:{scale:g}" for src, scale in loras)
+                if version:
+                    info.params["Version"] = version
         paths: list[Path] = []
         if save:
             day = _dt.date.today().isoformat()

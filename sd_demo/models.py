@@ -170,6 +170,31 @@ class LoadedModel:
     preview_map: Any = None  # (W, b) latent -> RGB, fitted lazily by preview.py
     schedulers: dict = field(default_factory=dict)  # (sampler, schedule) -> scheduler, built on first use
     prompt_encoders: dict = field(default_factory=dict)  # clip skip -> prompts.PromptEncoder, built on first use
+    loras: tuple = ()  # ((path or repo id, scale), ...) currently applied
+
+    def set_loras(self, loras: list[tuple[str, float]]) -> None:
+        """Apply exactly these LoRAs (diffusers or kohya format, safetensors only); no-op when unchanged."""
+        loras = tuple(loras)
+        if loras == self.loras:
+            return
+        if self.loras:
+            self.pipe.unload_lora_weights()
+            self.prompt_encoders.clear()  # they cache text-encoder outputs that a LoRA may change
+        names = []
+        for i, (source, _) in enumerate(loras):
+            if not Path(source).exists() and not _REPO_ID.match(source):
+                raise ValueError(f"lora: '{source}' not found; give a training output folder, a .safetensors file "
+                                 "or a Hub repo id")
+            try:
+                self.pipe.load_lora_weights(source, adapter_name=f"lora{i}", use_safetensors=True)
+            except (OSError, ValueError, EnvironmentError) as exc:
+                self.pipe.unload_lora_weights()
+                self.loras = ()
+                raise ValueError(f"lora: '{source}' could not be loaded: {str(exc).splitlines()[0]}") from exc
+            names.append(f"lora{i}")
+        if names:
+            self.pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+        self.loras = loras
 
     @property
     def prediction_type(self) -> str:
@@ -180,6 +205,17 @@ class LoadedModel:
             f"{self.ref.label} · {self.family.upper()} ({self.prediction_type}) · {self.device} "
             f"{dtype_name(self.dtype)} · attention: {self.attention_reason}"
         )
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """'PATH_OR_REPO[:SCALE]' -> (source, scale); the scale defaults to 1."""
+    source, sep, scale = spec.rpartition(":")
+    if sep and source:
+        try:
+            return source, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
 
 
 def detect_family(folder: Path) -> str:

@@ -188,3 +188,25 @@ def test_non_empty_out_is_refused_and_untouched(tiny_model_dirs, data_dir, tmp_p
                  "--steps", "1", "--resolution", "64"]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_generate_cli_applies_trained_lora_with_scale(tiny_model_dirs, uninterrupted, tmp_path):
+    from sd_demo.infotext import read_png
+
+    out, _ = uninterrupted
+    common = ["generate", "--model", str(tiny_model_dirs["sd15"]), "--prompt", "a red square", "--steps", "3",
+              "--seed", "1"]
+    assert main([*common, "--out", str(tmp_path / "none.png")]) == 0
+    assert main([*common, "--lora", str(out), "--out", str(tmp_path / "full.png")]) == 0
+    assert main([*common, "--lora", f"{out}:0.5", "--out", str(tmp_path / "half.png")]) == 0
+    px = {n: np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("none", "full", "half")}
+    assert np.abs(px["full"] - px["none"]).max() > 0
+    assert np.abs(px["half"] - px["full"]).max() > 0
+    assert read_png(tmp_path / "half.png").params["Lora"] == f"{out.name}:0.5"
+
+
+def test_missing_lora_is_a_clear_error(tiny_model_dirs, tmp_path, capsys):
+    rc = main(["generate", "--model", str(tiny_model_dirs["sd15"]), "--prompt", "x", "--steps", "1",
+               "--lora", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: lora:")

@@ -1,0 +1,395 @@
+"""Train the embedded shapes model from nothing: ``python -m sd_demo.shapes train --out DIR [--max-minutes 85]``.
+
+Stages (each a small function): make_dataset -> make_tokenizer -> train_vae -> encode_latents -> train_unet
+-> export. Every component is the real Stable Diffusion architecture at small scale (AutoencoderKL with 8x
+downsampling and 4 latent channels, CLIPTextModel + CLIP BPE tokenizer, UNet2DConditionModel with cross-attention,
+SD's scaled_linear 1000-step schedule), saved in diffusers layout so ``StableDiffusionPipeline.from_pretrained``
+and the app's loader read it, and the Training tab's "full" method can continue training it.
+
+Seeded (torch + numpy); with a time budget the number of UNet steps depends on the machine's speed (it is fixed
+after the first steps and printed), pass ``--unet-steps`` for a run that is reproducible step for step.
+The training set is the train split only: held-out (shape, colour, background) triples never appear.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .captions import random_caption
+from .world import Scene, render, sample_scenes
+
+# SD's noise schedule (scaled_linear betas 0.00085..0.012 over 1000 steps), rescaled to zero terminal SNR, with
+# v-prediction and "trailing" timesteps (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+# Flawed"; the SD 2.x v-models' settings plus the rescale). Why: with SD 1.x's schedule x_T keeps 7 % of the
+# image, the model learns to read the object's position from that residue instead of the prompt, and at
+# inference (pure noise) it places objects at random: 6 % position accuracy in a test run. Every sampler of
+# the app derives its timesteps from this config (diffusers handles rescale_betas_zero_snr in its schedulers).
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                prediction_type="v_prediction", rescale_betas_zero_snr=True, steps_offset=1,
+                timestep_spacing="trailing")
+IMAGE_SIZE = 128
+LATENT_SIZE = IMAGE_SIZE // 8  # (B, 4, 16, 16)
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    seed: int = 0
+    scenes: int = 12000  # rendered training scenes (train split), encoded to latents once
+    max_minutes: float = 78.0  # whole run, export included; the UNet stage gets what the VAE stage leaves
+    # --- stage A: VAE
+    vae_minutes: float = 9.0
+    vae_steps: int = 20000  # upper bound; the time budget usually ends the stage first
+    vae_batch: int = 16
+    vae_crop: int = 48  # px; crops are centred near the object most of the time (edges are what is hard)
+    vae_lr: float = 2e-3
+    vae_latent_noise: float = 0.05  # relative to the latents' std, added before decoding
+    vae_kl: float = 1e-6  # SD's KL weight: latents stay a plain autoencoder's, scaled by 1/std afterwards
+    # --- stage B: text encoder + UNet
+    unet_steps: int = 0  # 0: train until the time budget (--max-minutes) is spent
+    batch: int = 32
+    lr: float = 6e-4
+    warmup: int = 100
+    cond_drop: float = 0.1  # share of empty captions, so classifier-free guidance works
+    ema: float = 0.998
+    snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023): ~3x faster convergence
+    offset_noise: float = 0.0  # per-channel noise offset (not needed with a zero-terminal-SNR schedule)
+    checkpoint_minutes: float = 10.0
+    log_every: int = 20
+    # architecture
+    vae_channels: tuple = (16, 32, 64, 64)
+    unet_channels: tuple = (64, 128, 192)
+    unet_layers: int = 1
+    text_hidden: int = 128
+    text_layers: int = 3
+    threads: int = 2
+    device: str = "cpu"  # the recipe targets the 2-core CPU; 'cuda' runs the same stages on a GPU
+    start: float = field(default_factory=time.time, repr=False)
+
+    def minutes(self) -> float:
+        return (time.time() - self.start) / 60
+
+
+def log(cfg: TrainConfig, msg: str) -> None:
+    print(f"[{cfg.minutes():6.1f} min] {msg}", flush=True)
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+def make_dataset(n: int, seed: int) -> tuple[list[Scene], np.ndarray]:
+    """``n`` train-split scenes and their renders as uint8 (n, 128, 128, 3)."""
+    scenes = sample_scenes(n, seed, "train")
+    images = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in scenes])
+    return scenes, images
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# --- models ----------------------------------------------------------------------------------------------------
+
+def make_vae(cfg: TrainConfig):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),  # 4 blocks -> downsampling 8
+        up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
+        block_out_channels=tuple(cfg.vae_channels), layers_per_block=1, norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        # No attention in the mid block: the VAE is fully convolutional, so it trains on crops (16x cheaper than
+        # whole 128 px images on 2 CPU cores) and works the same on whole images.
+        mid_block_add_attention=False,
+    )
+
+
+def make_text_encoder(cfg: TrainConfig, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu",
+    ))
+
+
+def make_unet(cfg: TrainConfig):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers,
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def make_noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**{k: v for k, v in SCHEDULE.items()})
+
+
+# --- stage A: VAE ----------------------------------------------------------------------------------------------
+
+def random_crops(images: np.ndarray, scenes, crop: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` crops (n, crop, crop, 3): 75 % around the object's centre (+- crop/2), the rest anywhere."""
+    idx = rng.integers(len(images), size=n)
+    out = np.empty((n, crop, crop, 3), dtype=np.uint8)
+    size = images.shape[1]
+    for k, i in enumerate(idx):
+        if rng.random() < 0.75:
+            cx, cy = (int(v * size) for v in scenes[i].obj.center)
+            x = cx - crop // 2 + int(rng.integers(-crop // 2, crop // 2 + 1))
+            y = cy - crop // 2 + int(rng.integers(-crop // 2, crop // 2 + 1))
+        else:
+            x, y = (int(v) for v in rng.integers(0, size - crop + 1, size=2))
+        x, y = min(max(x, 0), size - crop), min(max(y, 0), size - crop)
+        out[k] = images[i, y:y + crop, x:x + crop]
+    return out
+
+
+def train_vae(cfg: TrainConfig, scenes, images: np.ndarray):
+    """L1 + MSE reconstruction with a tiny KL term; flat-colour scenes need only a small autoencoder."""
+    vae = make_vae(cfg).to(cfg.device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed + 1)
+    budget = cfg.vae_minutes * 60
+    t0 = time.time()
+    step, avg = 0, None
+    while step < cfg.vae_steps and time.time() - t0 < budget:
+        frac = min(1.0, (time.time() - t0) / budget)
+        for g in opt.param_groups:  # warmup then cosine over the stage's time budget
+            g["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        x = to_tensor(random_crops(images, scenes, cfg.vae_crop, cfg.vae_batch, rng)).to(cfg.device)  # (B,3,c,c)
+        post = vae.encode(x).latent_dist
+        z = post.mean  # (B, 4, crop/8, crop/8)
+        # Decode the mean plus a little noise rather than post.sample(): the posterior starts at std 1 and a tiny
+        # KL weight takes thousands of steps to shrink it, while this trains as fast as a plain autoencoder and
+        # still teaches the decoder to tolerate the small latent errors a diffusion model makes.
+        z = z + cfg.vae_latent_noise * z.detach().std() * torch.randn_like(z)
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        avg = loss.item() if avg is None else 0.95 * avg + 0.05 * loss.item()
+        if step % cfg.log_every == 0:
+            log(cfg, f"vae step {step} loss {avg:.4f} {(time.time() - t0) / step:.2f} s/step")
+    log(cfg, f"vae done: {step} steps, loss {avg:.4f}")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(cfg: TrainConfig, vae, images: np.ndarray, batch: int = 128) -> torch.Tensor:
+    """Posterior means of all images, (N, 4, 16, 16), times the scaling factor (1 / std), which goes in the
+    VAE config as SD's ``scaling_factor``."""
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(vae.encode(to_tensor(images[i:i + batch]).to(cfg.device)).latent_dist.mean.cpu())
+    latents = torch.cat(out)
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    log(cfg, f"encoded {len(latents)} latents; scaling_factor {scale:.4f}")
+    return latents * scale
+
+
+@torch.no_grad()
+def vae_check(vae, images: np.ndarray, device: str = "cpu") -> float:
+    """Mean absolute reconstruction error (0..255) on a few images."""
+    x = to_tensor(images[:32]).to(device)
+    rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return float((rec - x).abs().mean() * 127.5)
+
+
+# --- stage B: text encoder + UNet ------------------------------------------------------------------------------
+
+class Captioner:
+    """Random captions (all styles, canonical included) for scene indices, tokenized with a cache."""
+
+    def __init__(self, scenes, tokenizer, seed: int, drop: float):
+        self.scenes, self.tok, self.drop = scenes, tokenizer, drop
+        self.rng = np.random.default_rng(seed)
+        self.cache: dict[str, list[int]] = {}
+
+    def ids(self, idx: np.ndarray) -> torch.Tensor:
+        texts = ["" if self.rng.random() < self.drop else random_caption(self.scenes[i], self.rng) for i in idx]
+        missing = [t for t in set(texts) if t not in self.cache]
+        if missing:
+            enc = self.tok(missing, padding="max_length", max_length=self.tok.model_max_length, truncation=True)
+            self.cache.update(zip(missing, enc.input_ids))
+        return torch.tensor([self.cache[t] for t in texts])  # (B, 77)
+
+
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR + 1, gamma + 1) / (SNR + 1) per sample: min-SNR weighting (Hang et al. 2023) for v-prediction that
+    down-weights only the easy low-noise steps; the pure-noise end (SNR 0), where the prompt alone must decide
+    the layout, keeps weight 1."""
+    ac = scheduler.alphas_cumprod.to(t.device)[t]
+    snr = ac / (1 - ac).clamp(min=1e-8)
+    return torch.clamp(snr + 1, max=gamma + 1) / (snr + 1)
+
+
+def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, export_dir: Path):
+    """Joint text-encoder + UNet training on epsilon prediction; EMA copies are what gets exported."""
+    unet, te = make_unet(cfg).to(cfg.device).train(), make_text_encoder(cfg, tokenizer).to(cfg.device).train()
+    latents = latents.to(cfg.device)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    sched = make_noise_scheduler()
+    captions = Captioner(scenes, tokenizer, cfg.seed + 2, cfg.cond_drop)
+    rng = np.random.default_rng(cfg.seed + 3)
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    # Progress drives the cosine schedule: steps done / --unet-steps, or (default) time spent / time budget, so a
+    # machine that slows down (shared CPU) still anneals the learning rate and stops cleanly on time.
+    budget = cfg.max_minutes * 60 - (time.time() - cfg.start) - 90  # 90 s kept for the export
+    t0 = last_ckpt = time.time()
+    step, avg, progress = 0, None, 0.0
+    while progress < 1.0:
+        lr_scale = min(1.0, (step + 1) / cfg.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_scale
+        idx = rng.integers(len(latents), size=cfg.batch)
+        x0 = latents[torch.from_numpy(idx).to(cfg.device)]  # (B, 4, 16, 16)
+        noise = torch.randn(x0.shape, generator=gen)
+        noise += cfg.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        noise, t = noise.to(cfg.device), t.to(cfg.device)
+        xt = sched.add_noise(x0, noise, t)
+        text = te(captions.ids(idx).to(cfg.device))[0]  # (B, 77, hidden)
+        pred = unet(xt, t, encoder_hidden_states=text).sample
+        target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
+        per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per * min_snr_weights(sched, t, cfg.snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_te, te, decay)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        spent = time.time() - t0
+        progress = step / cfg.unet_steps if cfg.unet_steps else spent / budget
+        if step % cfg.log_every == 0:
+            eta = spent / max(progress, 1e-9) * (1 - progress) / 60
+            log(cfg, f"unet step {step} loss {avg:.4f} lr {cfg.lr * lr_scale:.2e} {spent / step:.2f} s/step "
+                     f"progress {progress:.1%} eta {eta:.1f} min")
+        if time.time() - last_ckpt > cfg.checkpoint_minutes * 60 and progress < 1.0:
+            export(export_dir / "checkpoint", vae, ema_te, tokenizer, ema_unet, {"step": step, "loss": avg})
+            last_ckpt = time.time()
+            log(cfg, f"checkpoint at step {step} -> {export_dir / 'checkpoint'}")
+    return ema_unet, ema_te, {"unet_steps": step, "final_loss": avg}
+
+
+@torch.no_grad()
+def _ema_update(ema, model, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm, 1.0 - decay)
+
+
+# --- export ----------------------------------------------------------------------------------------------------
+
+def export(out: Path, vae, text_encoder, tokenizer, unet, info: dict, fp16: bool = True) -> Path:
+    """Save a diffusers folder (safetensors; fp16 by default to keep the model small) atomically: written to a
+    temporary sibling, then renamed over ``out``."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
+                                            use_karras_sigmas=True)
+    dtype = torch.float16 if fp16 else torch.float32
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).to("cpu", dtype), text_encoder=copy.deepcopy(text_encoder).to("cpu", dtype),
+        tokenizer=tokenizer, unet=copy.deepcopy(unet).to("cpu", dtype), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    tok_dir = tmp / "tokenizer"
+    for name in ("vocab.json", "merges.txt"):  # transformers 5 save_pretrained writes only tokenizer.json
+        src = Path(tokenizer.name_or_path) / name
+        if src.exists() and not (tok_dir / name).exists():
+            shutil.copy(src, tok_dir / name)
+    (tmp / "train_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def folder_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+# --- the whole recipe ------------------------------------------------------------------------------------------
+
+def run(cfg: TrainConfig) -> Path:
+    from .tokenizer import make_tokenizer
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    log(cfg, f"config: {json.dumps({k: v for k, v in asdict(cfg).items() if k != 'start'}, default=str)}")
+    scenes, images = make_dataset(cfg.scenes, cfg.seed)
+    log(cfg, f"rendered {len(scenes)} train-split scenes")
+    tokenizer = make_tokenizer(work / "tokenizer")
+    log(cfg, f"tokenizer: {len(tokenizer)} tokens")
+    vae = train_vae(cfg, scenes, images)
+    log(cfg, f"vae reconstruction error: {vae_check(vae, images[-32:], cfg.device):.2f} / 255 (mean abs)")
+    latents = encode_latents(cfg, vae, images)
+    del images
+    unet, te, info = train_unet(cfg, scenes, latents, tokenizer, vae, out)
+    info.update(config={k: v for k, v in asdict(cfg).items() if k != "start"}, minutes=cfg.minutes())
+    final = export(out / "model", vae, te, tokenizer, unet, info)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    log(cfg, f"model saved to {final} ({folder_mb(final):.1f} MB) after {cfg.minutes():.1f} min")
+    return final
+
+
+def add_arguments(parser) -> None:
+    """CLI flags generated from TrainConfig's fields (``--max-minutes``, ``--unet-steps``, ...)."""
+    from dataclasses import fields
+
+    for f in fields(TrainConfig):
+        if f.name in ("out", "start"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, tuple):
+            parser.add_argument(flag, type=int, nargs="+", default=f.default)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default)
+    parser.add_argument("--out", type=Path, required=True, help="output folder (the model goes to OUT/model)")
+
+
+def config_from_args(args) -> TrainConfig:
+    from dataclasses import fields
+
+    return TrainConfig(**{f.name: (tuple(v) if isinstance(v, list) else v)
+                          for f in fields(TrainConfig) if f.name != "start"
+                          for v in [getattr(args, f.name)]})
