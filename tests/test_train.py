@@ -210,3 +210,48 @@ def test_missing_lora_is_a_clear_error(tiny_model_dirs, tmp_path, capsys):
                "--lora", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: lora:")
+
+
+def test_textual_inversion_trains_one_vector_and_exports_loadable_files(tiny_model_dirs, data_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from sd_demo.train import loop
+
+    captured = {}
+    real_export = loop._export
+
+    def spy(cfg, trainable, pipe, out):
+        captured["image"] = _generate_prompt(pipe, "a <shiny> square")
+        captured["base_rows"] = trainable.modules["text_encoder"].base.weight.detach().clone()
+        return real_export(cfg, trainable, pipe, out)
+
+    loop._export = spy
+    try:
+        result = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="textual-inversion",
+                              trigger="<shiny>", init_word="red", lr=5e-2, steps=4))
+    finally:
+        loop._export = real_export
+    assert {p.name for p in result.files} >= {"learned_embeds.safetensors", "shiny.safetensors", "README.md"}
+    assert load_file(str(tmp_path / "shiny.safetensors"))["emb_params"].shape == (1, 32)
+
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd15"], safety_checker=None)
+    fresh.set_progress_bar_config(disable=True)
+    assert torch.equal(fresh.text_encoder.embeddings.token_embedding.weight, captured["base_rows"]), \
+        "textual inversion must not change the existing vocabulary"
+    init = fresh.text_encoder.embeddings.token_embedding.weight[fresh.tokenizer("red").input_ids[1]]
+    learned = load_file(str(tmp_path / "learned_embeds.safetensors"))["<shiny>"]
+    assert not torch.allclose(learned, init), "the new vector must move away from its initial word"
+    fresh.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"))
+    from sd_demo.models import load_model
+
+    fresh.scheduler = load_model(str(tiny_model_dirs["sd15"])).pipe.scheduler
+    assert np.abs(_generate_prompt(fresh, "a <shiny> square") - captured["image"]).max() < 1e-5
+
+
+def _generate_prompt(pipe, prompt):
+    return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+def test_textual_inversion_refuses_an_existing_word(tiny_model_dirs, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="already a word"):
+        train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="textual-inversion", trigger="red"))

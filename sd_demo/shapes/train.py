@@ -317,8 +317,7 @@ def export(out: Path, vae, text_encoder, tokenizer, unet, info: dict, fp16: bool
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
-                                            use_karras_sigmas=True)
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
     dtype = torch.float16 if fp16 else torch.float32
     pipe = StableDiffusionPipeline(
         vae=copy.deepcopy(vae).to("cpu", dtype), text_encoder=copy.deepcopy(text_encoder).to("cpu", dtype),

@@ -150,7 +150,9 @@ def make_optimizer(params, cfg: TrainConfig, device: str):
             return bnb.optim.AdamW8bit(params, lr=cfg.lr)
         except ImportError:
             log.info("bitsandbytes not installed: using torch AdamW")
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    # No weight decay for textual inversion: it would pull the new embedding towards zero, away from the vocabulary.
+    decay = 0.0 if cfg.method == "textual-inversion" else 1e-2
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=decay)
 
 
 def _validation_images(model, cfg: TrainConfig, unet) -> list:
@@ -171,7 +173,7 @@ def _export(cfg: TrainConfig, trainable, pipe, out: Path) -> list[Path]:
         return methods.export_lora(trainable, pipe, out, cfg.alpha)
     if method == Method.FULL:
         return methods.export_full(pipe, out)
-    raise ValueError(f"method: export of '{cfg.method}' is not available yet")
+    return methods.export_textual_inversion(trainable, cfg.trigger, out)
 
 
 def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None,
@@ -269,6 +271,7 @@ def _train_step(cfg, step, unet, batches, dataset, latents, text, noise_sched, a
         with accelerator.autocast():
             pred = unet(noisy, t, **cond).sample
         loss = loss_fn(pred, noise, lat, t, noise_sched, cfg.snr_gamma) / cfg.grad_accum
-        accelerator.backward(loss)
+        if loss.requires_grad:  # textual inversion: a batch whose captions all dropped the token has no gradient
+            accelerator.backward(loss)
         total += loss.item()
     return total

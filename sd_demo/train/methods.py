@@ -42,6 +42,57 @@ class Trainable:
             p.copy_(weights[k])
 
 
+class NewTokenEmbedding(torch.nn.Module):
+    """The text encoder's token embedding plus trainable rows for new tokens (ids >= the old vocabulary size).
+
+    Training a separate small parameter, not the whole table, keeps checkpoints and optimizer state tiny and
+    guarantees the existing vocabulary cannot drift (no weight decay or rounding touches it).
+    """
+
+    def __init__(self, base: torch.nn.Embedding, init: torch.Tensor):
+        super().__init__()
+        self.base, self.n_old = base, base.num_embeddings
+        self.new = torch.nn.Parameter(init.detach().clone().float())  # (n_new, dim)
+
+    @property
+    def weight(self):  # transformers reads .weight (dtype, device, resizing)
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids.clamp(max=self.n_old - 1))
+        mask = ids >= self.n_old
+        if mask.any():
+            out = out.clone()
+            out[mask] = self.new[ids[mask] - self.n_old].to(out.dtype)
+        return out
+
+
+def _token_embedding(encoder):
+    # transformers 5 keeps the embeddings on the model; older versions under .text_model
+    return getattr(encoder, "text_model", encoder).embeddings
+
+
+def _setup_textual_inversion(cfg: TrainConfig, pipe) -> "Trainable":
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    mods = {}
+    for name, (tok, enc) in zip(("text_encoder", "text_encoder_2"), pairs):
+        vocab = tok.get_vocab()
+        if cfg.trigger in vocab or f"{cfg.trigger}</w>" in vocab:
+            raise ValueError(f"trigger: '{cfg.trigger}' is already a word of this model's vocabulary; use a new "
+                             "token such as '<my-thing>'")
+        init_ids = tok(cfg.init_word, add_special_tokens=False).input_ids
+        if not init_ids:
+            raise ValueError(f"init_word: '{cfg.init_word}' gives no token; use a plain word such as 'object'")
+        tok.add_tokens([cfg.trigger])
+        emb = _token_embedding(enc)
+        init = emb.token_embedding.weight[init_ids].mean(dim=0, keepdim=True)  # several pieces: their mean
+        emb.token_embedding = NewTokenEmbedding(emb.token_embedding, init)
+        mods[name] = emb.token_embedding
+    return Trainable(mods, trains_text_encoder=True, extra={"ti": True})
+
+
 def _freeze(pipe) -> None:
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
@@ -72,7 +123,9 @@ def setup(cfg: TrainConfig, pipe) -> Trainable:
                                            target_modules=TEXT_LORA_MODULES))
                 mods[name] = enc
         return Trainable(mods, cfg.train_text_encoder, lora=True)
-    raise ValueError(f"method: '{cfg.method}' is not available yet in this version; use lora, dreambooth or full")
+    if method == Method.TEXTUAL_INVERSION:
+        return _setup_textual_inversion(cfg, pipe)
+    raise ValueError(f"method: unknown '{cfg.method}'")
 
 
 def lora_state_dicts(t: Trainable) -> dict[str, dict[str, torch.Tensor]]:
@@ -101,6 +154,23 @@ def export_lora(t: Trainable, pipe, out: Path, alpha: float) -> list[Path]:
     save_file(kohya, str(kohya_path), metadata={"ss_network_dim": str(t.modules["unet"].peft_config["default"].r),
                                                 "ss_network_alpha": str(alpha), "ss_network_module": "networks.lora"})
     return [out / "pytorch_lora_weights.safetensors", kohya_path]
+
+
+def export_textual_inversion(t: Trainable, trigger: str, out: Path) -> list[Path]:
+    """learned_embeds.safetensors (diffusers: {token: vector}) and <token>.safetensors (A1111 embedding format)."""
+    from safetensors.torch import save_file
+
+    vectors = {name: mod.new.detach().float().contiguous() for name, mod in t.modules.items()}  # (1, dim) each
+    diffusers_path = out / "learned_embeds.safetensors"
+    save_file({trigger: vectors["text_encoder"][0]}, str(diffusers_path))
+    if "text_encoder_2" in vectors:  # A1111's SDXL embeddings name the two encoders
+        a1111 = {"clip_l": vectors["text_encoder"], "clip_g": vectors["text_encoder_2"]}
+    else:
+        a1111 = {"emb_params": vectors["text_encoder"]}
+    safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in trigger).strip("_") or "embedding"
+    a1111_path = out / f"{safe_name}.safetensors"
+    save_file(a1111, str(a1111_path))
+    return [diffusers_path, a1111_path]
 
 
 def export_full(pipe, out: Path) -> list[Path]:
