@@ -255,3 +255,38 @@ def _generate_prompt(pipe, prompt):
 def test_textual_inversion_refuses_an_existing_word(tiny_model_dirs, data_dir, tmp_path):
     with pytest.raises(ValueError, match="already a word"):
         train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="textual-inversion", trigger="red"))
+
+
+def test_dreambooth_with_prior_preservation(tiny_model_dirs, data_dir, tmp_path):
+    from sd_demo.infotext import read_png
+
+    cfg = config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="dreambooth", trigger="sks", steps=3,
+                 class_prompt="a square", num_class_images=3, prior_loss_weight=1.0, caption_dropout=0.0)
+    with_prior = train(cfg)
+    class_images = sorted((tmp_path / "class_images").glob("*.png"))
+    assert len(class_images) == 3 and read_png(class_images[0]).prompt == "a square"
+    assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    no_prior = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path / "np", method="dreambooth", trigger="sks",
+                            steps=3, caption_dropout=0.0))
+    # Same instance batches and noise; the prior term adds the class-image loss on top.
+    assert with_prior.losses[0] > no_prior.losses[0]
+
+
+def test_full_finetune_exports_a_loadable_model(tiny_model_dirs, data_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="full", steps=2, lr=1e-3))
+    tuned = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None)
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd15"], safety_checker=None)
+    diffs = [(a - b).abs().max().item() for a, b in zip(tuned.unet.parameters(), base.unet.parameters())]
+    assert max(diffs) > 0
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "a red square", "--steps", "2",
+                 "--out", str(tmp_path / "img.png")]) == 0
+
+
+def test_dreambooth_needs_a_trigger_and_prior_needs_a_class_prompt(tiny_model_dirs, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="DreamBooth needs --trigger"):
+        train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="dreambooth"))
+    with pytest.raises(ValueError, match="needs --class-prompt"):
+        train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="dreambooth", trigger="sks",
+                     num_class_images=2))

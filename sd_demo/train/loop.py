@@ -171,9 +171,50 @@ def _export(cfg: TrainConfig, trainable, pipe, out: Path) -> list[Path]:
     method = Method(cfg.method)
     if trainable.lora:
         return methods.export_lora(trainable, pipe, out, cfg.alpha)
-    if method == Method.FULL:
+    if method == Method.FULL or cfg.dreambooth_full:
         return methods.export_full(pipe, out)
     return methods.export_textual_inversion(trainable, cfg.trigger, out)
+
+
+@dataclass
+class Stream:
+    """One source of training batches: the instance images, or DreamBooth's class images (prior preservation)."""
+
+    dataset: TrainDataset
+    latents: dict
+    sampler: BucketBatchSampler
+    weight: float = 1.0
+
+    def __post_init__(self):
+        self.batches = Batches(self.sampler)
+
+
+def make_stream(cfg: TrainConfig, pipe, path: str, prompt: str | None, trigger: str | None, seed: int,
+                weight: float = 1.0) -> tuple[Stream, object]:
+    dcfg = DataConfig(path=path, resolution=cfg.resolution, instance_prompt=prompt, trigger=trigger,
+                      center_crop=cfg.center_crop, random_flip=cfg.random_flip, buckets=cfg.buckets)
+    report = scan_dataset(dcfg)
+    dataset = TrainDataset(report, dcfg, seed=seed)
+    stream = Stream(dataset, cache_latents(pipe.vae, dataset, cfg.random_flip),
+                    BucketBatchSampler(dataset, cfg.batch, seed=seed), weight)
+    return stream, report
+
+
+def make_class_images(cfg: TrainConfig, model, out: Path) -> Path:
+    """DreamBooth prior preservation: class images from the base model (before any adapter), kept in out/."""
+    from ..generate import GenerationParams, generate
+    from ..infotext import write_png
+
+    folder = out / "class_images"
+    folder.mkdir(exist_ok=True)
+    have = len(list(folder.glob("*.png")))
+    for i in range(have, cfg.num_class_images):  # resumable: existing images are kept
+        params = GenerationParams(prompt=cfg.class_prompt, steps=20, seed=cfg.seed + i, width=cfg.resolution,
+                                  height=cfg.resolution)
+        r = generate(model, params, preview_every=0)
+        write_png(r.images[0], folder / f"class-{i:04d}.png", r.infotexts[0])
+        (folder / f"class-{i:04d}.txt").write_text(cfg.class_prompt)
+    return folder
 
 
 def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None,
@@ -188,35 +229,28 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model)
     pipe, sdxl = model.pipe, model.family == "sdxl"
-    dcfg = DataConfig(path=cfg.data, resolution=cfg.resolution, instance_prompt=cfg.instance_prompt,
-                      trigger=cfg.trigger, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
-                      buckets=cfg.buckets)
-    report = scan_dataset(dcfg)
-    dataset = TrainDataset(report, dcfg, seed=cfg.seed)
-    latents = cache_latents(pipe.vae, dataset, cfg.random_flip)
+    streams, report = [], None
+    instance, report = make_stream(cfg, pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
+    streams.append(instance)
+    if cfg.method == Method.DREAMBOOTH.value and cfg.num_class_images:
+        class_dir = make_class_images(cfg, model, out)
+        streams.append(make_stream(cfg, pipe, str(class_dir), cfg.class_prompt, None, cfg.seed + 1,
+                                   cfg.prior_loss_weight)[0])
     trainable = methods.setup(cfg, pipe)
     text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=sdxl)
     optimizer = make_optimizer(trainable.params(), cfg, model.device)
     lr_sched = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.steps)
     noise_sched = DDPMScheduler.from_config(model.base_scheduler_config)
-    sampler = BucketBatchSampler(dataset, cfg.batch, seed=cfg.seed)
-    start, losses = 0, []
-    if cfg.resume:
-        weights, opt_state, meta = ckpt.load_checkpoint(ckpt.resolve_resume(cfg.resume, out))
-        trainable.load_state(weights)
-        optimizer.load_state_dict(opt_state)
-        lr_sched.load_state_dict(meta["lr_scheduler"])
-        sampler.load_state_dict(meta["sampler"])
-        start, losses = meta["step"], meta.get("losses", [])
+    start, losses = _restore(cfg, out, trainable, optimizer, lr_sched, streams)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device == "cpu")
     unet, optimizer, lr_sched = accelerator.prepare(pipe.unet, optimizer, lr_sched)
     unet.train()
-    batches, t0, samples = Batches(sampler), time.perf_counter(), []
+    t0 = time.perf_counter()
     for step in range(start, cfg.steps):
-        loss = _train_step(cfg, step, unet, batches, dataset, latents, text, noise_sched, accelerator, sdxl)
+        loss = _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl)
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
@@ -232,17 +266,40 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         stopping = cancel is not None and cancel.is_set() and done < cfg.steps
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping:
             ckpt.save_checkpoint(out / "checkpoints", done, trainable.state(), optimizer, lr_sched,
-                                 {"sampler": sampler.state_dict(), "losses": losses}, cfg.keep_checkpoints)
+                                 {"samplers": [s.sampler.state_dict() for s in streams], "losses": losses},
+                                 cfg.keep_checkpoints)
         if stopping:
             return TrainResult(out, [], done, loss, losses, ["stopped: resume with --resume latest"])
-    files = _export(cfg, trainable, pipe, out)
+    files = _finish(cfg, model, trainable, unet, out, losses)
+    return TrainResult(out, files, cfg.steps, losses[-1] if losses else None, losses, report_warnings(report))
+
+
+def _restore(cfg, out, trainable, optimizer, lr_sched, streams) -> tuple[int, list[float]]:
+    """Load --resume state into everything that carries state; (0, []) for a fresh run."""
+    if not cfg.resume:
+        return 0, []
+    weights, opt_state, meta = ckpt.load_checkpoint(ckpt.resolve_resume(cfg.resume, out))
+    trainable.load_state(weights)
+    optimizer.load_state_dict(opt_state)
+    lr_sched.load_state_dict(meta["lr_scheduler"])
+    if len(meta["samplers"]) != len(streams):
+        raise ValueError("resume: the checkpoint was made with other data streams (prior preservation on/off)")
+    for stream, state in zip(streams, meta["samplers"]):
+        stream.sampler.load_state_dict(state)
+    return meta["step"], meta.get("losses", [])
+
+
+def _finish(cfg, model, trainable, unet, out: Path, losses: list[float]) -> list[Path]:
+    """Export weights, sample the validation prompt, write the model card."""
+    files = _export(cfg, trainable, model.pipe, out)
+    samples = []
     if cfg.validation_prompt:
         (out / "samples").mkdir(exist_ok=True)
         for i, img in enumerate(_validation_images(model, cfg, unet)):
             samples.append(out / "samples" / f"sample-{i}.png")
             img.save(samples[-1])
     files.append(write_card(out, cfg, model.ref.label, samples, losses[-1] if losses else None))
-    return TrainResult(out, files, cfg.steps, losses[-1] if losses else None, losses, list(report_warnings(report)))
+    return files
 
 
 def report_warnings(report) -> list[str]:
@@ -250,27 +307,33 @@ def report_warnings(report) -> list[str]:
     return skipped + [f"upscaled {name} (smaller than the resolution)" for name in report.upscaled]
 
 
-def _train_step(cfg, step, unet, batches, dataset, latents, text, noise_sched, accelerator, sdxl) -> float:
+def _stream_loss(cfg, g, unet, stream: Stream, text, noise_sched, accelerator, sdxl) -> torch.Tensor:
+    """Noise-prediction loss on one batch of one stream; all randomness from the step generator ``g``."""
+    idx = next(stream.batches)
+    flips = [bool(torch.rand(1, generator=g) < 0.5) if cfg.random_flip else False for _ in idx]
+    lat = torch.stack([stream.latents[(i, f)] for i, f in zip(idx, flips)]).to(accelerator.device)  # (B,4,h,w)
+    captions = [("" if cfg.caption_dropout and torch.rand(1, generator=g).item() < cfg.caption_dropout
+                 else stream.dataset.examples[i].caption) for i in idx]
+    noise = torch.randn(lat.shape, generator=g).to(lat)
+    if cfg.noise_offset:  # shifts each channel's mean: lets the model learn very dark / bright images
+        noise = noise + cfg.noise_offset * torch.randn(lat.shape[:2] + (1, 1), generator=g).to(lat)
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(lat.device)
+    noisy = noise_sched.add_noise(lat, noise, t)
+    cond = text(captions)
+    if sdxl:
+        cond.update(sdxl_added_cond(cond, stream.dataset.bucket(idx[0]), lat.dtype))
+    with accelerator.autocast():
+        pred = unet(noisy, t, **cond).sample
+    return loss_fn(pred, noise, lat, t, noise_sched, cfg.snr_gamma)
+
+
+def _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl) -> float:
     """One optimizer step's forward/backward passes (grad_accum micro-batches); returns the mean loss."""
     g = step_generator(cfg.seed, step)
     total = 0.0
     for _ in range(cfg.grad_accum):
-        idx = next(batches)
-        flips = [bool(torch.rand(1, generator=g) < 0.5) if cfg.random_flip else False for _ in idx]
-        lat = torch.stack([latents[(i, f)] for i, f in zip(idx, flips)]).to(accelerator.device)  # (B, 4, h, w)
-        captions = [("" if cfg.caption_dropout and torch.rand(1, generator=g).item() < cfg.caption_dropout
-                     else dataset.examples[i].caption) for i in idx]
-        noise = torch.randn(lat.shape, generator=g).to(lat)
-        if cfg.noise_offset:  # shifts each channel's mean: lets the model learn very dark / bright images
-            noise = noise + cfg.noise_offset * torch.randn(lat.shape[:2] + (1, 1), generator=g).to(lat)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(lat.device)
-        noisy = noise_sched.add_noise(lat, noise, t)
-        cond = text(captions)
-        if sdxl:
-            cond.update(sdxl_added_cond(cond, dataset.bucket(idx[0]), lat.dtype))
-        with accelerator.autocast():
-            pred = unet(noisy, t, **cond).sample
-        loss = loss_fn(pred, noise, lat, t, noise_sched, cfg.snr_gamma) / cfg.grad_accum
+        loss = sum(s.weight * _stream_loss(cfg, g, unet, s, text, noise_sched, accelerator, sdxl) for s in streams)
+        loss = loss / cfg.grad_accum
         if loss.requires_grad:  # textual inversion: a batch whose captions all dropped the token has no gradient
             accelerator.backward(loss)
         total += loss.item()

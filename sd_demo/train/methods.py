@@ -103,7 +103,7 @@ def setup(cfg: TrainConfig, pipe) -> Trainable:
     _freeze(pipe)
     method = Method(cfg.method)
     encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
-    if method == Method.FULL:
+    if method == Method.FULL or (method == Method.DREAMBOOTH and cfg.dreambooth_full):
         pipe.unet.requires_grad_(True)
         mods = {"unet": pipe.unet}
         if cfg.train_text_encoder:
