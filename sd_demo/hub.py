@@ -149,3 +149,21 @@ def cached_pipelines() -> list[str]:
         if any((Path(rev.snapshot_path) / "model_index.json").exists() for rev in repo.revisions):
             out.append(repo.repo_id)
     return sorted(out)
+
+
+def push_folder(repo_id: str, folder: Path, *, private: bool = False, ignore: tuple[str, ...] = ()) -> str:
+    """Create (or reuse) a model repo and upload a training result; the token comes from HF_TOKEN / the login.
+
+    The token is never passed around or logged by us: huggingface_hub reads it itself.
+    """
+    if is_offline():
+        raise ValueError("push: the Hub is offline (HF_HUB_OFFLINE is set); push later with network")
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=list(ignore),
+                          commit_message="Upload from sd_demo")
+    except Exception as exc:  # auth, permissions, network: one line, never the token
+        raise ValueError(f"push: could not upload to '{repo_id}': {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    return str(url)

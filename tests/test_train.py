@@ -290,3 +290,32 @@ def test_dreambooth_needs_a_trigger_and_prior_needs_a_class_prompt(tiny_model_di
     with pytest.raises(ValueError, match="needs --class-prompt"):
         train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="dreambooth", trigger="sks",
                      num_class_images=2))
+
+
+def test_push_to_hub_uploads_the_result_without_working_files(tiny_model_dirs, data_dir, tmp_path, monkeypatch):
+    from sd_demo import hub
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create", repo_id, kw))
+            return f"https://hub.example/{repo_id}"
+
+        def upload_folder(self, **kw):
+            calls.append(("upload", kw["repo_id"], kw))
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hub, "is_offline", lambda: False)
+    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=1, checkpoint_every=1,
+                 push_to_hub="me/red-square-lora"))
+    (create, upload) = calls
+    assert create[1] == "me/red-square-lora" and create[2]["exist_ok"]
+    assert upload[2]["folder_path"] == str(tmp_path) and "checkpoints/*" in upload[2]["ignore_patterns"]
+
+
+def test_push_offline_is_a_clear_error(tmp_path):
+    from sd_demo import hub
+
+    with pytest.raises(ValueError, match="push: the Hub is offline"):
+        hub.push_folder("me/x", tmp_path)

@@ -299,6 +299,11 @@ def _finish(cfg, model, trainable, unet, out: Path, losses: list[float]) -> list
             samples.append(out / "samples" / f"sample-{i}.png")
             img.save(samples[-1])
     files.append(write_card(out, cfg, model.ref.label, samples, losses[-1] if losses else None))
+    if cfg.push_to_hub:
+        from ..hub import push_folder
+
+        # Checkpoints and generated class images are working files, not part of the published model.
+        push_folder(cfg.push_to_hub, out, ignore=("checkpoints/*", "class_images/*", ".tmp-*"))
     return files
 
 
