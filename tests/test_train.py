@@ -319,3 +319,18 @@ def test_push_offline_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="push: the Hub is offline"):
         hub.push_folder("me/x", tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["sd2v", "sdxl"])
+def test_lora_trains_on_v_prediction_and_sdxl(tiny_model_dirs, data_dir, tmp_path, kind):
+    """SD 2.x v-prediction (loss target v) and SDXL (two text encoders, pooled + time ids) train and export."""
+    from diffusers import DiffusionPipeline
+
+    result = train(config(tiny_model_dirs[kind], data_dir, tmp_path, steps=2, train_text_encoder=True))
+    assert all(np.isfinite(result.losses))
+    pipe = DiffusionPipeline.from_pretrained(tiny_model_dirs[kind])
+    pipe.load_lora_weights(str(tmp_path))
+    names = {k for k in load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))}
+    assert any(k.startswith("unet.") for k in names) and any(k.startswith("text_encoder.") for k in names)
+    if kind == "sdxl":
+        assert any(k.startswith("text_encoder_2.") for k in names)
