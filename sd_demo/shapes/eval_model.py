@@ -56,6 +56,9 @@ def run_eval(model, prompts: list[str], seeds: list[int], *, steps: int = 20, gu
 
     pairs = [(p, s) for p in prompts for s in seeds]
     images = []
+    # One untimed warm-up image: the first call builds the sampler and primes PyTorch's kernels.
+    generate(model, GenerationParams(prompt=prompts[0], steps=steps, seed=0, guidance_scale=guidance,
+                                     sampler=sampler, schedule=schedule))
     t0 = time.perf_counter()
     for prompt, seed in pairs:
         params = GenerationParams(prompt=prompt, steps=steps, seed=seed, guidance_scale=guidance,
@@ -92,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=[7.0], help="one table per value")
     parser.add_argument("--sampler", nargs="+", default=["DPM++ 2M"], help="one table per sampler")
     parser.add_argument("--save", type=Path, help="write the images (and failures' summaries) here")
+    parser.add_argument("--training-md", type=Path,
+                        help="write this TRAINING.md (architecture, sizes, training info, these tables)")
+    parser.add_argument("--train-command", default="python -m sd_demo.shapes train --out DIR",
+                        help="the command that trained the model, for --training-md")
     args = parser.parse_args(argv)
 
     import torch
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model)
     prompts = heldout_prompts(args.prompts, args.prompt_seed)
     seeds = list(range(args.seeds))
+    runs = []
     for sampler in args.sampler:
         for guidance in args.guidance:
             run = run_eval(model, prompts, seeds, steps=args.steps, guidance=guidance, sampler=sampler)
@@ -110,8 +118,125 @@ def main(argv: list[str] | None = None) -> None:
                   f"{model.default_size} px)\n")
             print(format_table(run.report))
             print("\nbar: " + bar_verdict(run.report), flush=True)
+            runs.append((sampler, guidance, run))
             if args.save:
                 save_run(args.save / f"{sampler.replace(' ', '_')}_cfg{guidance:g}", run)
+    if args.training_md:
+        import sys
+
+        command = "python -m sd_demo.shapes eval " + " ".join(_quote(a) for a in (sys.argv[2:] if argv is None
+                                                                                  else argv))
+        args.training_md.write_text(training_md(model, runs, args, command))
+        print(f"wrote {args.training_md}")
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if " " in arg else arg
+
+
+def component_rows(folder: Path) -> list[str]:
+    """Markdown rows: component, class, parameters, MB on disk."""
+    import json
+
+    from safetensors import safe_open
+
+    rows = []
+    index = json.loads((folder / "model_index.json").read_text())
+    for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler"):
+        sub = folder / name
+        files = [p for p in sub.rglob("*") if p.is_file()]
+        params = 0
+        for f in files:
+            if f.suffix == ".safetensors":
+                with safe_open(f, "pt") as st:
+                    params += sum(int(np.prod(st.get_slice(k).get_shape())) for k in st.keys())
+        mb = sum(p.stat().st_size for p in files) / 2**20
+        rows.append(f"| {name} | {index[name][1]} | {params / 1e6:.2f} M | {mb:.2f} MB |")
+    total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+    rows.append(f"| **all files** | | | **{total:.2f} MB** |")
+    return rows
+
+
+def training_md(model, runs, args, eval_command: str) -> str:
+    """TRAINING.md for the model folder: architecture, sizes, how it was trained, held-out tables."""
+    import json
+
+    folder = Path(model.folder)
+    info_path = folder / "train_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    cfg = info.get("config", {})
+    pipe = model.pipe
+    lines = [
+        "# shapes-sd: the embedded model",
+        "",
+        "A Stable Diffusion model of the real architecture at small scale, trained from nothing by this project's "
+        "code on the shapes world (`sd_demo.shapes`): one coloured shape (circle, square, triangle, star, cross; "
+        "small or large; 9 positions) on a plain background, 8 colours. It runs offline on a 2-core CPU and lets "
+        "tests check that images obey their prompts.",
+        "",
+        "## Components",
+        "",
+        "| component | class | parameters | on disk |",
+        "|---|---|---:|---:|",
+        *component_rows(folder),
+        "",
+        f"- VAE: AutoencoderKL, block_out_channels {list(pipe.vae.config.block_out_channels)}, layers_per_block "
+        f"{pipe.vae.config.layers_per_block}, {pipe.vae.config.latent_channels} latent channels, downsampling "
+        f"{2 ** (len(pipe.vae.config.block_out_channels) - 1)} (128 px <-> 16x16x4), no mid-block attention, "
+        f"scaling_factor {pipe.vae.config.scaling_factor:.4f} (1 / std of the training latents).",
+        f"- Text encoder: CLIPTextModel, hidden {pipe.text_encoder.config.hidden_size}, "
+        f"{pipe.text_encoder.config.num_hidden_layers} layers, {pipe.text_encoder.config.num_attention_heads} heads, "
+        f"77 positions; tokenizer: CLIPTokenizer (byte-level BPE in CLIP's format, {len(pipe.tokenizer)} tokens "
+        "built from the caption language, see `sd_demo/shapes/tokenizer.py`; unknown words fall back to bytes).",
+        f"- UNet: UNet2DConditionModel, block_out_channels {list(pipe.unet.config.block_out_channels)}, "
+        f"layers_per_block {pipe.unet.config.layers_per_block}, down {list(pipe.unet.config.down_block_types)}, "
+        f"cross_attention_dim {pipe.unet.config.cross_attention_dim}, sample_size {pipe.unet.config.sample_size} "
+        "(128 px).",
+        f"- Scheduler: {type(pipe.scheduler).__name__} from SD's schedule (scaled_linear 0.00085..0.012, 1000 "
+        f"steps, {pipe.scheduler.config.prediction_type}, timestep_spacing "
+        f"{pipe.scheduler.config.timestep_spacing}); the app's samplers derive from it.",
+        "- Weights: safetensors, stored in fp16 (the app loads them as fp32 on CPU).",
+        "",
+        "## Training",
+        "",
+        "```",
+        info.get("command", "python -m sd_demo.shapes train --out DIR"),
+        "```",
+        "",
+    ]
+    if info:
+        lines += [
+            f"- Wall time: {info.get('minutes', 0):.1f} min on "
+            f"{'the 2-core CPU (shared with other jobs)' if cfg.get('device', 'cpu') == 'cpu' else cfg['device']}, "
+            f"{info.get('unet_steps')} UNet steps of batch {cfg.get('batch')}, final loss "
+            f"{info.get('final_loss', 0):.4f}; VAE: {info.get('vae_steps')} steps, reconstruction error "
+            f"{info.get('vae_error', float('nan')):.2f} / 255.",
+            f"- Config: `{json.dumps(cfg)}`",
+            "",
+        ]
+    lines += [
+        "## Held-out evaluation",
+        "",
+        "Prompts name (shape, colour, background) triples that never appear in training; half canonical "
+        "(\"a red circle on a green background\"), half with size and position (\"a small red circle on the left "
+        "on a green background\"). Judged by the pixel evaluator (`sd_demo.shapes.evaluate`). Command:",
+        "",
+        "```",
+        eval_command,
+        "```",
+        "",
+    ]
+    for sampler, guidance, run in runs:
+        lines += [
+            f"### {args.prompts} prompts x {args.seeds} seeds, {args.steps} steps, {sampler}, CFG {guidance:g}: "
+            f"{run.seconds_per_image:.2f} s/image",
+            "",
+            format_table(run.report),
+            "",
+            "Bar: " + bar_verdict(run.report),
+            "",
+        ]
+    return "\n".join(lines) + "\n"
 
 
 def save_run(out: Path, run: EvalRun) -> None:

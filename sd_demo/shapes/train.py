@@ -28,15 +28,13 @@ import torch.nn.functional as F
 from .captions import random_caption
 from .world import Scene, render, sample_scenes
 
-# SD's noise schedule (scaled_linear betas 0.00085..0.012 over 1000 steps), rescaled to zero terminal SNR, with
-# v-prediction and "trailing" timesteps (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
-# Flawed"; the SD 2.x v-models' settings plus the rescale). Why: with SD 1.x's schedule x_T keeps 7 % of the
-# image, the model learns to read the object's position from that residue instead of the prompt, and at
-# inference (pure noise) it places objects at random: 6 % position accuracy in a test run. Every sampler of
-# the app derives its timesteps from this config (diffusers handles rescale_betas_zero_snr in its schedulers).
+# SD 1.x noise schedule (scaled_linear betas 0.00085..0.012 over 1000 steps, epsilon prediction), with
+# "trailing" timesteps so a sampler's first step is t = 999, where it starts from pure noise.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="v_prediction", rescale_betas_zero_snr=True, steps_offset=1,
-                timestep_spacing="trailing")
+                prediction_type="epsilon", steps_offset=1, timestep_spacing="trailing")
+# Tried and dropped (see TRAINING.md): zero terminal SNR + v-prediction (Lin et al. 2023). At equal steps it drew
+# worse shapes (often two objects) and did not fix position, which needed a deeper UNet instead.
+ZERO_SNR_SCHEDULE = dict(SCHEDULE, prediction_type="v_prediction", rescale_betas_zero_snr=True)
 IMAGE_SIZE = 128
 LATENT_SIZE = IMAGE_SIZE // 8  # (B, 4, 16, 16)
 
@@ -46,9 +44,9 @@ class TrainConfig:
     out: Path
     seed: int = 0
     scenes: int = 12000  # rendered training scenes (train split), encoded to latents once
-    max_minutes: float = 78.0  # whole run, export included; the UNet stage gets what the VAE stage leaves
+    max_minutes: float = 70.0  # whole run, export included; the UNet stage gets what the VAE stage leaves
     # --- stage A: VAE
-    vae_minutes: float = 9.0
+    vae_minutes: float = 8.0
     vae_steps: int = 20000  # upper bound; the time budget usually ends the stage first
     vae_batch: int = 16
     vae_crop: int = 48  # px; crops are centred near the object most of the time (edges are what is hard)
@@ -58,21 +56,24 @@ class TrainConfig:
     # --- stage B: text encoder + UNet
     unet_steps: int = 0  # 0: train until the time budget (--max-minutes) is spent
     batch: int = 32
-    lr: float = 6e-4
+    lr: float = 8e-4
     warmup: int = 100
     cond_drop: float = 0.1  # share of empty captions, so classifier-free guidance works
     ema: float = 0.998
     snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023): ~3x faster convergence
-    offset_noise: float = 0.0  # per-channel noise offset (not needed with a zero-terminal-SNR schedule)
+    offset_noise: float = 0.05  # per-channel noise offset: the model cannot read the background from x_T's mean
     checkpoint_minutes: float = 10.0
     log_every: int = 20
     # architecture
     vae_channels: tuple = (16, 32, 64, 64)
-    unet_channels: tuple = (64, 128, 192)
+    # 4 levels (16, 8, 4, 2 px latents): the 2x2 level is where "top left" has a place; 3 levels (64, 128, 192)
+    # learned shapes and colours but put objects anywhere (6 % position). 32 channels at 16 px halve the CPU cost.
+    unet_channels: tuple = (32, 64, 128, 128)
     unet_layers: int = 1
     text_hidden: int = 128
     text_layers: int = 3
     threads: int = 2
+    zero_snr: bool = False  # train on ZERO_SNR_SCHEDULE (v-prediction) instead of SCHEDULE
     device: str = "cpu"  # the recipe targets the 2-core CPU; 'cuda' runs the same stages on a GPU
     start: float = field(default_factory=time.time, repr=False)
 
@@ -135,14 +136,18 @@ def make_unet(cfg: TrainConfig):
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers,
-        cross_attention_dim=cfg.text_hidden, attention_head_dim=8, norm_num_groups=32,
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=8, norm_num_groups=16,
     )
 
 
-def make_noise_scheduler():
+def schedule_config(cfg: TrainConfig) -> dict:
+    return dict(ZERO_SNR_SCHEDULE if cfg.zero_snr else SCHEDULE)
+
+
+def make_noise_scheduler(cfg: TrainConfig):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**{k: v for k, v in SCHEDULE.items()})
+    return DDPMScheduler(**schedule_config(cfg))
 
 
 # --- stage A: VAE ----------------------------------------------------------------------------------------------
@@ -194,6 +199,7 @@ def train_vae(cfg: TrainConfig, scenes, images: np.ndarray):
         if step % cfg.log_every == 0:
             log(cfg, f"vae step {step} loss {avg:.4f} {(time.time() - t0) / step:.2f} s/step")
     log(cfg, f"vae done: {step} steps, loss {avg:.4f}")
+    vae.train_steps = step
     return vae.eval()
 
 
@@ -239,12 +245,13 @@ class Captioner:
 
 
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min(SNR + 1, gamma + 1) / (SNR + 1) per sample: min-SNR weighting (Hang et al. 2023) for v-prediction that
-    down-weights only the easy low-noise steps; the pure-noise end (SNR 0), where the prompt alone must decide
-    the layout, keeps weight 1."""
+    """Min-SNR loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon prediction; for v-prediction
+    min(SNR + 1, gamma + 1) / (SNR + 1), which keeps weight 1 at the pure-noise end (SNR 0)."""
     ac = scheduler.alphas_cumprod.to(t.device)[t]
     snr = ac / (1 - ac).clamp(min=1e-8)
-    return torch.clamp(snr + 1, max=gamma + 1) / (snr + 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        return torch.clamp(snr + 1, max=gamma + 1) / (snr + 1)
+    return torch.clamp(snr, max=gamma) / snr
 
 
 def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, export_dir: Path):
@@ -254,7 +261,7 @@ def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, 
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    sched = make_noise_scheduler()
+    sched = make_noise_scheduler(cfg)
     captions = Captioner(scenes, tokenizer, cfg.seed + 2, cfg.cond_drop)
     rng = np.random.default_rng(cfg.seed + 3)
     gen = torch.Generator().manual_seed(cfg.seed + 4)
@@ -295,7 +302,8 @@ def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, 
             log(cfg, f"unet step {step} loss {avg:.4f} lr {cfg.lr * lr_scale:.2e} {spent / step:.2f} s/step "
                      f"progress {progress:.1%} eta {eta:.1f} min")
         if time.time() - last_ckpt > cfg.checkpoint_minutes * 60 and progress < 1.0:
-            export(export_dir / "checkpoint", vae, ema_te, tokenizer, ema_unet, {"step": step, "loss": avg})
+            export(export_dir / "checkpoint", vae, ema_te, tokenizer, ema_unet, {"step": step, "loss": avg},
+                   schedule=schedule_config(cfg))
             last_ckpt = time.time()
             log(cfg, f"checkpoint at step {step} -> {export_dir / 'checkpoint'}")
     return ema_unet, ema_te, {"unet_steps": step, "final_loss": avg}
@@ -309,7 +317,8 @@ def _ema_update(ema, model, decay: float) -> None:
 
 # --- export ----------------------------------------------------------------------------------------------------
 
-def export(out: Path, vae, text_encoder, tokenizer, unet, info: dict, fp16: bool = True) -> Path:
+def export(out: Path, vae, text_encoder, tokenizer, unet, info: dict, fp16: bool = True,
+           schedule: dict | None = None) -> Path:
     """Save a diffusers folder (safetensors; fp16 by default to keep the model small) atomically: written to a
     temporary sibling, then renamed over ``out``."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -317,7 +326,7 @@ def export(out: Path, vae, text_encoder, tokenizer, unet, info: dict, fp16: bool
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2)
+    scheduler = DPMSolverMultistepScheduler(**(schedule or SCHEDULE), algorithm_type="dpmsolver++", solver_order=2)
     dtype = torch.float16 if fp16 else torch.float32
     pipe = StableDiffusionPipeline(
         vae=copy.deepcopy(vae).to("cpu", dtype), text_encoder=copy.deepcopy(text_encoder).to("cpu", dtype),
@@ -344,6 +353,12 @@ def folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 
 
+def command_line() -> str:
+    import sys
+
+    return "python -m sd_demo.shapes " + " ".join(sys.argv[1:])
+
+
 # --- the whole recipe ------------------------------------------------------------------------------------------
 
 def run(cfg: TrainConfig) -> Path:
@@ -360,12 +375,14 @@ def run(cfg: TrainConfig) -> Path:
     tokenizer = make_tokenizer(work / "tokenizer")
     log(cfg, f"tokenizer: {len(tokenizer)} tokens")
     vae = train_vae(cfg, scenes, images)
-    log(cfg, f"vae reconstruction error: {vae_check(vae, images[-32:], cfg.device):.2f} / 255 (mean abs)")
+    vae_error = vae_check(vae, images[-32:], cfg.device)
+    log(cfg, f"vae reconstruction error: {vae_error:.2f} / 255 (mean abs)")
     latents = encode_latents(cfg, vae, images)
     del images
     unet, te, info = train_unet(cfg, scenes, latents, tokenizer, vae, out)
-    info.update(config={k: v for k, v in asdict(cfg).items() if k != "start"}, minutes=cfg.minutes())
-    final = export(out / "model", vae, te, tokenizer, unet, info)
+    info.update(config={k: v for k, v in asdict(cfg).items() if k != "start"}, minutes=cfg.minutes(),
+                vae_steps=vae.train_steps, vae_error=vae_error, command=command_line())
+    final = export(out / "model", vae, te, tokenizer, unet, info, schedule=schedule_config(cfg))
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     log(cfg, f"model saved to {final} ({folder_mb(final):.1f} MB) after {cfg.minutes():.1f} min")
     return final
@@ -373,6 +390,7 @@ def run(cfg: TrainConfig) -> Path:
 
 def add_arguments(parser) -> None:
     """CLI flags generated from TrainConfig's fields (``--max-minutes``, ``--unet-steps``, ...)."""
+    import argparse
     from dataclasses import fields
 
     for f in fields(TrainConfig):
@@ -381,6 +399,8 @@ def add_arguments(parser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, tuple):
             parser.add_argument(flag, type=int, nargs="+", default=f.default)
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default)
     parser.add_argument("--out", type=Path, required=True, help="output folder (the model goes to OUT/model)")
