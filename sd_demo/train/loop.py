@@ -232,8 +232,12 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     streams, report = [], None
     instance, report = make_stream(cfg, pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
     streams.append(instance)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device == "cpu")
     if cfg.method == Method.DREAMBOOTH.value and cfg.num_class_images:
-        class_dir = make_class_images(cfg, model, out)
+        if accelerator.is_main_process:  # one process generates, the others wait and read the same files
+            make_class_images(cfg, model, out)
+        accelerator.wait_for_everyone()
+        class_dir = out / "class_images"
         streams.append(make_stream(cfg, pipe, str(class_dir), cfg.class_prompt, None, cfg.seed + 1,
                                    cfg.prior_loss_weight)[0])
     trainable = methods.setup(cfg, pipe)
@@ -245,7 +249,6 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     start, losses = _restore(cfg, out, trainable, optimizer, lr_sched, streams)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device == "cpu")
     unet, optimizer, lr_sched = accelerator.prepare(pipe.unet, optimizer, lr_sched)
     unet.train()
     t0 = time.perf_counter()
@@ -264,13 +267,14 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
             on_event(TrainEvent(done, cfg.steps, loss, lr_sched.get_last_lr()[0], rate, rate * (cfg.steps - done),
                                 images))
         stopping = cancel is not None and cancel.is_set() and done < cfg.steps
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping:
+        if ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping) and accelerator.is_main_process:
             ckpt.save_checkpoint(out / "checkpoints", done, trainable.state(), optimizer, lr_sched,
                                  {"samplers": [s.sampler.state_dict() for s in streams], "losses": losses},
                                  cfg.keep_checkpoints)
         if stopping:
             return TrainResult(out, [], done, loss, losses, ["stopped: resume with --resume latest"])
-    files = _finish(cfg, model, trainable, unet, out, losses)
+    accelerator.wait_for_everyone()
+    files = _finish(cfg, model, trainable, unet, out, losses) if accelerator.is_main_process else []
     return TrainResult(out, files, cfg.steps, losses[-1] if losses else None, losses, report_warnings(report))
 
 
@@ -313,8 +317,13 @@ def report_warnings(report) -> list[str]:
 
 
 def _stream_loss(cfg, g, unet, stream: Stream, text, noise_sched, accelerator, sdxl) -> torch.Tensor:
-    """Noise-prediction loss on one batch of one stream; all randomness from the step generator ``g``."""
-    idx = next(stream.batches)
+    """Noise-prediction loss on one batch of one stream; all randomness from the step generator ``g``.
+
+    Under ``accelerate launch`` every process walks the same batch sequence and takes its own share (process r of
+    P trains the r-th of each P consecutive batches), so the data position stays identical across processes.
+    """
+    shares = [next(stream.batches) for _ in range(accelerator.num_processes)]
+    idx = shares[accelerator.process_index]
     flips = [bool(torch.rand(1, generator=g) < 0.5) if cfg.random_flip else False for _ in idx]
     lat = torch.stack([stream.latents[(i, f)] for i, f in zip(idx, flips)]).to(accelerator.device)  # (B,4,h,w)
     captions = [("" if cfg.caption_dropout and torch.rand(1, generator=g).item() < cfg.caption_dropout
@@ -334,7 +343,8 @@ def _stream_loss(cfg, g, unet, stream: Stream, text, noise_sched, accelerator, s
 
 def _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl) -> float:
     """One optimizer step's forward/backward passes (grad_accum micro-batches); returns the mean loss."""
-    g = step_generator(cfg.seed, step)
+    # Per-process noise under multi-GPU; with one process this is step_generator(seed, step).
+    g = step_generator(cfg.seed, step * accelerator.num_processes + accelerator.process_index)
     total = 0.0
     for _ in range(cfg.grad_accum):
         loss = sum(s.weight * _stream_loss(cfg, g, unet, s, text, noise_sched, accelerator, sdxl) for s in streams)
