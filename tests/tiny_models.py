@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from sd_demo.shapes.tokenizer import build_vocab_and_merges
+
 KINDS = ("sd15", "sd2v", "sdxl")
 
 # --------------------------------------------------------------------------------------------
@@ -42,70 +44,6 @@ TOKENIZER_WORDS = (
 )
 
 
-def _bytes_to_unicode() -> list[str]:
-    """CLIP/GPT-2 byte -> printable unicode table, in CLIP's vocabulary order.
-
-    Printable bytes keep their own character and come first; the remaining 68 bytes are mapped
-    to chr(256 + n). With this order "a</w>" gets id 320, the same id as in the real CLIP vocab.
-    """
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\N{INVERTED EXCLAMATION MARK}"), ord("\N{NOT SIGN}") + 1))
-        + list(range(ord("\N{REGISTERED SIGN}"), ord("\N{LATIN SMALL LETTER Y WITH DIAERESIS}") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Plain BPE: repeatedly merge the lowest-ranked adjacent pair (what `tokenizers` does)."""
-    symbols = list(symbols)
-    while len(symbols) > 1:
-        pairs = [(ranks.get(p, float("inf")), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
-        rank, i = min(pairs)
-        if rank == float("inf"):
-            break
-        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
-    return symbols
-
-
-def _build_vocab_and_merges(words) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocab laid out like CLIP's: 256 bytes, 256 bytes+</w>, merge results, then BOS/EOS last."""
-    alphabet = _bytes_to_unicode()
-    vocab: dict[str, int] = {}
-    for ch in alphabet:
-        vocab[ch] = len(vocab)
-    for ch in alphabet:
-        vocab[ch + "</w>"] = len(vocab)
-
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    for word in words:
-        # Words are ASCII lowercase here, so bytes == characters; the last symbol carries </w>.
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        # First apply the merges learned so far (they outrank new ones), then chain the leftover
-        # pieces left to right. New merges are ranked after all earlier ones, so they never change
-        # how earlier words tokenize - the same invariant a BPE trainer keeps.
-        symbols = _apply_merges(symbols, ranks)
-        while len(symbols) > 1:
-            pair = (symbols[0], symbols[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            merged = pair[0] + pair[1]
-            vocab.setdefault(merged, len(vocab))
-            symbols[0:2] = [merged]
-
-    vocab[BOS_TOKEN] = len(vocab)
-    vocab[EOS_TOKEN] = len(vocab)
-    return vocab, merges
-
-
 def make_clip_tokenizer(save_dir, words=TOKENIZER_WORDS, pad_token: str = EOS_TOKEN):
     """Write ``vocab.json``/``merges.txt`` for a tiny CLIP BPE, load it, ``save_pretrained`` it.
 
@@ -117,7 +55,7 @@ def make_clip_tokenizer(save_dir, words=TOKENIZER_WORDS, pad_token: str = EOS_TO
 
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _build_vocab_and_merges(words)
+    vocab, merges = build_vocab_and_merges(words)  # the project's CLIP-layout BPE builder
     vocab_file = save_dir / "vocab.json"
     merges_file = save_dir / "merges.txt"
     vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
