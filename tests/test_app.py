@@ -68,3 +68,9 @@ def test_stop_ends_only_this_sessions_run(client, app_server):
     stopped_at = int(status.split("stopped at step ")[1].split()[0])
     assert 1 <= stopped_at < 150
     assert not engine.cancel("someone-else")  # another session has nothing running to stop
+
+
+def test_missing_lora_is_named(client):
+    with pytest.raises(Exception) as err:
+        client.predict(prompt="x", steps=1, loras="/no/such/lora", api_name="/generate")
+    assert "lora: '/no/such/lora' not found" in str(err.value)

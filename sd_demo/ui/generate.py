@@ -11,6 +11,7 @@ import gradio as gr
 from ..engine import Engine
 from ..generate import MAX_BATCH, MAX_SIDE, MAX_STEPS, GenerationParams
 from ..infotext import format_infotext
+from ..models import parse_lora
 from ..sampling.registry import SAMPLERS, SCHEDULES
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def make_generate_fn(engine: Engine, public: bool):
         batch_size: int = 1,
         clip_skip: int = 1,
         model: str | None = None,
+        loras: str = "",
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
@@ -71,6 +73,9 @@ def make_generate_fn(engine: Engine, public: bool):
         try:
             if public and model and model not in engine.model_choices():
                 raise ValueError(f"model: '{model}' is not offered on this public app; pick one from the list")
+            if public and loras:
+                raise ValueError("lora: not available on this public app")
+            lora_list = [parse_lora(x.strip()) for x in (loras or "").split(",") if x.strip()]
             params = GenerationParams(
                 prompt=prompt or "", negative_prompt=negative_prompt or "", steps=int(steps),
                 guidance_scale=float(guidance_scale), width=int(width) if width else None,
@@ -85,7 +90,8 @@ def make_generate_fn(engine: Engine, public: bool):
 
         def work():
             try:
-                box["out"] = engine.generate(params, model=model or None, on_step=events.put, job=job)
+                box["out"] = engine.generate(params, model=model or None, on_step=events.put, job=job,
+                                             loras=lora_list)
             except Exception as exc:  # handed to the UI thread below
                 box["err"] = exc
             finally:
@@ -163,6 +169,8 @@ def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab
                 reuse_btn = gr.Button("♻️", scale=1, min_width=40)
             with gr.Accordion("Advanced", open=False):
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
+                lora = gr.Textbox("", label="LoRA", visible=not public,
+                                  placeholder="training output folder, .safetensors or Hub repo[:scale], comma-separated")
         with gr.Column(scale=6):
             with gr.Row():
                 run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
@@ -174,7 +182,7 @@ def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab
     infos = gr.State([])
     tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip)
 
-    inputs = tab.param_components() + [model]
+    inputs = tab.param_components() + [model, lora]
     outputs = [gallery, preview, status, infotext, infos]
     # One job at a time on the device; preprocess=False so that our validation (which names the field) sees the
     # raw values instead of gradio's range checks ("Value 0 is less than minimum value 1.").
