@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save", type=Path, help="write the images (and failures' summaries) here")
     parser.add_argument("--training-md", type=Path,
                         help="write this TRAINING.md (architecture, sizes, training info, these tables)")
+    parser.add_argument("--notes", type=Path, help="markdown appended to --training-md (findings, caveats)")
     parser.add_argument("--train-command", default="python -m sd_demo.shapes train --out DIR",
-                        help="the command that trained the model, for --training-md")
+                        help="the training command for --training-md when the model's train_info.json has none")
     args = parser.parse_args(argv)
 
     import torch
@@ -126,7 +127,10 @@ def main(argv: list[str] | None = None) -> None:
 
         command = "python -m sd_demo.shapes eval " + " ".join(_quote(a) for a in (sys.argv[2:] if argv is None
                                                                                   else argv))
-        args.training_md.write_text(training_md(model, runs, args, command))
+        text = training_md(model, runs, args, command)
+        if args.notes:
+            text += "\n" + args.notes.read_text()
+        args.training_md.write_text(text)
         print(f"wrote {args.training_md}")
 
 
@@ -200,7 +204,7 @@ def training_md(model, runs, args, eval_command: str) -> str:
         "## Training",
         "",
         "```",
-        info.get("command", "python -m sd_demo.shapes train --out DIR"),
+        info.get("command", args.train_command),
         "```",
         "",
     ]

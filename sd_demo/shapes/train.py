@@ -1,4 +1,4 @@
-"""Train the embedded shapes model from nothing: ``python -m sd_demo.shapes train --out DIR [--max-minutes 85]``.
+"""Train the embedded shapes model from nothing: ``python -m sd_demo.shapes train --out DIR [--max-minutes 70]``.
 
 Stages (each a small function): make_dataset -> make_tokenizer -> train_vae -> encode_latents -> train_unet
 -> export. Every component is the real Stable Diffusion architecture at small scale (AutoencoderKL with 8x
@@ -6,8 +6,9 @@ downsampling and 4 latent channels, CLIPTextModel + CLIP BPE tokenizer, UNet2DCo
 SD's scaled_linear 1000-step schedule), saved in diffusers layout so ``StableDiffusionPipeline.from_pretrained``
 and the app's loader read it, and the Training tab's "full" method can continue training it.
 
-Seeded (torch + numpy); with a time budget the number of UNet steps depends on the machine's speed (it is fixed
-after the first steps and printed), pass ``--unet-steps`` for a run that is reproducible step for step.
+Seeded (torch + numpy); with a time budget the number of steps depends on the machine's speed (the learning-rate
+schedules follow the time spent), pass ``--unet-steps N --vae-steps M --vae-minutes 1000`` for a run that is
+reproducible step for step. ``--device cuda`` runs the same stages on a GPU; ``--init DIR`` continues from a model.
 The training set is the train split only: held-out (shape, colour, background) triples never appear.
 """
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,8 +32,8 @@ from .world import Scene, render, sample_scenes
 # "trailing" timesteps so a sampler's first step is t = 999, where it starts from pure noise.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 prediction_type="epsilon", steps_offset=1, timestep_spacing="trailing")
-# Tried and dropped (see TRAINING.md): zero terminal SNR + v-prediction (Lin et al. 2023). At equal steps it drew
-# worse shapes (often two objects) and did not fix position, which needed a deeper UNet instead.
+# Tried and kept as an option (--zero-snr, see assets/shapes-sd/TRAINING.md): zero terminal SNR + v-prediction
+# (Lin et al. 2023). In a short run it drew worse shapes (often two objects) and did not fix position either.
 ZERO_SNR_SCHEDULE = dict(SCHEDULE, prediction_type="v_prediction", rescale_betas_zero_snr=True)
 IMAGE_SIZE = 128
 LATENT_SIZE = IMAGE_SIZE // 8  # (B, 4, 16, 16)
@@ -66,13 +66,21 @@ class TrainConfig:
     log_every: int = 20
     # architecture
     vae_channels: tuple = (16, 32, 64, 64)
-    # 4 levels (16, 8, 4, 2 px latents): the 2x2 level is where "top left" has a place; 3 levels (64, 128, 192)
-    # learned shapes and colours but put objects anywhere (6 % position). 32 channels at 16 px halve the CPU cost.
+    # CPU default: 4 levels (16, 8, 4, 2 px latents; a 2x2 level in the hope of an easier "top left") with 32
+    # channels at 16 px, which halves the CPU cost per sample. The shipped weights use (64, 128, 192) with
+    # --unet-norm-groups 32 and 3.5x the samples (GPU); neither learned position (TRAINING.md).
     unet_channels: tuple = (32, 64, 128, 128)
     unet_layers: int = 1
+    unet_norm_groups: int = 16
     text_hidden: int = 128
     text_layers: int = 3
     threads: int = 2
+    # Continue from a saved model (e.g. to teach position at high noise) instead of training from nothing:
+    init: str = ""  # diffusers folder; its VAE, tokenizer and scaling_factor are kept
+    high_t_share: float = 0.0  # share of samples whose timestep is drawn from [high_t, 999]
+    high_t: int = 700
+    x0_weight_cap: float = 0.0  # > 0: weight the epsilon loss by clamp(1 / SNR, 1, cap), i.e. like an x0 loss at
+    #                              high noise, where the prompt alone decides the layout (position)
     zero_snr: bool = False  # train on ZERO_SNR_SCHEDULE (v-prediction) instead of SCHEDULE
     device: str = "cpu"  # the recipe targets the 2-core CPU; 'cuda' runs the same stages on a GPU
     start: float = field(default_factory=time.time, repr=False)
@@ -136,7 +144,7 @@ def make_unet(cfg: TrainConfig):
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers,
-        cross_attention_dim=cfg.text_hidden, attention_head_dim=8, norm_num_groups=16,
+        cross_attention_dim=cfg.text_hidden, attention_head_dim=8, norm_num_groups=cfg.unet_norm_groups,
     )
 
 
@@ -178,7 +186,7 @@ def train_vae(cfg: TrainConfig, scenes, images: np.ndarray):
     t0 = time.time()
     step, avg = 0, None
     while step < cfg.vae_steps and time.time() - t0 < budget:
-        frac = min(1.0, (time.time() - t0) / budget)
+        frac = min(1.0, max(step / cfg.vae_steps, (time.time() - t0) / budget))  # steps or time, what ends first
         for g in opt.param_groups:  # warmup then cosine over the stage's time budget
             g["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = to_tensor(random_crops(images, scenes, cfg.vae_crop, cfg.vae_batch, rng)).to(cfg.device)  # (B,3,c,c)
@@ -204,14 +212,15 @@ def train_vae(cfg: TrainConfig, scenes, images: np.ndarray):
 
 
 @torch.no_grad()
-def encode_latents(cfg: TrainConfig, vae, images: np.ndarray, batch: int = 128) -> torch.Tensor:
+def encode_latents(cfg: TrainConfig, vae, images: np.ndarray, batch: int = 128, keep_scale: bool = False
+                   ) -> torch.Tensor:
     """Posterior means of all images, (N, 4, 16, 16), times the scaling factor (1 / std), which goes in the
     VAE config as SD's ``scaling_factor``."""
     out = []
     for i in range(0, len(images), batch):
         out.append(vae.encode(to_tensor(images[i:i + batch]).to(cfg.device)).latent_dist.mean.cpu())
     latents = torch.cat(out)
-    scale = float(1.0 / latents.std())
+    scale = float(vae.config.scaling_factor) if keep_scale else float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     log(cfg, f"encoded {len(latents)} latents; scaling_factor {scale:.4f}")
     return latents * scale
@@ -254,9 +263,10 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
-def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, export_dir: Path):
+def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, export_dir: Path, init=None):
     """Joint text-encoder + UNet training on epsilon prediction; EMA copies are what gets exported."""
-    unet, te = make_unet(cfg).to(cfg.device).train(), make_text_encoder(cfg, tokenizer).to(cfg.device).train()
+    unet, te = init if init else (make_unet(cfg), make_text_encoder(cfg, tokenizer))
+    unet, te = unet.to(cfg.device).train(), te.to(cfg.device).train()
     latents = latents.to(cfg.device)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
     params = list(unet.parameters()) + list(te.parameters())
@@ -279,13 +289,20 @@ def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, 
         noise = torch.randn(x0.shape, generator=gen)
         noise += cfg.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        if cfg.high_t_share > 0:
+            high = torch.rand(x0.shape[0], generator=gen) < cfg.high_t_share
+            t = torch.where(high, torch.randint(cfg.high_t, sched.config.num_train_timesteps, t.shape, generator=gen), t)
         noise, t = noise.to(cfg.device), t.to(cfg.device)
         xt = sched.add_noise(x0, noise, t)
         text = te(captions.ids(idx).to(cfg.device))[0]  # (B, 77, hidden)
         pred = unet(xt, t, encoder_hidden_states=text).sample
         target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per * min_snr_weights(sched, t, cfg.snr_gamma)).mean()
+        weight = min_snr_weights(sched, t, cfg.snr_gamma)
+        if cfg.x0_weight_cap > 0:
+            ac = sched.alphas_cumprod.to(t.device)[t]
+            weight = weight * ((1 - ac) / ac).clamp(1.0, cfg.x0_weight_cap)
+        loss = (per * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -336,9 +353,9 @@ def export(out: Path, vae, text_encoder, tokenizer, unet, info: dict, fp16: bool
     pipe.save_pretrained(tmp, safe_serialization=True)
     tok_dir = tmp / "tokenizer"
     for name in ("vocab.json", "merges.txt"):  # transformers 5 save_pretrained writes only tokenizer.json
-        src = Path(tokenizer.name_or_path) / name
-        if src.exists() and not (tok_dir / name).exists():
-            shutil.copy(src, tok_dir / name)
+        for src in (Path(tokenizer.name_or_path) / name, Path(tokenizer.name_or_path) / "tokenizer" / name):
+            if src.exists() and not (tok_dir / name).exists():
+                shutil.copy(src, tok_dir / name)
     (tmp / "train_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -351,6 +368,19 @@ def export(out: Path, vae, text_encoder, tokenizer, unet, info: dict, fp16: bool
 
 def folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+def load_init(folder: str):
+    """(vae, tokenizer, (unet, text_encoder)) of a saved diffusers folder, in fp32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(torch_dtype=torch.float32, use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw).eval()
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    return vae, tokenizer, (unet, te)
 
 
 def command_line() -> str:
@@ -372,14 +402,20 @@ def run(cfg: TrainConfig) -> Path:
     log(cfg, f"config: {json.dumps({k: v for k, v in asdict(cfg).items() if k != 'start'}, default=str)}")
     scenes, images = make_dataset(cfg.scenes, cfg.seed)
     log(cfg, f"rendered {len(scenes)} train-split scenes")
-    tokenizer = make_tokenizer(work / "tokenizer")
-    log(cfg, f"tokenizer: {len(tokenizer)} tokens")
-    vae = train_vae(cfg, scenes, images)
+    init = None
+    if cfg.init:
+        vae, tokenizer, init = load_init(cfg.init)
+        vae.train_steps = 0
+        log(cfg, f"continuing from {cfg.init}")
+    else:
+        tokenizer = make_tokenizer(work / "tokenizer")
+        log(cfg, f"tokenizer: {len(tokenizer)} tokens")
+        vae = train_vae(cfg, scenes, images)
     vae_error = vae_check(vae, images[-32:], cfg.device)
     log(cfg, f"vae reconstruction error: {vae_error:.2f} / 255 (mean abs)")
-    latents = encode_latents(cfg, vae, images)
+    latents = encode_latents(cfg, vae, images, keep_scale=bool(cfg.init))
     del images
-    unet, te, info = train_unet(cfg, scenes, latents, tokenizer, vae, out)
+    unet, te, info = train_unet(cfg, scenes, latents, tokenizer, vae, out, init=init)
     info.update(config={k: v for k, v in asdict(cfg).items() if k != "start"}, minutes=cfg.minutes(),
                 vae_steps=vae.train_steps, vae_error=vae_error, command=command_line())
     final = export(out / "model", vae, te, tokenizer, unet, info, schedule=schedule_config(cfg))

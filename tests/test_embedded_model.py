@@ -1,0 +1,93 @@
+"""The shipped embedded model (assets/shapes-sd): loads through the app's normal path, obeys held-out prompts, and
+is what the app uses when no model is named. Skips with a reason where the model is not built."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sd_demo import models
+
+pytestmark = pytest.mark.skipif(not (models.EMBEDDED_DIR / "model_index.json").exists(),
+                                reason="embedded model not built (assets/shapes-sd is missing)")
+
+# The CFG scale documented in assets/shapes-sd/TRAINING.md as the model's default.
+GUIDANCE = 7.0
+BAR = {"background": 0.95, "color": 0.90, "shape": 0.85, "position": 0.80}  # issue 4, held-out prompts
+
+@pytest.fixture(scope="module")
+def embedded():
+    import torch
+
+    torch.manual_seed(0)
+    return models.load_model("embedded")
+
+
+def test_layout_is_plain_stable_diffusion():
+    index = json.loads((models.EMBEDDED_DIR / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["vae"][1] == "AutoencoderKL" and index["unet"][1] == "UNet2DConditionModel"
+    assert index["text_encoder"][1] == "CLIPTextModel" and index["tokenizer"][1] == "CLIPTokenizer"
+    files = [p for p in models.EMBEDDED_DIR.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pkl")], "weights must be safetensors"
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+
+
+def test_loads_with_plain_diffusers():
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(models.EMBEDDED_DIR, use_safetensors=True)
+    assert pipe.vae.config.latent_channels == 4 and len(pipe.vae.config.block_out_channels) == 4  # 8x
+    assert pipe.unet.config.sample_size * 8 == 128
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    # Free text tokenizes (byte fallback) without errors; caption words are single tokens.
+    assert pipe.tokenizer.tokenize("a red star")[1] == "red</w>"
+    assert len(pipe.tokenizer("zebras éclair 🙂").input_ids) > 2
+
+
+@pytest.fixture(scope="module")
+def heldout_run(embedded):
+    """16 held-out prompts (8 canonical, 8 with size and position), seed 0, 20 steps, the app's default sampler."""
+    from sd_demo.shapes.eval_model import heldout_prompts, run_eval
+
+    assert embedded.default_size == 128
+    return run_eval(embedded, heldout_prompts(16, seed=1), seeds=[0], steps=20, guidance=GUIDANCE)
+
+
+@pytest.mark.parametrize("attribute", list(BAR))
+def test_heldout_prompts_meet_the_bar(heldout_run, attribute):
+    """The issue's bar, unchanged, on 16 held-out images (the full table is 64 prompts x 2 seeds, TRAINING.md)."""
+    report = heldout_run.report
+    need = math.ceil(BAR[attribute] * report.asked(attribute))
+    failures = "\n".join(f"{p!r}: {r.summary()}" for p, r in zip(heldout_run.prompts, report.results) if not r.ok)
+    assert report.correct(attribute) >= need, (
+        f"{attribute}: {report.correct(attribute)}/{report.asked(attribute)} correct, need {need}\n{failures}")
+
+
+def test_app_starts_offline_on_the_embedded_model(monkeypatch, tmp_path):
+    """No model argument and no network: the app builds, and its first generation uses the embedded model."""
+    import socket
+
+    def no_network(self, address, *args, **kwargs):
+        raise OSError(f"network access attempted: {address}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    monkeypatch.delenv("SD_DEMO_MODEL", raising=False)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    import app
+    from sd_demo.generate import GenerationParams
+
+    args = app.parse_args(["--outputs", str(tmp_path)])
+    assert args.model == "embedded"
+    demo = app.build_demo(args)
+    engine = demo.engine
+    assert engine.cache.current is not None and engine.cache.current.ref.source == "embedded"
+    result, paths = engine.generate(GenerationParams(prompt="a red circle on a blue background", steps=20, seed=0,
+                                                     guidance_scale=GUIDANCE))
+    assert engine.cache.current.ref.source == "embedded" and engine.cache.current.folder == models.EMBEDDED_DIR
+    assert result.images[0].size == (128, 128) and paths and paths[0].exists()
+    from sd_demo.shapes import evaluate
+
+    assert evaluate("a red circle on a blue background", result.images[0]).matches["background"]
