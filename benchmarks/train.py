@@ -60,7 +60,7 @@ def run_stock(a) -> dict:
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, torch_dtype=torch.float32)
     vae, te, tok, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
     for m in (vae, te, unet):
         m.requires_grad_(False)
