@@ -11,27 +11,19 @@ from .generate import GenerationParams, param_fields
 log = logging.getLogger("sd_demo")
 
 
-def add_param_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per GenerationParams field: --negative-prompt, --steps, --guidance, --batch, ..."""
-    for name, default, meta in param_fields():
-        flag = meta.get("flag") or "--" + name.replace("_", "-")
-        typ = type(default) if default is not None else int
-        kw = {"type": typ, "default": default, "help": f"{meta['help']} (default: {default})", "dest": name}
-        if meta.get("choices"):
-            kw["choices"] = meta["choices"]
-        parser.add_argument(flag, **kw)
+def add_field_flags(parser: argparse.ArgumentParser, field_list, none_type=str) -> None:
+    """One flag per config-dataclass field (name, default, metadata): --negative-prompt, --steps, --rank, ...
 
-
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--method, --steps, --lr, --rank, ...); booleans are switches."""
-    from .train.config import config_fields
-
-    for name, default, meta in config_fields():
+    Booleans become --x / --no-x switches; a field whose default is None takes ``none_type`` values.
+    """
+    for name, default, meta in field_list:
         flag = meta.get("flag") or "--" + name.replace("_", "-")
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=default, dest=name, help=meta["help"])
+            # --x / --no-x, so a field that defaults to True (--center-crop) can be turned off too
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=name,
+                                help=meta["help"])
             continue
-        typ = type(default) if default is not None else str
+        typ = type(default) if default is not None else none_type
         kw = {"type": typ, "default": default, "help": f"{meta['help']} (default: {default})", "dest": name}
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
@@ -55,13 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="text to image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_runtime_flags(gen)
-    add_param_flags(gen)
+    add_field_flags(gen, param_fields(), none_type=int)  # width/height: None = the model's size
     gen.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO[:SCALE]",
                      help="apply a LoRA (a training --out folder, a .safetensors file or a Hub repo); repeatable")
     gen.add_argument("--out", required=True, help="FILE.png, or a folder (A1111-style numbered names)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     tr = sub.add_parser("train", help="fine-tune a model (LoRA, DreamBooth, textual inversion, full)")
-    add_train_flags(tr)
+    from .train.config import config_fields
+
+    add_field_flags(tr, config_fields())
     return parser
 
 

@@ -11,7 +11,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from huggingface_hub import HfApi, scan_cache_dir, snapshot_download
 from huggingface_hub import constants as hf_constants

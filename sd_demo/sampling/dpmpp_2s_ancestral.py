@@ -29,7 +29,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .ours import karras_sigmas, make_betas
+from .ours import karras_sigmas, make_betas, sigma_to_t
 
 
 @dataclass
@@ -86,8 +86,7 @@ class DPMSolverPP2SAncestralScheduler(SchedulerMixin, ConfigMixin):
         return np.interp(t, np.arange(len(self.train_sigmas)), self.train_sigmas)
 
     def _t_of_sigma(self, sigma: float) -> float:
-        # Interpolate in log σ, which is close to linear in t, like k-diffusion's sigma_to_t.
-        return float(np.interp(np.log(sigma), self.log_train_sigmas, np.arange(len(self.train_sigmas))))
+        return float(sigma_to_t(np.array([sigma]), self.train_sigmas)[0])  # log-σ interpolation, shared with ours
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         self.num_inference_steps = num_inference_steps
