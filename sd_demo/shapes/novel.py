@@ -1,0 +1,129 @@
+"""Concepts the embedded model has never seen, for proving that training teaches something new.
+
+The base model is trained on the five shapes and eight colours of ``vocab``; these live outside those enums (so the
+base model's training data and its train / held-out split are unchanged by them):
+
+- a **ring** (an annulus): drawn like the world's objects (same sizes, positions and jitter), recognised by its hole,
+  i.e. the middle of the object has the background's colour, which no base shape has;
+- **pink**, a colour away from every palette colour (>= 130 apart in RGB; the closest are white and purple).
+
+``ring_scenes`` / ``pink_scenes`` make small training sets (images + captions with a trigger word) and
+``shows_ring`` / ``shows_pink`` judge generated images by pixels, like ``evaluate``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .captions import CaptionStyle, caption
+from .evaluate import nearest_color
+from .pixels import WORK_SIZE, measure, to_array
+from .vocab import PALETTE, Color, Shape
+from .world import Obj, Scene, random_obj
+
+RING_INNER = 0.5  # inner / outer radius: the hole is wide enough to survive a blurry decoder even for small rings
+PINK = (255, 120, 200)
+HOLE_PROBE = 0.3  # probe disc radius / outer radius; well inside the hole (0.5)
+
+
+@dataclass(frozen=True)
+class NovelScene:
+    """A scene whose object is a ring and/or pink; ``scene`` holds the labels, ``ring`` / ``pink`` what is new."""
+
+    scene: Scene  # its object is a circle with the ring's position and size (a pink object carries colour WHITE)
+    ring: bool
+    pink: bool
+
+    def caption(self, word: str, style: CaptionStyle | str = CaptionStyle.FULL, rng=None) -> str:
+        """The scene's caption with ``word`` standing for the new concept (the ring shape or the pink colour)."""
+        text = caption(self.scene, style, rng)
+        if self.ring:
+            text = text.replace(Shape.CIRCLE.value, word, 1)
+        if self.pink:
+            text = text.replace(f"{Color.WHITE.value} ", f"{word} ", 1)
+        return text
+
+
+def render_novel(ns: NovelScene, size: int = 128, supersample: int = 4) -> Image.Image:
+    """Anti-aliased like ``world.render``: drawn at ``supersample`` x and box-filtered down."""
+    big = size * supersample
+    o = ns.scene.obj
+    colour = PINK if ns.pink else o.color.rgb
+    canvas = Image.new("RGB", (big, big), ns.scene.background.rgb)
+    draw = ImageDraw.Draw(canvas)
+    cx, cy = (v * big for v in o.center)
+    r = o.radius * big
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    if ns.ring:
+        ri = r * RING_INNER
+        draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=ns.scene.background.rgb)
+    return canvas.reduce(supersample)
+
+
+def _scenes(n: int, seed: int, *, ring: bool, pink: bool) -> list[NovelScene]:
+    """``n`` seeded scenes over every colour pair (pink ones never on a white background: "white" stands in for
+    pink in the labels)."""
+    rng = np.random.default_rng(seed)
+    colors = list(Color)
+    out = []
+    while len(out) < n:
+        color = Color.WHITE if pink else colors[rng.integers(len(colors))]
+        bg = colors[rng.integers(len(colors))]
+        if bg == color:
+            continue
+        shape = Shape.CIRCLE if ring else list(Shape)[rng.integers(len(Shape))]
+        obj = random_obj(rng, shape, color)
+        if ring:  # circles have no rotation; keep the ring's jitter the same as a circle's
+            obj = Obj(Shape.CIRCLE, color, obj.size, obj.position, obj.dx, obj.dy, obj.scale, 0.0)
+        out.append(NovelScene(Scene(bg, [obj]), ring=ring, pink=pink))
+    return out
+
+
+def ring_scenes(n: int, seed: int = 0) -> list[NovelScene]:
+    return _scenes(n, seed, ring=True, pink=False)
+
+
+def pink_scenes(n: int, seed: int = 0) -> list[NovelScene]:
+    return _scenes(n, seed, ring=False, pink=True)
+
+
+def write_dataset(scenes: list[NovelScene], word: str, folder: Path, style: CaptionStyle | str = "full") -> Path:
+    """PNG + sidecar .txt per scene (the layout the training engine reads)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, ns in enumerate(scenes):
+        render_novel(ns).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(ns.caption(word, style) + "\n")
+    return folder
+
+
+# --- judges ------------------------------------------------------------------------------------------------------
+
+def shows_ring(image) -> bool:
+    """An object is found and the middle of it has the background's colour (a hole), not the object's."""
+    m = measure(image)
+    if not m.found:
+        return False
+    img = to_array(image)
+    yy, xx = np.mgrid[0:WORK_SIZE, 0:WORK_SIZE] + 0.5
+    cx, cy = m.centroid[0] * WORK_SIZE, m.centroid[1] * WORK_SIZE
+    probe = (xx - cx) ** 2 + (yy - cy) ** 2 <= (HOLE_PROBE * m.radius * WORK_SIZE) ** 2
+    if not probe.any():
+        return False
+    middle = img[probe].mean(axis=0)
+    to_bg = np.linalg.norm(middle - np.asarray(m.background_rgb))
+    to_obj = np.linalg.norm(middle - np.asarray(m.object_rgb))
+    return bool(to_bg < to_obj)
+
+
+def object_is_pink(image) -> bool:
+    """The object's colour is nearer to pink than to every palette colour."""
+    m = measure(image)
+    if not m.found:
+        return False
+    rgb = np.asarray(m.object_rgb)
+    nearest = nearest_color(rgb)
+    return bool(np.linalg.norm(rgb - np.asarray(PINK)) < np.linalg.norm(rgb - np.asarray(PALETTE[nearest])))
