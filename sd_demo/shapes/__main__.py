@@ -66,7 +66,7 @@ def train_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m sd_demo.shapes train",
                                      description="train the embedded shapes model from nothing (seeded)")
     add_arguments(parser)
-    run(config_from_args(parser.parse_args(argv)))
+    run(config_from_args(parser.parse_args(argv)), argv)
 
 
 def eval_main(argv: list[str]) -> None:

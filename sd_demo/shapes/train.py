@@ -1,4 +1,4 @@
-"""Train the embedded shapes model from nothing: ``python -m sd_demo.shapes train --out DIR [--max-minutes 70]``.
+"""Train the embedded shapes model from nothing: ``python -m sd_demo.shapes train --out DIR [--max-minutes 110]``.
 
 Stages (each a small function): make_dataset -> make_tokenizer -> train_vae -> encode_latents -> train_unet
 -> export. Every component is the real Stable Diffusion architecture at small scale (AutoencoderKL with 8x
@@ -28,12 +28,14 @@ import torch.nn.functional as F
 from .captions import random_caption
 from .world import Scene, render, sample_scenes
 
-# SD 1.x noise schedule (scaled_linear betas 0.00085..0.012 over 1000 steps, epsilon prediction), with
-# "trailing" timesteps so a sampler's first step is t = 999, where it starts from pure noise.
+# SD's noise schedule (scaled_linear betas 0.00085..0.012 over 1000 steps) with "trailing" timesteps so a
+# sampler's first step is t = 999. The prediction type is a TrainConfig choice: v-prediction (as SD 2.x) is the
+# default because its loss at high noise is an x0 loss, the only place where the prompt alone decides the layout;
+# with epsilon prediction that loss is ~SNR (0.005 at t = 999) times smaller and the models ignored position words.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 prediction_type="epsilon", steps_offset=1, timestep_spacing="trailing")
-# Tried and kept as an option (--zero-snr, see assets/shapes-sd/TRAINING.md): zero terminal SNR + v-prediction
-# (Lin et al. 2023). In a short run it drew worse shapes (often two objects) and did not fix position either.
+# Tried and kept as an option (--zero-snr): zero terminal SNR (Lin et al. 2023), always with v-prediction. In a
+# short run it drew worse shapes (often two objects) and did not fix position either.
 ZERO_SNR_SCHEDULE = dict(SCHEDULE, prediction_type="v_prediction", rescale_betas_zero_snr=True)
 IMAGE_SIZE = 128
 LATENT_SIZE = IMAGE_SIZE // 8  # (B, 4, 16, 16)
@@ -44,7 +46,7 @@ class TrainConfig:
     out: Path
     seed: int = 0
     scenes: int = 12000  # rendered training scenes (train split), encoded to latents once
-    max_minutes: float = 70.0  # whole run, export included; the UNet stage gets what the VAE stage leaves
+    max_minutes: float = 110.0  # whole run, export included; the UNet stage gets what the VAE stage leaves
     # --- stage A: VAE
     vae_minutes: float = 8.0
     vae_steps: int = 20000  # upper bound; the time budget usually ends the stage first
@@ -66,21 +68,21 @@ class TrainConfig:
     log_every: int = 20
     # architecture
     vae_channels: tuple = (16, 32, 64, 64)
-    # CPU default: 4 levels (16, 8, 4, 2 px latents; a 2x2 level in the hope of an easier "top left") with 32
-    # channels at 16 px, which halves the CPU cost per sample. The shipped weights use (64, 128, 192) with
-    # --unet-norm-groups 32 and 3.5x the samples (GPU); neither learned position (TRAINING.md).
-    unet_channels: tuple = (32, 64, 128, 128)
+    # 3 levels (16, 8, 4 px latents). On this CPU a batch-32 step costs 0.64 s against 0.46 s for a 4-level
+    # (32, 64, 128, 128) UNet, and only this width reached the shape bar in earlier runs.
+    unet_channels: tuple = (64, 128, 192)
     unet_layers: int = 1
-    unet_norm_groups: int = 16
+    unet_norm_groups: int = 32
     text_hidden: int = 128
     text_layers: int = 3
     threads: int = 2
     # Continue from a saved model (e.g. to teach position at high noise) instead of training from nothing:
     init: str = ""  # diffusers folder; its VAE, tokenizer and scaling_factor are kept
-    high_t_share: float = 0.0  # share of samples whose timestep is drawn from [high_t, 999]
+    high_t_share: float = 0.2  # share of samples whose timestep is drawn from [high_t, 999] (layout is set there)
     high_t: int = 700
     x0_weight_cap: float = 0.0  # > 0: weight the epsilon loss by clamp(1 / SNR, 1, cap), i.e. like an x0 loss at
     #                              high noise, where the prompt alone decides the layout (position)
+    prediction: str = "v_prediction"  # or "epsilon" (SD 1.x); the exported scheduler config says which
     zero_snr: bool = False  # train on ZERO_SNR_SCHEDULE (v-prediction) instead of SCHEDULE
     device: str = "cpu"  # the recipe targets the 2-core CPU; 'cuda' runs the same stages on a GPU
     start: float = field(default_factory=time.time, repr=False)
@@ -149,7 +151,7 @@ def make_unet(cfg: TrainConfig):
 
 
 def schedule_config(cfg: TrainConfig) -> dict:
-    return dict(ZERO_SNR_SCHEDULE if cfg.zero_snr else SCHEDULE)
+    return dict(ZERO_SNR_SCHEDULE) if cfg.zero_snr else dict(SCHEDULE, prediction_type=cfg.prediction)
 
 
 def make_noise_scheduler(cfg: TrainConfig):
@@ -264,7 +266,7 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, export_dir: Path, init=None):
-    """Joint text-encoder + UNet training on epsilon prediction; EMA copies are what gets exported."""
+    """Joint text-encoder + UNet training (epsilon or v target, per the schedule); EMA copies are exported."""
     unet, te = init if init else (make_unet(cfg), make_text_encoder(cfg, tokenizer))
     unet, te = unet.to(cfg.device).train(), te.to(cfg.device).train()
     latents = latents.to(cfg.device)
@@ -383,15 +385,17 @@ def load_init(folder: str):
     return vae, tokenizer, (unet, te)
 
 
-def command_line() -> str:
+def command_line(argv: list[str] | None = None) -> str:
+    """The training command as typed (``argv`` after ``train``), for train_info.json and TRAINING.md."""
+    import shlex
     import sys
 
-    return "python -m sd_demo.shapes " + " ".join(sys.argv[1:])
+    return "python -m sd_demo.shapes train " + shlex.join(sys.argv[2:] if argv is None else argv)
 
 
 # --- the whole recipe ------------------------------------------------------------------------------------------
 
-def run(cfg: TrainConfig) -> Path:
+def run(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     from .tokenizer import make_tokenizer
 
     torch.set_num_threads(cfg.threads)
@@ -417,7 +421,7 @@ def run(cfg: TrainConfig) -> Path:
     del images
     unet, te, info = train_unet(cfg, scenes, latents, tokenizer, vae, out, init=init)
     info.update(config={k: v for k, v in asdict(cfg).items() if k != "start"}, minutes=cfg.minutes(),
-                vae_steps=vae.train_steps, vae_error=vae_error, command=command_line())
+                vae_steps=vae.train_steps, vae_error=vae_error, command=command_line(argv))
     final = export(out / "model", vae, te, tokenizer, unet, info, schedule=schedule_config(cfg))
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     log(cfg, f"model saved to {final} ({folder_mb(final):.1f} MB) after {cfg.minutes():.1f} min")

@@ -1,0 +1,51 @@
+"""The embedded model's recipe (``python -m sd_demo.shapes train``) at toy scale: every stage runs from nothing, the
+result is a plain diffusers StableDiffusionPipeline whose scheduler says how it was trained, ``--init`` continues
+from it, and a fixed step count is reproducible bit for bit."""
+import json
+
+import pytest
+import torch
+
+from sd_demo.shapes.__main__ import main
+
+TOY = ["--scenes", "48", "--vae-steps", "3", "--vae-minutes", "100", "--vae-batch", "4", "--vae-crop", "32",
+       "--unet-steps", "3", "--batch", "4", "--warmup", "1", "--vae-channels", "8", "8", "8", "8",
+       "--unet-channels", "16", "32", "--unet-norm-groups", "8", "--text-hidden", "32", "--text-layers", "1",
+       "--threads", "1", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def toy_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe")
+    main(["train", "--out", str(out), *TOY])
+    return out / "model"
+
+
+def test_recipe_writes_a_plain_stable_diffusion_folder(toy_model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(toy_model, use_safetensors=True, torch_dtype=torch.float32)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # the recipe's default (see train.py)
+    assert pipe.vae.config.latent_channels == 4 and pipe.unet.config.sample_size == 16
+    info = json.loads((toy_model / "train_info.json").read_text())
+    assert info["unet_steps"] == 3 and info["vae_steps"] == 3 and "sd_demo.shapes train" in info["command"]
+    assert not (toy_model.parent / "checkpoint").exists()  # the in-run checkpoint is removed at the end
+    image = pipe("a red circle on a blue background", num_inference_steps=2, height=128, width=128,
+                 output_type="np").images[0]
+    assert image.shape == (128, 128, 3)
+
+
+def test_fixed_steps_are_reproducible_and_init_continues(toy_model, tmp_path):
+    from safetensors.torch import load_file
+
+    main(["train", "--out", str(tmp_path / "again"), *TOY])
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(toy_model / unet), load_file(tmp_path / "again" / "model" / unet)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    main(["train", "--out", str(tmp_path / "more"), "--init", str(toy_model), "--prediction", "epsilon", *TOY])
+    cont = tmp_path / "more" / "model"
+    assert load_file(cont / "vae/diffusion_pytorch_model.safetensors").keys() == \
+        load_file(toy_model / "vae/diffusion_pytorch_model.safetensors").keys()
+    assert json.loads((cont / "scheduler/scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+    c = load_file(cont / unet)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
