@@ -1,0 +1,138 @@
+"""The training engine proven on the embedded model (issue 5): LoRA and DreamBooth teach it a shape it has never
+seen (a ring, bound to a trigger word, from 12 generated images), textual inversion a colour it has never seen
+(pink); prompts of the base world keep >= 90 % of the base model's accuracy. Judged by pixels
+(``sd_demo.shapes.novel``), like the embedded model itself. Skips where the embedded model is not built.
+
+Status (issue 5, not yet passing): run by hand against the interim GPU-trained weights (not shipped, issue 4), plain
+LoRA on all attention layers (lr 1e-3, 150 steps) drew the ring for 5/16 trigger prompts while ordinary shape
+accuracy fell 87.5 -> 31 %; cross-attention only (attn2, lr 1e-3, 200 steps) 6/16 and 12.5 %; lr 2e-4, 200 steps
+0/16 and 56 % (loading at scale 0 gives back the base exactly, so the drop is the adapter's). The LoRA learns
+"objects are rings" for every prompt rather than binding the byte-spelled trigger; the settings below are where
+tuning starts once the model ships (text-encoder LoRA, prior preservation, fewer steps).
+"""
+from __future__ import annotations
+
+import pytest
+
+from sd_demo import models
+
+pytestmark = pytest.mark.skipif(not (models.EMBEDDED_DIR / "model_index.json").exists(),
+                                reason="embedded model not built (assets/shapes-sd is missing)")
+
+RING = "zkring"  # not a word of the embedded vocabulary: the tokenizer spells it in byte pieces
+PINK = "<pink>"  # textual inversion's new token
+N_TRIGGER = 16  # trigger-prompt samples judged per method
+KEEP = 0.90  # share of the base model's accuracy ordinary prompts must keep
+ORDINARY = ("shape", "color", "background")
+
+
+def _generate(model, prompts):
+    from sd_demo.generate import GenerationParams, generate
+
+    return [generate(model, GenerationParams(prompt=p, steps=20, seed=i, guidance_scale=7.0)).images[0]
+            for i, p in enumerate(prompts)]
+
+
+def _ordinary(model) -> dict[str, float]:
+    from sd_demo.shapes.eval_model import heldout_prompts, run_eval
+
+    report = run_eval(model, heldout_prompts(16, seed=1), seeds=[0], steps=20, guidance=7.0).report
+    return {a: report.accuracy(a) for a in ORDINARY}
+
+
+@pytest.fixture(scope="module")
+def base():
+    """The embedded model and its accuracy on ordinary (held-out) prompts without any adapter."""
+    model = models.load_model("embedded")
+    return model, _ordinary(model)
+
+
+@pytest.fixture(scope="module")
+def ring_data(tmp_path_factory):
+    from sd_demo.shapes.novel import ring_scenes, write_dataset
+
+    return write_dataset(ring_scenes(12, seed=0), RING, tmp_path_factory.mktemp("rings"))
+
+
+def _ring_prompts() -> list[str]:
+    """Colours, backgrounds, sizes and positions the 12 training images did not all show (seeded)."""
+    from sd_demo.shapes.novel import ring_scenes
+
+    return [ns.caption(RING, "canonical") for ns in ring_scenes(N_TRIGGER, seed=77)]
+
+
+def _config(method, data, out, **kw):
+    from sd_demo.train.config import TrainConfig
+
+    base = dict(method=method, model="embedded", data=str(data), out=str(out), resolution=128, batch=4, seed=0,
+                snr_gamma=5.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _check_adapter(base, adapter_dir, judge, prompts, need: float):
+    """Trigger prompts show the concept; ordinary prompts keep KEEP of the base accuracy."""
+    model, base_acc = base
+    model.set_loras([(str(adapter_dir), 1.0)])
+    try:
+        shown = [judge(im) for im in _generate(model, prompts)]
+        kept = _ordinary(model)
+    finally:
+        model.set_loras([])
+    assert sum(shown) >= need * len(prompts), f"concept shown in {sum(shown)}/{len(prompts)} trigger samples"
+    for a in ORDINARY:
+        assert kept[a] >= KEEP * base_acc[a], f"{a}: {kept[a]:.0%} after training vs {base_acc[a]:.0%} before"
+
+
+def test_base_model_never_draws_the_new_concepts(base):
+    from sd_demo.shapes.novel import object_is_pink, shows_ring
+
+    model, _ = base
+    images = _generate(model, _ring_prompts())
+    assert sum(shows_ring(im) for im in images) <= 2
+    pink = _generate(model, [p.replace(RING, "pink circle") for p in _ring_prompts()[:8]])
+    assert not any(object_is_pink(im) for im in pink)
+
+
+def test_lora_learns_a_new_shape(base, ring_data, tmp_path):
+    from sd_demo.shapes.novel import shows_ring
+    from sd_demo.train.loop import train
+
+    train(_config("lora", ring_data, tmp_path, steps=150, lr=1e-3, rank=8, alpha=8.0))
+    _check_adapter(base, tmp_path, shows_ring, _ring_prompts(), need=0.8)
+
+
+def test_dreambooth_learns_a_new_shape_with_prior_preservation(base, ring_data, tmp_path):
+    """DreamBooth-LoRA with class images the base model generates itself ("a circle ..."), which keep the class
+    word meaning a filled circle while the trigger learns the ring."""
+    from sd_demo.shapes.novel import shows_ring
+    from sd_demo.train.loop import train
+
+    train(_config("dreambooth", ring_data, tmp_path, steps=150, lr=1e-3, rank=8, alpha=8.0, trigger=RING,
+                  class_prompt="a circle", num_class_images=8))
+    assert len(list((tmp_path / "class_images").glob("*.png"))) == 8
+    _check_adapter(base, tmp_path, shows_ring, _ring_prompts(), need=0.8)
+    model, _ = base
+    circles = _generate(model, ["a red circle on a blue background"] * 4)  # the class word is unharmed
+    assert not any(shows_ring(im) for im in circles)
+
+
+def test_textual_inversion_learns_a_new_colour(base, tmp_path_factory, tmp_path):
+    """Only one new token's embedding trains, so the UNet must already be able to draw the concept: a colour
+    between its palette colours can be reached by an embedding, a new shape could not (see the module notes)."""
+    from sd_demo.shapes.novel import object_is_pink, pink_scenes, write_dataset
+    from sd_demo.train.loop import train
+
+    data = write_dataset(pink_scenes(12, seed=0), PINK, tmp_path_factory.mktemp("pink"))
+    train(_config("textual-inversion", data, tmp_path, steps=150, lr=5e-2, trigger=PINK, init_word="white"))
+    model, base_acc = base
+    model.pipe.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"), token=PINK)
+    try:
+        prompts = [ns.caption(PINK, "canonical") for ns in pink_scenes(N_TRIGGER, seed=77)]
+        shown = [object_is_pink(im) for im in _generate(model, prompts)]
+        kept = _ordinary(model)
+    finally:
+        model.pipe.unload_textual_inversion()
+    assert sum(shown) >= 0.8 * len(prompts), f"pink in {sum(shown)}/{len(prompts)} trigger samples"
+    for a in ORDINARY:
+        assert kept[a] >= KEEP * base_acc[a]
