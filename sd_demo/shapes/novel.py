@@ -8,7 +8,7 @@ base model's training data and its train / held-out split are unchanged by them)
 - **pink**, a colour away from every palette colour (>= 130 apart in RGB; the closest are white and purple).
 
 ``ring_scenes`` / ``pink_scenes`` make small training sets (images + captions with a trigger word) and
-``shows_ring`` / ``shows_pink`` judge generated images by pixels, like ``evaluate``.
+``shows_ring`` / ``object_is_pink`` judge generated images by pixels, like ``evaluate``.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .captions import CaptionStyle, caption
 from .evaluate import nearest_color
 from .pixels import WORK_SIZE, measure, to_array
 from .vocab import PALETTE, Color, Shape
-from .world import Obj, Scene, random_obj
+from .world import Scene, random_obj
 
 RING_INNER = 0.5  # inner / outer radius: the hole is wide enough to survive a blurry decoder even for small rings
 PINK = (255, 120, 200)
@@ -74,11 +74,8 @@ def _scenes(n: int, seed: int, *, ring: bool, pink: bool) -> list[NovelScene]:
         bg = colors[rng.integers(len(colors))]
         if bg == color:
             continue
-        shape = Shape.CIRCLE if ring else list(Shape)[rng.integers(len(Shape))]
-        obj = random_obj(rng, shape, color)
-        if ring:  # circles have no rotation; keep the ring's jitter the same as a circle's
-            obj = Obj(Shape.CIRCLE, color, obj.size, obj.position, obj.dx, obj.dy, obj.scale, 0.0)
-        out.append(NovelScene(Scene(bg, [obj]), ring=ring, pink=pink))
+        shape = Shape.CIRCLE if ring else list(Shape)[rng.integers(len(Shape))]  # a ring is a circle with a hole
+        out.append(NovelScene(Scene(bg, [random_obj(rng, shape, color)]), ring=ring, pink=pink))
     return out
 
 
