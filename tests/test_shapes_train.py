@@ -14,6 +14,15 @@ TOY = ["--scenes", "48", "--vae-steps", "3", "--vae-minutes", "100", "--vae-batc
        "--threads", "1", "--log-every", "1"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def keep_torch_threads():
+    """The recipe sets torch's thread count for its process (--threads); give later tests theirs back (a
+    different count changes float reduction order, which exact-equality tests elsewhere would see)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def toy_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("recipe")
