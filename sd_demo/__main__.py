@@ -6,28 +6,10 @@ import logging
 import sys
 from pathlib import Path
 
+from .flags import add_field_flags
 from .generate import GenerationParams, param_fields
 
 log = logging.getLogger("sd_demo")
-
-
-def add_field_flags(parser: argparse.ArgumentParser, field_list, none_type=str) -> None:
-    """One flag per config-dataclass field (name, default, metadata): --negative-prompt, --steps, --rank, ...
-
-    Booleans become --x / --no-x switches; a field whose default is None takes ``none_type`` values.
-    """
-    for name, default, meta in field_list:
-        flag = meta.get("flag") or "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            # --x / --no-x, so a field that defaults to True (--center-crop) can be turned off too
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=name,
-                                help=meta["help"])
-            continue
-        typ = type(default) if default is not None else none_type
-        kw = {"type": typ, "default": default, "help": f"{meta['help']} (default: {default})", "dest": name}
-        if meta.get("choices"):
-            kw["choices"] = meta["choices"]
-        parser.add_argument(flag, **kw)
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:

@@ -83,7 +83,8 @@ class TrainConfig:
     high_t: int = 700
     x0_weight_cap: float = 0.0  # > 0: weight the epsilon loss by clamp(1 / SNR, 1, cap), i.e. like an x0 loss at
     #                              high noise, where the prompt alone decides the layout (position)
-    prediction: str = "v_prediction"  # or "epsilon" (SD 1.x); the exported scheduler config says which
+    # The UNet's target: v (SD 2.x) or epsilon (SD 1.x); the exported scheduler config says which.
+    prediction: str = field(default="v_prediction", metadata={"choices": ["v_prediction", "epsilon"]})
     zero_snr: bool = False  # train on ZERO_SNR_SCHEDULE (v-prediction) instead of SCHEDULE
     device: str = "cpu"  # the recipe targets the 2-core CPU; 'cuda' runs the same stages on a GPU
     start: float = field(default_factory=time.time, repr=False)
@@ -433,19 +434,12 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
 
 def add_arguments(parser) -> None:
     """CLI flags generated from TrainConfig's fields (``--max-minutes``, ``--unet-steps``, ...)."""
-    import argparse
     from dataclasses import fields
 
-    for f in fields(TrainConfig):
-        if f.name in ("out", "start"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=f.default)
-        elif isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default)
+    from ..flags import add_field_flags
+
+    add_field_flags(parser, [(f.name, f.default, f.metadata) for f in fields(TrainConfig)
+                             if f.name not in ("out", "start")])
     parser.add_argument("--out", type=Path, required=True, help="output folder (the model goes to OUT/model)")
 
 

@@ -1,0 +1,28 @@
+"""Command-line flags generated from config dataclasses, so each option is declared once (its field)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_field_flags(parser: argparse.ArgumentParser, field_list, none_type=str) -> None:
+    """One flag per config-dataclass field (name, default, metadata): --negative-prompt, --steps, --rank, ...
+
+    Booleans become --x / --no-x switches; tuples take one or more values of their items' type; a field whose
+    default is None takes ``none_type`` values. Metadata may give "help", "choices" and "flag".
+    """
+    for name, default, meta in field_list:
+        flag = meta.get("flag") or "--" + name.replace("_", "-")
+        help_text = meta.get("help", "")
+        if isinstance(default, bool):
+            # --x / --no-x, so a field that defaults to True (--center-crop) can be turned off too
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=name,
+                                help=help_text)
+            continue
+        kw = {"default": default, "help": f"{help_text} (default: {default})".strip(), "dest": name}
+        if isinstance(default, tuple):
+            kw.update(type=type(default[0]), nargs="+")
+        else:
+            kw["type"] = type(default) if default is not None else none_type
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        parser.add_argument(flag, **kw)
