@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .captions import random_caption
+from .captions import parse_prompt, random_caption
+from .vocab import Color, Position, Shape, Size
 from .world import Scene, render, sample_scenes
 
 # SD's noise schedule (scaled_linear betas 0.00085..0.012 over 1000 steps) with "trailing" timesteps so a
@@ -57,6 +58,12 @@ class TrainConfig:
     vae_latent_noise: float = 0.05  # relative to the latents' std, added before decoding
     vae_kl: float = 1e-6  # SD's KL weight: latents stay a plain autoencoder's, scaled by 1/std afterwards
     # --- stage B: text encoder + UNet
+    # The text encoder first learns to name the attributes a caption states (shape, colours, size, position, or
+    # "not said") from its pooled output, a few seconds of supervised training; diffusion then starts from features
+    # that already separate the attributes instead of from noise. 0 skips this (the text encoder starts random).
+    te_steps: int = 300
+    te_lr: float = 1e-3
+    te_lr_scale: float = 0.0  # the text encoder's learning rate during diffusion, as a share of --lr; 0 freezes it
     unet_steps: int = 0  # 0: train until the time budget (--max-minutes) is spent
     batch: int = 32
     lr: float = 8e-4
@@ -240,7 +247,52 @@ def vae_check(vae, images: np.ndarray, device: str = "cpu") -> float:
     return float((rec - x).abs().mean() * 127.5)
 
 
-# --- stage B: text encoder + UNet ------------------------------------------------------------------------------
+# --- stage B: text encoder -----------------------------------------------------------------------------------
+
+ATTRIBUTE_ENUMS = dict(shape=Shape, color=Color, background=Color, size=Size, position=Position)
+
+
+def attribute_labels(texts: list[str]) -> dict[str, torch.Tensor]:
+    """{attribute: (B,) class indices} read back from the captions by the prompt parser; the last class of each
+    attribute means "the caption does not say" (canonical captions leave size and position open)."""
+    specs = [parse_prompt(t) for t in texts]
+    return {name: torch.tensor([len(enum) if getattr(sp, name) is None else list(enum).index(getattr(sp, name))
+                                for sp in specs]) for name, enum in ATTRIBUTE_ENUMS.items()}
+
+
+def pretrain_text_encoder(cfg: TrainConfig, scenes, tokenizer, te=None):
+    """Teach the text encoder to state a caption's attributes: linear heads on its pooled output (the EOS token,
+    as CLIP's text embedding) classify each attribute. The heads are thrown away; the UNet then reads per-token
+    features that already separate shape, colours, size and position, so diffusion training does not first have to
+    discover them through the UNet (in the runs before this, position words were never picked up)."""
+    te = (te or make_text_encoder(cfg, tokenizer)).to(cfg.device).train()
+    heads = torch.nn.ModuleDict({name: torch.nn.Linear(cfg.text_hidden, len(enum) + 1)
+                                 for name, enum in ATTRIBUTE_ENUMS.items()}).to(cfg.device)
+    params = list(te.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.te_lr, weight_decay=0.01)
+    rng = np.random.default_rng(cfg.seed + 5)
+    t0 = time.time()
+    acc: dict[str, float] = {}
+    for step in range(1, cfg.te_steps + 1):
+        texts = [random_caption(scenes[i], rng) for i in rng.integers(len(scenes), size=64)]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(cfg.device)
+        pooled = te(ids).pooler_output  # (B, hidden)
+        labels = {k: v.to(cfg.device) for k, v in attribute_labels(texts).items()}
+        logits = {name: head(pooled) for name, head in heads.items()}
+        loss = sum(F.cross_entropy(logits[k], labels[k]) for k in heads)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg.te_steps:
+            acc = {k: round(float((logits[k].argmax(1) == labels[k]).float().mean()), 3) for k in heads}
+            log(cfg, f"text encoder step {step} loss {loss.item():.4f} accuracy {acc} "
+                     f"{(time.time() - t0) / step:.2f} s/step")
+    te.attribute_accuracy = acc
+    return te.eval()
+
+
+# --- stage C: UNet ------------------------------------------------------------------------------
 
 class Captioner:
     """Random captions (all styles, canonical included) for scene indices, tokenized with a cache."""
@@ -272,11 +324,15 @@ def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
 def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, export_dir: Path, init=None):
     """Joint text-encoder + UNet training (epsilon or v target, per the schedule); EMA copies are exported."""
     unet, te = init if init else (make_unet(cfg), make_text_encoder(cfg, tokenizer))
-    unet, te = unet.to(cfg.device).train(), te.to(cfg.device).train()
+    train_te = cfg.te_lr_scale > 0
+    unet, te = unet.to(cfg.device).train(), te.to(cfg.device).train(train_te).requires_grad_(train_te)
     latents = latents.to(cfg.device)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
-    params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    params = list(unet.parameters()) + (list(te.parameters()) if train_te else [])
+    groups = [dict(params=list(unet.parameters()), scale=1.0)]
+    if train_te:
+        groups.append(dict(params=list(te.parameters()), scale=cfg.te_lr_scale))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
     sched = make_noise_scheduler(cfg)
     captions = Captioner(scenes, tokenizer, cfg.seed + 2, cfg.cond_drop)
     rng = np.random.default_rng(cfg.seed + 3)
@@ -289,7 +345,7 @@ def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, 
     while progress < 1.0:
         lr_scale = min(1.0, (step + 1) / cfg.warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_scale
+            g["lr"] = cfg.lr * lr_scale * g["scale"]
         idx = rng.integers(len(latents), size=cfg.batch)
         x0 = latents[torch.from_numpy(idx).to(cfg.device)]  # (B, 4, 16, 16)
         noise = torch.randn(x0.shape, generator=gen)
@@ -300,7 +356,8 @@ def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, 
             t = torch.where(high, torch.randint(cfg.high_t, sched.config.num_train_timesteps, t.shape, generator=gen), t)
         noise, t = noise.to(cfg.device), t.to(cfg.device)
         xt = sched.add_noise(x0, noise, t)
-        text = te(captions.ids(idx).to(cfg.device))[0]  # (B, 77, hidden)
+        with torch.set_grad_enabled(train_te):
+            text = te(captions.ids(idx).to(cfg.device))[0]  # (B, 77, hidden)
         pred = unet(xt, t, encoder_hidden_states=text).sample
         target = sched.get_velocity(x0, noise, t) if sched.config.prediction_type == "v_prediction" else noise
         per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
@@ -316,7 +373,8 @@ def train_unet(cfg: TrainConfig, scenes, latents: torch.Tensor, tokenizer, vae, 
         step += 1
         decay = min(cfg.ema, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_te, te, decay)
+        if train_te:
+            _ema_update(ema_te, te, decay)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         spent = time.time() - t0
         progress = step / cfg.unet_steps if cfg.unet_steps else spent / budget
@@ -419,6 +477,8 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
         tokenizer = make_tokenizer(work / "tokenizer")
         log(cfg, f"tokenizer: {len(tokenizer)} tokens")
         vae = train_vae(cfg, scenes, images)
+        if cfg.te_steps > 0:
+            init = (make_unet(cfg), pretrain_text_encoder(cfg, scenes, tokenizer))
     vae_error = vae_check(vae, images[-32:], cfg.device)
     log(cfg, f"vae reconstruction error: {vae_error:.2f} / 255 (mean abs)")
     latents = encode_latents(cfg, vae, images, keep_scale=bool(cfg.init))
