@@ -262,34 +262,50 @@ def attribute_labels(texts: list[str]) -> dict[str, torch.Tensor]:
 
 def pretrain_text_encoder(cfg: TrainConfig, scenes, tokenizer, te=None):
     """Teach the text encoder to state a caption's attributes: linear heads on its pooled output (the EOS token,
-    as CLIP's text embedding) classify each attribute. The heads are thrown away; the UNet then reads per-token
-    features that already separate shape, colours, size and position, so diffusion training does not first have to
-    discover them through the UNet (in the runs before this, position words were never picked up)."""
+    as CLIP's text embedding) classify each attribute. Returns (text encoder, heads); the heads are only for
+    measuring. The UNet then reads per-token features that already separate shape, colours, size and position, so
+    diffusion does not first have to discover them through the UNet: in a 1000-step run the position words moved
+    the object (top / bottom for 6 of 6 seeds), where jointly trained encoders left position to the seed even after
+    11k steps."""
     te = (te or make_text_encoder(cfg, tokenizer)).to(cfg.device).train()
     heads = torch.nn.ModuleDict({name: torch.nn.Linear(cfg.text_hidden, len(enum) + 1)
                                  for name, enum in ATTRIBUTE_ENUMS.items()}).to(cfg.device)
     params = list(te.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.te_lr, weight_decay=0.01)
     rng = np.random.default_rng(cfg.seed + 5)
+    # Judged on captions of held-out scenes: (shape, colour, background) triples the encoder never read.
+    check_rng = np.random.default_rng(cfg.seed + 6)  # its own stream: the training captions stay the same
+    check = [random_caption(s, check_rng) for s in sample_scenes(256, cfg.seed + 6, "heldout")]
     t0 = time.time()
-    acc: dict[str, float] = {}
     for step in range(1, cfg.te_steps + 1):
         texts = [random_caption(scenes[i], rng) for i in rng.integers(len(scenes), size=64)]
-        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(cfg.device)
-        pooled = te(ids).pooler_output  # (B, hidden)
-        labels = {k: v.to(cfg.device) for k, v in attribute_labels(texts).items()}
-        logits = {name: head(pooled) for name, head in heads.items()}
-        loss = sum(F.cross_entropy(logits[k], labels[k]) for k in heads)
+        logits = attribute_logits(te, heads, tokenizer, texts)
+        labels = attribute_labels(texts)
+        loss = sum(F.cross_entropy(logits[k], labels[k].to(cfg.device)) for k in heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 50 == 0 or step == cfg.te_steps:
-            acc = {k: round(float((logits[k].argmax(1) == labels[k]).float().mean()), 3) for k in heads}
-            log(cfg, f"text encoder step {step} loss {loss.item():.4f} accuracy {acc} "
+        if step % 100 == 0 or step == cfg.te_steps:
+            acc = attribute_accuracy(te, heads, tokenizer, check)
+            log(cfg, f"text encoder step {step} loss {loss.item():.4f} held-out caption accuracy {acc} "
                      f"{(time.time() - t0) / step:.2f} s/step")
-    te.attribute_accuracy = acc
-    return te.eval()
+    return te.eval(), heads.eval()
+
+
+def attribute_logits(te, heads, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    device = next(te.parameters()).device
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    pooled = te(ids).pooler_output  # (B, hidden)
+    return {name: head(pooled) for name, head in heads.items()}
+
+
+@torch.no_grad()
+def attribute_accuracy(te, heads, tokenizer, texts: list[str]) -> dict[str, float]:
+    """Share of ``texts`` whose attributes (or "not said") the heads read right, per attribute."""
+    logits = attribute_logits(te, heads, tokenizer, texts)
+    labels = attribute_labels(texts)
+    return {k: round(float((logits[k].argmax(1).cpu() == labels[k]).float().mean()), 3) for k in heads}
 
 
 # --- stage C: UNet ------------------------------------------------------------------------------
@@ -478,7 +494,7 @@ def run(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
         log(cfg, f"tokenizer: {len(tokenizer)} tokens")
         vae = train_vae(cfg, scenes, images)
         if cfg.te_steps > 0:
-            init = (make_unet(cfg), pretrain_text_encoder(cfg, scenes, tokenizer))
+            init = (make_unet(cfg), pretrain_text_encoder(cfg, scenes, tokenizer)[0])
     vae_error = vae_check(vae, images[-32:], cfg.device)
     log(cfg, f"vae reconstruction error: {vae_error:.2f} / 255 (mean abs)")
     latents = encode_latents(cfg, vae, images, keep_scale=bool(cfg.init))
