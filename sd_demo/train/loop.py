@@ -6,6 +6,8 @@ whose position is checkpointed, and the optimizer / LR-schedule states are saved
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import threading
 import time
@@ -249,11 +251,17 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     start, losses = _restore(cfg, out, trainable, optimizer, lr_sched, streams)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    unet, optimizer, lr_sched = accelerator.prepare(pipe.unet, optimizer, lr_sched)
+    # The LR schedule stays outside accelerate, which would step it once per process per step: --steps counts
+    # optimizer steps whatever the number of processes.
+    if any(p.requires_grad for p in pipe.unet.parameters()):  # DDP refuses a module with nothing to train
+        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    else:  # textual inversion: only text-encoder rows train
+        unet, optimizer = pipe.unet, accelerator.prepare(optimizer)
     unet.train()
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
         loss = _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl)
+        _mean_text_encoder_grads(trainable, accelerator)
         optimizer.step()
         lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
@@ -276,6 +284,20 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     accelerator.wait_for_everyone()
     files = _finish(cfg, model, trainable, unet, out, losses) if accelerator.is_main_process else []
     return TrainResult(out, files, cfg.steps, losses[-1] if losses else None, losses, report_warnings(report))
+
+
+def _mean_text_encoder_grads(trainable, accelerator) -> None:
+    """Under multi-process training DDP averages the UNet's gradients; text-encoder parts that train (textual
+    inversion rows, text-encoder LoRA, full text encoder) are not in DDP's module, so average them here, or each
+    process would drift to its own weights."""
+    if accelerator.num_processes == 1:
+        return
+    for name, mod in trainable.modules.items():
+        if name == "unet":
+            continue
+        for p in mod.parameters():
+            if p.requires_grad and p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
 def _restore(cfg, out, trainable, optimizer, lr_sched, streams) -> tuple[int, list[float]]:
@@ -342,14 +364,21 @@ def _stream_loss(cfg, g, unet, stream: Stream, text, noise_sched, accelerator, s
 
 
 def _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl) -> float:
-    """One optimizer step's forward/backward passes (grad_accum micro-batches); returns the mean loss."""
-    # Per-process noise under multi-GPU; with one process this is step_generator(seed, step).
-    g = step_generator(cfg.seed, step * accelerator.num_processes + accelerator.process_index)
+    """One optimizer step's forward/backward passes (grad_accum micro-batches); returns the mean loss.
+
+    Each micro-batch draws its randomness from a generator seeded by its global batch number, the same number that
+    picks its data (micro-batch k of process r trains batch (step * grad_accum + k) * P + r of P processes). So
+    P processes with grad_accum A train exactly what one process with grad_accum P * A trains: DDP's gradient mean
+    equals the accumulated sum of loss / (P * A), up to float rounding."""
+    procs = accelerator.num_processes
     total = 0.0
-    for _ in range(cfg.grad_accum):
+    for k in range(cfg.grad_accum):
+        g = step_generator(cfg.seed, (step * cfg.grad_accum + k) * procs + accelerator.process_index)
         loss = sum(s.weight * _stream_loss(cfg, g, unet, s, text, noise_sched, accelerator, sdxl) for s in streams)
         loss = loss / cfg.grad_accum
         if loss.requires_grad:  # textual inversion: a batch whose captions all dropped the token has no gradient
-            accelerator.backward(loss)
+            # DDP all-reduces gradients only on the last micro-batch; the earlier ones accumulate locally.
+            with accelerator.no_sync(unet) if k < cfg.grad_accum - 1 else contextlib.nullcontext():
+                accelerator.backward(loss)
         total += loss.item()
     return total
