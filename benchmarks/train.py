@@ -1,13 +1,14 @@
 """Our LoRA training step vs a stock recipe written the way diffusers' train_text_to_image_lora example does it.
 
-    python benchmarks/train.py [--model DIR] [--steps 40] [--resolution 64] [--batch 2] [--images 16]
+    python benchmarks/train.py [--model DIR] [--steps 40] [--resolution 64] [--batch 2] [--images 16] [--compile]
 
 Stock: every step loads and transforms the images, runs the VAE encoder and the text encoder, then the UNet.
 Ours: ``sd_demo.train.loop.train`` (latents and text embeddings cached once). Same model, data, LoRA config
 (rank 8 on to_q/k/v/out), batch, resolution, lr and step count. Each side runs in its own child process so its peak
 RSS is its own. Prints s/step (steady state, after the first 5 steps), total wall time including one-off caching,
 peak RSS, and the mean loss of the last half of the run for both (the curves should match in level).
-Without --model a tiny random SD 1.x model is built in a temp dir.
+Without --model a tiny random SD 1.x model is built in a temp dir. ``--compile`` adds a third side, ours with
+``--compile`` (torch.compile of the UNet): its steady state excludes the compile, which its wall time shows.
 """
 from __future__ import annotations
 
@@ -37,14 +38,15 @@ def make_data(folder: Path, n: int, res: int) -> None:
         (folder / f"{i:03d}.txt").write_text(f"a circle number {i % 4}")
 
 
-def run_ours(a) -> dict:
+def run_ours(a, compile: bool = False) -> dict:
     from sd_demo.train.config import TrainConfig
     from sd_demo.train.loop import train
 
     stamps = []
     t0 = time.perf_counter()
     cfg = TrainConfig(method="lora", model=a.model, data=a.data, out=tempfile.mkdtemp(), steps=a.steps,
-                      resolution=a.resolution, batch=a.batch, rank=8, alpha=8, lr=1e-4, seed=0, overwrite=True)
+                      resolution=a.resolution, batch=a.batch, rank=8, alpha=8, lr=1e-4, seed=0, overwrite=True,
+                      compile=compile)
     result = train(cfg, on_event=lambda ev: stamps.append(time.perf_counter()))
     return {"stamps": stamps, "wall": time.perf_counter() - t0, "losses": result.losses}
 
@@ -101,12 +103,13 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--images", type=int, default=16)
-    ap.add_argument("--side", choices=["ours", "stock"], help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action="store_true", help="also time ours with --compile")
+    ap.add_argument("--side", choices=["ours", "stock", "ours-compiled"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.side:
-        res = run_ours(a) if a.side == "ours" else run_stock(a)
+        res = run_stock(a) if a.side == "stock" else run_ours(a, compile=a.side == "ours-compiled")
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Path(a.out).write_text(json.dumps(res))
         return
@@ -117,22 +120,24 @@ def main() -> None:
         a.model = str(build_tiny_sd("sd15", tmp / "tiny-sd15"))
     make_data(tmp / "data", a.images, a.resolution)
     results = {}
-    for side in ("stock", "ours"):
+    for side in ("stock", "ours") + (("ours-compiled",) if a.compile else ()):
         out = tmp / f"{side}.json"
         subprocess.run([sys.executable, __file__, "--side", side, "--model", a.model, "--data", str(tmp / "data"),
                         "--steps", str(a.steps), "--resolution", str(a.resolution), "--batch", str(a.batch),
                         "--out", str(out)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         results[side] = json.loads(out.read_text())
     print(f"model: {a.model}\n{a.resolution}px, batch {a.batch}, {a.steps} steps, {a.images} images, LoRA rank 8")
-    print(f"{'':8}{'s/step':>10}{'wall s':>9}{'peak RSS MB':>13}{'mean loss (2nd half)':>22}")
+    print(f"{'':14}{'s/step':>10}{'wall s':>9}{'peak RSS MB':>13}{'mean loss (2nd half)':>22}")
     per = {}
     for side, r in results.items():
         st = r["stamps"][5:]
         per[side] = (st[-1] - st[0]) / (len(st) - 1)
         half = r["losses"][len(r["losses"]) // 2:]
-        print(f"{side:8}{per[side]:>10.4f}{r['wall']:>9.1f}{r['peak_rss_mb']:>13.0f}{sum(half) / len(half):>22.4f}")
+        print(f"{side:14}{per[side]:>10.4f}{r['wall']:>9.1f}{r['peak_rss_mb']:>13.0f}{sum(half) / len(half):>22.4f}")
     print(f"speed-up stock/ours per step: {per['stock'] / per['ours']:.2f}x   "
           f"peak RSS ours/stock: {results['ours']['peak_rss_mb'] / results['stock']['peak_rss_mb']:.2f}")
+    if "ours-compiled" in per:
+        print(f"speed-up stock/ours-compiled per step: {per['stock'] / per['ours-compiled']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -70,3 +70,13 @@ def app_server(tiny_model_dirs, tmp_path_factory):
     _, url, _ = app.launch(demo, args, prevent_thread_lock=True, quiet=True)
     yield url, demo.engine
     demo.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (minutes on a 2-core CPU) run only when asked for: ``-m slow``."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -272,6 +272,24 @@ def test_dreambooth_with_prior_preservation(tiny_model_dirs, data_dir, tmp_path)
     assert with_prior.losses[0] > no_prior.losses[0]
 
 
+def test_class_word_generates_class_images_from_the_instance_captions(tiny_model_dirs, tmp_path):
+    from sd_demo.infotext import read_png
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, caption in enumerate(["a red sks on grass", "SKS at the beach"]):
+        Image.new("RGB", (64, 64), (200, 40 * i, 40)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption)
+    train(config(tiny_model_dirs["sd15"], data, tmp_path / "out", method="dreambooth", trigger="sks", steps=1,
+                 class_word="dog", num_class_images=3, caption_dropout=0.0))
+    folder = tmp_path / "out" / "class_images"
+    prompts = [(folder / f"class-{i:04d}.txt").read_text() for i in range(3)]
+    assert prompts == ["a red dog on grass", "dog at the beach", "a red dog on grass"]
+    assert read_png(folder / "class-0001.png").prompt == "dog at the beach"
+    with pytest.raises(ValueError, match="class_word: needs --trigger"):
+        train(config(tiny_model_dirs["sd15"], data, tmp_path / "o2", method="lora", class_word="dog"))
+
+
 def test_full_finetune_exports_a_loadable_model(tiny_model_dirs, data_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -364,3 +382,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_compiled_unet_trains_the_same_lora(tiny_model_dirs, data_dir, tmp_path, uninterrupted):
+    """--compile (torch.compile, inductor) changes speed, not what is learned."""
+    result = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, compile=True))
+    assert result.losses == pytest.approx(uninterrupted[1].losses, abs=1e-4)
+    assert max_diff(lora_tensors(tmp_path), lora_tensors(uninterrupted[0])) <= 1e-4

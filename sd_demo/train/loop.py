@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -202,20 +203,33 @@ def make_stream(cfg: TrainConfig, pipe, path: str, prompt: str | None, trigger: 
     return stream, report
 
 
-def make_class_images(cfg: TrainConfig, model, out: Path) -> Path:
-    """DreamBooth prior preservation: class images from the base model (before any adapter), kept in out/."""
+def class_prompts(cfg: TrainConfig, captions: list[str]) -> list[str]:
+    """The prompts class images are generated from: --class-prompt, or with --class-word each instance caption
+    with the trigger replaced by the class word, so instance and class prompts differ in that word alone and the
+    adapter learns what the trigger means rather than what the instance captions' phrasing means."""
+    if not cfg.class_word:
+        return [cfg.class_prompt]
+    word = re.compile(rf"(?<!\w){re.escape(cfg.trigger.strip())}(?!\w)", re.IGNORECASE)
+    return [word.sub(cfg.class_word, c) for c in captions]
+
+
+def make_class_images(cfg: TrainConfig, model, out: Path, captions: list[str]) -> Path:
+    """DreamBooth prior preservation: class images from the base model (before any adapter), kept in out/, each
+    with its prompt in a sidecar .txt."""
     from ..generate import GenerationParams, generate
     from ..infotext import write_png
 
     folder = out / "class_images"
     folder.mkdir(exist_ok=True)
+    prompts = class_prompts(cfg, captions)
     have = len(list(folder.glob("*.png")))
     for i in range(have, cfg.num_class_images):  # resumable: existing images are kept
-        params = GenerationParams(prompt=cfg.class_prompt, steps=20, seed=cfg.seed + i, width=cfg.resolution,
+        prompt = prompts[i % len(prompts)]
+        params = GenerationParams(prompt=prompt, steps=20, seed=cfg.seed + i, width=cfg.resolution,
                                   height=cfg.resolution)
         r = generate(model, params, preview_every=0)
         write_png(r.images[0], folder / f"class-{i:04d}.png", r.infotexts[0])
-        (folder / f"class-{i:04d}.txt").write_text(cfg.class_prompt)
+        (folder / f"class-{i:04d}.txt").write_text(prompt)
     return folder
 
 
@@ -234,10 +248,11 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     streams, report = [], None
     instance, report = make_stream(cfg, pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
     streams.append(instance)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device == "cpu")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device == "cpu",
+                              dynamo_backend="inductor" if cfg.compile else "no")
     if cfg.method == Method.DREAMBOOTH.value and cfg.num_class_images:
         if accelerator.is_main_process:  # one process generates, the others wait and read the same files
-            make_class_images(cfg, model, out)
+            make_class_images(cfg, model, out, [ex.caption for ex in instance.dataset.examples])
         accelerator.wait_for_everyone()
         class_dir = out / "class_images"
         streams.append(make_stream(cfg, pipe, str(class_dir), cfg.class_prompt, None, cfg.seed + 1,
