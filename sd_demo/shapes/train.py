@@ -1,15 +1,17 @@
 """Train the embedded shapes model from nothing: ``python -m sd_demo.shapes train --out DIR [--max-minutes 110]``.
 
-Stages (each a small function): make_dataset -> make_tokenizer -> train_vae -> encode_latents -> train_unet
--> export. Every component is the real Stable Diffusion architecture at small scale (AutoencoderKL with 8x
-downsampling and 4 latent channels, CLIPTextModel + CLIP BPE tokenizer, UNet2DConditionModel with cross-attention,
-SD's scaled_linear 1000-step schedule), saved in diffusers layout so ``StableDiffusionPipeline.from_pretrained``
-and the app's loader read it, and the Training tab's "full" method can continue training it.
+Stages (each a small function): make_dataset -> make_tokenizer -> train_vae -> pretrain_text_encoder ->
+encode_latents -> train_unet -> export. Every component is the real Stable Diffusion architecture at small scale
+(AutoencoderKL with 8x downsampling and 4 latent channels, CLIPTextModel + CLIP BPE tokenizer, UNet2DConditionModel
+with cross-attention, SD's scaled_linear 1000-step schedule), saved in diffusers layout so
+``StableDiffusionPipeline.from_pretrained`` and the app's loader read it, and the Training tab's "full" method can
+continue training it.
 
-Seeded (torch + numpy); with a time budget the number of steps depends on the machine's speed (the learning-rate
-schedules follow the time spent), pass ``--unet-steps N --vae-steps M --vae-minutes 1000`` for a run that is
-reproducible step for step. ``--device cuda`` runs the same stages on a GPU; ``--init DIR`` continues from a model.
-The training set is the train split only: held-out (shape, colour, background) triples never appear.
+Seeded (torch + numpy). The VAE and text-encoder stages run fixed step counts; the UNet stage trains until the time
+budget is spent (its learning-rate schedule follows the time), so its step count depends on the machine's speed:
+pass ``--unet-steps N`` for a run that is reproducible step for step. ``--device cuda`` runs the same stages on a
+GPU; ``--init DIR`` continues from a model. The training set is the train split only: held-out (shape, colour,
+background) triples never appear.
 """
 from __future__ import annotations
 
