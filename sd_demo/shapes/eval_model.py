@@ -211,10 +211,11 @@ def training_md(model, runs, args, eval_command: str) -> str:
     if info:
         lines += [
             f"- Wall time: {info.get('minutes', 0):.1f} min on "
-            f"{'the 2-core CPU (shared with other jobs)' if cfg.get('device', 'cpu') == 'cpu' else cfg['device']}, "
+            f"{'the 2-core CPU' if cfg.get('device', 'cpu') == 'cpu' else cfg['device']}, "
             f"{info.get('unet_steps')} UNet steps of batch {cfg.get('batch')}, final loss "
             f"{info.get('final_loss', 0):.4f}; VAE: {info.get('vae_steps')} steps, reconstruction error "
-            f"{info.get('vae_error', float('nan')):.2f} / 255.",
+            f"{info.get('vae_error', float('nan')):.2f} / 255; text encoder: {cfg.get('te_steps', 0)} steps naming "
+            "the attributes of captions before the UNet stage, then frozen.",
             f"- Config: `{json.dumps(cfg)}`",
             "",
         ]
