@@ -215,7 +215,8 @@ def training_md(model, runs, args, eval_command: str) -> str:
             f"{info.get('unet_steps')} UNet steps of batch {cfg.get('batch')}, final loss "
             f"{info.get('final_loss', 0):.4f}; VAE: {info.get('vae_steps')} steps, reconstruction error "
             f"{info.get('vae_error', float('nan')):.2f} / 255; text encoder: {cfg.get('te_steps', 0)} steps naming "
-            "the attributes of captions before the UNet stage, then frozen.",
+            "the attributes of captions before the UNet stage, then "
+            f"{'frozen' if not cfg.get('te_lr_scale') else 'trained at %g x the UNet learning rate' % cfg['te_lr_scale']}.",
             f"- Config: `{json.dumps(cfg)}`",
             "",
         ]
