@@ -283,9 +283,11 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         losses.append(loss)
         done = step + 1
         images = []
-        if cfg.validation_prompt and cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.steps:
-            images = _validation_images(model, cfg, unet)
-        if on_event:
+        main = accelerator.is_main_process  # under multi-GPU one process samples and reports progress
+        if (main and cfg.validation_prompt and cfg.validation_every and done % cfg.validation_every == 0
+                and done < cfg.steps):
+            images = _validation_images(model, cfg, unet)  # samples through pipe.unet, not the DDP wrapper
+        if on_event and main:
             rate = (time.perf_counter() - t0) / (done - start)
             on_event(TrainEvent(done, cfg.steps, loss, lr_sched.get_last_lr()[0], rate, rate * (cfg.steps - done),
                                 images))
