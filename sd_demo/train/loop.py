@@ -248,8 +248,7 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     streams, report = [], None
     instance, report = make_stream(cfg, pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
     streams.append(instance)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device == "cpu",
-                              dynamo_backend="inductor" if cfg.compile else "no")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device == "cpu")
     if cfg.method == Method.DREAMBOOTH.value and cfg.num_class_images:
         if accelerator.is_main_process:  # one process generates, the others wait and read the same files
             make_class_images(cfg, model, out, [ex.caption for ex in instance.dataset.examples])
@@ -272,6 +271,8 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
     else:  # textual inversion: only text-encoder rows train
         unet, optimizer = pipe.unet, accelerator.prepare(optimizer)
+    if cfg.compile:  # here, not through Accelerator(dynamo_backend=...): accelerate's state is per process, and
+        unet = torch.compile(unet)  # a second training in the same process (the UI) would silently not compile
     unet.train()
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
