@@ -46,7 +46,8 @@ class TrainConfig:
     mixed_precision: str = _f("no", "no | fp16 | bf16 (GPU only)", choices=list(PRECISIONS))
     gradient_checkpointing: bool = _f(False, "trade compute for memory")
     compile: bool = _f(False, "torch.compile the UNet (inductor, like kohya's --torch_compile): the first step "
-                              "compiles for a minute or more, later steps are faster; for long runs")
+                              "compiles for a minute or more; meant for GPUs and big models (on a 2-core CPU it was "
+                              "no faster, see BENCHMARKS.md)")
     train_text_encoder: bool = _f(False, "also train the text encoder (LoRA on it, or fully for 'full')")
     target_modules: str = _f("to_q,to_k,to_v,to_out.0", "comma-separated UNet modules that get LoRA")
     center_crop: bool = _f(True, "centre crop (else random crop) after resizing")
