@@ -80,3 +80,11 @@ def test_text_encoder_stage_names_attributes_of_captions_it_never_read(tmp_path)
     assert min(trained.values()) >= 0.97, trained
     untrained = attribute_accuracy(make_text_encoder(cfg, tok), heads, tok, unseen)
     assert max(untrained.values()) < 0.9, untrained
+
+
+def test_a_text_encoder_neither_pretrained_nor_trained_is_refused(tmp_path):
+    from sd_demo.shapes.train import TrainConfig, run
+
+    with pytest.raises(ValueError, match="te_lr_scale: .* would stay random"):
+        run(TrainConfig(out=tmp_path, te_steps=0, te_lr_scale=0.0))
+    assert not any(tmp_path.iterdir())  # refused before writing anything

@@ -481,6 +481,9 @@ def command_line(argv: list[str] | None = None) -> str:
 def run(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     from .tokenizer import make_tokenizer
 
+    if not cfg.init and cfg.te_steps == 0 and cfg.te_lr_scale == 0:
+        raise ValueError("te_lr_scale: with --te-steps 0 and --te-lr-scale 0 the text encoder would stay random; "
+                         "give --te-lr-scale 1 to train it with the UNet")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)

@@ -291,10 +291,15 @@ def _read_caption(path: Path) -> str:
         raise ValueError(f"caption file '{path.name}' is not UTF-8 text; re-save it as UTF-8") from None
 
 
+def trigger_pattern(trigger: str) -> re.Pattern:
+    """``trigger`` as a whole word, case-insensitive (as CLIP is)."""
+    return re.compile(rf"(?<!\w){re.escape(trigger.strip())}(?!\w)", re.IGNORECASE)
+
+
 def add_trigger(caption: str, trigger: str | None) -> str:
-    """Prepend ``trigger`` unless the caption already contains it as a word (case-insensitive, as CLIP is)."""
+    """Prepend ``trigger`` unless the caption already contains it as a word."""
     trigger = (trigger or "").strip()
-    if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, re.IGNORECASE):
+    if not trigger or trigger_pattern(trigger).search(caption):
         return caption
     return f"{trigger}, {caption}" if caption else trigger
 

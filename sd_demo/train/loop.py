@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from . import checkpoint as ckpt
 from . import methods
 from .card import write_card
 from .config import Method, TrainConfig
-from .data import BucketBatchSampler, DataConfig, TrainDataset, load_example, scan_dataset, to_tensor
+from .data import (BucketBatchSampler, DataConfig, TrainDataset, load_example, scan_dataset, to_tensor,
+                   trigger_pattern)
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def class_prompts(cfg: TrainConfig, captions: list[str]) -> list[str]:
     adapter learns what the trigger means rather than what the instance captions' phrasing means."""
     if not cfg.class_word:
         return [cfg.class_prompt]
-    word = re.compile(rf"(?<!\w){re.escape(cfg.trigger.strip())}(?!\w)", re.IGNORECASE)
+    word = trigger_pattern(cfg.trigger)
     return [word.sub(cfg.class_word, c) for c in captions]
 
 
