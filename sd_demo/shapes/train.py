@@ -85,6 +85,9 @@ class TrainConfig:
     # (32, 64, 128, 128) UNet, and only this width reached the shape bar in earlier runs.
     unet_channels: tuple = (64, 128, 192)
     unet_layers: int = 1
+    # Channels per attention head. diffusers' default for this width (8 heads) gives 8-channel heads, which CPU
+    # attention kernels run badly: 32-channel heads make a batch-32 step 0.49 s instead of 0.67 s, same weights.
+    unet_head_dim: int = 32
     unet_norm_groups: int = 32
     text_hidden: int = 128
     text_layers: int = 3
@@ -160,7 +163,9 @@ def make_unet(cfg: TrainConfig):
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers,
-        cross_attention_dim=cfg.text_hidden, attention_head_dim=8, norm_num_groups=cfg.unet_norm_groups,
+        cross_attention_dim=cfg.text_hidden, norm_num_groups=cfg.unet_norm_groups,
+        # diffusers' attention_head_dim is, for this class, the number of heads per block
+        attention_head_dim=tuple(max(1, c // cfg.unet_head_dim) for c in cfg.unet_channels),
     )
 
 
