@@ -64,6 +64,16 @@ def test_training_changes_weights_and_writes_outputs(uninterrupted):
     assert card.startswith("---\n") and "base_model:" in card and "| rank | 4 |" in card
 
 
+def test_a_later_run_in_the_same_process_may_change_precision(tiny_model_dirs, data_dir, tmp_path, uninterrupted):
+    """The UI trains many times in one process. accelerate's per-process state used to pin the first run's
+    precision: a bf16 run after an fp32 one failed with "AcceleratorState has already been initialized"."""
+    from accelerate.state import AcceleratorState
+
+    result = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=2, mixed_precision="bf16"))
+    assert AcceleratorState().mixed_precision == "bf16"
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+
+
 def test_stop_and_resume_equals_uninterrupted(tiny_model_dirs, data_dir, tmp_path, uninterrupted):
     cancel = threading.Event()
     first = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path),

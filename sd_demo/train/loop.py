@@ -192,6 +192,21 @@ class Stream:
         self.batches = Batches(self.sampler)
 
 
+def make_accelerator(mixed_precision: str, cpu: bool):
+    """An Accelerator with this run's precision and device. accelerate keeps one state per process, so a process
+    that trains twice (the UI) would get "AcceleratorState has already been initialized ... restart your runtime"
+    when the second run asks for another precision or device. A single process starts the state afresh; under
+    ``accelerate launch`` the state belongs to the launcher and stays."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)  # private, but the documented way to start over
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
 def make_stream(cfg: TrainConfig, pipe, path: str, prompt: str | None, trigger: str | None, seed: int,
                 weight: float = 1.0) -> tuple[Stream, object]:
     dcfg = DataConfig(path=path, resolution=cfg.resolution, instance_prompt=prompt, trigger=trigger,
@@ -236,7 +251,6 @@ def make_class_images(cfg: TrainConfig, model, out: Path, captions: list[str]) -
 def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None,
           cancel: threading.Event | None = None) -> TrainResult:
     """Run a whole training job; ``cancel`` stops it after the current step with a resumable checkpoint."""
-    from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
@@ -248,7 +262,7 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     streams, report = [], None
     instance, report = make_stream(cfg, pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
     streams.append(instance)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=model.device == "cpu")
+    accelerator = make_accelerator(cfg.mixed_precision, cpu=model.device == "cpu")
     if cfg.method == Method.DREAMBOOTH.value and cfg.num_class_images:
         if accelerator.is_main_process:  # one process generates, the others wait and read the same files
             make_class_images(cfg, model, out, [ex.caption for ex in instance.dataset.examples])
@@ -271,8 +285,8 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
     else:  # textual inversion: only text-encoder rows train
         unet, optimizer = pipe.unet, accelerator.prepare(optimizer)
-    if cfg.compile:  # here, not through Accelerator(dynamo_backend=...): accelerate's state is per process, and
-        unet = torch.compile(unet)  # a second training in the same process (the UI) would silently not compile
+    if cfg.compile:  # here, not through Accelerator(dynamo_backend=...), which a launcher's state overrides
+        unet = torch.compile(unet)
     unet.train()
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
