@@ -8,7 +8,7 @@ def add_field_flags(parser: argparse.ArgumentParser, field_list, none_type=str) 
     """One flag per config-dataclass field (name, default, metadata): --negative-prompt, --steps, --rank, ...
 
     Booleans become --x / --no-x switches; tuples take one or more values of their items' type; a field whose
-    default is None takes ``none_type`` values. Metadata may give "help", "choices" and "flag".
+    default is None takes ``none_type`` values. Metadata may give "help", "choices", "flag" and "type".
     """
     for name, default, meta in field_list:
         flag = meta.get("flag") or "--" + name.replace("_", "-")
@@ -22,7 +22,7 @@ def add_field_flags(parser: argparse.ArgumentParser, field_list, none_type=str) 
         if isinstance(default, tuple):
             kw.update(type=type(default[0]), nargs="+")
         else:
-            kw["type"] = type(default) if default is not None else none_type
+            kw["type"] = meta.get("type") or (type(default) if default is not None else none_type)
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
         parser.add_argument(flag, **kw)

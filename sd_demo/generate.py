@@ -40,7 +40,8 @@ class GenerationParams:
     prompt: str = _f("", "what to draw")
     negative_prompt: str = _f("", "what to avoid")
     steps: int = _f(20, f"denoising steps, 1-{MAX_STEPS} (20 is A1111's default)")
-    guidance_scale: float = _f(7.0, "CFG scale: how strongly to follow the prompt (0 = ignore it)", flag="--guidance")
+    guidance_scale: float | None = _f(None, "CFG scale: how strongly to follow the prompt (0 = ignore it; default: "
+                                         "what the model card recommends, else 7)", flag="--guidance", type=float)
     width: int | None = _f(None, "image width in px, multiple of 8 (default: the model's native size)")
     height: int | None = _f(None, "image height in px, multiple of 8 (default: the model's native size)")
     seed: int = _f(-1, "random seed; -1 picks one at random (the used seed is reported)")
@@ -58,7 +59,7 @@ class GenerationParams:
             bad("prompt", "must be text")
         if not 1 <= int(self.steps) <= MAX_STEPS:
             bad("steps", f"{self.steps} is out of range; use 1 to {MAX_STEPS}")
-        if not 0 <= float(self.guidance_scale) <= 50:
+        if self.guidance_scale is not None and not 0 <= float(self.guidance_scale) <= 50:
             bad("guidance_scale", f"{self.guidance_scale} is out of range; use 0 to 50")
         for name in ("width", "height"):
             v = getattr(self, name)
@@ -112,7 +113,7 @@ def check_inputs(model: LoadedModel, params: GenerationParams) -> GenerationPara
         steps=int(params.steps),
         batch_size=int(params.batch_size),
         clip_skip=int(params.clip_skip),
-        guidance_scale=float(params.guidance_scale),
+        guidance_scale=float(model.default_guidance if params.guidance_scale is None else params.guidance_scale),
     )
 
 

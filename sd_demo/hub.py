@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 SAFE_WEIGHTS = (".safetensors",)
 PICKLE_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Small files every component needs: configs, tokenizer vocabularies, the pipeline index.
-CONFIG_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model")
+# The model card (README.md) comes too: it may recommend generation settings (``recommended_guidance``).
+CONFIG_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model", "README.md")
 # Components whose weights we load; other folders (safety_checker, feature_extractor) are never fetched.
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -74,6 +75,35 @@ class WeightPlan:
     files: list[str]  # repo paths to download
     variant: str | None  # diffusers/transformers variant to load ("fp16") or None
     pickle: bool  # weights come from pickle files (only with allow_pickle)
+
+
+def recommended_guidance(folder: Path) -> float | None:
+    """The CFG scale a model's card recommends, in the Hub's convention for widget settings: README.md front matter
+    ``inference: {parameters: {guidance_scale: X}}``. None when the card says nothing usable."""
+    from huggingface_hub import metadata_load
+
+    card = Path(folder) / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        meta = metadata_load(card) or {}
+    except Exception as exc:  # a malformed card must not stop the model from loading
+        log.warning("%s: front matter not readable (%s); using the default CFG scale", card, exc)
+        return None
+    inference = meta.get("inference")
+    params = inference.get("parameters") if isinstance(inference, dict) else None
+    value = params.get("guidance_scale") if isinstance(params, dict) else None
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 <= value <= 50:
+        log.warning("%s: guidance_scale %r is not a number from 0 to 50; using the default", card,
+                    params["guidance_scale"])
+        return None
+    return value
 
 
 def plan_download(files: list[str], repo_label: str, *, want_fp16: bool, allow_pickle: bool) -> WeightPlan:

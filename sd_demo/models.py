@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_DIR = ASSETS / "shapes-sd"
+DEFAULT_GUIDANCE = 7.0  # A1111's CFG scale, for models whose card recommends none
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("auto", "sdpa", "xformers")
@@ -165,6 +166,7 @@ class LoadedModel:
     attention_reason: str
     folder: Path
     default_size: int  # native resolution in px
+    default_guidance: float = DEFAULT_GUIDANCE  # CFG scale when a request names none (the model card's)
     base_scheduler_config: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per pipeline
     preview_map: Any = None  # (W, b) latent -> RGB, fitted lazily by preview.py
@@ -315,8 +317,13 @@ def load_model(
         attention_reason=reason,
         folder=folder,
         default_size=int(pipe.unet.config.sample_size) * vae_scale,
+        default_guidance=_or_default(hub.recommended_guidance(folder), DEFAULT_GUIDANCE),
         base_scheduler_config=dict(pipe.scheduler.config),
     )
+
+
+def _or_default(value, default):
+    return default if value is None else value  # 0 is a real setting (distilled models run without CFG)
 
 
 class PipelineCache:

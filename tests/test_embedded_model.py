@@ -7,13 +7,11 @@ import math
 
 import pytest
 
-from sd_demo import models
+from sd_demo import hub, models
 
 pytestmark = pytest.mark.skipif(not (models.EMBEDDED_DIR / "model_index.json").exists(),
                                 reason="embedded model not built (assets/shapes-sd is missing)")
 
-# The CFG scale documented in assets/shapes-sd/TRAINING.md as the model's default.
-GUIDANCE = 7.0
 BAR = {"background": 0.95, "color": 0.90, "shape": 0.85, "position": 0.80}  # issue 4, held-out prompts
 
 @pytest.fixture(scope="module")
@@ -46,13 +44,20 @@ def test_loads_with_plain_diffusers():
     assert len(pipe.tokenizer("zebras éclair 🙂").input_ids) > 2
 
 
+def test_model_card_recommends_the_cfg_scale_the_bar_was_measured_at(embedded):
+    """README.md (Hub card format) names the CFG scale; TRAINING.md holds a table measured at that scale."""
+    guidance = hub.recommended_guidance(models.EMBEDDED_DIR)
+    assert guidance is not None and embedded.default_guidance == guidance
+    assert f"CFG {guidance:g}: " in (models.EMBEDDED_DIR / "TRAINING.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def heldout_run(embedded):
     """16 held-out prompts (8 canonical, 8 with size and position), seed 0, 20 steps, the app's default sampler."""
     from sd_demo.shapes.eval_model import heldout_prompts, run_eval
 
     assert embedded.default_size == 128
-    return run_eval(embedded, heldout_prompts(16, seed=1), seeds=[0], steps=20, guidance=GUIDANCE)
+    return run_eval(embedded, heldout_prompts(16, seed=1), seeds=[0], steps=20, guidance=embedded.default_guidance)
 
 
 @pytest.mark.parametrize("attribute", list(BAR))
@@ -84,10 +89,11 @@ def test_app_starts_offline_on_the_embedded_model(monkeypatch, tmp_path):
     demo = app.build_demo(args)
     engine = demo.engine
     assert engine.cache.current is not None and engine.cache.current.ref.source == "embedded"
-    result, paths = engine.generate(GenerationParams(prompt="a red circle on a blue background", steps=20, seed=0,
-                                                     guidance_scale=GUIDANCE))
+    result, paths = engine.generate(GenerationParams(prompt="a red circle on a blue background", steps=20, seed=0))
     assert engine.cache.current.ref.source == "embedded" and engine.cache.current.folder == models.EMBEDDED_DIR
     assert result.images[0].size == (128, 128) and paths and paths[0].exists()
+    # the CFG scale the model card recommends (the scale its held-out table was measured at), not A1111's 7
+    assert result.infotexts[0].params["CFG scale"] == hub.recommended_guidance(models.EMBEDDED_DIR)
     from sd_demo.shapes import evaluate
 
     assert evaluate("a red circle on a blue background", result.images[0]).matches["background"]

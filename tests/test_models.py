@@ -126,3 +126,47 @@ def test_cache_reuses_and_frees_on_switch(tiny_model_dirs):
     assert cache.current is second
     cache.release()
     assert cache.current is None
+
+
+CARD = "---\nlicense: mit\ninference:\n  parameters:\n    guidance_scale: {}\n---\n# A model\n"
+
+
+@pytest.mark.parametrize("card, expected", [(CARD.format(3.5), 3.5), (CARD.format(0), 0.0),
+                                            (CARD.format("lots"), 7.0), (CARD.format(99), 7.0),
+                                            ("---\ninference: true\n---\n", 7.0), ("no front matter", 7.0),
+                                            (None, 7.0)])
+def test_model_card_recommends_the_default_cfg_scale(tiny_model_dirs, tmp_path, card, expected):
+    """The Hub's widget settings (README front matter inference.parameters.guidance_scale) set the CFG scale a
+    request gets when it names none; 0 is honoured (distilled models), unusable values fall back to A1111's 7."""
+    import shutil
+
+    from sd_demo.generate import GenerationParams, generate
+    from sd_demo.infotext import format_infotext
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dirs["sd15"], folder)
+    (folder / "README.md").unlink(missing_ok=True)
+    if card is not None:
+        (folder / "README.md").write_text(card)
+    model = load_model(str(folder))
+    assert model.default_guidance == expected
+    run = generate(model, GenerationParams(prompt="a red circle", steps=2, seed=1))
+    assert f"CFG scale: {expected:g}," in format_infotext(run.infotexts[0])
+    if expected != 7.0:  # a request that names a CFG scale gets it, and it changes the image
+        named = generate(model, GenerationParams(prompt="a red circle", steps=2, seed=1, guidance_scale=7.0))
+        assert "CFG scale: 7," in format_infotext(named.infotexts[0])
+        assert named.images[0].tobytes() != run.images[0].tobytes()
+
+
+def test_download_plan_brings_the_model_card():
+    files = ["model_index.json", "README.md", "docs/README.md", "unet/config.json",
+             "unet/diffusion_pytorch_model.safetensors"]
+    plan = hub.plan_download(files, "r", want_fp16=False, allow_pickle=False)
+    assert "README.md" in plan.files and "docs/README.md" not in plan.files
+
+
+def test_embedded_model_card_carries_its_recommended_cfg(tmp_path):
+    from sd_demo.shapes.eval_model import model_card
+
+    (tmp_path / "README.md").write_text(model_card(4.5, 20, []))
+    assert hub.recommended_guidance(tmp_path) == 4.5

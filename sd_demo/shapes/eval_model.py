@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--training-md", type=Path,
                         help="write this TRAINING.md (architecture, sizes, training info, these tables)")
     parser.add_argument("--notes", type=Path, help="markdown appended to --training-md (findings, caveats)")
+    parser.add_argument("--recommend-guidance", type=float, metavar="CFG",
+                        help="with --training-md: also write the model card README.md next to it, recommending this "
+                             "CFG scale (the app's default for the model)")
     parser.add_argument("--train-command", default="python -m sd_demo.shapes train --out DIR",
                         help="the training command for --training-md when the model's train_info.json has none")
     args = parser.parse_args(argv)
@@ -132,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
             text += "\n" + args.notes.read_text()
         args.training_md.write_text(text)
         print(f"wrote {args.training_md}")
+        if args.recommend_guidance is not None:
+            card = args.training_md.parent / "README.md"
+            card.write_text(model_card(args.recommend_guidance, args.steps, runs))
+            print(f"wrote {card}")
 
 
 def _quote(arg: str) -> str:
@@ -243,6 +250,28 @@ def training_md(model, runs, args, eval_command: str) -> str:
             "",
         ]
     return "\n".join(lines) + "\n"
+
+
+def model_card(guidance: float, steps: int, runs) -> str:
+    """The model folder's README.md in the Hub's card format. ``inference.parameters`` is the Hub's place for
+    widget settings; the app reads guidance_scale from it as the model's default CFG scale."""
+    import yaml
+
+    meta = {"license": "apache-2.0", "library_name": "diffusers", "pipeline_tag": "text-to-image",
+            "tags": ["stable-diffusion", "text-to-image", "sd_demo"],
+            "inference": {"parameters": {"guidance_scale": guidance, "num_inference_steps": steps}}}
+    body = [
+        "# shapes-sd", "",
+        "A small Stable Diffusion (AutoencoderKL, CLIPTextModel, UNet2DConditionModel) trained from nothing by "
+        "sd_demo (`python -m sd_demo.shapes train`) on a synthetic world of coloured shapes; it runs offline on a "
+        "2-core CPU. Prompts such as \"a small red star at the top left on a blue background\" are understood.", "",
+        f"Recommended: CFG scale {guidance:g}, {steps} steps. How it was trained and the held-out tables for every CFG "
+        "scale measured are in [TRAINING.md](TRAINING.md).", "",
+    ]
+    for sampler, g, run in runs:
+        if g == guidance:
+            body += [f"Held-out prompts, {sampler}, CFG {g:g}:", "", format_table(run.report), ""]
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n" + "\n".join(body)
 
 
 def save_run(out: Path, run: EvalRun) -> None:

@@ -11,7 +11,7 @@ import gradio as gr
 from ..engine import Engine
 from ..generate import MAX_BATCH, MAX_SIDE, MAX_STEPS, GenerationParams
 from ..infotext import format_infotext
-from ..models import parse_lora
+from ..models import DEFAULT_GUIDANCE, parse_lora
 from ..sampling.registry import SAMPLERS, SCHEDULES
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def make_generate_fn(engine: Engine, public: bool):
         sampler: str = GenerationParams.sampler,
         schedule: str = GenerationParams.schedule,
         steps: int = GenerationParams.steps,
-        guidance_scale: float = GenerationParams.guidance_scale,
+        guidance_scale: float | None = None,  # None (API callers): the model's recommended CFG scale
         width: int | None = None,
         height: int | None = None,
         seed: int = -1,
@@ -78,9 +78,10 @@ def make_generate_fn(engine: Engine, public: bool):
             lora_list = [parse_lora(x.strip()) for x in (loras or "").split(",") if x.strip()]
             params = GenerationParams(
                 prompt=prompt or "", negative_prompt=negative_prompt or "", steps=int(steps),
-                guidance_scale=float(guidance_scale), width=int(width) if width else None,
-                height=int(height) if height else None, seed=int(seed if seed is not None else -1),
-                sampler=sampler, schedule=schedule, batch_size=int(batch_size), clip_skip=int(clip_skip),
+                guidance_scale=None if guidance_scale is None else float(guidance_scale),
+                width=int(width) if width else None, height=int(height) if height else None,
+                seed=int(seed if seed is not None else -1), sampler=sampler, schedule=schedule,
+                batch_size=int(batch_size), clip_skip=int(clip_skip),
             ).validate()
         except (ValueError, TypeError) as exc:
             raise gr.Error(str(exc)) from None
@@ -133,7 +134,9 @@ def _load_model_fn(engine: Engine, public: bool):
         except Exception as exc:
             raise _user_error(exc) from None
         size = loaded.default_size
-        return loaded.describe(), gr.update(value=size), gr.update(value=size)
+        # the new model's native size and the CFG scale its card recommends (A1111's 7 when it has none)
+        return (loaded.describe(), gr.update(value=size), gr.update(value=size),
+                gr.update(value=loaded.default_guidance))
 
     return load
 
@@ -142,6 +145,7 @@ def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab
     """Lay out the tab and wire its events; call inside a gr.Blocks context."""
     current = engine.cache.current
     size = current.default_size if current else 512
+    guidance = current.default_guidance if current else DEFAULT_GUIDANCE
     with gr.Row():
         model = gr.Dropdown(engine.model_choices(), value=engine.settings.model, label="Model",
                             allow_custom_value=not public, scale=4,
@@ -162,7 +166,7 @@ def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab
                 height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
             with gr.Row():
                 batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
-                cfg = gr.Slider(0, 30, value=GenerationParams.guidance_scale, step=0.5, label="CFG scale")
+                cfg = gr.Slider(0, 30, value=guidance, step=0.5, label="CFG scale")
             with gr.Row():
                 seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=4)
                 random_btn = gr.Button("🎲", scale=1, min_width=40)
@@ -195,7 +199,7 @@ def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab
 
     stop_btn.click(stop, None, None, queue=False, api_visibility="private")
     for trigger in (load_btn.click, model.select):  # the Load button, or picking a model from the list
-        trigger(_load_model_fn(engine, public), model, [model_status, width, height],
+        trigger(_load_model_fn(engine, public), model, [model_status, width, height, cfg],
                 api_visibility="private", concurrency_id="device", concurrency_limit=1)
     random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")
 

@@ -35,9 +35,10 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str) -> None:
         if info is None:
             raise gr.Error("drop a PNG with generation parameters first")
         params, ignored = params_from_infotext(info)
-        values = [params.prompt, params.negative_prompt, params.sampler, params.schedule, params.steps,
-                  params.guidance_scale, params.width or gr.skip(), params.height or gr.skip(), params.seed,
-                  params.batch_size, params.clip_skip]
+        cfg = gr.skip() if params.guidance_scale is None else params.guidance_scale  # absent: keep the slider's
+        values = [params.prompt, params.negative_prompt, params.sampler, params.schedule, params.steps, cfg,
+                  params.width or gr.skip(), params.height or gr.skip(), params.seed, params.batch_size,
+                  params.clip_skip]
         msg = f"Not applied: {', '.join(ignored)}" if ignored else ""
         return [*values, msg, gr.Tabs(selected=generate_tab_id)]
 
