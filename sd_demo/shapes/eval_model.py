@@ -84,6 +84,11 @@ def meets_bar(report: Report) -> bool:
     return all((report.accuracy(n) or 0.0) >= need for n, need in BAR.items())
 
 
+def bar_margin(report: Report) -> float:
+    """The smallest lead over the bar across its attributes (negative: missed by that much)."""
+    return min((report.accuracy(n) or 0.0) - need for n, need in BAR.items())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sd_demo.shapes eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,9 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--training-md", type=Path,
                         help="write this TRAINING.md (architecture, sizes, training info, these tables)")
     parser.add_argument("--notes", type=Path, help="markdown appended to --training-md (findings, caveats)")
-    parser.add_argument("--recommend-guidance", type=float, metavar="CFG",
+    parser.add_argument("--recommend-guidance", metavar="CFG|best",
                         help="with --training-md: also write the model card README.md next to it, recommending this "
-                             "CFG scale (the app's default for the model)")
+                             "CFG scale (the app's default for the model); 'best': of the --guidance values, the one "
+                             "whose worst attribute leads the bar most")
     parser.add_argument("--train-command", default="python -m sd_demo.shapes train --out DIR",
                         help="the training command for --training-md when the model's train_info.json has none")
     args = parser.parse_args(argv)
@@ -136,8 +142,10 @@ def main(argv: list[str] | None = None) -> None:
         args.training_md.write_text(text)
         print(f"wrote {args.training_md}")
         if args.recommend_guidance is not None:
+            guidance = (max(runs, key=lambda r: bar_margin(r[2].report))[1] if args.recommend_guidance == "best"
+                        else float(args.recommend_guidance))
             card = args.training_md.parent / "README.md"
-            card.write_text(model_card(args.recommend_guidance, args.steps, runs))
+            card.write_text(model_card(guidance, args.steps, runs))
             print(f"wrote {card}")
 
 
