@@ -98,6 +98,10 @@ def make_scheduler(sampler: str, schedule: str, base_config: dict):
         raise ValueError(f"schedule: '{resolved}' is not available for sampler '{sampler}'; choose Automatic or Uniform")
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}
     config.update({k: False for k in _SIGMA_KEYS if k in keys})
+    if "clip_sample" in keys and "clip_sample" not in config:
+        # DDIM/DDPM default to clipping x0 to [-1, 1], which is for pixels: latents often exceed it, and a model
+        # whose scheduler config never names the key (an Euler or DPM++ config) would get grey smudges.
+        config["clip_sample"] = False
     config.update(spec.overrides)
     config.update(wanted)
     return cls.from_config(config)
