@@ -387,14 +387,15 @@ def test_two_processes_average_text_encoder_gradients(tiny_model_dirs, data_dir,
     if method == "textual-inversion":
         specific, weights = ["--trigger", "<sq>", "--init-word", "red"], "learned_embeds.safetensors"
     else:
-        specific, weights = ["--train-text-encoder", "--rank", "4"], "pytorch_lora_weights.safetensors"
-    common = ["--method", method.split()[0], *specific, "--model", str(tiny_model_dirs["sd15"]), "--data",
-              str(data_dir), "--steps", "4", "--resolution", "64", "--batch", "2", "--lr", "0.05", "--seed", "3"]
+        specific, weights = ["--train-text-encoder", "--rank", "4", "--lr", "0.01"], "pytorch_lora_weights.safetensors"
+    common = ["--method", method.split()[0], "--lr", "0.05", *specific, "--model", str(tiny_model_dirs["sd15"]),
+              "--data", str(data_dir), "--steps", "4", "--resolution", "64", "--batch", "2", "--seed", "3"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *common, "--out", str(one), "--grad-accum", "2"]) == 0
     _train_in_two_processes([*common, "--out", str(two)])
     a, b = load_file(str(one / weights)), load_file(str(two / weights))
-    # Measured without the loop's averaging: textual inversion 0.26 apart.
+    # Measured: 3.7e-6 for the LoRA; without the loop's averaging, textual inversion is 0.26 apart and the
+    # text-encoder LoRA 0.063.
     assert max_diff(a, b) <= 1e-4
 
 
