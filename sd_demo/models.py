@@ -307,6 +307,7 @@ def load_model(
     apply_attention(pipe, backend)
     log.info("loaded %s (%s) on %s %s; attention: %s", ref.label, family, dev, dtype_name(dt), reason)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    guidance = hub.recommended_guidance(folder)
     return LoadedModel(
         pipe=pipe,
         ref=ref,
@@ -317,13 +318,9 @@ def load_model(
         attention_reason=reason,
         folder=folder,
         default_size=int(pipe.unet.config.sample_size) * vae_scale,
-        default_guidance=_or_default(hub.recommended_guidance(folder), DEFAULT_GUIDANCE),
+        default_guidance=DEFAULT_GUIDANCE if guidance is None else guidance,  # 0 is real (distilled models)
         base_scheduler_config=dict(pipe.scheduler.config),
     )
-
-
-def _or_default(value, default):
-    return default if value is None else value  # 0 is a real setting (distilled models run without CFG)
 
 
 class PipelineCache:

@@ -263,7 +263,7 @@ def training_md(model, runs, args, eval_command: str) -> str:
 def model_card(guidance: float, steps: int, runs) -> str:
     """The model folder's README.md in the Hub's card format. ``inference.parameters`` is the Hub's place for
     widget settings; the app reads guidance_scale from it as the model's default CFG scale."""
-    import yaml
+    from ..train.card import card_text
 
     meta = {"license": "apache-2.0", "library_name": "diffusers", "pipeline_tag": "text-to-image",
             "tags": ["stable-diffusion", "text-to-image", "sd_demo"],
@@ -279,7 +279,7 @@ def model_card(guidance: float, steps: int, runs) -> str:
     for sampler, g, run in runs:
         if g == guidance:
             body += [f"Held-out prompts, {sampler}, CFG {g:g}:", "", format_table(run.report), ""]
-    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n" + "\n".join(body)
+    return card_text(meta, "\n".join(body))
 
 
 def save_run(out: Path, run: EvalRun) -> None:

@@ -60,5 +60,10 @@ Final training loss: {f"{final_loss:.4f}" if final_loss is not None else "n/a"}
 {gallery or "(no validation prompt was given)"}
 """
     path = out / "README.md"
-    path.write_text(f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n{body}")
+    path.write_text(card_text(meta, body))
     return path
+
+
+def card_text(meta: dict, body: str) -> str:
+    """A Hub model card: YAML front matter (the Hub reads license, tags, widget settings from it), then markdown."""
+    return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n{body}"
