@@ -96,14 +96,13 @@ def recommended_guidance(folder: Path) -> float | None:
     if value is None:
         return None
     try:
-        value = float(value)
+        guidance = float(value)
     except (TypeError, ValueError):
-        value = -1.0
-    if not 0 <= value <= 50:
-        log.warning("%s: guidance_scale %r is not a number from 0 to 50; using the default", card,
-                    params["guidance_scale"])
+        guidance = None
+    if guidance is None or not 0 <= guidance <= 50:
+        log.warning("%s: guidance_scale %r is not a number from 0 to 50; using the default", card, value)
         return None
-    return value
+    return guidance
 
 
 def plan_download(files: list[str], repo_label: str, *, want_fp16: bool, allow_pickle: bool) -> WeightPlan:
