@@ -1,9 +1,10 @@
 """Train the embedded shapes model from nothing: ``python -m sd_demo.shapes train --out DIR [--max-minutes 110]``.
 
 Stages (each a small function): make_dataset -> make_tokenizer -> train_vae -> pretrain_text_encoder ->
-encode_latents -> train_unet (main stage, then a detail stage) -> export. Every component is the real Stable Diffusion architecture at small scale
-(AutoencoderKL with 8x downsampling and 4 latent channels, CLIPTextModel + CLIP BPE tokenizer, UNet2DConditionModel
-with cross-attention, SD's scaled_linear 1000-step schedule), saved in diffusers layout so
+encode_latents -> train_unet (a main stage, then a detail stage) -> export. Every component is the real Stable
+Diffusion architecture at small scale (AutoencoderKL with 8x downsampling and 4 latent channels, CLIPTextModel +
+CLIP BPE tokenizer, UNet2DConditionModel with cross-attention, SD's scaled_linear 1000-step schedule), saved in
+diffusers layout so
 ``StableDiffusionPipeline.from_pretrained`` and the app's loader read it, and the Training tab's "full" method can
 continue training it.
 
