@@ -68,17 +68,24 @@ def test_text_encoder_stage_names_attributes_of_captions_it_never_read(tmp_path)
 
     from sd_demo.shapes.captions import random_caption
     from sd_demo.shapes.tokenizer import make_tokenizer
-    from sd_demo.shapes.train import TrainConfig, attribute_accuracy, make_text_encoder, pretrain_text_encoder
+    from sd_demo.shapes.train import (TrainConfig, attribute_accuracy, caption_for_training, make_text_encoder,
+                                      pretrain_text_encoder)
     from sd_demo.shapes.world import sample_scenes
 
     torch.manual_seed(0)
-    cfg = TrainConfig(out=tmp_path, text_hidden=64, text_layers=2, te_steps=120)
+    cfg = TrainConfig(out=tmp_path, text_hidden=64, text_layers=2, te_steps=200)
     tok = make_tokenizer(tmp_path / "tok")
     rng = np.random.default_rng(123)
-    unseen = [random_caption(s, rng) for s in sample_scenes(200, 99, "heldout")]
+    heldout = sample_scenes(200, 99, "heldout")
+    unseen = [random_caption(s, rng) for s in heldout]
     te, heads = pretrain_text_encoder(cfg, sample_scenes(400, 0, "train"), tok)
     trained = attribute_accuracy(te, heads, tok, unseen)
     assert min(trained.values()) >= 0.97, trained
+    # A made-up word where the shape goes (a trigger word, say) reads as "shape not said"; the rest still reads.
+    odd = [caption_for_training(s, rng, unknown_share=1.0) for s in heldout]
+    assert not any(s.obj.shape.value in t.split() for s, t in zip(heldout, odd))
+    with_unknown = attribute_accuracy(te, heads, tok, odd)
+    assert min(with_unknown.values()) >= 0.95, with_unknown
     untrained = attribute_accuracy(make_text_encoder(cfg, tok), heads, tok, unseen)
     assert max(untrained.values()) < 0.9, untrained
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,12 @@ class TrainConfig:
     # that already separate the attributes instead of from noise. 0 skips this (the text encoder starts random).
     te_steps: int = 300
     te_lr: float = 1e-3
+    # Share of captions whose shape word is swapped for a made-up word ("a red zqvo on the left ..."), labelled
+    # "shape not said". Words outside the caption language are spelled in byte pieces whose embeddings would
+    # otherwise never train; a random-embedding trigger word then garbled the whole prompt (colours too), and
+    # LoRA / DreamBooth could not bind a new concept to it. With this the model reads an unknown word as "some
+    # object" and keeps the rest of the prompt, as a web-trained SD model does with a rare trigger.
+    unknown_word_share: float = 0.08
     te_lr_scale: float = 0.0  # the text encoder's learning rate during diffusion, as a share of --lr; 0 freezes it
     unet_steps: int = 0  # 0: train until the time budget (--max-minutes) is spent
     batch: int = 32
@@ -270,6 +277,22 @@ def vae_check(vae, images: np.ndarray, device: str = "cpu") -> float:
 ATTRIBUTE_ENUMS = dict(shape=Shape, color=Color, background=Color, size=Size, position=Position)
 
 
+def unknown_word(rng: np.random.Generator) -> str:
+    """A made-up lowercase word (3-8 letters) that the prompt parser does not read as any attribute."""
+    while True:
+        word = "".join(chr(97 + c) for c in rng.integers(26, size=int(rng.integers(3, 9))))
+        if parse_prompt(word) == parse_prompt(""):
+            return word
+
+
+def caption_for_training(scene, rng: np.random.Generator, unknown_share: float) -> str:
+    """A random caption; with probability ``unknown_share`` its shape word is replaced by a made-up word."""
+    text = random_caption(scene, rng)
+    if unknown_share > 0 and rng.random() < unknown_share:
+        text = re.sub(rf"\b{scene.obj.shape.value}\b", unknown_word(rng), text, count=1)
+    return text
+
+
 def attribute_labels(texts: list[str]) -> dict[str, torch.Tensor]:
     """{attribute: (B,) class indices} read back from the captions by the prompt parser; the last class of each
     attribute means "the caption does not say" (canonical captions leave size and position open)."""
@@ -296,7 +319,8 @@ def pretrain_text_encoder(cfg: TrainConfig, scenes, tokenizer, te=None):
     check = [random_caption(s, check_rng) for s in sample_scenes(256, cfg.seed + 6, "heldout")]
     t0 = time.time()
     for step in range(1, cfg.te_steps + 1):
-        texts = [random_caption(scenes[i], rng) for i in rng.integers(len(scenes), size=64)]
+        texts = [caption_for_training(scenes[i], rng, cfg.unknown_word_share)
+                 for i in rng.integers(len(scenes), size=64)]
         logits = attribute_logits(te, heads, tokenizer, texts)
         labels = attribute_labels(texts)
         loss = sum(F.cross_entropy(logits[k], labels[k].to(cfg.device)) for k in heads)
@@ -331,13 +355,14 @@ def attribute_accuracy(te, heads, tokenizer, texts: list[str]) -> dict[str, floa
 class Captioner:
     """Random captions (all styles, canonical included) for scene indices, tokenized with a cache."""
 
-    def __init__(self, scenes, tokenizer, seed: int, drop: float):
-        self.scenes, self.tok, self.drop = scenes, tokenizer, drop
+    def __init__(self, scenes, tokenizer, seed: int, drop: float, unknown_share: float = 0.0):
+        self.scenes, self.tok, self.drop, self.unknown = scenes, tokenizer, drop, unknown_share
         self.rng = np.random.default_rng(seed)
         self.cache: dict[str, list[int]] = {}
 
     def ids(self, idx: np.ndarray) -> torch.Tensor:
-        texts = ["" if self.rng.random() < self.drop else random_caption(self.scenes[i], self.rng) for i in idx]
+        texts = ["" if self.rng.random() < self.drop else caption_for_training(self.scenes[i], self.rng, self.unknown)
+                 for i in idx]
         missing = [t for t in set(texts) if t not in self.cache]
         if missing:
             enc = self.tok(missing, padding="max_length", max_length=self.tok.model_max_length, truncation=True)
@@ -406,7 +431,7 @@ def train_unet_stage(cfg: TrainConfig, stage: Stage, scenes, latents: torch.Tens
         groups.append(dict(params=list(te.parameters()), scale=cfg.te_lr_scale))
     opt = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=0.01)
     sched = make_noise_scheduler(cfg)
-    captions = Captioner(scenes, tokenizer, stage.seed + 2, cfg.cond_drop)
+    captions = Captioner(scenes, tokenizer, stage.seed + 2, cfg.cond_drop, cfg.unknown_word_share)
     rng = np.random.default_rng(stage.seed + 3)
     gen = torch.Generator().manual_seed(stage.seed + 4)
     # Progress drives the cosine schedule: steps done / the stage's steps, or (default) time spent / time budget,
