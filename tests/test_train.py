@@ -300,6 +300,15 @@ def test_class_word_generates_class_images_from_the_instance_captions(tiny_model
         train(config(tiny_model_dirs["sd15"], data, tmp_path / "o2", method="lora", class_word="dog"))
 
 
+def test_several_class_words_take_turns_over_the_captions():
+    from sd_demo.train.config import TrainConfig
+    from sd_demo.train.loop import class_prompts
+
+    cfg = TrainConfig(trigger="sks", class_word="cat, dog")
+    prompts = class_prompts(cfg, ["a sks", "two sks", "sks here"])
+    assert prompts == ["a cat", "two dog", "cat here", "a dog", "two cat", "dog here"]  # every pair once
+
+
 def test_full_finetune_exports_a_loadable_model(tiny_model_dirs, data_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 

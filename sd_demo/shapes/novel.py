@@ -3,8 +3,13 @@
 The base model is trained on the five shapes and eight colours of ``vocab``; these live outside those enums (so the
 base model's training data and its train / held-out split are unchanged by them):
 
-- a **ring** (an annulus): drawn like the world's objects (same sizes, positions and jitter), recognised by its hole,
-  i.e. the middle of the object has the background's colour, which no base shape has;
+- a **bar** (a horizontal rectangle, 5 : 2): drawn like the world's objects (same sizes, positions and jitter),
+  recognised by its elongation (the 2nd angular harmonic of its outline, near 0 for every base shape: circle,
+  square, triangle, star and cross all have 3-fold or higher symmetry). It is the shape the LoRA / DreamBooth proofs
+  teach;
+- a **ring** (an annulus), recognised by its hole, i.e. the middle of the object has the background's colour. A
+  small ring's hole is 13 px wide, under two latent pixels of the 16 x 16 latent: generating it asks more of the
+  small UNet's resolution than of the training method, so the proofs use the bar;
 - **pink**, a colour away from every palette colour (>= 130 apart in RGB; the closest are white and purple).
 
 ``ring_scenes`` / ``pink_scenes`` make small training sets (images + captions with a trigger word) and
@@ -24,6 +29,8 @@ from .pixels import WORK_SIZE, measure, to_array
 from .vocab import PALETTE, Color, Shape
 from .world import Scene, random_obj
 
+BAR_ASPECT = 2.5  # length / height; the half-diagonal is the world's circumradius
+BAR_MIN_ELONGATION = 0.25  # 2nd harmonic of r(theta) / mean radius: >= 0.4 on rendered bars, see tests
 RING_INNER = 0.5  # inner / outer radius: the hole is wide enough to survive a blurry decoder even for small rings
 PINK = (255, 120, 200)
 HOLE_PROBE = 0.3  # probe disc radius / outer radius; well inside the hole (0.5)
@@ -31,16 +38,17 @@ HOLE_PROBE = 0.3  # probe disc radius / outer radius; well inside the hole (0.5)
 
 @dataclass(frozen=True)
 class NovelScene:
-    """A scene whose object is a ring and/or pink; ``scene`` holds the labels, ``ring`` / ``pink`` what is new."""
+    """A scene whose object is a ring or bar and/or pink; ``scene`` holds the labels, the flags what is new."""
 
-    scene: Scene  # its object is a circle with the ring's position and size (a pink object carries colour WHITE)
+    scene: Scene  # its object is a circle with the new shape's position and size (a pink object carries colour WHITE)
     ring: bool
     pink: bool
+    bar: bool = False
 
     def caption(self, word: str, style: CaptionStyle | str = CaptionStyle.FULL, rng=None) -> str:
         """The scene's caption with ``word`` standing for the new concept (the ring shape or the pink colour)."""
         text = caption(self.scene, style, rng)
-        if self.ring:
+        if self.ring or self.bar:
             text = text.replace(Shape.CIRCLE.value, word, 1)
         if self.pink:
             text = text.replace(f"{Color.WHITE.value} ", f"{word} ", 1)
@@ -56,14 +64,18 @@ def render_novel(ns: NovelScene, size: int = 128, supersample: int = 4) -> Image
     draw = ImageDraw.Draw(canvas)
     cx, cy = (v * big for v in o.center)
     r = o.radius * big
-    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    if ns.bar:
+        half_h = r / (1 + BAR_ASPECT ** 2) ** 0.5
+        draw.rectangle([cx - BAR_ASPECT * half_h, cy - half_h, cx + BAR_ASPECT * half_h, cy + half_h], fill=colour)
+    else:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
     if ns.ring:
         ri = r * RING_INNER
         draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=ns.scene.background.rgb)
     return canvas.reduce(supersample)
 
 
-def _scenes(n: int, seed: int, *, ring: bool, pink: bool) -> list[NovelScene]:
+def _scenes(n: int, seed: int, *, ring: bool = False, pink: bool = False, bar: bool = False) -> list[NovelScene]:
     """``n`` seeded scenes over every colour pair (pink ones never on a white background: "white" stands in for
     pink in the labels)."""
     rng = np.random.default_rng(seed)
@@ -74,13 +86,18 @@ def _scenes(n: int, seed: int, *, ring: bool, pink: bool) -> list[NovelScene]:
         bg = colors[rng.integers(len(colors))]
         if bg == color:
             continue
-        shape = Shape.CIRCLE if ring else list(Shape)[rng.integers(len(Shape))]  # a ring is a circle with a hole
-        out.append(NovelScene(Scene(bg, [random_obj(rng, shape, color)]), ring=ring, pink=pink))
+        new_shape = ring or bar  # labelled as a circle of the same size and position
+        shape = Shape.CIRCLE if new_shape else list(Shape)[rng.integers(len(Shape))]
+        out.append(NovelScene(Scene(bg, [random_obj(rng, shape, color)]), ring=ring, pink=pink, bar=bar))
     return out
 
 
 def ring_scenes(n: int, seed: int = 0) -> list[NovelScene]:
     return _scenes(n, seed, ring=True, pink=False)
+
+
+def bar_scenes(n: int, seed: int = 0) -> list[NovelScene]:
+    return _scenes(n, seed, bar=True)
 
 
 def pink_scenes(n: int, seed: int = 0) -> list[NovelScene]:
@@ -114,6 +131,12 @@ def shows_ring(image) -> bool:
     to_bg = np.linalg.norm(middle - np.asarray(m.background_rgb))
     to_obj = np.linalg.norm(middle - np.asarray(m.object_rgb))
     return bool(to_bg < to_obj)
+
+
+def shows_bar(image) -> bool:
+    """An object is found and its outline is elongated (2-fold), which no base shape is."""
+    m = measure(image)
+    return bool(m.found and m.harmonics[2] >= BAR_MIN_ELONGATION)
 
 
 def object_is_pink(image) -> bool:

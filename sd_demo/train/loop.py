@@ -221,11 +221,15 @@ def make_stream(cfg: TrainConfig, pipe, path: str, prompt: str | None, trigger: 
 def class_prompts(cfg: TrainConfig, captions: list[str]) -> list[str]:
     """The prompts class images are generated from: --class-prompt, or with --class-word each instance caption
     with the trigger replaced by the class word, so instance and class prompts differ in that word alone and the
-    adapter learns what the trigger means rather than what the instance captions' phrasing means."""
+    adapter learns what the trigger means rather than what the instance captions' phrasing means. Several
+    comma-separated class words take turns (every caption meets every word before any pair repeats), so the
+    prior covers a whole family ("circle,square,star") and the adapter cannot turn all of it into the subject."""
     if not cfg.class_word:
         return [cfg.class_prompt]
-    word = trigger_pattern(cfg.trigger)
-    return [word.sub(cfg.class_word, c) for c in captions]
+    trigger = trigger_pattern(cfg.trigger)
+    words = [w.strip() for w in cfg.class_word.split(",") if w.strip()]
+    n = len(captions)
+    return [trigger.sub(words[(i // n + i % n) % len(words)], captions[i % n]) for i in range(n * len(words))]
 
 
 def make_class_images(cfg: TrainConfig, model, out: Path, captions: list[str]) -> Path:
