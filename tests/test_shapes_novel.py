@@ -1,12 +1,12 @@
-"""The new concepts used to prove training (a ring shape, a pink colour): rendered like the world, captioned with a
+"""The new concepts used to prove training (a bar and a ring shape, a pink colour): rendered like the world, captioned with a
 trigger word, and judged by pixels that never mistake a base-world scene for them."""
 import numpy as np
 import pytest
 from PIL import ImageFilter
 
 from sd_demo.shapes import evaluate, parse_prompt, render, sample_scenes
-from sd_demo.shapes.novel import (PINK, object_is_pink, pink_scenes, render_novel, ring_scenes, shows_ring,
-                                  write_dataset)
+from sd_demo.shapes.novel import (PINK, bar_scenes, object_is_pink, pink_scenes, render_novel, ring_scenes,
+                                  shows_bar, shows_ring, write_dataset)
 from sd_demo.shapes.vocab import PALETTE
 
 
@@ -19,6 +19,8 @@ def test_judges_are_right_on_ground_truth_and_never_fire_on_the_base_world(blur)
     base = [_blurred(render(s), blur) for s in sample_scenes(90, 3, "all")]
     assert all(shows_ring(_blurred(render_novel(s), blur)) for s in ring_scenes(40, 1))
     assert not any(shows_ring(im) for im in base)
+    assert all(shows_bar(_blurred(render_novel(s), blur)) for s in bar_scenes(40, 1))
+    assert not any(shows_bar(im) for im in base)
     assert all(object_is_pink(_blurred(render_novel(s), blur)) for s in pink_scenes(40, 2))
     assert not any(object_is_pink(im) for im in base)
 
@@ -27,9 +29,10 @@ def test_pink_is_far_from_every_palette_colour():
     assert min(np.linalg.norm(np.subtract(PINK, rgb)) for rgb in PALETTE.values()) > 130
 
 
-def test_ring_keeps_the_scene_labels_the_base_judge_reads():
-    """Colour, background, size and position of a ring are judged like any object's: only the shape is new."""
-    for ns in ring_scenes(40, 5):
+@pytest.mark.parametrize("scenes", [ring_scenes, bar_scenes])
+def test_new_shapes_keep_the_scene_labels_the_base_judge_reads(scenes):
+    """Colour, background, size and position of a ring or bar are judged like any object's: only the shape is new."""
+    for ns in scenes(40, 5):
         image = render_novel(ns)
         spec = ns.scene.spec()
         result = evaluate(spec.only(("color", "background", "size", "position")), image)
