@@ -1,15 +1,20 @@
 """The training engine proven on the embedded model (issue 5): LoRA and DreamBooth teach it a shape it has never
-seen (a ring, bound to a trigger word, from 12 generated images), textual inversion a colour it has never seen
+seen (a bar, bound to a trigger word, from 12 generated images), textual inversion a colour it has never seen
 (pink); prompts of the base world keep >= 90 % of the base model's accuracy. Judged by pixels
 (``sd_demo.shapes.novel``), like the embedded model itself. Skips where the embedded model is not built.
 
 Status (issue 5): the three proofs are marked slow (minutes each) and xfail until they pass on the shipped model
-(assets/shapes-sd, issue 4); run them with `-m slow`. Earlier, by hand, against interim GPU-trained weights: plain LoRA
-on all attention layers (lr 1e-3, 150 steps) drew the ring for 5/16 trigger prompts while ordinary shape
-accuracy fell 87.5 -> 31 %; cross-attention only (attn2, lr 1e-3, 200 steps) 6/16 and 12.5 %; lr 2e-4, 200 steps
-0/16 and 56 % (loading at scale 0 gives back the base exactly, so the drop is the adapter's). The LoRA learns
-"objects are rings" for every prompt rather than binding the byte-spelled trigger; the settings below are where
-tuning starts once the model ships (text-encoder LoRA, prior preservation, fewer steps).
+(assets/shapes-sd, issue 4); run them with `-m slow`. The settings below are the best found so far, measured by hand
+on the session-5 candidate weights (recipe with unknown-word captions; CFG 4; base: 0/16 bars, ordinary shape 56 %,
+colour 81 % on 16 prompts x 1 seed):
+
+- LoRA on attention + ResNet convs (rank 16, lr 1e-3, 300 steps): 13/16 bars, but ordinary shape 12 %: with no
+  prior every object becomes a bar. 12 ordinary images mixed into the folder: 4/16, shape 38 %.
+- DreamBooth, same LoRA, class images from 5 class words (24): 11/16 bars, ordinary 31 / 56 %; with caption dropout
+  0.1: 9/16, ordinary 56 / 56 % (shape kept, colour not). Attention-only LoRA binds too weakly (3-4/16).
+- Before the recipe taught unknown words, the byte-spelled trigger garbled the whole prompt: the base model drew
+  "a red zkring on a black background" as a purple blob, and no setting got past 5/16.
+The ring (the first concept tried) has a hole under two latent pixels wide when small; see ``novel``.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from sd_demo import models
 pytestmark = pytest.mark.skipif(not (models.EMBEDDED_DIR / "model_index.json").exists(),
                                 reason="embedded model not built (assets/shapes-sd is missing)")
 
-RING = "zkring"  # not a word of the embedded vocabulary: the tokenizer spells it in byte pieces
+BAR = "zkring"  # not a word of the embedded vocabulary: the tokenizer spells it in byte pieces
 PINK = "<pink>"  # textual inversion's new token
 N_TRIGGER = 16  # trigger-prompt samples judged per method
 KEEP = 0.90  # share of the base model's accuracy ordinary prompts must keep
@@ -49,17 +54,22 @@ def base():
 
 
 @pytest.fixture(scope="module")
-def ring_data(tmp_path_factory):
-    from sd_demo.shapes.novel import ring_scenes, write_dataset
+def bar_data(tmp_path_factory):
+    from sd_demo.shapes.novel import bar_scenes, write_dataset
 
-    return write_dataset(ring_scenes(12, seed=0), RING, tmp_path_factory.mktemp("rings"))
+    return write_dataset(bar_scenes(12, seed=0), BAR, tmp_path_factory.mktemp("bars"))
 
 
-def _ring_prompts() -> list[str]:
+def _bar_prompts() -> list[str]:
     """Colours, backgrounds, sizes and positions the 12 training images did not all show (seeded)."""
-    from sd_demo.shapes.novel import ring_scenes
+    from sd_demo.shapes.novel import bar_scenes
 
-    return [ns.caption(RING, "canonical") for ns in ring_scenes(N_TRIGGER, seed=77)]
+    return [ns.caption(BAR, "canonical") for ns in bar_scenes(N_TRIGGER, seed=77)]
+
+
+# LoRA on the attention layers and the ResNet convolutions: attention alone bound the bar to 3-4 of 16 prompts.
+LORA = dict(rank=16, alpha=16.0, lr=1e-3, steps=300, caption_dropout=0.1,
+            target_modules="to_q,to_k,to_v,to_out.0,conv1,conv2")
 
 
 def _config(method, data, out, **kw):
@@ -86,40 +96,45 @@ def _check_adapter(base, adapter_dir, judge, prompts, need: float):
 
 
 def test_base_model_never_draws_the_new_concepts(base):
-    from sd_demo.shapes.novel import object_is_pink, shows_ring
+    from sd_demo.shapes.novel import object_is_pink, shows_bar
 
     model, _ = base
-    images = _generate(model, _ring_prompts())
-    assert sum(shows_ring(im) for im in images) <= 2
-    pink = _generate(model, [p.replace(RING, "pink circle") for p in _ring_prompts()[:8]])
+    images = _generate(model, _bar_prompts())
+    assert sum(shows_bar(im) for im in images) <= 2
+    pink = _generate(model, [p.replace(BAR, "pink circle") for p in _bar_prompts()[:8]])
     assert not any(object_is_pink(im) for im in pink)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(reason="issue 5: not yet shown to pass on the shipped model", strict=False)
-def test_lora_learns_a_new_shape(base, ring_data, tmp_path):
-    from sd_demo.shapes.novel import shows_ring
+def test_lora_learns_a_new_shape(base, bar_data, tmp_path):
+    from sd_demo.shapes.novel import shows_bar
     from sd_demo.train.loop import train
 
-    train(_config("lora", ring_data, tmp_path, steps=150, lr=1e-3, rank=8, alpha=8.0))
-    _check_adapter(base, tmp_path, shows_ring, _ring_prompts(), need=0.8)
+    train(_config("lora", bar_data, tmp_path, **LORA))
+    _check_adapter(base, tmp_path, shows_bar, _bar_prompts(), need=0.8)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(reason="issue 5: not yet shown to pass on the shipped model", strict=False)
-def test_dreambooth_learns_a_new_shape_with_prior_preservation(base, ring_data, tmp_path):
-    """DreamBooth-LoRA with class images the base model generates itself ("a circle ..."), which keep the class
-    word meaning a filled circle while the trigger learns the ring."""
-    from sd_demo.shapes.novel import shows_ring
+def test_dreambooth_learns_a_new_shape_with_prior_preservation(base, bar_data, tmp_path):
+    """DreamBooth-LoRA with class images the base model generates itself from the instance captions, the trigger
+    replaced by each base shape in turn: the prior keeps every shape word meaning its shape while the trigger
+    learns the bar."""
+    from sd_demo.shapes.novel import shows_bar
     from sd_demo.train.loop import train
 
-    train(_config("dreambooth", ring_data, tmp_path, steps=150, lr=1e-3, rank=8, alpha=8.0, trigger=RING,
-                  class_prompt="a circle", num_class_images=8))
-    assert len(list((tmp_path / "class_images").glob("*.png"))) == 8
-    _check_adapter(base, tmp_path, shows_ring, _ring_prompts(), need=0.8)
+    train(_config("dreambooth", bar_data, tmp_path, trigger=BAR, class_word="circle,square,triangle,star,cross",
+                  num_class_images=24, **LORA))
+    assert len(list((tmp_path / "class_images").glob("*.png"))) == 24
+    _check_adapter(base, tmp_path, shows_bar, _bar_prompts(), need=0.8)
     model, _ = base
-    circles = _generate(model, ["a red circle on a blue background"] * 4)  # the class word is unharmed
-    assert not any(shows_ring(im) for im in circles)
+    model.set_loras([(str(tmp_path), 1.0)])
+    try:  # a class word keeps its meaning with the adapter loaded
+        squares = _generate(model, ["a red square on a blue background"] * 4)
+    finally:
+        model.set_loras([])
+    assert not any(shows_bar(im) for im in squares)
 
 
 @pytest.mark.slow
