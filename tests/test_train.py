@@ -127,6 +127,24 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_training(tiny_model_dir
     assert np.abs(_generate(kohya) - with_diffusers_file).max() < 1e-5
 
 
+def test_a_lora_on_resnet_convolutions_exports_to_both_formats(tiny_model_dirs, data_dir, tmp_path):
+    """--target-modules with conv layers (kohya's LoCon-style conv LoRA): both exported files load and agree."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "conv"
+    train(config(tiny_model_dirs["sd15"], data_dir, out, steps=2, target_modules="to_q,to_k,to_v,to_out.0,conv1,conv2"))
+    assert any("conv1.lora_A" in k for k in lora_tensors(out))
+    images = []
+    for weight_name in ("pytorch_lora_weights.safetensors", f"{out.name}.safetensors"):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd15"], safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        plain = _generate(pipe)
+        pipe.load_lora_weights(str(out), weight_name=weight_name)
+        images.append(_generate(pipe))
+        assert np.abs(images[-1] - plain).max() > 1e-4, f"{weight_name} must change the output"
+    assert np.abs(images[0] - images[1]).max() < 1e-5
+
+
 def test_exported_lora_equals_the_trained_adapter(tiny_model_dirs, data_dir, tmp_path):
     """Images from the pipeline that trained (adapters in place) equal a fresh pipeline + the exported file."""
     from diffusers import StableDiffusionPipeline
