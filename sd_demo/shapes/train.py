@@ -4,9 +4,8 @@ Stages (each a small function): make_dataset -> make_tokenizer -> train_vae -> p
 encode_latents -> train_unet (a main stage, then a detail stage) -> export. Every component is the real Stable
 Diffusion architecture at small scale (AutoencoderKL with 8x downsampling and 4 latent channels, CLIPTextModel +
 CLIP BPE tokenizer, UNet2DConditionModel with cross-attention, SD's scaled_linear 1000-step schedule), saved in
-diffusers layout so
-``StableDiffusionPipeline.from_pretrained`` and the app's loader read it, and the Training tab's "full" method can
-continue training it.
+diffusers layout so ``StableDiffusionPipeline.from_pretrained`` and the app's loader read it, and the Training tab's
+"full" method can continue training it.
 
 Seeded (torch + numpy). The VAE and text-encoder stages run fixed step counts; the UNet stage trains until the time
 budget is spent (its learning-rate schedule follows the time), so its step count depends on the machine's speed:
