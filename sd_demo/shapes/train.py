@@ -223,8 +223,10 @@ def train_vae(cfg: TrainConfig, scenes, images: np.ndarray):
     t0 = time.time()
     step, avg = 0, None
     while step < cfg.vae_steps and time.time() - t0 < budget:
-        frac = min(1.0, max(step / cfg.vae_steps, (time.time() - t0) / budget))  # steps or time, what ends first
-        for g in opt.param_groups:  # warmup then cosine over the stage's time budget
+        # The schedule follows steps only, so a busy machine gives the same VAE (it once annealed early when the
+        # CPU was shared); the time budget is a cap for pathological slowness, not a second clock.
+        frac = min(1.0, step / cfg.vae_steps)
+        for g in opt.param_groups:  # warmup then cosine over the stage's steps
             g["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = to_tensor(random_crops(images, scenes, cfg.vae_crop, cfg.vae_batch, rng)).to(cfg.device)  # (B,3,c,c)
         post = vae.encode(x).latent_dist
