@@ -28,7 +28,6 @@ pytestmark = pytest.mark.skipif(not (models.EMBEDDED_DIR / "model_index.json").e
                                 reason="embedded model not built (assets/shapes-sd is missing)")
 
 BAR = "zkring"  # not a word of the embedded vocabulary: the tokenizer spells it in byte pieces
-PINK = "<pink>"  # textual inversion's new token
 N_TRIGGER = 16  # trigger-prompt samples judged per method
 KEEP = 0.90  # share of the base model's accuracy ordinary prompts must keep
 ORDINARY = ("shape", "color", "background")
