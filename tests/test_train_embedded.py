@@ -14,8 +14,8 @@ colour 81 % on 16 prompts x 1 seed):
   0.1: 9/16, ordinary 56 / 56 % (shape kept, colour not). Attention-only LoRA binds too weakly (3-4/16).
 - Before the recipe taught unknown words, the byte-spelled trigger garbled the whole prompt: the base model drew
   "a red zkring on a black background" as a purple blob, and no setting got past 5/16.
-- Textual inversion "<rstar>" (300 steps, lr 5e-2, from "object"): 5/16 red stars (colour right in 14/16, the
-  star's outline often too soft to name) where the spelled-out "red star" gives 10/16.
+- Textual inversion "<rstar>" (300 steps, lr 5e-2, from "object"): 4/16 red stars where the spelled-out "red star"
+  gives 11/16 (an earlier prompt set: 5/16 vs 10/16, colour right in 14/16; the star's outline is too soft to name).
 The ring (the first concept tried) has a hole under two latent pixels wide when small; see ``novel``.
 """
 from __future__ import annotations
@@ -141,16 +141,23 @@ def test_dreambooth_learns_a_new_shape_with_prior_preservation(base, bar_data, t
 RSTAR = "<rstar>"  # textual inversion's new token: one word for "red star"
 
 
-def _red_star_prompts(token: str) -> list[str]:
-    """16 seeded "a {token} on a {bg} background" prompts (every background but red)."""
+def _red_stars(n: int, seed: int):
+    """``n`` seeded scenes of a red star (any size and position) on every background but red."""
     import numpy as np
 
-    from sd_demo.shapes.vocab import Color
+    from sd_demo.shapes.vocab import Color, Shape
+    from sd_demo.shapes.world import Scene, random_obj
 
-    rng = np.random.default_rng(77)
-    bgs = [c.value for c in Color if c is not Color.RED]
-    return [f"a {token} on {'an' if bg[0] in 'aeiou' else 'a'} {bg} background"
-            for bg in (bgs[i] for i in rng.integers(len(bgs), size=N_TRIGGER))]
+    rng = np.random.default_rng(seed)
+    bgs = [c for c in Color if c is not Color.RED]
+    return [Scene(bgs[rng.integers(len(bgs))], [random_obj(rng, Shape.STAR, Color.RED)]) for _ in range(n)]
+
+
+def _red_star_prompts(token: str) -> list[str]:
+    """16 seeded canonical prompts ("a red star on a blue background") with "red star" written as ``token``."""
+    from sd_demo.shapes.captions import caption
+
+    return [caption(s, "canonical").replace("red star", token) for s in _red_stars(N_TRIGGER, seed=77)]
 
 
 @pytest.mark.slow
@@ -161,19 +168,13 @@ def test_textual_inversion_learns_one_token_for_a_red_star(base, tmp_path_factor
     token learns a compound the vocabulary has no single word for, "red star", judged against the base model
     drawing the spelled-out prompt: the token must do >= 90 % as well (a lower bar than 80 % absolute, because
     textual inversion can only reach what the base model draws)."""
-    import numpy as np
-
     from sd_demo.shapes.captions import caption
     from sd_demo.shapes.evaluate import evaluate
-    from sd_demo.shapes.vocab import Color, Shape
-    from sd_demo.shapes.world import Scene, random_obj, render
+    from sd_demo.shapes.world import render
     from sd_demo.train.loop import train
 
     data = tmp_path_factory.mktemp("rstar")
-    rng = np.random.default_rng(0)
-    bgs = [c for c in Color if c is not Color.RED]
-    for i in range(12):
-        scene = Scene(bgs[rng.integers(len(bgs))], [random_obj(rng, Shape.STAR, Color.RED)])
+    for i, scene in enumerate(_red_stars(12, seed=0)):
         render(scene).save(data / f"{i:03d}.png")
         (data / f"{i:03d}.txt").write_text(caption(scene, "full").replace("red star", RSTAR))
     train(_config("textual-inversion", data, tmp_path, steps=300, lr=5e-2, trigger=RSTAR, init_word="object"))

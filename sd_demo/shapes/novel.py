@@ -12,7 +12,7 @@ base model's training data and its train / held-out split are unchanged by them)
   small UNet's resolution than of the training method, so the proofs use the bar;
 - **pink**, a colour away from every palette colour (>= 130 apart in RGB; the closest are white and purple).
 
-``ring_scenes`` / ``pink_scenes`` make small training sets (images + captions with a trigger word) and
+``bar_scenes`` / ``ring_scenes`` / ``pink_scenes`` make small training sets (images + captions with a trigger word) and
 ``shows_ring`` / ``object_is_pink`` judge generated images by pixels, like ``evaluate``.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .vocab import PALETTE, Color, Shape
 from .world import Scene, random_obj
 
 BAR_ASPECT = 2.5  # length / height; the half-diagonal is the world's circumradius
-BAR_MIN_ELONGATION = 0.25  # 2nd harmonic of r(theta) / mean radius: >= 0.4 on rendered bars, see tests
+BAR_MIN_ELONGATION = 0.25  # 2nd harmonic of r(theta) / mean radius: >= 0.48 on rendered bars, <= 0.015 on base shapes
 RING_INNER = 0.5  # inner / outer radius: the hole is wide enough to survive a blurry decoder even for small rings
 PINK = (255, 120, 200)
 HOLE_PROBE = 0.3  # probe disc radius / outer radius; well inside the hole (0.5)
@@ -40,13 +40,13 @@ HOLE_PROBE = 0.3  # probe disc radius / outer radius; well inside the hole (0.5)
 class NovelScene:
     """A scene whose object is a ring or bar and/or pink; ``scene`` holds the labels, the flags what is new."""
 
-    scene: Scene  # its object is a circle with the new shape's position and size (a pink object carries colour WHITE)
+    scene: Scene  # its object: a circle with the new shape's position and size (a pink one carries colour WHITE)
     ring: bool
     pink: bool
     bar: bool = False
 
     def caption(self, word: str, style: CaptionStyle | str = CaptionStyle.FULL, rng=None) -> str:
-        """The scene's caption with ``word`` standing for the new concept (the ring shape or the pink colour)."""
+        """The scene's caption with ``word`` standing for the new concept (the bar or ring shape, or the pink colour)."""
         text = caption(self.scene, style, rng)
         if self.ring or self.bar:
             text = text.replace(Shape.CIRCLE.value, word, 1)
@@ -93,7 +93,7 @@ def _scenes(n: int, seed: int, *, ring: bool = False, pink: bool = False, bar: b
 
 
 def ring_scenes(n: int, seed: int = 0) -> list[NovelScene]:
-    return _scenes(n, seed, ring=True, pink=False)
+    return _scenes(n, seed, ring=True)
 
 
 def bar_scenes(n: int, seed: int = 0) -> list[NovelScene]:
@@ -101,7 +101,7 @@ def bar_scenes(n: int, seed: int = 0) -> list[NovelScene]:
 
 
 def pink_scenes(n: int, seed: int = 0) -> list[NovelScene]:
-    return _scenes(n, seed, ring=False, pink=True)
+    return _scenes(n, seed, pink=True)
 
 
 def write_dataset(scenes: list[NovelScene], word: str, folder: Path, style: CaptionStyle | str = "full") -> Path:
