@@ -46,7 +46,7 @@ class NovelScene:
     bar: bool = False
 
     def caption(self, word: str, style: CaptionStyle | str = CaptionStyle.FULL, rng=None) -> str:
-        """The scene's caption with ``word`` standing for the new concept (the bar or ring shape, or the pink colour)."""
+        """The scene's caption with ``word`` standing for the new concept (a bar or ring shape, or pink)."""
         text = caption(self.scene, style, rng)
         if self.ring or self.bar:
             text = text.replace(Shape.CIRCLE.value, word, 1)
