@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..models import load_model
+from ..models import load_model, pick_device
 from . import checkpoint as ckpt
 from . import methods
 from .card import write_card
@@ -145,6 +145,13 @@ class Batches:
             return next(self._it)
 
 
+def weights_dtype(cfg: TrainConfig, device: str) -> str:
+    """The dtype the base model loads in. Mixed precision on a GPU stores the frozen weights (VAE, text encoder, the
+    UNet under a LoRA) in that half type, as the diffusers examples do; otherwise everything is fp32. The trained
+    parameters themselves are always fp32 (``Trainable.upcast``)."""
+    return cfg.mixed_precision if cfg.mixed_precision in ("fp16", "bf16") and device != "cpu" else "fp32"
+
+
 def make_optimizer(params, cfg: TrainConfig, device: str):
     if device == "cuda":
         try:  # 8-bit AdamW halves optimizer memory on GPUs; optional dependency
@@ -261,7 +268,7 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     cfg.validate()
     out = prepare_out(cfg)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, dtype=weights_dtype(cfg, pick_device("auto")))
     pipe, sdxl = model.pipe, model.family == "sdxl"
     streams, report = [], None
     instance, report = make_stream(cfg, pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
@@ -275,6 +282,7 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         streams.append(make_stream(cfg, pipe, str(class_dir), cfg.class_prompt, None, cfg.seed + 1,
                                    cfg.prior_loss_weight)[0])
     trainable = methods.setup(cfg, pipe)
+    trainable.upcast()
     text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=sdxl)
     optimizer = make_optimizer(trainable.params(), cfg, model.device)
     lr_sched = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,

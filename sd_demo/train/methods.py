@@ -31,6 +31,12 @@ class Trainable:
     def state(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.named().items()}
 
+    def upcast(self) -> None:
+        """fp32 master weights for everything trained, whatever dtype the base model loaded in: AdamW steps on fp16
+        weights round small updates away, and accelerate's fp16 gradient scaler refuses fp16 gradients."""
+        for p in self.params():
+            p.data = p.data.float()
+
     @torch.no_grad()
     def load_state(self, weights: dict[str, torch.Tensor]) -> None:
         named = self.named()
