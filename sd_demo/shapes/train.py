@@ -52,7 +52,7 @@ class TrainConfig:
     out: Path
     seed: int = 0
     scenes: int = 12000  # rendered training scenes (train split), encoded to latents once
-    max_minutes: float = 110.0  # whole run, export included; the UNet stage gets what the VAE stage leaves
+    max_minutes: float = 110.0  # with --unet-steps 0: the whole run, export included (the UNet gets what is left)
     # --- stage A: VAE
     # A fixed step count (7 min on a quiet 2-core CPU, 1.3 / 255 mean error) keeps the VAE the same however busy
     # the machine is; the minutes are only a cap.
