@@ -38,7 +38,12 @@ def build_sd15(folder: Path) -> str:
     """SD 1.5's architecture (UNet 860 M, VAE 84 M, CLIP ViT-L/14 text encoder 123 M) with random weights, saved in
     fp16 in diffusers layout. The tokenizer is the tests' small CLIP BPE: vocabulary size hardly affects speed."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from tests.tiny_models import make_clip_tokenizer
@@ -108,7 +113,6 @@ def gen_stock(model: str, a) -> dict:
     sec, image = _timed(once, a.runs)
     row = {"what": "generate", "side": "stock diffusers", "dtype": "fp32" if a.tiny else "fp16",
            "attention": "SDPA (diffusers default)", "s_per_image": sec, "peak_gib": _peak_gib()}
-    del pipe
     return row | {"_image": image}
 
 
@@ -126,7 +130,6 @@ def gen_ours(model: str, a, dtype: str, attention: str) -> dict:
     sec, image = _timed(lambda: generate(m, params, preview_every=0).images[0], a.runs)
     row = {"what": "generate", "side": "ours", "dtype": dtype, "attention": m.attention_reason, "s_per_image": sec,
            "peak_gib": _peak_gib()}
-    del m
     return row | {"_image": image}
 
 
@@ -151,19 +154,6 @@ def lora_in_generate(model: str, files: list, a) -> dict:
             "mean_diff_vs_base": float(np.abs(loras[0] - base).mean())}
 
 
-def make_data(folder: Path, n: int, res: int) -> str:
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    colours = [(215, 25, 35), (30, 160, 60), (25, 75, 235), (250, 230, 40)]
-    for i in range(n):
-        img = Image.new("RGB", (res, res), colours[(i + 1) % 4])
-        ImageDraw.Draw(img).ellipse([res // 4, res // 4, 3 * res // 4, 3 * res // 4], fill=colours[i % 4])
-        img.save(folder / f"{i:03d}.png")
-        (folder / f"{i:03d}.txt").write_text(f"a circle number {i % 4}")
-    return str(folder)
-
-
 def train_run(model: str, data: str, a, method: str, precision: str, checkpointing: bool, compile: bool,
               steps: int) -> dict:
     from sd_demo.train import loop
@@ -179,7 +169,7 @@ def train_run(model: str, data: str, a, method: str, precision: str, checkpointi
         return opt
     loop.make_optimizer = spy
     stamps = []
-    extra = dict(trigger="<tok>", init_word="circle", lr=5e-3) if method == "textual-inversion" else {}
+    extra = {"trigger": "<tok>", "init_word": "circle", "lr": 5e-3} if method == "textual-inversion" else {}
     cfg = TrainConfig(method=method, model=model, data=data, out=tempfile.mkdtemp(), steps=steps,
                       resolution=a.size, batch=2, rank=8, alpha=8, seed=0, overwrite=True,
                       mixed_precision=precision, gradient_checkpointing=checkpointing, compile=compile,
@@ -188,7 +178,7 @@ def train_run(model: str, data: str, a, method: str, precision: str, checkpointi
            "compile": compile}
     try:
         result = loop.train(cfg, on_event=lambda ev: stamps.append(time.perf_counter()))
-    except Exception as exc:  # a GPU-only failure is the finding; keep measuring the rest
+    except Exception as exc:  # noqa: BLE001  (a GPU-only failure is the finding; measure the rest)
         return row | {"error": f"{type(exc).__name__}: {exc}"}
     finally:
         loop.make_optimizer = make_optimizer
@@ -237,7 +227,13 @@ def main() -> None:
     runs = a.train if a.train is not None else (
         ["lora:no", "full:no:gc", "textual-inversion:no"] if a.tiny else
         ["lora:no", "lora:fp16", "lora:bf16", "lora:fp16:gc", "full:fp16:gc", "full:bf16", "textual-inversion:fp16"])
-    data = make_data(tmp / "data", 8, a.size) if runs else ""
+    if runs:
+        from benchmarks.train import (
+            make_data,  # the CPU training benchmark's images and captions
+        )
+
+        make_data(tmp / "data", 8, a.size)
+    data = str(tmp / "data")
     for spec in runs:
         method, precision, *flags = spec.split(":")
         steps = a.train_steps if method == "lora" else max(10, a.train_steps // 2)
