@@ -465,3 +465,24 @@ def test_compiled_unet_trains_the_same_lora(tiny_model_dirs, data_dir, tmp_path,
     norm = sum((eager[k].float() ** 2).sum().item() for k in eager)
     assert (diff / norm) ** 0.5 <= 0.1
     assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k or "lora.up" in k)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "textual-inversion"])
+def test_trained_parameters_are_fp32_even_when_the_base_loads_in_half_precision(tiny_model_dirs, method):
+    """GPU mixed precision stores the frozen base in fp16/bf16; what trains must still be fp32 master weights
+    (AdamW on fp16 weights rounds small updates away; accelerate's fp16 scaler refuses fp16 gradients)."""
+    from sd_demo.models import load_model
+    from sd_demo.train import methods
+    from sd_demo.train.loop import weights_dtype
+
+    assert weights_dtype(TrainConfig(mixed_precision="fp16"), "cuda") == "fp16"
+    assert weights_dtype(TrainConfig(mixed_precision="bf16"), "cuda") == "bf16"
+    assert weights_dtype(TrainConfig(mixed_precision="no"), "cuda") == "fp32"
+    assert weights_dtype(TrainConfig(mixed_precision="bf16"), "cpu") == "fp32"  # the CPU path stays fp32
+    pipe = load_model(str(tiny_model_dirs["sd15"]), device="cpu", dtype="bf16").pipe
+    extra = {"trigger": "<tok>", "init_word": "circle"} if method == "textual-inversion" else {}
+    trainable = methods.setup(TrainConfig(method=method, **extra), pipe)
+    assert {p.dtype for p in trainable.params()} != {torch.float32} or method == "textual-inversion"
+    trainable.upcast()
+    assert {p.dtype for p in trainable.params()} == {torch.float32}
+    assert pipe.vae.dtype == torch.bfloat16  # frozen parts keep the half type
