@@ -7,11 +7,11 @@ CLIP BPE tokenizer, UNet2DConditionModel with cross-attention, SD's scaled_linea
 diffusers layout so ``StableDiffusionPipeline.from_pretrained`` and the app's loader read it, and the Training tab's
 "full" method can continue training it.
 
-Seeded (torch + numpy). Every stage runs a fixed step count (``--unet-steps 11000`` by default: about 100 min on a
+Seeded (torch + numpy). Every stage runs a fixed step count (``--unet-steps 11000`` by default: about 110 min on a
 quiet 2-core CPU), so a busy machine makes the run longer, not different. ``--unet-steps 0`` instead trains the UNet
-until the time budget (``--max-minutes``) is spent, its learning-rate schedule following the time. ``--device cuda`` runs the same stages on a
-GPU; ``--init DIR`` continues from a model. The training set is the train split only: held-out (shape, colour,
-background) triples never appear.
+until the time budget (``--max-minutes``) is spent, its learning-rate schedule following the time. ``--device cuda``
+runs the same stages on a GPU; ``--init DIR`` continues from a model. The training set is the train split only:
+held-out (shape, colour, background) triples never appear.
 """
 from __future__ import annotations
 

@@ -268,7 +268,8 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     cfg.validate()
     out = prepare_out(cfg)
     torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, dtype=weights_dtype(cfg, pick_device("auto")))
+    device = pick_device("auto")
+    model = load_model(cfg.model, device=device, dtype=weights_dtype(cfg, device))
     pipe, sdxl = model.pipe, model.family == "sdxl"
     streams, report = [], None
     instance, report = make_stream(cfg, pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
