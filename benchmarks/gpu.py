@@ -34,40 +34,6 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "a red circle on a blue background"
 
 
-def build_sd15(folder: Path) -> str:
-    """SD 1.5's architecture (UNet 860 M, VAE 84 M, CLIP ViT-L/14 text encoder 123 M) with random weights, saved in
-    fp16 in diffusers layout. The tokenizer is the tests' small CLIP BPE: vocabulary size hardly affects speed."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from tests.tiny_models import make_clip_tokenizer
-
-    tok = make_clip_tokenizer(folder / "tokenizer_src")
-    n = len(tok)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x's
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                            sample_size=512, scaling_factor=0.18215, force_upcast=True)
-        te = CLIPTextModel(CLIPTextConfig(vocab_size=n, hidden_size=768, intermediate_size=3072,
-                                          num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                          hidden_act="quick_gelu", bos_token_id=n - 2, eos_token_id=n - 1,
-                                          pad_token_id=tok.pad_token_id))
-    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                          skip_prk_steps=True)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.to(torch.float16).save_pretrained(folder / "sd15")
-    return str(folder / "sd15")
-
-
 def _free() -> None:
     import torch
 
@@ -210,10 +176,12 @@ def main() -> None:
         a.device, a.size = "cpu", 64
         model = str(build_tiny_sd("sd15", tmp / "tiny"))
     else:
+        from benchmarks.sd15 import build_sd15
+
         a.device = "cuda"
         print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
         t = time.perf_counter()
-        model = build_sd15(tmp)
+        model = build_sd15(tmp, device="cuda")
         print(f"# built a random SD 1.5-sized model in {time.perf_counter() - t:.0f} s", flush=True)
     rows = [] if a.skip_generate else [gen_stock(model, a)]
     variants = [("fp32", "sdpa")] if a.tiny else [("fp16", "sdpa"), ("fp16", "xformers"), ("bf16", "sdpa"),

@@ -1,13 +1,15 @@
 """Our LoRA training step vs a stock recipe written the way diffusers' train_text_to_image_lora example does it.
 
-    python benchmarks/train.py [--model DIR] [--steps 40] [--resolution 64] [--batch 2] [--images 16] [--compile]
+    python benchmarks/train.py [--model DIR | --sd15] [--steps 40] [--warmup 5] [--resolution 64] [--batch 2]
+                               [--images 16] [--compile]
 
 Stock: every step loads and transforms the images, runs the VAE encoder and the text encoder, then the UNet.
 Ours: ``sd_demo.train.loop.train`` (latents and text embeddings cached once). Same model, data, LoRA config
 (rank 8 on to_q/k/v/out), batch, resolution, lr and step count. Each side runs in its own child process so its peak
-RSS is its own. Prints s/step (steady state, after the first 5 steps), total wall time including one-off caching,
-peak RSS, and the mean loss of the last half of the run for both (the curves should match in level).
-Without --model a tiny random SD 1.x model is built in a temp dir. ``--compile`` adds a third side, ours with
+RSS is its own. Prints s/step (steady state, after the first --warmup steps), total wall time including one-off
+caching, peak RSS, and the mean loss of the last half of the run for both (the curves should match in level).
+Without --model a tiny random SD 1.x model is built in a temp dir; ``--sd15`` builds one with SD 1.5's architecture
+and random weights (``benchmarks/sd15.py``), the size people train LoRAs on. ``--compile`` adds a third side, ours with
 ``--compile`` (torch.compile of the UNet): its steady state excludes the compile, which its wall time shows.
 """
 from __future__ import annotations
@@ -99,7 +101,9 @@ def run_stock(a) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
+    ap.add_argument("--sd15", action="store_true", help="build an SD 1.5-sized random model instead of a tiny one")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state s/step")
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--images", type=int, default=16)
@@ -114,7 +118,11 @@ def main() -> None:
         Path(a.out).write_text(json.dumps(res))
         return
     tmp = Path(tempfile.mkdtemp())
-    if not a.model:
+    if a.sd15:
+        from benchmarks.sd15 import build_sd15
+
+        a.model = build_sd15(tmp)
+    elif not a.model:
         from tests.tiny_models import build_tiny_sd
 
         a.model = str(build_tiny_sd("sd15", tmp / "tiny-sd15"))
@@ -130,7 +138,7 @@ def main() -> None:
     print(f"{'':14}{'s/step':>10}{'wall s':>9}{'peak RSS MB':>13}{'mean loss (2nd half)':>22}")
     per = {}
     for side, r in results.items():
-        st = r["stamps"][5:]
+        st = r["stamps"][a.warmup:]
         per[side] = (st[-1] - st[0]) / (len(st) - 1)
         half = r["losses"][len(r["losses"]) // 2:]
         print(f"{side:14}{per[side]:>10.4f}{r['wall']:>9.1f}{r['peak_rss_mb']:>13.0f}{sum(half) / len(half):>22.4f}")

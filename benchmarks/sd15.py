@@ -1,0 +1,39 @@
+"""A model with SD 1.5's architecture and random weights, for timings that need no Hub download."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def build_sd15(folder: Path, device: str = "cpu") -> str:
+    """SD 1.5's architecture (UNet 860 M, VAE 84 M, CLIP ViT-L/14 text encoder 123 M) with random weights, saved in
+    fp16 in diffusers layout (loaders upcast as they need). The tokenizer is the tests' small CLIP BPE: vocabulary
+    size hardly affects speed."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tests.tiny_models import make_clip_tokenizer
+
+    tok = make_clip_tokenizer(folder / "tokenizer_src")
+    n = len(tok)
+    torch.manual_seed(0)
+    with torch.device(device):  # random init of 1 B parameters is much faster on a GPU
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x's
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            sample_size=512, scaling_factor=0.18215, force_upcast=True)
+        te = CLIPTextModel(CLIPTextConfig(vocab_size=n, hidden_size=768, intermediate_size=3072,
+                                          num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                          hidden_act="quick_gelu", bos_token_id=n - 2, eos_token_id=n - 1,
+                                          pad_token_id=tok.pad_token_id))
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                          skip_prk_steps=True)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(folder / "sd15")
+    return str(folder / "sd15")
