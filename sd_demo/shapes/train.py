@@ -73,7 +73,9 @@ class TrainConfig:
     # "shape not said". Words outside the caption language are spelled in byte pieces whose embeddings would
     # otherwise never train; a random-embedding trigger word then garbled the whole prompt (colours too), and
     # LoRA / DreamBooth could not bind a new concept to it. With this the model reads an unknown word as "some
-    # object" and keeps the rest of the prompt, as a web-trained SD model does with a rare trigger.
+    # object" and keeps the rest of the prompt, as a web-trained SD model does with a rare trigger. They cost no
+    # quality: the same recipe with 0 scored the same on held-out prompts (shape 75.8 vs 75.0 %, colour 83.6 vs
+    # 86.7 % at CFG 4; runs v6 and v5).
     unknown_word_share: float = 0.04
     te_lr_scale: float = 0.0  # the text encoder's learning rate during diffusion, as a share of --lr; 0 freezes it
     # Steps, not minutes: in session 5 a time budget on a shared CPU gave the main stage 7045 steps instead of
