@@ -9,8 +9,8 @@ Ours: ``sd_demo.train.loop.train`` (latents and text embeddings cached once). Sa
 RSS is its own. Prints s/step (steady state, after the first --warmup steps), total wall time including one-off
 caching, peak RSS, and the mean loss of the last half of the run for both (the curves should match in level).
 Without --model a tiny random SD 1.x model is built in a temp dir; ``--sd15`` builds one with SD 1.5's architecture
-and random weights (``benchmarks/sd15.py``), the size people train LoRAs on. ``--compile`` adds a third side, ours with
-``--compile`` (torch.compile of the UNet): its steady state excludes the compile, which its wall time shows.
+and random weights (``benchmarks/sd15.py``), the size people train LoRAs on. ``--compile`` adds a third side, ours
+with ``--compile`` (torch.compile of the UNet): its steady state excludes the compile, which its wall time shows.
 """
 from __future__ import annotations
 
@@ -100,8 +100,9 @@ def run_stock(a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model")
-    ap.add_argument("--sd15", action="store_true", help="build an SD 1.5-sized random model instead of a tiny one")
+    which = ap.add_mutually_exclusive_group()  # without either: a tiny random SD 1.x
+    which.add_argument("--model")
+    which.add_argument("--sd15", action="store_true", help="build an SD 1.5-sized random model")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state s/step")
     ap.add_argument("--resolution", type=int, default=64)
