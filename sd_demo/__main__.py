@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -105,8 +106,10 @@ def cmd_train(args) -> int:
         bar.update(ev.step - bar.n)
         bar.set_postfix(loss=f"{ev.loss:.4f}", lr=f"{ev.lr:.2e}")
 
-    result = train(cfg, on_event=on_event)
-    bar.close()
+    try:
+        result = train(cfg, on_event=on_event)
+    finally:  # ends the bar's line, so an error message starts a line of its own
+        bar.close()
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     for f in result.files:
@@ -125,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # user-facing mistakes: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a folder without write permission: say which file, keep it one line
+        where = f" ({exc.filename})" if exc.filename else ""
+        hint = "; earlier checkpoints are intact: free space, then rerun with --resume latest" \
+            if args.command == "train" and exc.errno == errno.ENOSPC else ""
+        print(f"error: {exc.strerror or exc}{where}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -218,6 +218,43 @@ def test_non_empty_out_is_refused_and_untouched(tiny_model_dirs, data_dir, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+def test_overwrite_sets_an_earlier_runs_checkpoints_aside(tiny_model_dirs, data_dir, tmp_path):
+    """A fresh run into a used folder: its own checkpoints are the ones kept and resumed, the earlier run's are moved
+    aside intact (keep-last-K sorts by step, so old step-000004 would otherwise outlive new step-000002), and files
+    the user put there stay."""
+    from sd_demo.train.checkpoint import list_checkpoints, resolve_resume
+
+    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=4, checkpoint_every=2))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=2, checkpoint_every=1))
+    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=2, checkpoint_every=1, overwrite=True))
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000001", "step-000002"]
+    assert resolve_resume("latest", tmp_path).name == "step-000002"
+    earlier = list_checkpoints(tmp_path / "checkpoints-earlier-1")
+    assert [p.name for p in earlier] == ["step-000002", "step-000004"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_full_disk_is_one_line_in_the_cli(tiny_model_dirs, data_dir, tmp_path, monkeypatch, capsys):
+    from sd_demo.train import checkpoint
+
+    real_save = checkpoint.save_file
+
+    def failing_save(tensors, path, *a, **kw):
+        if "step-000002" in path:
+            raise OSError(28, "No space left on device")
+        return real_save(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
+    rc = main(["train", "--model", str(tiny_model_dirs["sd15"]), "--data", str(data_dir), "--out", str(tmp_path),
+               "--steps", "3", "--resolution", "64", "--checkpoint-every", "1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert rc == 1 and len(err) == 1
+    assert "No space left on device" in err[0] and "--resume latest" in err[0]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "checkpoints")] == ["step-000001"]
+
+
 def test_generate_cli_applies_trained_lora_with_scale(tiny_model_dirs, uninterrupted, tmp_path):
     from sd_demo.infotext import read_png
 

@@ -7,6 +7,7 @@ hyper-parameters (JSON) instead of torch.save, so loading a checkpoint never unp
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
+log = logging.getLogger(__name__)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -59,6 +61,20 @@ def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], o
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def set_aside_earlier_run(folder: Path) -> Path | None:
+    """A fresh run into an --overwrite folder: move an earlier run's checkpoints to checkpoints-earlier-N. Left in
+    place they would outnumber this run's (keep-last-K sorts by step, so the new ones would be deleted first) and
+    --resume latest would pick the earlier run. Moved, not deleted: they may be all that is left of that run."""
+    if not list_checkpoints(folder):
+        return None
+    n = 1
+    while (aside := folder.with_name(f"{folder.name}-earlier-{n}")).exists():
+        n += 1
+    os.replace(folder, aside)
+    log.warning("%s held checkpoints of an earlier run: moved to %s", folder, aside)
+    return aside
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -153,16 +153,21 @@ def weights_dtype(cfg: TrainConfig, device: str) -> str:
 
 
 def make_optimizer(params, cfg: TrainConfig, device: str):
+    # No weight decay for textual inversion: it would pull the new embedding towards zero, away from the vocabulary.
+    decay = 0.0 if cfg.method == "textual-inversion" else 1e-2
     if device == "cuda":
         try:  # 8-bit AdamW halves optimizer memory on GPUs; optional dependency
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, lr=cfg.lr)
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=decay)
         except ImportError:
             log.info("bitsandbytes not installed: using torch AdamW")
-    # No weight decay for textual inversion: it would pull the new embedding towards zero, away from the vocabulary.
-    decay = 0.0 if cfg.method == "textual-inversion" else 1e-2
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=decay)
+
+
+def lr_schedule_name(cfg: TrainConfig) -> str:
+    """diffusers' plain 'constant' ignores warm-up steps: with --warmup-steps it becomes constant_with_warmup."""
+    return "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.warmup_steps else cfg.lr_schedule
 
 
 def _validation_images(model, cfg: TrainConfig, unet) -> list:
@@ -275,6 +280,9 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     instance, report = make_stream(cfg, pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
     streams.append(instance)
     accelerator = make_accelerator(cfg.mixed_precision, cpu=model.device == "cpu")
+    if not cfg.resume and accelerator.is_main_process:
+        ckpt.set_aside_earlier_run(out / "checkpoints")
+    accelerator.wait_for_everyone()
     if cfg.method == Method.DREAMBOOTH.value and cfg.num_class_images:
         if accelerator.is_main_process:  # one process generates, the others wait and read the same files
             make_class_images(cfg, model, out, [ex.caption for ex in instance.dataset.examples])
@@ -286,7 +294,7 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     trainable.upcast()
     text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=sdxl)
     optimizer = make_optimizer(trainable.params(), cfg, model.device)
-    lr_sched = get_scheduler(cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+    lr_sched = get_scheduler(lr_schedule_name(cfg), optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.steps)
     noise_sched = DDPMScheduler.from_config(model.base_scheduler_config)
     start, losses = _restore(cfg, out, trainable, optimizer, lr_sched, streams)
