@@ -5,7 +5,6 @@ progress events."""
 import sys
 import types
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
