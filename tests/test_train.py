@@ -337,6 +337,25 @@ def test_dreambooth_with_prior_preservation(tiny_model_dirs, data_dir, tmp_path)
     assert with_prior.losses[0] > no_prior.losses[0]
 
 
+def test_dreambooth_with_the_users_own_class_images(tiny_model_dirs, data_dir, tmp_path):
+    classes = tmp_path / "my_classes"
+    classes.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (30, 30, 60 * i)).save(classes / f"c{i}.png")
+    common = dict(method="dreambooth", trigger="sks", steps=3, caption_dropout=0.0)
+    with pytest.raises(ValueError, match="class images: 3 of 3 images have no caption.*--class-prompt"):
+        train(config(tiny_model_dirs["sd15"], data_dir, tmp_path / "a", class_data=str(classes), **common))
+    with pytest.raises(ValueError, match="not both"):
+        config(tiny_model_dirs["sd15"], data_dir, tmp_path / "b", class_data=str(classes), num_class_images=2,
+               class_prompt="a square", **common).validate()
+    with_prior = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path / "c", class_data=str(classes),
+                              class_prompt="a square", **common))
+    no_prior = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path / "d", **common))
+    assert with_prior.losses[0] > no_prior.losses[0]  # the class images' loss is added to the same instance batch
+    assert not (tmp_path / "c" / "class_images").exists()  # nothing generated, nothing copied
+    assert sorted(p.name for p in classes.iterdir()) == ["c0.png", "c1.png", "c2.png"]  # and nothing written there
+
+
 def test_class_word_generates_class_images_from_the_instance_captions(tiny_model_dirs, tmp_path):
     from sd_demo.infotext import read_png
 

@@ -283,13 +283,16 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     if not cfg.resume and accelerator.is_main_process:
         ckpt.set_aside_earlier_run(out / "checkpoints")
     accelerator.wait_for_everyone()
-    if cfg.method == Method.DREAMBOOTH.value and cfg.num_class_images:
-        if accelerator.is_main_process:  # one process generates, the others wait and read the same files
+    if cfg.method == Method.DREAMBOOTH.value and (cfg.num_class_images or cfg.class_data):
+        if cfg.num_class_images and accelerator.is_main_process:  # one process generates, the others wait
             make_class_images(cfg, model, out, [ex.caption for ex in instance.dataset.examples])
         accelerator.wait_for_everyone()
-        class_dir = out / "class_images"
-        streams.append(make_stream(cfg, pipe, str(class_dir), cfg.class_prompt, None, cfg.seed + 1,
-                                   cfg.prior_loss_weight)[0])
+        class_dir = cfg.class_data or str(out / "class_images")
+        try:
+            streams.append(make_stream(cfg, pipe, class_dir, cfg.class_prompt, None, cfg.seed + 1,
+                                       cfg.prior_loss_weight)[0])
+        except ValueError as exc:  # the data messages speak of --data; say which folder this is
+            raise ValueError(f"class images: {exc}".replace("an instance prompt", "--class-prompt")) from None
     trainable = methods.setup(cfg, pipe)
     trainable.upcast()
     text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=sdxl)
