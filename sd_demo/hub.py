@@ -77,19 +77,32 @@ class WeightPlan:
     pickle: bool  # weights come from pickle files (only with allow_pickle)
 
 
-def recommended_guidance(folder: Path) -> float | None:
-    """The CFG scale a model's card recommends, in the Hub's convention for widget settings: README.md front matter
-    ``inference: {parameters: {guidance_scale: X}}``. None when the card says nothing usable."""
+def card_metadata(folder: Path) -> dict:
+    """The YAML front matter of a model folder's README.md (the Hub's model card); {} when there is none usable."""
     from huggingface_hub import metadata_load
 
     card = Path(folder) / "README.md"
     if not card.is_file():
-        return None
+        return {}
     try:
         meta = metadata_load(card) or {}
     except Exception as exc:  # a malformed card must not stop the model from loading
-        log.warning("%s: front matter not readable (%s); using the default CFG scale", card, exc)
-        return None
+        log.warning("%s: front matter not readable (%s); ignoring it", card, exc)
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def card_license(folder: Path) -> str | None:
+    """The license a model's card declares (``license: creativeml-openrail-m``); a fine-tune inherits it."""
+    value = card_metadata(folder).get("license")
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def recommended_guidance(folder: Path) -> float | None:
+    """The CFG scale a model's card recommends, in the Hub's convention for widget settings: README.md front matter
+    ``inference: {parameters: {guidance_scale: X}}``. None when the card says nothing usable."""
+    card = Path(folder) / "README.md"
+    meta = card_metadata(folder)
     inference = meta.get("inference")
     params = inference.get("parameters") if isinstance(inference, dict) else None
     value = params.get("guidance_scale") if isinstance(params, dict) else None

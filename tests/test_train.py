@@ -255,6 +255,26 @@ def test_full_disk_is_one_line_in_the_cli(tiny_model_dirs, data_dir, tmp_path, m
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "checkpoints")] == ["step-000001"]
 
 
+def test_model_card_describes_the_result_and_inherits_the_base_license(tiny_model_dirs, data_dir, tmp_path):
+    import re
+    import shutil
+
+    from huggingface_hub import metadata_load
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dirs["sd15"], base)
+    (base / "README.md").write_text("---\nlicense: creativeml-openrail-m\n---\n# base\n")
+    out = tmp_path / "out"
+    train(config(base, data_dir, out, method="dreambooth", trigger="sks", steps=2, validation_prompt="a sks square"))
+    card = (out / "README.md").read_text()
+    meta = metadata_load(out / "README.md")
+    assert meta["license"] == "creativeml-openrail-m" and meta["base_model"] == str(base)
+    assert meta["instance_prompt"] == "sks" and {"lora", "dreambooth"} <= set(meta["tags"])
+    assert "| rank | 4 |" in card and "| steps | 2 |" in card and "Trigger word: `sks`" in card
+    linked = re.findall(r"!\[[^]]*\]\(([^)]+)\)", card)
+    assert len(linked) == 2 and all((out / name).is_file() for name in linked)
+
+
 def test_generate_cli_applies_trained_lora_with_scale(tiny_model_dirs, uninterrupted, tmp_path):
     from sd_demo.infotext import read_png
 

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..hub import card_license
 from ..models import load_model, pick_device
 from . import checkpoint as ckpt
 from . import methods
@@ -380,7 +381,8 @@ def _finish(cfg, model, trainable, unet, out: Path, losses: list[float]) -> list
         for i, img in enumerate(_validation_images(model, cfg, unet)):
             samples.append(out / "samples" / f"sample-{i}.png")
             img.save(samples[-1])
-    files.append(write_card(out, cfg, model.ref.label, samples, losses[-1] if losses else None))
+    license = card_license(model.folder) or "other"  # a fine-tune carries its base model's license
+    files.append(write_card(out, cfg, model.ref.label, samples, losses[-1] if losses else None, license))
     if cfg.push_to_hub:
         from ..hub import push_folder
 
