@@ -467,6 +467,27 @@ def test_lora_trains_on_v_prediction_and_sdxl(tiny_model_dirs, data_dir, tmp_pat
         assert any(k.startswith("text_encoder_2.") for k in names)
 
 
+def test_sdxl_is_told_each_images_original_size_and_crop(tiny_model_dirs, tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    data = tmp_path / "wide"
+    data.mkdir()
+    Image.new("RGB", (96, 48), (200, 30, 30)).save(data / "w.png")  # resized to 128 x 64, centre cut at left 32
+    (data / "w.txt").write_text("a wide red image")
+    seen = []
+    real = UNet2DConditionModel.forward
+
+    def forward(self, *a, added_cond_kwargs=None, **kw):
+        if self.training:
+            seen.append(added_cond_kwargs["time_ids"].tolist())
+        return real(self, *a, added_cond_kwargs=added_cond_kwargs, **kw)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    train(config(tiny_model_dirs["sdxl"], data, tmp_path / "out", steps=1, batch=1, grad_accum=1,
+                 random_flip=False))
+    assert seen == [[[48, 96, 0, 32, 64, 64]]]
+
+
 def test_two_processes_train_what_one_process_with_accumulation_trains(tiny_model_dirs, data_dir, tmp_path,
                                                                          uninterrupted):
     """Multi-GPU without code changes: `accelerate launch --multi_gpu --num_processes 2 -m sd_demo train` (DDP; on

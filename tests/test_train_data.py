@@ -14,7 +14,8 @@ import torch
 from PIL import Image, ImageFile
 
 from sd_demo.train.data import (BucketBatchSampler, DataConfig, DatasetReport, Example, TrainDataset, assign_buckets,
-                                bucket_resolutions, collate, load_example, scan_dataset, to_tensor)
+                                bucket_resolutions, collate, load_example, micro_conditioning, scan_dataset,
+                                to_tensor)
 
 RES = 64  # small training side: every test image is built in-process and stays tiny
 
@@ -261,6 +262,23 @@ def test_transparency_composited_on_white(tmp_path, mode):
     assert out.mode == "RGB"
     assert out.getpixel((5, 5)) == (255, 255, 255)
     assert out.getpixel((60, 5)) == ((76, 76, 76) if mode == "LA" else (255, 0, 0))
+
+
+def test_sdxl_micro_conditioning_describes_the_crop_load_example_makes(tmp_path):
+    """(original h, w, crop top, left, target h, w): the crop is where load_example cut, also for seeded random
+    crops and flips, computed without loading the image."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)  # every pixel different: a crop is identifiable
+    Image.fromarray(a).save(tmp_path / "n.png")
+    ex = Example(tmp_path / "n.png", "x", (150, 90))
+    assert micro_conditioning(ex, (64, 64)) == (90, 150, 0, 21, 64, 64)  # resized to 107 x 64, centre cut
+    resized = np.asarray(Image.fromarray(a).resize((107, 64), Image.Resampling.LANCZOS, reducing_gap=3.0))
+    for flip in (False, True):
+        _, _, top, left, _, _ = micro_conditioning(ex, (64, 64), center_crop=False, flip=flip)
+        got = np.asarray(load_example(ex, (64, 64), center_crop=False, flip=flip))
+        if flip:  # measured from the right edge: the flipped image is the mirrored crop
+            got, left = got[:, ::-1], 107 - 64 - left
+        assert top == 0 and np.array_equal(got, resized[top:top + 64, left:left + 64])
 
 
 def test_cover_crop_and_tensor(tmp_path):

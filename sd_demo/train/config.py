@@ -51,7 +51,7 @@ class TrainConfig:
                               "no faster, see BENCHMARKS.md)")
     train_text_encoder: bool = _f(False, "also train the text encoder (LoRA on it, or fully for 'full')")
     target_modules: str = _f("to_q,to_k,to_v,to_out.0", "comma-separated UNet modules that get LoRA")
-    center_crop: bool = _f(True, "centre crop (else random crop) after resizing")
+    center_crop: bool = _f(True, "centre crop (else a random crop, drawn once per image: latents are cached)")
     random_flip: bool = _f(False, "random horizontal flip")
     caption_dropout: float = _f(0.0, "probability of training on an empty caption (helps CFG)")
     buckets: bool = _f(False, "aspect-ratio buckets instead of square crops")

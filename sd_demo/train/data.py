@@ -436,17 +436,31 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _cover_crop(img: Image.Image, tw: int, th: int, center: bool, rng: np.random.Generator) -> Image.Image:
-    w, h = img.size
-    scale = max(tw / w, th / h)  # resize to cover the target, then crop the overflow
+def crop_box(size: tuple[int, int], target: tuple[int, int], center: bool, rng: np.random.Generator
+             ) -> tuple[tuple[int, int], int, int]:
+    """((resized w, h), left, top): an image of ``size`` resized to cover ``target``, then cut at (left, top).
+    Computed from the full-size dimensions, so a JPEG decoded in draft mode is cut exactly the same."""
+    (w, h), (tw, th) = size, target
+    scale = max(tw / w, th / h)
     nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
     if center:
-        left, top = (nw - tw) // 2, (nh - th) // 2
-    else:
-        left, top = int(rng.integers(0, nw - tw + 1)), int(rng.integers(0, nh - th + 1))
-    return img.crop((left, top, left + tw, top + th))
+        return (nw, nh), (nw - tw) // 2, (nh - th) // 2
+    return (nw, nh), int(rng.integers(0, nw - tw + 1)), int(rng.integers(0, nh - th + 1))
+
+
+def _crop_rng(ex: Example) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(ex.path.name.encode()))
+
+
+def micro_conditioning(ex: Example, target: tuple[int, int], *, center_crop: bool = True, flip: bool = False
+                       ) -> tuple[int, int, int, int, int, int]:
+    """SDXL's size conditioning for ``ex`` cut to ``target`` as ``load_example`` cuts it (seeded crop): (original
+    height, width, crop top, crop left, target height, width). A flipped image's crop is measured from the other
+    side, as in the diffusers SDXL training example."""
+    (nw, _), left, top = crop_box(ex.size, target, center_crop, _crop_rng(ex))
+    if flip:
+        left = nw - target[0] - left
+    return ex.size[1], ex.size[0], top, left, target[1], target[0]
 
 
 def load_example(ex: Example, target: tuple[int, int], *, center_crop: bool = True, flip: bool = False,
@@ -468,9 +482,10 @@ def load_example(ex: Example, target: tuple[int, int], *, center_crop: bool = Tr
             draft = (math.ceil(img.width * scale), math.ceil(img.height * scale))
             img.draft(None, draft)
             img = _to_rgb(ImageOps.exif_transpose(img))
-    if rng is None:
-        rng = np.random.default_rng(zlib.crc32(ex.path.name.encode()))
-    img = _cover_crop(img, tw, th, center_crop, rng)
+    (nw, nh), left, top = crop_box((sw, sh), target, center_crop, _crop_rng(ex) if rng is None else rng)
+    if img.size != (nw, nh):
+        img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    img = img.crop((left, top, left + tw, top + th))
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
 
 

@@ -24,8 +24,8 @@ from . import checkpoint as ckpt
 from . import methods
 from .card import write_card
 from .config import Method, TrainConfig
-from .data import (BucketBatchSampler, DataConfig, TrainDataset, load_example, scan_dataset, to_tensor,
-                   trigger_pattern)
+from .data import (BucketBatchSampler, DataConfig, TrainDataset, load_example, micro_conditioning, scan_dataset,
+                   to_tensor, trigger_pattern)
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,10 @@ class TextEncoderCache:
         return {"encoder_hidden_states": emb, "text_embeds": pooled}
 
 
-def sdxl_added_cond(text: dict, size: tuple[int, int], dtype) -> dict:
-    """SDXL's micro-conditioning: (original size, crop top-left, target size), here the bucket size and no crop."""
-    h, w = size
-    n = text["encoder_hidden_states"].shape[0]
-    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype).repeat(n, 1)
-    return {"added_cond_kwargs": {"text_embeds": text.pop("text_embeds"), "time_ids": time_ids}}
+def sdxl_added_cond(text: dict, time_ids: list[tuple[int, ...]], dtype) -> dict:
+    """SDXL's micro-conditioning, one (original size, crop top-left, target size) row per image."""
+    return {"added_cond_kwargs": {"text_embeds": text.pop("text_embeds"),
+                                  "time_ids": torch.tensor(time_ids, dtype=dtype)}}
 
 
 def loss_fn(pred, noise, latents, t, noise_sched, snr_gamma: float) -> torch.Tensor:
@@ -415,7 +413,10 @@ def _stream_loss(cfg, g, unet, stream: Stream, text, noise_sched, accelerator, s
     noisy = noise_sched.add_noise(lat, noise, t)
     cond = text(captions)
     if sdxl:
-        cond.update(sdxl_added_cond(cond, stream.dataset.bucket(idx[0]), lat.dtype))
+        h, w = stream.dataset.bucket(idx[0])
+        cond.update(sdxl_added_cond(cond, [micro_conditioning(stream.dataset.examples[i], (w, h), flip=f,
+                                                              center_crop=cfg.center_crop)
+                                           for i, f in zip(idx, flips)], lat.dtype))
     with accelerator.autocast():
         pred = unet(noisy, t, **cond).sample
     return loss_fn(pred, noise, lat, t, noise_sched, cfg.snr_gamma)
