@@ -415,6 +415,31 @@ def test_full_finetune_exports_a_loadable_model(tiny_model_dirs, data_dir, tmp_p
                  "--out", str(tmp_path / "img.png")]) == 0
 
 
+def test_full_finetune_can_train_the_text_encoder_and_dreambooth_can_be_full(tiny_model_dirs, data_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    def changed(a, b):
+        return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters())) > 0
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd15"], safety_checker=None)
+    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path / "te", method="full", steps=2, lr=1e-3,
+                 train_text_encoder=True))
+    tuned = StableDiffusionPipeline.from_pretrained(tmp_path / "te", safety_checker=None)
+    assert changed(tuned.unet, base.unet) and changed(tuned.text_encoder, base.text_encoder)
+    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path / "db", method="dreambooth", dreambooth_full=True,
+                 trigger="sks", steps=2, lr=1e-3, class_prompt="a square", num_class_images=2))
+    db = StableDiffusionPipeline.from_pretrained(tmp_path / "db", safety_checker=None)
+    assert changed(db.unet, base.unet) and not changed(db.text_encoder, base.text_encoder)
+    assert len(list((tmp_path / "db" / "class_images").glob("*.png"))) == 2
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_model_dirs, data_dir, tmp_path, uninterrupted):
+    """Recomputing activations in the backward pass saves memory and must not change what is learned."""
+    out, _ = uninterrupted
+    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, gradient_checkpointing=True))
+    assert max_diff(lora_tensors(tmp_path), lora_tensors(out)) < 1e-5
+
+
 def test_dreambooth_needs_a_trigger_and_prior_needs_a_class_prompt(tiny_model_dirs, data_dir, tmp_path):
     with pytest.raises(ValueError, match="DreamBooth needs --trigger"):
         train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="dreambooth"))
@@ -465,6 +490,14 @@ def test_lora_trains_on_v_prediction_and_sdxl(tiny_model_dirs, data_dir, tmp_pat
     assert any(k.startswith("unet.") for k in names) and any(k.startswith("text_encoder.") for k in names)
     if kind == "sdxl":
         assert any(k.startswith("text_encoder_2.") for k in names)
+    # The kohya/A1111 file carries the same LoRA (both text encoders too): a fresh pipeline draws the same image.
+    images = []
+    for weight_name in ("pytorch_lora_weights.safetensors", f"{tmp_path.name}.safetensors"):
+        fresh = DiffusionPipeline.from_pretrained(tiny_model_dirs[kind])
+        fresh.set_progress_bar_config(disable=True)
+        fresh.load_lora_weights(str(tmp_path), weight_name=weight_name)
+        images.append(_generate(fresh))
+    assert np.abs(images[0] - images[1]).max() < 1e-5
 
 
 def test_sdxl_is_told_each_images_original_size_and_crop(tiny_model_dirs, tmp_path, monkeypatch):
