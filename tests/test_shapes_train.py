@@ -96,3 +96,28 @@ def test_a_text_encoder_neither_pretrained_nor_trained_is_refused(tmp_path):
     with pytest.raises(ValueError, match="te_lr_scale: .* would stay random"):
         run(TrainConfig(out=tmp_path, te_steps=0, te_lr_scale=0.0))
     assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+def test_the_training_engine_continues_the_recipes_model_with_full_fine_tuning(toy_model, tmp_path):
+    """The Training tab's 'full' method takes the embedded model's kind of folder (v-prediction, 128 px, our own
+    tokenizer) as its base and writes a model that loads and differs from it."""
+    from diffusers import StableDiffusionPipeline
+
+    from sd_demo.shapes.captions import caption
+    from sd_demo.shapes.world import render, sample_scenes
+    from sd_demo.train.config import TrainConfig
+    from sd_demo.train.loop import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, scene in enumerate(sample_scenes(4, 0)):
+        render(scene).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption(scene, "full"))
+    result = train(TrainConfig(method="full", model=str(toy_model), data=str(data), out=str(tmp_path / "out"),
+                               steps=2, resolution=128, batch=2, lr=1e-3, train_text_encoder=True))
+    assert len(result.losses) == 2 and all(loss == loss for loss in result.losses)
+    tuned = StableDiffusionPipeline.from_pretrained(tmp_path / "out", use_safetensors=True)
+    base = StableDiffusionPipeline.from_pretrained(toy_model, use_safetensors=True)
+    assert tuned.scheduler.config.prediction_type == "v_prediction"
+    for a, b in ((tuned.unet, base.unet), (tuned.text_encoder, base.text_encoder)):
+        assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
