@@ -188,3 +188,20 @@ def test_lr_schedules_all_warm_up():
             opt.step()
             sched.step()
         assert lrs[:5] == pytest.approx([0, 0.25, 0.5, 0.75, 1.0], abs=1e-3), name
+
+
+def test_text_encoder_lr_trains_the_text_encoder_at_its_own_rate(tiny_model_dirs, data_dir, tmp_path):
+    """--text-encoder-lr: the text encoder's LoRA moves at its rate (here ~nothing), the UNet's at --lr."""
+    from safetensors.torch import load_file
+
+    from sd_demo.__main__ import main
+
+    assert main(["train", "--model", str(tiny_model_dirs["sd15"]), "--data", str(data_dir), "--out", str(tmp_path),
+                 "--steps", "3", "--resolution", "64", "--lr", "1e-2", "--train-text-encoder",
+                 "--text-encoder-lr", "1e-12"]) == 0
+    weights = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    moved = {part: max(w.abs().max().item() for k, w in weights.items() if k.startswith(part) and ".up." in k)
+             for part in ("unet.", "text_encoder.")}
+    assert moved["unet."] > 1e-3 and moved["text_encoder."] < 1e-8  # "up" (B) starts at 0: its size is the update
+    with pytest.raises(ValueError, match="text_encoder_lr: 0.0 must be > 0"):
+        config(tiny_model_dirs["sd15"], data_dir, tmp_path, text_encoder_lr=0.0).validate()

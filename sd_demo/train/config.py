@@ -50,6 +50,8 @@ class TrainConfig:
                               "compiles for a minute or more; meant for GPUs and big models (on a 2-core CPU it was "
                               "no faster, see BENCHMARKS.md)")
     train_text_encoder: bool = _f(False, "also train the text encoder (LoRA on it, or fully for 'full')")
+    text_encoder_lr: float | None = _f(None, "learning rate of the text encoder(s) when they train beside the UNet "
+                                             "(--train-text-encoder); default: --lr", type=float)
     target_modules: str = _f("to_q,to_k,to_v,to_out.0", "comma-separated UNet modules that get LoRA")
     center_crop: bool = _f(True, "centre crop (else a random crop, drawn once per image: latents are cached)")
     random_flip: bool = _f(False, "random horizontal flip")
@@ -85,6 +87,8 @@ class TrainConfig:
                 bad(name, f"{getattr(self, name)} must be > 0")
         if self.lr <= 0:
             bad("lr", f"{self.lr} must be > 0")
+        if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
+            bad("text_encoder_lr", f"{self.text_encoder_lr} must be > 0")
         if self.alpha <= 0:
             bad("alpha", f"{self.alpha} must be > 0")
         if self.resolution % 8:

@@ -295,7 +295,7 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     trainable = methods.setup(cfg, pipe)
     trainable.upcast()
     text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=sdxl)
-    optimizer = make_optimizer(trainable.params(), cfg, model.device)
+    optimizer = make_optimizer(trainable.param_groups(cfg.lr, cfg.text_encoder_lr), cfg, model.device)
     lr_sched = get_scheduler(lr_schedule_name(cfg), optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.steps)
     noise_sched = DDPMScheduler.from_config(model.base_scheduler_config)

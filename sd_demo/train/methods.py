@@ -28,6 +28,16 @@ class Trainable:
     def params(self) -> list[torch.nn.Parameter]:
         return list(self.named().values())
 
+    def param_groups(self, lr: float, text_encoder_lr: float | None = None) -> list[dict]:
+        """Optimizer groups: one, or with ``text_encoder_lr`` the text encoders' trained parts at that rate (kohya
+        and the diffusers examples train the text encoder slower: it bends every prompt, not only the trigger)."""
+        named = self.named()
+        unet = [p for n, p in named.items() if n.startswith("unet.")]
+        text = [p for n, p in named.items() if not n.startswith("unet.")]
+        if text_encoder_lr is None or not unet or not text:
+            return [{"params": list(named.values()), "lr": lr}]
+        return [{"params": unet, "lr": lr}, {"params": text, "lr": text_encoder_lr}]
+
     def state(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.named().items()}
 
