@@ -45,7 +45,8 @@ class GenerationParams:
     width: int | None = _f(None, "image width in px, multiple of 8 (default: the model's native size)")
     height: int | None = _f(None, "image height in px, multiple of 8 (default: the model's native size)")
     seed: int = _f(-1, "random seed; -1 picks one at random (the used seed is reported)")
-    sampler: str = _f(DEFAULT_SAMPLER, "sampler, A1111 names", choices=list(SAMPLERS))
+    sampler: str | None = _f(None, f"sampler, A1111 names (default: what the model card recommends, else "
+                                   f"{DEFAULT_SAMPLER})", choices=list(SAMPLERS), type=str)
     schedule: str = _f("Automatic", "noise schedule type (A1111 'Schedule type')", choices=list(SCHEDULES))
     batch_size: int = _f(1, f"images per run, 1-{MAX_BATCH}; image i uses seed+i", flag="--batch")
     clip_skip: int = _f(1, "use the text encoder's N-th last layer (1 = last, A1111 numbering)")
@@ -71,7 +72,7 @@ class GenerationParams:
             bad("batch_size", f"{self.batch_size} is out of range; use 1 to {MAX_BATCH}")
         if not 1 <= int(self.clip_skip) <= 12:
             bad("clip_skip", f"{self.clip_skip} is out of range; use 1 to 12")
-        resolve_schedule(self.sampler, self.schedule)  # unknown sampler / schedule -> ValueError
+        resolve_schedule(self.sampler or DEFAULT_SAMPLER, self.schedule)  # unknown sampler / schedule -> ValueError
         return self
 
 
@@ -114,6 +115,7 @@ def check_inputs(model: LoadedModel, params: GenerationParams) -> GenerationPara
         batch_size=int(params.batch_size),
         clip_skip=int(params.clip_skip),
         guidance_scale=float(model.default_guidance if params.guidance_scale is None else params.guidance_scale),
+        sampler=params.sampler or model.default_sampler,
     )
 
 

@@ -98,6 +98,21 @@ def card_license(folder: Path) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+def recommended_sampler(folder: Path) -> str | None:
+    """The sampler (A1111 name) a model's card recommends: front matter ``sd_demo: {sampler: "Euler a"}``, since
+    the Hub's widget settings have no sampler field. None when absent or not a sampler this app has."""
+    from .sampling.registry import SAMPLERS
+
+    ours = card_metadata(folder).get("sd_demo")
+    value = ours.get("sampler") if isinstance(ours, dict) else None
+    if value is None:
+        return None
+    if value not in SAMPLERS:
+        log.warning("%s: sampler %r is not one of this app's samplers; using the default", folder, value)
+        return None
+    return value
+
+
 def recommended_guidance(folder: Path) -> float | None:
     """The CFG scale a model's card recommends, in the Hub's convention for widget settings: README.md front matter
     ``inference: {parameters: {guidance_scale: X}}``. None when the card says nothing usable."""

@@ -32,6 +32,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from . import hub
+from .sampling.registry import DEFAULT_SAMPLER
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class LoadedModel:
     folder: Path
     default_size: int  # native resolution in px
     default_guidance: float = DEFAULT_GUIDANCE  # CFG scale when a request names none (the model card's)
+    default_sampler: str = DEFAULT_SAMPLER  # sampler when a request names none (the model card's)
     base_scheduler_config: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per pipeline
     preview_map: Any = None  # (W, b) latent -> RGB, fitted lazily by preview.py
@@ -308,6 +310,7 @@ def load_model(
     log.info("loaded %s (%s) on %s %s; attention: %s", ref.label, family, dev, dtype_name(dt), reason)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     guidance = hub.recommended_guidance(folder)
+    sampler = hub.recommended_sampler(folder)
     return LoadedModel(
         pipe=pipe,
         ref=ref,
@@ -319,6 +322,7 @@ def load_model(
         folder=folder,
         default_size=int(pipe.unet.config.sample_size) * vae_scale,
         default_guidance=DEFAULT_GUIDANCE if guidance is None else guidance,  # 0 is real (distilled models)
+        default_sampler=sampler or DEFAULT_SAMPLER,
         base_scheduler_config=dict(pipe.scheduler.config),
     )
 

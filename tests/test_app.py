@@ -76,13 +76,15 @@ def test_missing_lora_is_named(client):
     assert "lora: '/no/such/lora' not found" in str(err.value)
 
 
-def test_loading_a_model_sets_its_native_size_and_recommended_cfg():
-    """The Load button moves the sliders to the new model's native size and its card's CFG scale."""
+def test_loading_a_model_sets_its_native_size_and_recommended_cfg_and_sampler():
+    """The Load button moves the sliders to the new model's native size and its card's CFG scale and sampler."""
     import types
 
     from sd_demo.ui.generate import _load_model_fn
 
-    loaded = types.SimpleNamespace(describe=lambda: "**m** loaded", default_size=768, default_guidance=4.5)
+    loaded = types.SimpleNamespace(describe=lambda: "**m** loaded", default_size=768, default_guidance=4.5,
+                                   default_sampler="Euler a")
     engine = types.SimpleNamespace(load=lambda name: loaded)
-    status, width, height, cfg = _load_model_fn(engine, False)("m", progress=lambda *a, **k: None)
+    status, width, height, cfg, sampler = _load_model_fn(engine, False)("m", progress=lambda *a, **k: None)
     assert status == "**m** loaded" and width["value"] == height["value"] == 768 and cfg["value"] == 4.5
+    assert sampler["value"] == "Euler a"

@@ -44,16 +44,18 @@ def test_loads_with_plain_diffusers():
     assert len(pipe.tokenizer("zebras éclair 🙂").input_ids) > 2
 
 
-def test_model_card_recommends_the_cfg_scale_the_bar_was_measured_at(embedded):
-    """README.md (Hub card format) names the CFG scale; TRAINING.md holds a table measured at that scale."""
-    guidance = hub.recommended_guidance(models.EMBEDDED_DIR)
+def test_model_card_recommends_the_sampler_and_cfg_scale_the_bar_was_measured_at(embedded):
+    """README.md (Hub card format) names the sampler and CFG scale; TRAINING.md holds a table measured with them."""
+    guidance, sampler = hub.recommended_guidance(models.EMBEDDED_DIR), hub.recommended_sampler(models.EMBEDDED_DIR)
     assert guidance is not None and embedded.default_guidance == guidance
-    assert f"CFG {guidance:g}: " in (models.EMBEDDED_DIR / "TRAINING.md").read_text()
+    assert sampler is not None and embedded.default_sampler == sampler
+    assert f"{sampler}, CFG {guidance:g}: " in (models.EMBEDDED_DIR / "TRAINING.md").read_text()
 
 
 @pytest.fixture(scope="module")
 def heldout_run(embedded):
-    """16 held-out prompts (8 canonical, 8 with size and position), seed 0, 20 steps, the app's default sampler."""
+    """16 held-out prompts (8 canonical, 8 with size and position), seed 0, 20 steps, the model's default sampler and
+    CFG scale (its card's, as the app uses them)."""
     from sd_demo.shapes.eval_model import heldout_prompts, run_eval
 
     assert embedded.default_size == 128

@@ -165,8 +165,29 @@ def test_download_plan_brings_the_model_card():
     assert "README.md" in plan.files and "docs/README.md" not in plan.files
 
 
-def test_embedded_model_card_carries_its_recommended_cfg(tmp_path):
+def test_embedded_model_card_carries_its_recommended_cfg_and_sampler(tmp_path):
     from sd_demo.shapes.eval_model import model_card
 
-    (tmp_path / "README.md").write_text(model_card(4.5, 20, []))
-    assert hub.recommended_guidance(tmp_path) == 4.5
+    (tmp_path / "README.md").write_text(model_card(4.5, 20, [], "Euler a"))
+    assert hub.recommended_guidance(tmp_path) == 4.5 and hub.recommended_sampler(tmp_path) == "Euler a"
+
+
+@pytest.mark.parametrize("front, expected", [("sd_demo:\n  sampler: Euler a\n", "Euler a"),
+                                             ("sd_demo:\n  sampler: Magic\n", "DPM++ 2M"),
+                                             ("sd_demo: 3\n", "DPM++ 2M"), ("license: mit\n", "DPM++ 2M")])
+def test_model_card_recommends_the_default_sampler(tiny_model_dirs, tmp_path, front, expected):
+    """A request that names no sampler gets the card's (unknown names fall back); a named one wins."""
+    import shutil
+
+    from sd_demo.generate import GenerationParams, generate
+    from sd_demo.infotext import format_infotext
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dirs["sd15"], folder)
+    (folder / "README.md").write_text(f"---\n{front}---\n# A model\n")
+    model = load_model(str(folder))
+    assert model.default_sampler == expected
+    run = generate(model, GenerationParams(prompt="a red circle", steps=2, seed=1))
+    assert f"Sampler: {expected}," in format_infotext(run.infotexts[0])
+    named = generate(model, GenerationParams(prompt="a red circle", steps=2, seed=1, sampler="DDIM"))
+    assert "Sampler: DDIM," in format_infotext(named.infotexts[0])

@@ -50,8 +50,9 @@ class EvalRun:
 
 
 def run_eval(model, prompts: list[str], seeds: list[int], *, steps: int = 20, guidance: float = 7.0,
-             sampler: str = "DPM++ 2M", schedule: str = "Automatic") -> EvalRun:
-    """Generate every (prompt, seed) pair with the app's ``generate`` and judge it. ``model`` is a LoadedModel."""
+             sampler: str | None = None, schedule: str = "Automatic") -> EvalRun:
+    """Generate every (prompt, seed) pair with the app's ``generate`` and judge it. ``model`` is a LoadedModel;
+    ``sampler`` None is the model's default (its card's recommendation, else the app's)."""
     from ..generate import GenerationParams, generate
 
     pairs = [(p, s) for p in prompts for s in seeds]
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--notes", type=Path, help="markdown appended to --training-md (findings, caveats)")
     parser.add_argument("--recommend-guidance", metavar="CFG|best",
                         help="with --training-md: also write the model card README.md next to it, recommending this "
-                             "CFG scale (the app's default for the model); 'best': of the --guidance values, the one "
-                             "whose worst attribute leads the bar most")
+                             "CFG scale with the first --sampler (the app's defaults for the model); 'best': of the "
+                             "(--sampler, --guidance) tables, the one whose worst attribute leads the bar most")
     parser.add_argument("--train-command", default="python -m sd_demo.shapes train --out DIR",
                         help="the training command for --training-md when the model's train_info.json has none")
     args = parser.parse_args(argv)
@@ -142,10 +143,12 @@ def main(argv: list[str] | None = None) -> None:
         args.training_md.write_text(text)
         print(f"wrote {args.training_md}")
         if args.recommend_guidance is not None:
-            guidance = (max(runs, key=lambda r: bar_margin(r[2].report))[1] if args.recommend_guidance == "best"
-                        else float(args.recommend_guidance))
+            if args.recommend_guidance == "best":
+                sampler, guidance, _ = max(runs, key=lambda r: bar_margin(r[2].report))
+            else:
+                sampler, guidance = args.sampler[0], float(args.recommend_guidance)
             card = args.training_md.parent / "README.md"
-            card.write_text(model_card(guidance, args.steps, runs))
+            card.write_text(model_card(guidance, args.steps, runs, sampler))
             print(f"wrote {card}")
 
 
@@ -260,25 +263,27 @@ def training_md(model, runs, args, eval_command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_card(guidance: float, steps: int, runs) -> str:
+def model_card(guidance: float, steps: int, runs, sampler: str = "DPM++ 2M") -> str:
     """The model folder's README.md in the Hub's card format. ``inference.parameters`` is the Hub's place for
-    widget settings; the app reads guidance_scale from it as the model's default CFG scale."""
+    widget settings; the app reads guidance_scale from it as the model's default CFG scale, and its sampler from
+    ``sd_demo.sampler`` (the Hub's settings have no sampler field)."""
     from ..train.card import card_text
 
     meta = {"license": "apache-2.0", "library_name": "diffusers", "pipeline_tag": "text-to-image",
             "tags": ["stable-diffusion", "text-to-image", "sd_demo"],
-            "inference": {"parameters": {"guidance_scale": guidance, "num_inference_steps": steps}}}
+            "inference": {"parameters": {"guidance_scale": guidance, "num_inference_steps": steps}},
+            "sd_demo": {"sampler": sampler}}
     body = [
         "# shapes-sd", "",
         "A small Stable Diffusion (AutoencoderKL, CLIPTextModel, UNet2DConditionModel) trained from nothing by "
         "sd_demo (`python -m sd_demo.shapes train`) on a synthetic world of coloured shapes; it runs offline on a "
         "2-core CPU. Prompts such as \"a small red star at the top left on a blue background\" are understood.", "",
-        f"Recommended: CFG scale {guidance:g}, {steps} steps. How it was trained and the held-out tables for every CFG "
-        "scale measured are in [TRAINING.md](TRAINING.md).", "",
+        f"Recommended: {sampler}, CFG scale {guidance:g}, {steps} steps. How it was trained and the held-out tables "
+        "for every sampler and CFG scale measured are in [TRAINING.md](TRAINING.md).", "",
     ]
-    for sampler, g, run in runs:
-        if g == guidance:
-            body += [f"Held-out prompts, {sampler}, CFG {g:g}:", "", format_table(run.report), ""]
+    for s, g, run in runs:
+        if (s, g) == (sampler, guidance):
+            body += [f"Held-out prompts, {s}, CFG {g:g}:", "", format_table(run.report), ""]
     return card_text(meta, "\n".join(body))
 
 

@@ -12,7 +12,7 @@ from ..engine import Engine
 from ..generate import MAX_BATCH, MAX_SIDE, MAX_STEPS, GenerationParams
 from ..infotext import format_infotext
 from ..models import DEFAULT_GUIDANCE, parse_lora
-from ..sampling.registry import SAMPLERS, SCHEDULES
+from ..sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def make_generate_fn(engine: Engine, public: bool):
     def generate(
         prompt: str,
         negative_prompt: str = "",
-        sampler: str = GenerationParams.sampler,
+        sampler: str | None = None,  # None (API callers): the model's recommended sampler
         schedule: str = GenerationParams.schedule,
         steps: int = GenerationParams.steps,
         guidance_scale: float | None = None,  # None (API callers): the model's recommended CFG scale
@@ -134,9 +134,9 @@ def _load_model_fn(engine: Engine, public: bool):
         except Exception as exc:
             raise _user_error(exc) from None
         size = loaded.default_size
-        # the new model's native size and the CFG scale its card recommends (A1111's 7 when it has none)
+        # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M)
         return (loaded.describe(), gr.update(value=size), gr.update(value=size),
-                gr.update(value=loaded.default_guidance))
+                gr.update(value=loaded.default_guidance), gr.update(value=loaded.default_sampler))
 
     return load
 
@@ -146,6 +146,7 @@ def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab
     current = engine.cache.current
     size = current.default_size if current else 512
     guidance = current.default_guidance if current else DEFAULT_GUIDANCE
+    default_sampler = current.default_sampler if current else DEFAULT_SAMPLER
     with gr.Row():
         model = gr.Dropdown(engine.model_choices(), value=engine.settings.model, label="Model",
                             allow_custom_value=not public, scale=4,
@@ -157,7 +158,7 @@ def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background")
             negative = gr.Textbox("", label="Negative prompt", lines=2)
             with gr.Row():
-                sampler = gr.Dropdown(sampler_choices(), value=GenerationParams.sampler, label="Sampling method",
+                sampler = gr.Dropdown(sampler_choices(), value=default_sampler, label="Sampling method",
                                       info="★ = written in this project")
                 schedule = gr.Dropdown(list(SCHEDULES), value=GenerationParams.schedule, label="Schedule type")
             steps = gr.Slider(1, MAX_STEPS, value=GenerationParams.steps, step=1, label="Sampling steps")
@@ -199,7 +200,7 @@ def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab
 
     stop_btn.click(stop, None, None, queue=False, api_visibility="private")
     for trigger in (load_btn.click, model.select):  # the Load button, or picking a model from the list
-        trigger(_load_model_fn(engine, public), model, [model_status, width, height, cfg],
+        trigger(_load_model_fn(engine, public), model, [model_status, width, height, cfg, sampler],
                 api_visibility="private", concurrency_id="device", concurrency_limit=1)
     random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")
 
