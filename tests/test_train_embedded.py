@@ -16,6 +16,10 @@ colour 81 % on 16 prompts x 1 seed):
   "a red zkring on a black background" as a purple blob, and no setting got past 5/16.
 - Textual inversion "<rstar>" (300 steps, lr 5e-2, from "object"): 4/16 red stars where the spelled-out "red star"
   gives 11/16 (an earlier prompt set: 5/16 vs 10/16, colour right in 14/16; the star's outline is too soft to name).
+On the shipped model (run v7; Euler a, CFG 2.5; ordinary accuracy on 32 prompts, base shape 84 %), with the
+settings below: LoRA shows the bar but ordinary shape falls to 12 %; DreamBooth 6/16 bars; textual inversion 3/16
+red stars against 12/16 spelled out. A text-encoder LoRA bound the trigger in 15/16 on the v5 candidate, but bent
+ordinary prompts (shape 75 -> 44 %); --text-encoder-lr and --class-data are the next things to try.
 The ring (the first concept tried) has a hole under two latent pixels wide when small; see ``novel``.
 """
 from __future__ import annotations
