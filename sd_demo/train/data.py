@@ -56,6 +56,7 @@ class DataConfig:
                                         "+ instance prompt"})
     resolution: int = _f(512, "training side in px; buckets keep about resolution² pixels per image")
     instance_prompt: str | None = _f(None, "caption for every image that has no .txt / metadata.jsonl caption")
+    prompt_name: str = _f("an instance prompt", "what errors call instance_prompt (the class stream: --class-prompt)")
     trigger: str | None = _f(None, "trigger word prepended ('trigger, caption') to every caption lacking it")
     center_crop: bool = _f(True, "centre crop after resizing to cover the target (False: random crop)")
     random_flip: bool = _f(False, "horizontal flip with probability 0.5 (avoid for text or asymmetric subjects)")
@@ -387,7 +388,7 @@ def _scan_root(root: Path, cfg: DataConfig) -> DatasetReport:
     examples, missing, source = _caption_images(root, images, sidecars, meta, cfg)
     if missing:
         raise ValueError(f"{len(missing)} of {len(examples)} images have no caption ({_names(missing)}); add a .txt "
-                         "file with the same name next to each image, or pass an instance prompt")
+                         f"file with the same name next to each image, or pass {cfg.prompt_name}")
     skipped += _orphans(root, meta, files, sidecars)
     res = cfg.resolution
     targets = assign_buckets([e.size for e in examples], res) if cfg.buckets else [(res, res)] * len(examples)

@@ -219,9 +219,9 @@ def make_accelerator(mixed_precision: str, cpu: bool):
 
 
 def make_stream(cfg: TrainConfig, pipe, path: str, prompt: str | None, trigger: str | None, seed: int,
-                weight: float = 1.0) -> tuple[Stream, object]:
-    dcfg = DataConfig(path=path, resolution=cfg.resolution, instance_prompt=prompt, trigger=trigger,
-                      center_crop=cfg.center_crop, random_flip=cfg.random_flip, buckets=cfg.buckets)
+                weight: float = 1.0, prompt_name: str = "an instance prompt") -> tuple[Stream, object]:
+    dcfg = DataConfig(path=path, resolution=cfg.resolution, instance_prompt=prompt, prompt_name=prompt_name,
+                      trigger=trigger, center_crop=cfg.center_crop, random_flip=cfg.random_flip, buckets=cfg.buckets)
     report = scan_dataset(dcfg)
     dataset = TrainDataset(report, dcfg, seed=seed)
     stream = Stream(dataset, cache_latents(pipe.vae, dataset, cfg.random_flip),
@@ -289,9 +289,9 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         class_dir = cfg.class_data or str(out / "class_images")
         try:
             streams.append(make_stream(cfg, pipe, class_dir, cfg.class_prompt, None, cfg.seed + 1,
-                                       cfg.prior_loss_weight)[0])
-        except ValueError as exc:  # the data messages speak of --data; say which folder this is
-            raise ValueError(f"class images: {exc}".replace("an instance prompt", "--class-prompt")) from None
+                                       cfg.prior_loss_weight, prompt_name="--class-prompt")[0])
+        except ValueError as exc:  # say which of the two folders the data error is about
+            raise ValueError(f"class images: {exc}") from None
     trainable = methods.setup(cfg, pipe)
     trainable.upcast()
     text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=sdxl)
