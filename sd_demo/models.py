@@ -175,30 +175,60 @@ class LoadedModel:
     schedulers: dict = field(default_factory=dict)  # (sampler, schedule) -> scheduler, built on first use
     prompt_encoders: dict = field(default_factory=dict)  # clip skip -> prompts.PromptEncoder, built on first use
     loras: tuple = ()  # ((path or repo id, scale), ...) currently applied
+    embedding_tokens: list = field(default_factory=list)  # textual-inversion tokens those brought in
 
     def set_loras(self, loras: list[tuple[str, float]]) -> None:
-        """Apply exactly these LoRAs (diffusers or kohya format, safetensors only); no-op when unchanged."""
+        """Apply exactly these adapters, no-op when unchanged: LoRAs (diffusers or kohya format, safetensors only)
+        and training outputs with a textual-inversion embedding (alone, or beside a --trigger-token LoRA)."""
+        from .embeddings import LORA_FILE, find_embedding, is_embedding_file, load_embedding
+
         loras = tuple(loras)
         if loras == self.loras:
             return
+        self.prompt_encoders.clear()  # they cache text-encoder outputs that a LoRA or an embedding changes
         if self.loras:
             self.pipe.unload_lora_weights()
-            self.prompt_encoders.clear()  # they cache text-encoder outputs that a LoRA may change
+            self._unload_embeddings()
+        self.loras = ()
         names = []
-        for i, (source, _) in enumerate(loras):
-            if not Path(source).exists() and not _REPO_ID.match(source):
+        for i, (source, scale) in enumerate(loras):
+            path = Path(source)
+            if not path.exists() and not _REPO_ID.match(source):
                 raise ValueError(f"lora: '{source}' not found; give a training output folder, a .safetensors file "
                                  "or a Hub repo id")
             try:
-                self.pipe.load_lora_weights(source, adapter_name=f"lora{i}", use_safetensors=True)
+                embedding = (find_embedding(path) if path.is_dir() else
+                             path if path.is_file() and path.suffix == ".safetensors" and is_embedding_file(path)
+                             else None)
+                has_lora = (path / LORA_FILE).is_file() if path.is_dir() else embedding is None
+                if embedding is not None and not has_lora and scale != 1:
+                    raise ValueError("it is a textual-inversion embedding, which has no strength; drop the "
+                                     f"':{scale:g}'")
+                if embedding is not None:
+                    self.embedding_tokens.append(load_embedding(self.pipe, embedding))
+                if has_lora:
+                    self.pipe.load_lora_weights(source, adapter_name=f"lora{i}", use_safetensors=True)
+                    names.append(f"lora{i}")
             except (OSError, ValueError, EnvironmentError) as exc:
                 self.pipe.unload_lora_weights()
-                self.loras = ()
+                self._unload_embeddings()
                 raise ValueError(f"lora: '{source}' could not be loaded: {str(exc).splitlines()[0]}") from exc
-            names.append(f"lora{i}")
         if names:
-            self.pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+            self.pipe.set_adapters(names, adapter_weights=[loras[int(n.removeprefix("lora"))][1] for n in names])
         self.loras = loras
+
+    def _unload_embeddings(self) -> None:
+        if not self.embedding_tokens:
+            return
+        pairs = [(self.pipe.tokenizer, self.pipe.text_encoder)]
+        if getattr(self.pipe, "text_encoder_2", None) is not None:
+            pairs.append((self.pipe.tokenizer_2, self.pipe.text_encoder_2))
+        for tok, enc in pairs:
+            added = [t for t in tok.added_tokens_encoder
+                     if any(t == e or re.fullmatch(re.escape(e) + r"_\d+", t) for e in self.embedding_tokens)]
+            if added:
+                self.pipe.unload_textual_inversion(tokens=added, tokenizer=tok, text_encoder=enc)
+        self.embedding_tokens = []
 
     @property
     def prediction_type(self) -> str:

@@ -147,7 +147,9 @@ class PromptEncoder:
         texts, weights = [t for t, _ in frags] or [""], [w for _, w in frags] or [1.0]
         parts = []
         for p in self.providers:
-            ids, w, mask = p.get_token_ids_and_expand_weights(texts, weights, device=p.device)
+            # a multi-vector embedding's token stands for all its tokens (diffusers' plain path does the same)
+            texts_p = [self.pipe.maybe_convert_prompt(t, p.tokenizer) for t in texts]
+            ids, w, mask = p.get_token_ids_and_expand_weights(texts_p, weights, device=p.device)
             parts.append(p.build_weighted_embedding_tensor(ids, w, mask, device=p.device))
         return torch.cat(parts, dim=-1)  # (1, 77·k, D) — SDXL: D = 768 + 1280
 

@@ -1,6 +1,7 @@
 """Training engine mechanics on the tiny SD 1.x model: resume equals an uninterrupted run (also after SIGKILL),
 exported LoRA files load through diffusers and reproduce the trained outputs, bad input is refused cleanly."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -331,6 +332,122 @@ def test_textual_inversion_trains_one_vector_and_exports_loadable_files(tiny_mod
 
     fresh.scheduler = load_model(str(tiny_model_dirs["sd15"])).pipe.scheduler
     assert np.abs(_generate_prompt(fresh, "a <shiny> square") - captured["image"]).max() < 1e-5
+
+
+def test_textual_inversion_with_several_vectors_loads_back_with_diffusers(tiny_model_dirs, data_dir, tmp_path):
+    """--num-vectors 2: the token stands for two trained vectors, saved as one (2, dim) embedding that diffusers'
+    loader expands back ("<shiny>" -> "<shiny> <shiny>_1") and A1111 reads as a two-vector embedding."""
+    from diffusers import StableDiffusionPipeline
+
+    from sd_demo.models import load_model
+    from sd_demo.train import loop
+
+    captured = {}
+    real_export = loop._export
+
+    def spy(cfg, trainable, pipe, out):
+        captured["image"] = _generate_prompt(pipe, "a <shiny> square")
+        return real_export(cfg, trainable, pipe, out)
+
+    loop._export = spy
+    try:
+        train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="textual-inversion", trigger="<shiny>",
+                     init_word="red square", num_vectors=2, lr=5e-2, steps=4))
+    finally:
+        loop._export = real_export
+    learned = load_file(str(tmp_path / "learned_embeds.safetensors"))["<shiny>"]
+    assert learned.shape == (2, 32)
+    assert load_file(str(tmp_path / "shiny.safetensors"))["emb_params"].shape == (2, 32)
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd15"], safety_checker=None)
+    fresh.set_progress_bar_config(disable=True)
+    table = fresh.text_encoder.embeddings.token_embedding.weight
+    red, square = (table[fresh.tokenizer(w).input_ids[1]] for w in ("red", "square"))
+    # each vector started from its own piece of the init words and moved a little (4 steps at lr 5e-2)
+    assert (learned[0] - red).norm() < (learned[0] - square).norm()
+    assert (learned[1] - square).norm() < (learned[1] - red).norm()
+    fresh.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"))
+    assert fresh.maybe_convert_prompt("a <shiny> square", fresh.tokenizer) == "a <shiny> <shiny>_1 square"
+    fresh.scheduler = load_model(str(tiny_model_dirs["sd15"])).pipe.scheduler
+    assert np.abs(_generate_prompt(fresh, "a <shiny> square") - captured["image"]).max() < 1e-5
+
+
+def test_resume_refuses_a_checkpoint_with_another_number_of_vectors(tiny_model_dirs, data_dir, tmp_path):
+    ti = dict(method="textual-inversion", trigger="<shiny>", steps=2, checkpoint_every=2)
+    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, **ti))
+    with pytest.raises(ValueError, match="--num-vectors"):
+        train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, **{**ti, "steps": 4}, num_vectors=2,
+                     resume="latest"))
+
+
+def test_generate_cli_uses_a_textual_inversion_output(tiny_model_dirs, data_dir, tmp_path, capsys):
+    out = tmp_path / "ti"
+    train(config(tiny_model_dirs["sd15"], data_dir, out, method="textual-inversion", trigger="<shiny>",
+                 init_word="red", lr=5e-2, steps=4))
+    common = ["generate", "--model", str(tiny_model_dirs["sd15"]), "--prompt", "a <shiny> square", "--steps", "3",
+              "--seed", "1"]
+    assert main([*common, "--out", str(tmp_path / "spelled.png")]) == 0
+    assert main([*common, "--lora", str(out), "--out", str(tmp_path / "token.png")]) == 0
+    px = {n: np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("spelled", "token")}
+    assert np.abs(px["token"] - px["spelled"]).max() > 0, "the learned token must replace the spelled-out pieces"
+    capsys.readouterr()
+    assert main([*common, "--lora", f"{out}:0.5", "--out", str(tmp_path / "half.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no strength" in err[0] and not (tmp_path / "half.png").exists()
+
+
+def test_trigger_token_trains_a_new_token_with_the_lora(tiny_model_dirs, data_dir, tmp_path):
+    """Pivotal tuning (--trigger-token): the trigger becomes new tokens trained together with the UNet LoRA; the
+    app loads both from the output folder and reproduces the training pipeline's image, weighted prompts included,
+    and unloading gives the tokenizer back unchanged."""
+    from sd_demo.models import load_model
+    from sd_demo.train import loop
+
+    captured = {}
+    real_export = loop._export
+
+    def spy(cfg, trainable, pipe, out):
+        captured["image"] = _generate_prompt(pipe, "a <zk> square")
+        return real_export(cfg, trainable, pipe, out)
+
+    loop._export = spy
+    try:
+        result = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, trigger="<zk>", trigger_token=True,
+                              num_vectors=2, lr=5e-2, steps=4))
+    finally:
+        loop._export = real_export
+    assert {p.name for p in result.files} >= {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors",
+                                              "zk.safetensors", f"{tmp_path.name}.safetensors"}
+    assert load_file(str(tmp_path / "learned_embeds.safetensors"))["<zk>"].shape == (2, 32)
+    assert any("lora" in k for k in lora_tensors(tmp_path))
+    card = (tmp_path / "README.md").read_text()
+    assert f'pipe.load_textual_inversion("{tmp_path.name}")' in card and "| num_vectors | 2 |" in card
+
+    model = load_model(str(tiny_model_dirs["sd15"]))
+    vocab = len(model.pipe.tokenizer)
+    spelled = _generate_prompt(model.pipe, "a <zk> square")
+    model.set_loras([(str(tmp_path), 1.0)])
+    assert np.abs(_generate_prompt(model.pipe, "a <zk> square") - captured["image"]).max() < 1e-5
+    # the weighted-prompt path (compel) expands the token to its two vectors as well
+    from sd_demo.prompts import PromptEncoder, parse_attention
+
+    compel = PromptEncoder(model.pipe).embeds(parse_attention("a <zk> square"))
+    own = model.pipe.encode_prompt("a <zk> square", "cpu", 1, False)[0]
+    assert compel.shape == own.shape and (compel - own).abs().max() < 1e-5
+    model.set_loras([])
+    assert len(model.pipe.tokenizer) == vocab
+    assert np.abs(_generate_prompt(model.pipe, "a <zk> square") - spelled).max() < 1e-6
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(method="textual-inversion", trigger="<t>", trigger_token=True), "trigger_token: is for --method lora"),
+    (dict(trigger_token=True), "trigger_token: needs --trigger"),
+    (dict(trigger="<t>", trigger_token=True, train_text_encoder=True), "drop one of"),
+    (dict(num_vectors=2), "num_vectors: is for --method textual-inversion or --trigger-token"),
+    (dict(method="textual-inversion", trigger="<t>", num_vectors=0), "num_vectors: 0 must be > 0"),
+])
+def test_trigger_token_and_vectors_are_checked(tiny_model_dirs, data_dir, tmp_path, kw, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        config(tiny_model_dirs["sd15"], data_dir, tmp_path, **kw).validate()
 
 
 def _generate_prompt(pipe, prompt):

@@ -10,7 +10,7 @@ from .config import Method, TrainConfig
 
 _HPARAMS = ("method", "steps", "lr", "lr_schedule", "warmup_steps", "rank", "alpha", "resolution", "batch",
             "grad_accum", "seed", "snr_gamma", "noise_offset", "train_text_encoder", "caption_dropout", "random_flip",
-            "buckets", "mixed_precision")
+            "buckets", "mixed_precision", "trigger_token", "init_word", "num_vectors")
 
 
 def write_card(out: Path, cfg: TrainConfig, base_model: str, samples: list[Path], final_loss: float | None,
@@ -28,8 +28,10 @@ def write_card(out: Path, cfg: TrainConfig, base_model: str, samples: list[Path]
     if cfg.trigger:
         meta["instance_prompt"] = cfg.trigger
     hp = asdict(cfg)
-    rows = "\n".join(f"| {k} | {hp[k]} |" for k in _HPARAMS if not (k in ("rank", "alpha") and not lora))
-    usage = (f'pipe.load_lora_weights("{out.name}")' if lora else f'pipe = DiffusionPipeline.from_pretrained("{out.name}")')
+    token = method == Method.TEXTUAL_INVERSION or cfg.trigger_token
+    skip = {*(() if lora else ("rank", "alpha", "trigger_token")), *(() if token else ("init_word", "num_vectors"))}
+    rows = "\n".join(f"| {k} | {hp[k]} |" for k in _HPARAMS if k not in skip)
+    usage, cli = _usage(cfg, out.name, base_model, method, lora)
     gallery = "\n".join(f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in samples)
     body = f"""# {out.name}
 
@@ -40,11 +42,10 @@ def write_card(out: Path, cfg: TrainConfig, base_model: str, samples: list[Path]
 
 ```python
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("{base_model}")
 {usage}
 ```
 
-or `python -m sd_demo generate --model {base_model} {'--lora ' + out.name if lora else ''} --prompt "..."`.
+or `{cli}`.
 {"The `" + out.name + ".safetensors` file is the same LoRA in kohya format for A1111 and ComfyUI." if lora else ""}
 
 ## Training
@@ -62,6 +63,20 @@ Final training loss: {f"{final_loss:.4f}" if final_loss is not None else "n/a"}
     path = out / "README.md"
     path.write_text(card_text(meta, body))
     return path
+
+
+def _usage(cfg: TrainConfig, name: str, base_model: str, method: Method, lora: bool) -> tuple[str, str]:
+    """Python (diffusers) and command-line lines that use the result: an adapter on its base model, or the model."""
+    if method == Method.FULL or (method == Method.DREAMBOOTH and cfg.dreambooth_full):
+        return (f'pipe = DiffusionPipeline.from_pretrained("{name}")',
+                f'python -m sd_demo generate --model {name} --prompt "..."')
+    lines = [f'pipe = DiffusionPipeline.from_pretrained("{base_model}")']
+    if lora:
+        lines.append(f'pipe.load_lora_weights("{name}")')
+    if method == Method.TEXTUAL_INVERSION or cfg.trigger_token:  # the trigger's embedding
+        lines.append(f'pipe.load_textual_inversion("{name}")')
+    example = f"a {cfg.trigger}" if cfg.trigger else "..."
+    return "\n".join(lines), f'python -m sd_demo generate --model {base_model} --lora {name} --prompt "{example}"'
 
 
 def card_text(meta: dict, body: str) -> str:

@@ -60,6 +60,10 @@ class TrainConfig:
     validation_prompt: str | None = _f(None, "prompt sampled every --validation-every steps")
     validation_every: int = _f(0, "steps between validation images (0 = only at the end when a prompt is set)")
     init_word: str = _f("object", "textual inversion: the word the new token starts from")
+    num_vectors: int = _f(1, "textual inversion / --trigger-token: vectors behind the token (A1111's 'vectors "
+                             "per token'); more hold more of a concept, e.g. a colour and a shape")
+    trigger_token: bool = _f(False, "LoRA/DreamBooth: make --trigger a new token and train its embedding with the "
+                                    "LoRA (pivotal tuning): the adapter then keys on a token no other prompt has")
     class_prompt: str | None = _f(None, "DreamBooth prior preservation: prompt of the class ('a photo of a dog')")
     class_word: str | None = _f(None, "DreamBooth prior preservation: class prompts are the instance captions with "
                                       "the trigger replaced by this word ('circle'), instead of one --class-prompt; "
@@ -82,7 +86,7 @@ class TrainConfig:
             bad("data", "missing; give a folder or .zip of training images")
         if not self.out:
             bad("out", "missing; give an output folder")
-        for name in ("steps", "rank", "batch", "grad_accum", "resolution"):
+        for name in ("steps", "rank", "batch", "grad_accum", "resolution", "num_vectors"):
             if int(getattr(self, name)) <= 0:
                 bad(name, f"{getattr(self, name)} must be > 0")
         if self.lr <= 0:
@@ -112,6 +116,16 @@ class TrainConfig:
             bad("class_word", "needs --trigger: the word in your captions that --class-word replaces")
         if self.method == Method.TEXTUAL_INVERSION.value and not self.trigger:
             bad("trigger", "textual inversion needs --trigger: the new token to learn (e.g. '<my-cat>')")
+        if self.trigger_token:
+            if self.method not in (Method.LORA.value, Method.DREAMBOOTH.value) or self.dreambooth_full:
+                bad("trigger_token", "is for --method lora or dreambooth (LoRA); textual inversion always makes one")
+            if not self.trigger:
+                bad("trigger_token", "needs --trigger: the word that becomes the new token")
+            if self.train_text_encoder:
+                bad("trigger_token", "trains the trigger's embedding instead of the text encoder; drop one of "
+                                     "--trigger-token and --train-text-encoder")
+        if self.num_vectors > 1 and not (self.method == Method.TEXTUAL_INVERSION.value or self.trigger_token):
+            bad("num_vectors", "is for --method textual-inversion or --trigger-token")
         return self
 
 

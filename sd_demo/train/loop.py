@@ -184,7 +184,10 @@ def _validation_images(model, cfg: TrainConfig, unet) -> list:
 def _export(cfg: TrainConfig, trainable, pipe, out: Path) -> list[Path]:
     method = Method(cfg.method)
     if trainable.lora:
-        return methods.export_lora(trainable, pipe, out, cfg.alpha)
+        files = methods.export_lora(trainable, pipe, out, cfg.alpha)
+        if cfg.trigger_token:  # the trigger's embedding beside the LoRA (diffusers and A1111 files)
+            files += methods.export_textual_inversion(trainable, cfg.trigger, out)
+        return files
     if method == Method.FULL or cfg.dreambooth_full:
         return methods.export_full(pipe, out)
     return methods.export_textual_inversion(trainable, cfg.trigger, out)

@@ -25,6 +25,10 @@ class Trainable:
     def named(self) -> dict[str, torch.nn.Parameter]:
         return {f"{m}.{n}": p for m, mod in self.modules.items() for n, p in mod.named_parameters() if p.requires_grad}
 
+    def token_embeddings(self) -> dict[str, "NewTokenEmbedding"]:
+        """Encoder name -> its new-token rows: textual inversion's modules, or a LoRA's ``<encoder>_token``."""
+        return {m.removesuffix("_token"): mod for m, mod in self.modules.items() if isinstance(mod, NewTokenEmbedding)}
+
     def params(self) -> list[torch.nn.Parameter]:
         return list(self.named().values())
 
@@ -55,6 +59,9 @@ class Trainable:
             raise ValueError(f"resume: the checkpoint lacks {len(missing)} trainable tensors (was it made with another "
                              "--method, --rank or --train-text-encoder?)")
         for k, p in named.items():
+            if weights[k].shape != p.shape:
+                raise ValueError(f"resume: the checkpoint's {k} has shape {tuple(weights[k].shape)}, this run's "
+                                 f"{tuple(p.shape)} (was it made with another --rank or --num-vectors?)")
             p.copy_(weights[k])
 
 
@@ -88,25 +95,37 @@ def _token_embedding(encoder):
     return getattr(encoder, "text_model", encoder).embeddings
 
 
-def _setup_textual_inversion(cfg: TrainConfig, pipe) -> "Trainable":
+def ti_tokens(trigger: str, n: int) -> list[str]:
+    """The tokens behind a textual-inversion trigger: itself, then ``trigger_1`` ... (the names diffusers'
+    ``load_textual_inversion`` gives a multi-vector embedding, and expands prompts to)."""
+    return [trigger] + [f"{trigger}_{i}" for i in range(1, n)]
+
+
+def _new_token_embeddings(cfg: TrainConfig, pipe) -> dict[str, NewTokenEmbedding]:
+    """Add the trigger's tokens to each tokenizer and trainable rows for them to each text encoder."""
     pairs = [(pipe.tokenizer, pipe.text_encoder)]
     if getattr(pipe, "text_encoder_2", None) is not None:
         pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    tokens = ti_tokens(cfg.trigger, cfg.num_vectors)
     mods = {}
     for name, (tok, enc) in zip(("text_encoder", "text_encoder_2"), pairs):
         vocab = tok.get_vocab()
-        if cfg.trigger in vocab or f"{cfg.trigger}</w>" in vocab:
+        if any(t in vocab or f"{t}</w>" in vocab for t in tokens):
             raise ValueError(f"trigger: '{cfg.trigger}' is already a word of this model's vocabulary; use a new "
                              "token such as '<my-thing>'")
         init_ids = tok(cfg.init_word, add_special_tokens=False).input_ids
         if not init_ids:
             raise ValueError(f"init_word: '{cfg.init_word}' gives no token; use a plain word such as 'object'")
-        tok.add_tokens([cfg.trigger])
+        tok.add_tokens(tokens)
         emb = _token_embedding(enc)
-        init = emb.token_embedding.weight[init_ids].mean(dim=0, keepdim=True)  # several pieces: their mean
+        pieces = emb.token_embedding.weight[init_ids]
+        if len(tokens) == 1:  # one vector from several pieces: their mean
+            init = pieces.mean(dim=0, keepdim=True)
+        else:  # several vectors take the pieces in turn, as A1111 does ("red star" -> red, star, red, ...)
+            init = pieces[torch.arange(len(tokens)) % len(init_ids)]
         emb.token_embedding = NewTokenEmbedding(emb.token_embedding, init)
         mods[name] = emb.token_embedding
-    return Trainable(mods, trains_text_encoder=True, extra={"ti": True})
+    return mods
 
 
 def _freeze(pipe) -> None:
@@ -138,15 +157,17 @@ def setup(cfg: TrainConfig, pipe) -> Trainable:
                 enc.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                                            target_modules=TEXT_LORA_MODULES))
                 mods[name] = enc
-        return Trainable(mods, cfg.train_text_encoder, lora=True)
+        if cfg.trigger_token:  # pivotal tuning: the UNet LoRA learns to answer a token that only the trigger has
+            mods.update({f"{name}_token": emb for name, emb in _new_token_embeddings(cfg, pipe).items()})
+        return Trainable(mods, cfg.train_text_encoder or cfg.trigger_token, lora=True)
     if method == Method.TEXTUAL_INVERSION:
-        return _setup_textual_inversion(cfg, pipe)
+        return Trainable(_new_token_embeddings(cfg, pipe), trains_text_encoder=True, extra={"ti": True})
     raise ValueError(f"method: unknown '{cfg.method}'")
 
 
 def lora_state_dicts(t: Trainable) -> dict[str, dict[str, torch.Tensor]]:
     """PEFT-format LoRA weights per module (keys without the adapter name), as diffusers' loaders expect."""
-    return {name: get_peft_model_state_dict(mod) for name, mod in t.modules.items()}
+    return {name: get_peft_model_state_dict(mod) for name, mod in t.modules.items() if hasattr(mod, "peft_config")}
 
 
 def export_lora(t: Trainable, pipe, out: Path, alpha: float) -> list[Path]:
@@ -159,8 +180,7 @@ def export_lora(t: Trainable, pipe, out: Path, alpha: float) -> list[Path]:
     kwargs = {f"{name}_lora_layers": convert_state_dict_to_diffusers(sd) for name, sd in sds.items()}
     # The adapter config (rank, alpha, targets) goes into the file's metadata; without it diffusers assumes
     # alpha = rank and would load an alpha != rank LoRA at the wrong strength.
-    kwargs.update({f"{name}_lora_adapter_metadata": mod.peft_config["default"].to_dict()
-                   for name, mod in t.modules.items()})
+    kwargs.update({f"{name}_lora_adapter_metadata": t.modules[name].peft_config["default"].to_dict() for name in sds})
     type(pipe).save_lora_weights(str(out), safe_serialization=True, **kwargs)
     flat = {f"{name}.{k}": v for name, sd in sds.items() for k, v in sd.items()}
     kohya = convert_state_dict_to_kohya(flat)
@@ -176,9 +196,10 @@ def export_textual_inversion(t: Trainable, trigger: str, out: Path) -> list[Path
     """learned_embeds.safetensors (diffusers: {token: vector}) and <token>.safetensors (A1111 embedding format)."""
     from safetensors.torch import save_file
 
-    vectors = {name: mod.new.detach().float().contiguous() for name, mod in t.modules.items()}  # (1, dim) each
+    vectors = {name: mod.new.detach().float().contiguous() for name, mod in t.token_embeddings().items()}  # (n, dim)
     diffusers_path = out / "learned_embeds.safetensors"
-    save_file({trigger: vectors["text_encoder"][0]}, str(diffusers_path))
+    first = vectors["text_encoder"]  # one vector is saved as (dim,), the layout single-token files have
+    save_file({trigger: first[0] if len(first) == 1 else first}, str(diffusers_path))
     if "text_encoder_2" in vectors:  # A1111's SDXL embeddings name the two encoders
         a1111 = {"clip_l": vectors["text_encoder"], "clip_g": vectors["text_encoder_2"]}
     else:
