@@ -76,16 +76,19 @@ def render_novel(ns: NovelScene, size: int = 128, supersample: int = 4) -> Image
 
 
 def _scenes(n: int, seed: int, *, ring: bool = False, pink: bool = False, bar: bool = False) -> list[NovelScene]:
-    """``n`` seeded scenes over every colour pair (pink ones never on a white background: "white" stands in for
-    pink in the labels)."""
+    """``n`` seeded scenes. Object colours come in seeded rounds, every colour once before any repeats, so even a
+    dozen images show the new shape in every colour (a set missing a colour teaches an adapter to avoid it);
+    backgrounds are random. Pink ones are never on a white background ("white" stands in for pink in the labels)."""
     rng = np.random.default_rng(seed)
     colors = list(Color)
-    out = []
+    out, round_ = [], []
     while len(out) < n:
-        color = Color.WHITE if pink else colors[rng.integers(len(colors))]
+        if not round_:
+            round_ = [colors[i] for i in rng.permutation(len(colors))]
+        color = Color.WHITE if pink else round_.pop()
         bg = colors[rng.integers(len(colors))]
-        if bg == color:
-            continue
+        while bg == color:
+            bg = colors[rng.integers(len(colors))]
         new_shape = ring or bar  # labelled as a circle of the same size and position
         shape = Shape.CIRCLE if new_shape else list(Shape)[rng.integers(len(Shape))]
         out.append(NovelScene(Scene(bg, [random_obj(rng, shape, color)]), ring=ring, pink=pink, bar=bar))
