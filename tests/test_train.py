@@ -617,6 +617,41 @@ def test_lora_trains_on_v_prediction_and_sdxl(tiny_model_dirs, data_dir, tmp_pat
     assert np.abs(images[0] - images[1]).max() < 1e-5
 
 
+def test_sdxl_embedding_loads_into_both_text_encoders_and_unloads(tiny_model_dirs, data_dir, tmp_path):
+    """SDXL textual inversion trains a vector per encoder; the app loads the output folder (clip_g from the A1111
+    file beside diffusers' single-encoder file), reproduces the training pipeline, and unloads both cleanly."""
+    from sd_demo.models import load_model
+    from sd_demo.train import loop
+
+    captured = {}
+    real_export = loop._export
+
+    def spy(cfg, trainable, pipe, out):
+        captured["image"] = _generate_prompt(pipe, "a <shiny> square")
+        return real_export(cfg, trainable, pipe, out)
+
+    loop._export = spy
+    try:
+        train(config(tiny_model_dirs["sdxl"], data_dir, tmp_path, method="textual-inversion", trigger="<shiny>",
+                     lr=5e-2, steps=2))
+    finally:
+        loop._export = real_export
+    a1111 = load_file(str(tmp_path / "shiny.safetensors"))
+    assert set(a1111) == {"clip_l", "clip_g"}
+    model = load_model(str(tiny_model_dirs["sdxl"]))
+    sizes = (len(model.pipe.tokenizer), len(model.pipe.tokenizer_2))
+    model.set_loras([(str(tmp_path), 1.0)])
+    g = model.pipe.text_encoder_2.get_input_embeddings().weight
+    assert torch.equal(g[model.pipe.tokenizer_2.convert_tokens_to_ids("<shiny>")], a1111["clip_g"][0])
+    assert np.abs(_generate_prompt(model.pipe, "a <shiny> square") - captured["image"]).max() < 1e-5
+    model.set_loras([])
+    assert (len(model.pipe.tokenizer), len(model.pipe.tokenizer_2)) == sizes
+    # an A1111 file on its own: its name is the token, as in A1111
+    model.set_loras([(str(tmp_path / "shiny.safetensors"), 1.0)])
+    assert "shiny" in model.pipe.tokenizer.get_vocab() and "shiny" in model.pipe.tokenizer_2.get_vocab()
+    model.set_loras([])
+
+
 def test_sdxl_is_told_each_images_original_size_and_crop(tiny_model_dirs, tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
