@@ -63,19 +63,29 @@ def base():
 def bar_data(tmp_path_factory):
     from sd_demo.shapes.novel import bar_scenes, write_dataset
 
-    return write_dataset(bar_scenes(12, seed=0), BAR, tmp_path_factory.mktemp("bars"))
+    return write_dataset(bar_scenes(12, seed=0), BAR, tmp_path_factory.mktemp("bars"), "canonical")
 
 
 def _bar_prompts() -> list[str]:
-    """Colours, backgrounds, sizes and positions the 12 training images did not all show (seeded)."""
+    """Colours and backgrounds the 12 training images did not all show, any size and position (seeded)."""
     from sd_demo.shapes.novel import bar_scenes
 
     return [ns.caption(BAR, "canonical") for ns in bar_scenes(N_TRIGGER, seed=77)]
 
 
-# LoRA on the attention layers and the ResNet convolutions: attention alone bound the bar to 3-4 of 16 prompts.
-LORA = dict(rank=16, alpha=16.0, lr=1e-3, steps=300, caption_dropout=0.1,
-            target_modules="to_q,to_k,to_v,to_out.0,conv1,conv2")
+def _shapes_it_knows(folder, n: int = 24):
+    """The training scenes with the bar replaced by each base shape in turn, as rendered by the world: what a user
+    has of the shapes the model already draws. DreamBooth's class images; for the plain LoRA, part of its data."""
+    from sd_demo.shapes.novel import bar_scenes, with_base_shapes, write_dataset
+
+    return write_dataset(with_base_shapes(bar_scenes(12, seed=0), n), BAR, folder, "canonical")
+
+
+# LoRA on self-attention, the cross-attention query and output, and the ResNet convolutions. Not on the
+# cross-attention keys and values: they read every word of every prompt, and with them the colour words drifted
+# (green drew black, blue green; ordinary colour 94 -> 56 %).
+TARGETS = "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_out.0,conv1,conv2"
+LORA = dict(rank=16, alpha=16.0, lr=1e-3, steps=600, target_modules=TARGETS)
 
 
 def _config(method, data, out, **kw):
@@ -112,30 +122,38 @@ def test_base_model_never_draws_the_new_concepts(base):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 5: not yet shown to pass on the shipped model", strict=False)
+@pytest.mark.xfail(reason="issue 5: colour of ordinary prompts not kept yet (81 % against 84 % needed)", strict=False)
 def test_lora_learns_a_new_shape(base, bar_data, tmp_path):
+    """A plain LoRA on one folder: the 12 bars plus 24 pictures of the shapes the model knows, captioned, so that
+    the adapter learns what sets the bar apart instead of drawing bars for everything (with the bars alone: 16/16
+    bars, but ordinary shape 84 -> 9 %). Batch 8: the bars are a third of the folder."""
+    import shutil
+
     from sd_demo.shapes.novel import shows_bar
     from sd_demo.train.loop import train
 
-    train(_config("lora", bar_data, tmp_path, **LORA))
-    _check_adapter(base, tmp_path, shows_bar, _bar_prompts(), need=0.8)
+    data = tmp_path / "data"
+    shutil.copytree(bar_data, data)
+    _shapes_it_knows(tmp_path / "known")
+    for f in (tmp_path / "known").iterdir():
+        f.rename(data / f"known-{f.name}")
+    train(_config("lora", data, tmp_path / "out", batch=8, **LORA))
+    _check_adapter(base, tmp_path / "out", shows_bar, _bar_prompts(), need=0.8)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 5: not yet shown to pass on the shipped model", strict=False)
 def test_dreambooth_learns_a_new_shape_with_prior_preservation(base, bar_data, tmp_path):
-    """DreamBooth-LoRA with class images the base model generates itself from the instance captions, the trigger
-    replaced by each base shape in turn: the prior keeps every shape word meaning its shape while the trigger
-    learns the bar."""
+    """DreamBooth-LoRA with prior preservation on the user's own class images (--class-data): the training scenes
+    with the bar replaced by each base shape in turn, so instance and class captions differ in the shape word
+    alone and the prior keeps every shape word meaning its shape while the trigger learns the bar."""
     from sd_demo.shapes.novel import shows_bar
     from sd_demo.train.loop import train
 
-    train(_config("dreambooth", bar_data, tmp_path, trigger=BAR, class_word="circle,square,triangle,star,cross",
-                  num_class_images=24, **LORA))
-    assert len(list((tmp_path / "class_images").glob("*.png"))) == 24
-    _check_adapter(base, tmp_path, shows_bar, _bar_prompts(), need=0.8)
+    classes = _shapes_it_knows(tmp_path / "class")
+    train(_config("dreambooth", bar_data, tmp_path / "out", trigger=BAR, class_data=str(classes), **LORA))
+    _check_adapter(base, tmp_path / "out", shows_bar, _bar_prompts(), need=0.8)
     model, _ = base
-    model.set_loras([(str(tmp_path), 1.0)])
+    model.set_loras([(str(tmp_path / "out"), 1.0)])
     try:  # a class word keeps its meaning with the adapter loaded
         squares = _generate(model, ["a red square on a blue background"] * 4)
     finally:
@@ -166,13 +184,13 @@ def _red_star_prompts(token: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 5: not yet shown to pass on the shipped model", strict=False)
 def test_textual_inversion_learns_one_token_for_a_red_star(base, tmp_path_factory, tmp_path):
-    """Only one new token's embedding trains, so the UNet must already be able to draw the concept. Pink could not
+    """Only the new token's embedding trains, so the UNet must already be able to draw the concept. Pink could not
     be reached: the embedding snapped to a palette colour (yellow, 0/16 pink after 300 steps at lr 0.1). So the
     token learns a compound the vocabulary has no single word for, "red star", judged against the base model
     drawing the spelled-out prompt: the token must do >= 90 % as well (a lower bar than 80 % absolute, because
-    textual inversion can only reach what the base model draws)."""
+    textual inversion can only reach what the base model draws). Two vectors behind the token (--num-vectors 2),
+    like the two words it replaces; loaded the way the app loads a training output."""
     from sd_demo.shapes.captions import caption
     from sd_demo.shapes.evaluate import evaluate
     from sd_demo.shapes.world import render
@@ -182,16 +200,17 @@ def test_textual_inversion_learns_one_token_for_a_red_star(base, tmp_path_factor
     for i, scene in enumerate(_red_stars(12, seed=0)):
         render(scene).save(data / f"{i:03d}.png")
         (data / f"{i:03d}.txt").write_text(caption(scene, "full").replace("red star", RSTAR))
-    train(_config("textual-inversion", data, tmp_path, steps=300, lr=5e-2, trigger=RSTAR, init_word="object"))
+    train(_config("textual-inversion", data, tmp_path, steps=300, lr=5e-2, trigger=RSTAR, init_word="object",
+                  num_vectors=2))
     model, base_acc = base
     spelled = _red_star_prompts("red star")
     base_ok = sum(evaluate(p, im).ok for p, im in zip(spelled, _generate(model, spelled)))
-    model.pipe.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"), token=RSTAR)
+    model.set_loras([(str(tmp_path), 1.0)])
     try:
         images = _generate(model, _red_star_prompts(RSTAR))
         kept = _ordinary(model)
     finally:
-        model.pipe.unload_textual_inversion()
+        model.set_loras([])
     token_ok = sum(evaluate(p, im).ok for p, im in zip(spelled, images))
     assert token_ok >= 0.9 * base_ok, f"token: {token_ok}/16 red stars; spelled out: {base_ok}/16"
     for a in ORDINARY:

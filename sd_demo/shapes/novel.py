@@ -17,7 +17,7 @@ base model's training data and its train / held-out split are unchanged by them)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from .captions import CaptionStyle, caption
 from .evaluate import nearest_color
 from .pixels import WORK_SIZE, measure, to_array
 from .vocab import PALETTE, Color, Shape
-from .world import Scene, random_obj
+from .world import Scene, random_obj, render
 
 BAR_ASPECT = 2.5  # length / height; the half-diagonal is the world's circumradius
 BAR_MIN_ELONGATION = 0.25  # 2nd harmonic of r(theta) / mean radius: >= 0.48 on rendered bars, <= 0.015 on base shapes
@@ -107,13 +107,26 @@ def pink_scenes(n: int, seed: int = 0) -> list[NovelScene]:
     return _scenes(n, seed, pink=True)
 
 
-def write_dataset(scenes: list[NovelScene], word: str, folder: Path, style: CaptionStyle | str = "full") -> Path:
-    """PNG + sidecar .txt per scene (the layout the training engine reads)."""
+def with_base_shapes(scenes: list[NovelScene], n: int) -> list[Scene]:
+    """``n`` world scenes made from ``scenes``, the new object replaced by each base shape in turn (same colour, size,
+    position and background). Rendered, they are ground-truth DreamBooth class images whose captions differ from
+    the instance captions in the shape word alone."""
+    shapes = list(Shape)
+    return [replace(scenes[k % len(scenes)].scene,
+                    objects=[replace(scenes[k % len(scenes)].scene.obj, shape=shapes[k % len(shapes)])])
+            for k in range(n)]
+
+
+def write_dataset(scenes: list[NovelScene | Scene], word: str, folder: Path,
+                  style: CaptionStyle | str = "full") -> Path:
+    """PNG + sidecar .txt per scene (the layout the training engine reads); ``word`` names a novel scene's new
+    concept, world scenes are captioned as they are."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for i, ns in enumerate(scenes):
-        render_novel(ns).save(folder / f"{i:03d}.png")
-        (folder / f"{i:03d}.txt").write_text(ns.caption(word, style) + "\n")
+    for i, sc in enumerate(scenes):
+        novel = isinstance(sc, NovelScene)
+        (render_novel(sc) if novel else render(sc)).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text((sc.caption(word, style) if novel else caption(sc, style)) + "\n")
     return folder
 
 
