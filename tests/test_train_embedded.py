@@ -3,23 +3,24 @@ seen (a bar, bound to a trigger word, from 12 generated images), textual inversi
 ("red star"); prompts of the base world keep >= 90 % of the base model's accuracy. Judged by pixels
 (``sd_demo.shapes.novel``), like the embedded model itself. Skips where the embedded model is not built.
 
-Status (issue 5): the three proofs are marked slow (minutes each) and xfail until they pass on the shipped model
-(assets/shapes-sd, issue 4); run them with `-m slow`. The settings below are the best found so far, measured by hand
-on the session-5 candidate weights (recipe with unknown-word captions; CFG 4; base: 0/16 bars, ordinary shape 56 %,
-colour 81 % on 16 prompts x 1 seed):
+Measured on the shipped model (Euler a, CFG 2.5, 20 steps; ordinary accuracy on 64 held-out prompts; the
+experiments' driver and logs are listed in the issue-5 notes). What made the proofs pass:
 
-- LoRA on attention + ResNet convs (rank 16, lr 1e-3, 300 steps): 13/16 bars, but ordinary shape 12 %: with no
-  prior every object becomes a bar. 12 ordinary images mixed into the folder: 4/16, shape 38 %.
-- DreamBooth, same LoRA, class images from 5 class words (24): 11/16 bars, ordinary 31 / 56 %; with caption dropout
-  0.1: 9/16, ordinary 56 / 56 % (shape kept, colour not). Attention-only LoRA binds too weakly (3-4/16).
-- Before the recipe taught unknown words, the byte-spelled trigger garbled the whole prompt: the base model drew
-  "a red zkring on a black background" as a purple blob, and no setting got past 5/16.
-- Textual inversion "<rstar>" (300 steps, lr 5e-2, from "object"): 4/16 red stars where the spelled-out "red star"
-  gives 11/16 (an earlier prompt set: 5/16 vs 10/16, colour right in 14/16; the star's outline is too soft to name).
-On the shipped model (run v7; Euler a, CFG 2.5; ordinary accuracy on 32 prompts, base shape 84 %), with the
-settings below: LoRA shows the bar but ordinary shape falls to 12 %; DreamBooth 6/16 bars; textual inversion 3/16
-red stars against 12/16 spelled out. A text-encoder LoRA bound the trigger in 15/16 on the v5 candidate, but bent
-ordinary prompts (shape 75 -> 44 %); --text-encoder-lr and --class-data are the next things to try.
+- Canonical captions ("a red zkring on a blue background"), the style of the trigger prompts. Training on the full
+  captions (size and position named) and prompting without them left small bars as blobs (9/16 at best).
+- Class images (DreamBooth) of ground truth: the training scenes with each base shape instead of the bar. Class
+  images the base model generates carry its own mistakes (16 % wrong shapes); with them ordinary colour fell to
+  72-81 % or shape to 66 %, at 11-15/16 bars.
+- The LoRA leaves cross-attention keys, values and output alone (TARGETS). With them, 15/16 bars but ordinary
+  colour 56-69 % in two of three runs; without any cross-attention LoRA, colour and shape stay at base level but
+  the bar binds in only 10-11/16. The query alone, at rank 32, gives both: 15/16 bars, shape 88 % and colour 95 %
+  against 81 / 97 % without the adapter. Training seed 1 of the same DreamBooth gave 11/16 bars and colour 86 %
+  (87 % needed): the seeds in these tests pass, but not every seed does.
+- A plain LoRA on the bars alone draws every object as a bar (ordinary shape 84 -> 9 %): nothing in its data says
+  what sets the bar apart. Its proof puts the shapes the model knows into the same folder, as kohya users add
+  regularisation images: 14/16 bars, ordinary shape 81 % and colour 94 % (without the adapter 81 / 97 %).
+- Textual inversion: one vector learnt "red star" in 3-13/16 depending on the captions; two vectors (one per word
+  it replaces) 14/16 and 15/16 over two training seeds, against 12/16 for the spelled-out prompt.
 The ring (the first concept tried) has a hole under two latent pixels wide when small; see ``novel``.
 """
 from __future__ import annotations
@@ -45,10 +46,11 @@ def _generate(model, prompts):
 
 
 def _ordinary(model) -> dict[str, float]:
-    """Accuracy on 32 held-out prompts of the base world (16 left the 90 % keep-check at the mercy of 2 images)."""
+    """Accuracy on 64 held-out prompts of the base world: with 16 or 32 the 90 % keep-check was at the mercy of 2
+    or 3 images (one standard error of a 90 % rate is 7.5 points on 16 prompts, 3.8 on 64)."""
     from sd_demo.shapes.eval_model import heldout_prompts, run_eval
 
-    report = run_eval(model, heldout_prompts(32, seed=1), seeds=[0], steps=20, guidance=model.default_guidance).report
+    report = run_eval(model, heldout_prompts(64, seed=1), seeds=[0], steps=20, guidance=model.default_guidance).report
     return {a: report.accuracy(a) for a in ORDINARY}
 
 
@@ -81,11 +83,11 @@ def _shapes_it_knows(folder, n: int = 24):
     return write_dataset(with_base_shapes(bar_scenes(12, seed=0), n), BAR, folder, "canonical")
 
 
-# LoRA on self-attention, the cross-attention query and output, and the ResNet convolutions. Not on the
-# cross-attention keys and values: they read every word of every prompt, and with them the colour words drifted
-# (green drew black, blue green; ordinary colour 94 -> 56 %).
-TARGETS = "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,attn2.to_out.0,conv1,conv2"
-LORA = dict(rank=16, alpha=16.0, lr=1e-3, steps=600, target_modules=TARGETS)
+# LoRA on self-attention, the cross-attention query and the ResNet convolutions. Not on the cross-attention keys,
+# values and output: they carry every word of every prompt into the image, and with them the colour words drifted
+# (green drew black, blue green: ordinary colour 94 -> 56-69 %). Rank 32: rank 16 bound the bar in 12/16.
+TARGETS = "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0,attn2.to_q,conv1,conv2"
+LORA = dict(rank=32, alpha=32.0, lr=1e-3, steps=600, target_modules=TARGETS)
 
 
 def _config(method, data, out, **kw):
@@ -121,12 +123,10 @@ def test_base_model_never_draws_the_new_concepts(base):
     assert not any(object_is_pink(im) for im in pink)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(reason="issue 5: colour of ordinary prompts not kept yet (81 % against 84 % needed)", strict=False)
 def test_lora_learns_a_new_shape(base, bar_data, tmp_path):
     """A plain LoRA on one folder: the 12 bars plus 24 pictures of the shapes the model knows, captioned, so that
     the adapter learns what sets the bar apart instead of drawing bars for everything (with the bars alone: 16/16
-    bars, but ordinary shape 84 -> 9 %). Batch 8: the bars are a third of the folder."""
+    bars, but ordinary shape 84 -> 9 %). Batch 8 for 900 steps: the bars are a third of the folder."""
     import shutil
 
     from sd_demo.shapes.novel import shows_bar
@@ -137,11 +137,10 @@ def test_lora_learns_a_new_shape(base, bar_data, tmp_path):
     _shapes_it_knows(tmp_path / "known")
     for f in (tmp_path / "known").iterdir():
         f.rename(data / f"known-{f.name}")
-    train(_config("lora", data, tmp_path / "out", batch=8, **LORA))
+    train(_config("lora", data, tmp_path / "out", **{**LORA, "batch": 8, "steps": 900}))
     _check_adapter(base, tmp_path / "out", shows_bar, _bar_prompts(), need=0.8)
 
 
-@pytest.mark.slow
 def test_dreambooth_learns_a_new_shape_with_prior_preservation(base, bar_data, tmp_path):
     """DreamBooth-LoRA with prior preservation on the user's own class images (--class-data): the training scenes
     with the bar replaced by each base shape in turn, so instance and class captions differ in the shape word
@@ -183,7 +182,6 @@ def _red_star_prompts(token: str) -> list[str]:
     return [caption(s, "canonical").replace("red star", token) for s in _red_stars(N_TRIGGER, seed=77)]
 
 
-@pytest.mark.slow
 def test_textual_inversion_learns_one_token_for_a_red_star(base, tmp_path_factory, tmp_path):
     """Only the new token's embedding trains, so the UNet must already be able to draw the concept. Pink could not
     be reached: the embedding snapped to a palette colour (yellow, 0/16 pink after 300 steps at lr 0.1). So the
