@@ -438,6 +438,18 @@ def test_trigger_token_trains_a_new_token_with_the_lora(tiny_model_dirs, data_di
     assert np.abs(_generate_prompt(model.pipe, "a <zk> square") - spelled).max() < 1e-6
 
 
+def test_trigger_token_rows_train_without_weight_decay(tiny_model_dirs, data_dir, tmp_path):
+    from sd_demo.models import load_model
+    from sd_demo.train import methods
+
+    pipe = load_model(str(tiny_model_dirs["sd15"])).pipe
+    t = methods.setup(config(tiny_model_dirs["sd15"], data_dir, tmp_path, trigger="<zz>", trigger_token=True), pipe)
+    groups = t.param_groups(1e-3)
+    rows = t.token_embeddings()["text_encoder"].new
+    assert [g.get("weight_decay") for g in groups] == [None, 0.0]  # the LoRA keeps the optimizer's decay
+    assert groups[1]["params"] == [rows] and all(p is not rows for p in groups[0]["params"])
+
+
 @pytest.mark.parametrize("kw,needle", [
     (dict(method="textual-inversion", trigger="<t>", trigger_token=True), "trigger_token: is for --method lora"),
     (dict(trigger_token=True), "trigger_token: needs --trigger"),

@@ -34,13 +34,24 @@ class Trainable:
 
     def param_groups(self, lr: float, text_encoder_lr: float | None = None) -> list[dict]:
         """Optimizer groups: one, or with ``text_encoder_lr`` the text encoders' trained parts at that rate (kohya
-        and the diffusers examples train the text encoder slower: it bends every prompt, not only the trigger)."""
+        and the diffusers examples train the text encoder slower: it bends every prompt, not only the trigger).
+        New-token rows trained beside a LoRA (--trigger-token) get their own group without weight decay, which
+        would pull them towards zero, away from the vocabulary (textual inversion trains with none at all)."""
         named = self.named()
-        unet = [p for n, p in named.items() if n.startswith("unet.")]
-        text = [p for n, p in named.items() if not n.startswith("unet.")]
+        token_ids = {id(m.new) for m in self.token_embeddings().values()}
+        tokens = [p for p in named.values() if id(p) in token_ids]
+        rest = {n: p for n, p in named.items() if id(p) not in token_ids}
+        if not rest:
+            return [{"params": tokens, "lr": lr}]
+        unet = [p for n, p in rest.items() if n.startswith("unet.")]
+        text = [p for n, p in rest.items() if not n.startswith("unet.")]
         if text_encoder_lr is None or not unet or not text:
-            return [{"params": list(named.values()), "lr": lr}]
-        return [{"params": unet, "lr": lr}, {"params": text, "lr": text_encoder_lr}]
+            groups = [{"params": list(rest.values()), "lr": lr}]
+        else:
+            groups = [{"params": unet, "lr": lr}, {"params": text, "lr": text_encoder_lr}]
+        if tokens:
+            groups.append({"params": tokens, "lr": text_encoder_lr or lr, "weight_decay": 0.0})
+        return groups
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: p.detach() for k, p in self.named().items()}
