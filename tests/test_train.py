@@ -105,6 +105,26 @@ def test_sigkill_mid_run_then_resume_latest(tiny_model_dirs, data_dir, tmp_path,
     assert max_diff(lora_tensors(tmp_path), lora_tensors(uninterrupted[0])) <= 1e-6
 
 
+def _train_and_draw(cfg, prompt: str):
+    """Train; also the image the training pipeline draws for ``prompt`` just before export (adapters in place),
+    which a fresh pipeline with the exported files must reproduce."""
+    from sd_demo.train import loop
+
+    captured = {}
+    real_export = loop._export
+
+    def spy(cfg, trainable, pipe, out):
+        captured["image"] = _generate_prompt(pipe, prompt)
+        return real_export(cfg, trainable, pipe, out)
+
+    loop._export = spy
+    try:
+        result = train(cfg)
+    finally:
+        loop._export = real_export
+    return result, captured["image"]
+
+
 def _generate(pipe, seed=0):
     return pipe("a red square", num_inference_steps=3, generator=torch.Generator().manual_seed(seed),
                 output_type="np").images[0]
@@ -151,25 +171,13 @@ def test_exported_lora_equals_the_trained_adapter(tiny_model_dirs, data_dir, tmp
     from diffusers import StableDiffusionPipeline
 
     from sd_demo.models import load_model
-    from sd_demo.train import loop
 
-    captured = {}
-    real_export = loop._export
-
-    def spy(cfg, trainable, pipe, out):
-        captured["image"] = _generate(pipe)
-        return real_export(cfg, trainable, pipe, out)
-
-    loop._export = spy
-    try:
-        train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=3))
-    finally:
-        loop._export = real_export
+    _, image = _train_and_draw(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=3), "a red square")
     fresh = StableDiffusionPipeline.from_pretrained(tiny_model_dirs["sd15"], safety_checker=None)
     fresh.set_progress_bar_config(disable=True)
     fresh.scheduler = load_model(str(tiny_model_dirs["sd15"])).pipe.scheduler  # same scheduler as in training
     fresh.load_lora_weights(str(tmp_path))
-    assert np.abs(_generate(fresh) - captured["image"]).max() < 1e-5
+    assert np.abs(_generate(fresh) - image).max() < 1e-5
 
 
 def test_full_disk_during_checkpoint_keeps_the_previous_one(tiny_model_dirs, data_dir, tmp_path, monkeypatch):
@@ -340,21 +348,10 @@ def test_textual_inversion_with_several_vectors_loads_back_with_diffusers(tiny_m
     from diffusers import StableDiffusionPipeline
 
     from sd_demo.models import load_model
-    from sd_demo.train import loop
 
-    captured = {}
-    real_export = loop._export
-
-    def spy(cfg, trainable, pipe, out):
-        captured["image"] = _generate_prompt(pipe, "a <shiny> square")
-        return real_export(cfg, trainable, pipe, out)
-
-    loop._export = spy
-    try:
-        train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="textual-inversion", trigger="<shiny>",
-                     init_word="red square", num_vectors=2, lr=5e-2, steps=4))
-    finally:
-        loop._export = real_export
+    cfg = config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="textual-inversion", trigger="<shiny>",
+                 init_word="red square", num_vectors=2, lr=5e-2, steps=4)
+    _, image = _train_and_draw(cfg, "a <shiny> square")
     learned = load_file(str(tmp_path / "learned_embeds.safetensors"))["<shiny>"]
     assert learned.shape == (2, 32)
     assert load_file(str(tmp_path / "shiny.safetensors"))["emb_params"].shape == (2, 32)
@@ -368,7 +365,7 @@ def test_textual_inversion_with_several_vectors_loads_back_with_diffusers(tiny_m
     fresh.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"))
     assert fresh.maybe_convert_prompt("a <shiny> square", fresh.tokenizer) == "a <shiny> <shiny>_1 square"
     fresh.scheduler = load_model(str(tiny_model_dirs["sd15"])).pipe.scheduler
-    assert np.abs(_generate_prompt(fresh, "a <shiny> square") - captured["image"]).max() < 1e-5
+    assert np.abs(_generate_prompt(fresh, "a <shiny> square") - image).max() < 1e-5
 
 
 def test_resume_refuses_a_checkpoint_with_another_number_of_vectors(tiny_model_dirs, data_dir, tmp_path):
@@ -400,21 +397,10 @@ def test_trigger_token_trains_a_new_token_with_the_lora(tiny_model_dirs, data_di
     app loads both from the output folder and reproduces the training pipeline's image, weighted prompts included,
     and unloading gives the tokenizer back unchanged."""
     from sd_demo.models import load_model
-    from sd_demo.train import loop
 
-    captured = {}
-    real_export = loop._export
-
-    def spy(cfg, trainable, pipe, out):
-        captured["image"] = _generate_prompt(pipe, "a <zk> square")
-        return real_export(cfg, trainable, pipe, out)
-
-    loop._export = spy
-    try:
-        result = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, trigger="<zk>", trigger_token=True,
-                              num_vectors=2, lr=5e-2, steps=4))
-    finally:
-        loop._export = real_export
+    cfg = config(tiny_model_dirs["sd15"], data_dir, tmp_path, trigger="<zk>", trigger_token=True, num_vectors=2,
+                 lr=5e-2, steps=4)
+    result, image = _train_and_draw(cfg, "a <zk> square")
     assert {p.name for p in result.files} >= {"pytorch_lora_weights.safetensors", "learned_embeds.safetensors",
                                               "zk.safetensors", f"{tmp_path.name}.safetensors"}
     assert load_file(str(tmp_path / "learned_embeds.safetensors"))["<zk>"].shape == (2, 32)
@@ -426,7 +412,7 @@ def test_trigger_token_trains_a_new_token_with_the_lora(tiny_model_dirs, data_di
     vocab = len(model.pipe.tokenizer)
     spelled = _generate_prompt(model.pipe, "a <zk> square")
     model.set_loras([(str(tmp_path), 1.0)])
-    assert np.abs(_generate_prompt(model.pipe, "a <zk> square") - captured["image"]).max() < 1e-5
+    assert np.abs(_generate_prompt(model.pipe, "a <zk> square") - image).max() < 1e-5
     # the weighted-prompt path (compel) expands the token to its two vectors as well
     from sd_demo.prompts import PromptEncoder, parse_attention
 
@@ -633,21 +619,10 @@ def test_sdxl_embedding_loads_into_both_text_encoders_and_unloads(tiny_model_dir
     """SDXL textual inversion trains a vector per encoder; the app loads the output folder (clip_g from the A1111
     file beside diffusers' single-encoder file), reproduces the training pipeline, and unloads both cleanly."""
     from sd_demo.models import load_model
-    from sd_demo.train import loop
 
-    captured = {}
-    real_export = loop._export
-
-    def spy(cfg, trainable, pipe, out):
-        captured["image"] = _generate_prompt(pipe, "a <shiny> square")
-        return real_export(cfg, trainable, pipe, out)
-
-    loop._export = spy
-    try:
-        train(config(tiny_model_dirs["sdxl"], data_dir, tmp_path, method="textual-inversion", trigger="<shiny>",
-                     lr=5e-2, steps=2))
-    finally:
-        loop._export = real_export
+    cfg = config(tiny_model_dirs["sdxl"], data_dir, tmp_path, method="textual-inversion", trigger="<shiny>",
+                 lr=5e-2, steps=2)
+    _, image = _train_and_draw(cfg, "a <shiny> square")
     a1111 = load_file(str(tmp_path / "shiny.safetensors"))
     assert set(a1111) == {"clip_l", "clip_g"}
     model = load_model(str(tiny_model_dirs["sdxl"]))
@@ -655,7 +630,7 @@ def test_sdxl_embedding_loads_into_both_text_encoders_and_unloads(tiny_model_dir
     model.set_loras([(str(tmp_path), 1.0)])
     g = model.pipe.text_encoder_2.get_input_embeddings().weight
     assert torch.equal(g[model.pipe.tokenizer_2.convert_tokens_to_ids("<shiny>")], a1111["clip_g"][0])
-    assert np.abs(_generate_prompt(model.pipe, "a <shiny> square") - captured["image"]).max() < 1e-5
+    assert np.abs(_generate_prompt(model.pipe, "a <shiny> square") - image).max() < 1e-5
     model.set_loras([])
     assert (len(model.pipe.tokenizer), len(model.pipe.tokenizer_2)) == sizes
     # an A1111 file on its own: its name is the token, as in A1111
