@@ -8,6 +8,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from ..embeddings import DIFFUSERS_FILE, LORA_FILE  # the names the app looks for in an output folder
 from .config import Method, TrainConfig
 
 TEXT_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -200,7 +201,7 @@ def export_lora(t: Trainable, pipe, out: Path, alpha: float) -> list[Path]:
     kohya_path = out / f"{out.resolve().name}.safetensors"
     save_file(kohya, str(kohya_path), metadata={"ss_network_dim": str(t.modules["unet"].peft_config["default"].r),
                                                 "ss_network_alpha": str(alpha), "ss_network_module": "networks.lora"})
-    return [out / "pytorch_lora_weights.safetensors", kohya_path]
+    return [out / LORA_FILE, kohya_path]
 
 
 def export_textual_inversion(t: Trainable, trigger: str, out: Path) -> list[Path]:
@@ -208,7 +209,7 @@ def export_textual_inversion(t: Trainable, trigger: str, out: Path) -> list[Path
     from safetensors.torch import save_file
 
     vectors = {name: mod.new.detach().float().contiguous() for name, mod in t.token_embeddings().items()}  # (n, dim)
-    diffusers_path = out / "learned_embeds.safetensors"
+    diffusers_path = out / DIFFUSERS_FILE
     first = vectors["text_encoder"]  # one vector is saved as (dim,), the layout single-token files have
     save_file({trigger: first[0] if len(first) == 1 else first}, str(diffusers_path))
     if "text_encoder_2" in vectors:  # A1111's SDXL embeddings name the two encoders
