@@ -12,6 +12,7 @@ from sd_demo.__main__ import add_runtime_flags
 from sd_demo.engine import Engine, EngineSettings
 from sd_demo.ui import generate as generate_tab
 from sd_demo.ui import info as info_tab
+from sd_demo.ui import train as train_tab
 
 log = logging.getLogger("sd_demo")
 QUEUE_MAX = 20  # waiting jobs beyond this are refused with "queue full" instead of piling up
@@ -25,7 +26,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--auth", default=os.environ.get("SD_DEMO_AUTH"), help="USER:PASS[,USER2:PASS2] required to log in")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1 or $GRADIO_SERVER_NAME)")
     p.add_argument("--port", type=int, default=None, help="port (default 7860 or $GRADIO_SERVER_PORT)")
-    p.add_argument("--outputs", default=os.environ.get("SD_DEMO_OUTPUTS", "outputs"), help="folder for PNGs")
+    p.add_argument("--outputs", default=os.environ.get("SD_DEMO_OUTPUTS", "outputs"),
+                   help="folder for PNGs and training runs")
+    p.add_argument("--allow-training", action="store_true", default=os.environ.get("SD_DEMO_ALLOW_TRAINING") == "1",
+                   help="let visitors of a public app (share link without --auth, Space) train; uploads are capped")
     return p.parse_args(argv)
 
 
@@ -59,7 +63,10 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
         gr.Markdown("# sd_demo · Stable Diffusion")
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
-                gen = generate_tab.build(engine, public=public, notice=notice)
+                gen = generate_tab.build(engine, public=public, notice=notice,
+                                         allow_loras=not public or args.allow_training)
+            with gr.Tab("Train", id="train"):
+                train_tab.build(engine, gen, tabs, "generate", public=public, allowed=args.allow_training)
             with gr.Tab("PNG Info", id="info"):
                 info_tab.build(gen, tabs, "generate")
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)

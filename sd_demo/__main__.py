@@ -100,9 +100,13 @@ def cmd_train(args) -> int:
     from .train.loop import train
 
     cfg = TrainConfig(**{name: getattr(args, name) for name, _, _ in config_fields()}).validate()
-    bar = tqdm(total=cfg.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, unit="step", file=sys.stderr, dynamic_ncols=True)  # total: from the preset
 
     def on_event(ev):
+        bar.total = ev.total
+        if ev.message:  # the preset's values, the memory and time estimates
+            bar.write(ev.message, file=sys.stderr)
+            return
         bar.update(ev.step - bar.n)
         bar.set_postfix(loss=f"{ev.loss:.4f}", lr=f"{ev.lr:.2e}")
 

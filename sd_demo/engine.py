@@ -8,10 +8,12 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import hub
 from .generate import GenerationParams, GenerationResult, StepEvent, generate
@@ -29,6 +31,26 @@ class EngineSettings:
     attention: str = "auto"
     allow_pickle: bool = False
     outputs: str = "outputs"  # PNGs land in outputs/txt2img-images/YYYY-MM-DD/ as in A1111
+
+
+@dataclass
+class ModelDefaults:
+    """What the UI sets its controls to when a model loads: its native size, card CFG scale and sampler."""
+
+    status: str
+    size: int
+    guidance: float
+    sampler: str
+
+
+@dataclass
+class RunUpdate:
+    """One update of a generation run for the UI: a step, a wait message, or the finished result."""
+
+    step: StepEvent | None = None
+    waiting: str = ""  # why the run has not started yet (a training job holds the GPU)
+    result: GenerationResult | None = None
+    paths: list[Path] | None = None
 
 
 def next_free_path(folder: Path, seed: int) -> Path:
@@ -55,8 +77,11 @@ def save_result(result: GenerationResult, folder: Path) -> list[Path]:
 
 class Engine:
     def __init__(self, settings: EngineSettings | None = None):
+        from .train.jobs import JobManager
+
         self.settings = settings or EngineSettings()
         self.cache = PipelineCache()
+        self.jobs = JobManager(Path(self.settings.outputs) / "train")  # training runs, one folder each
         self._jobs: dict[str, threading.Event] = {}  # job key (UI session) -> its Stop flag
         self._jobs_lock = threading.Lock()
 
@@ -83,6 +108,59 @@ class Engine:
     def model_status(self) -> str:
         m = self.cache.current
         return m.describe() if m else "no model loaded"
+
+    def defaults(self, spec: str | None = None) -> ModelDefaults:
+        """Load ``spec`` (None: the current or start-up model) and return what the UI sets from it."""
+        m = self.load(spec) if spec or self.cache.current is None else self.cache.current
+        return ModelDefaults(m.describe(), m.default_size, m.default_guidance, m.default_sampler)
+
+    # ------------------------------------------------------------------ training (jobs live in self.jobs)
+    def stage_training_data(self, paths: list[str], public: bool = False):
+        """Uploaded files -> a fresh dataset folder under outputs/train-data (kept: resuming a job needs it)."""
+        from .train import staging
+
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        return staging.stage(paths, Path(self.settings.outputs) / "train-data" / stamp, public=public)
+
+    def save_captions(self, folder: str, rows: list[tuple[str, str]]):
+        from .train import staging
+
+        root = (Path(self.settings.outputs) / "train-data").resolve()
+        path = Path(folder).resolve()
+        if path.parent != root:  # only folders this engine staged
+            raise ValueError("data: upload the training images again")
+        return staging.write_captions(path, rows)
+
+    def is_training_result(self, source: str) -> bool:
+        """Is ``source`` the output folder of one of this app's training jobs? (Public apps allow only those.)"""
+        try:
+            return Path(source).resolve().parent == self.jobs.root.resolve() and bool(self.jobs.folder(Path(source).name))
+        except ValueError:
+            return False
+
+    def use_training_result(self, job_id: str) -> tuple[str, str]:
+        """('lora', folder) for an adapter or embedding, ('model', folder) for a full fine-tune, of a finished job."""
+        from .train.jobs import FINISHED
+
+        view = self.jobs.view(job_id)
+        if view.state != FINISHED:
+            raise ValueError(f"job {job_id} is {view.state}; use it once it has finished")
+        full = view.config.get("method") == "full" or view.config.get("dreambooth_full")
+        return ("model" if full else "lora"), str(view.folder)
+
+    def training_note(self) -> str:
+        """Empty, or how a running training job affects generation on this device."""
+        job = self.jobs.running()
+        if not job:
+            return ""
+        if self._on_gpu():
+            return f"waiting: training job {job} is using the GPU; this image starts when it stops or finishes"
+        return f"training job {job} is running: generation shares the CPU cores with it and is slower"
+
+    def _on_gpu(self) -> bool:
+        from .models import pick_device
+
+        return pick_device(self.settings.device) != "cpu"
 
     # ------------------------------------------------------------------ generation
     def cancel(self, job: str = "default") -> bool:
@@ -130,3 +208,37 @@ class Engine:
         for info in result.infotexts:
             log.info("generated: %s", format_infotext(info).replace("\n", " | "))
         return result, paths
+
+    def run(self, params: GenerationParams, model: str | None = None, job: str = "default",
+            loras: list[tuple[str, float]] | None = None, poll: float = 2.0) -> Iterator[RunUpdate]:
+        """``generate`` in a worker thread, as a stream of updates: waits while a training job holds the GPU
+        (never an out-of-memory crash), then each denoising step, then the result. Closing the stream early (the
+        client went away) stops the run after its current step."""
+        params.validate()
+        while self._on_gpu() and self.jobs.running():
+            yield RunUpdate(waiting=self.training_note())
+            time.sleep(poll)
+        events: queue.Queue = queue.Queue()
+        box: dict = {}
+
+        def work():
+            try:
+                box["out"] = self.generate(params, model=model, on_step=events.put, job=job, loras=loras)
+            except Exception as exc:  # handed to the caller's thread below
+                box["err"] = exc
+            finally:
+                events.put(None)
+
+        worker = threading.Thread(target=work, daemon=True, name="sd_demo-generate")
+        worker.start()
+        try:
+            while (ev := events.get()) is not None:
+                yield RunUpdate(step=ev)
+        finally:
+            if worker.is_alive():
+                self.cancel(job)
+        worker.join()
+        if "err" in box:
+            raise box["err"]
+        result, paths = box["out"]
+        yield RunUpdate(result=result, paths=paths)

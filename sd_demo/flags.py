@@ -13,7 +13,7 @@ def add_field_flags(parser: argparse.ArgumentParser, field_list, none_type=str) 
     for name, default, meta in field_list:
         flag = meta.get("flag") or "--" + name.replace("_", "-")
         help_text = meta.get("help", "")
-        if isinstance(default, bool):
+        if isinstance(default, bool) or meta.get("type") is bool:  # a None default: unset, from a preset
             # --x / --no-x, so a field that defaults to True (--center-crop) can be turned off too
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, dest=name,
                                 help=help_text)

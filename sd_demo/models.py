@@ -261,6 +261,37 @@ def detect_family(folder: Path) -> str:
     return "sd2" if unet_cfg.get("use_linear_projection") or unet_cfg.get("cross_attention_dim") == 1024 else "sd1"
 
 
+def native_size(folder: Path) -> int:
+    """The model's training size in px: the UNet's latent side times the VAE's downsampling."""
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def peek(spec: str) -> tuple[str, int] | None:
+    """(family, native size) from a model's config files alone, without loading or downloading weights; None when
+    they are not on this machine yet (a Hub model not in the cache). Family 'embedded' for the shipped model."""
+    from huggingface_hub import snapshot_download
+
+    ref = parse_model_ref(spec)
+    if ref.source == "embedded":
+        folder = EMBEDDED_DIR
+    elif ref.source == "local":
+        folder = Path(ref.name)
+    else:
+        try:
+            folder = Path(snapshot_download(ref.name, revision=ref.revision, local_files_only=True,
+                                            allow_patterns=["model_index.json", "unet/config.json",
+                                                            "vae/config.json"], cache_dir=hub.cache_dir()))
+        except Exception:  # not cached
+            return None
+    try:
+        family = "embedded" if ref.source == "embedded" else detect_family(folder)
+        return family, native_size(folder)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def load_scheduler(folder: Path) -> SchedulerMixin:
     cfg_path = folder / "scheduler" / "scheduler_config.json"
     name = json.loads(cfg_path.read_text()).get("_class_name", "")
@@ -338,7 +369,6 @@ def load_model(
     pipe.set_progress_bar_config(disable=True)  # progress is reported through our own callback
     apply_attention(pipe, backend)
     log.info("loaded %s (%s) on %s %s; attention: %s", ref.label, family, dev, dtype_name(dt), reason)
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     guidance = hub.recommended_guidance(folder)
     sampler = hub.recommended_sampler(folder)
     return LoadedModel(
@@ -350,7 +380,7 @@ def load_model(
         attention=backend,
         attention_reason=reason,
         folder=folder,
-        default_size=int(pipe.unet.config.sample_size) * vae_scale,
+        default_size=native_size(folder),
         default_guidance=DEFAULT_GUIDANCE if guidance is None else guidance,  # 0 is real (distilled models)
         default_sampler=sampler or DEFAULT_SAMPLER,
         base_scheduler_config=dict(pipe.scheduler.config),

@@ -32,7 +32,8 @@ def data_dir(tmp_path_factory):
 def config(model, data, out, **kw):
     base = dict(method="lora", model=str(model), data=str(data), out=str(out), steps=6, resolution=64, batch=2,
                 rank=4, alpha=8.0, lr=1e-2, seed=3, lr_schedule="cosine", warmup_steps=2, grad_accum=2,
-                caption_dropout=0.3, random_flip=True, snr_gamma=5.0, noise_offset=0.05)
+                caption_dropout=0.3, random_flip=True, snr_gamma=5.0, noise_offset=0.05,
+                target_modules="to_q,to_k,to_v,to_out.0")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -750,7 +751,7 @@ def test_trained_parameters_are_fp32_even_when_the_base_loads_in_half_precision(
     assert weights_dtype(TrainConfig(mixed_precision="bf16"), "cpu") == "fp32"  # the CPU path stays fp32
     pipe = load_model(str(tiny_model_dirs["sd15"]), device="cpu", dtype="bf16").pipe
     extra = {"trigger": "<tok>", "init_word": "circle"} if method == "textual-inversion" else {}
-    trainable = methods.setup(TrainConfig(method=method, **extra), pipe)
+    trainable = methods.setup(TrainConfig(method=method, rank=4, alpha=4.0, target_modules="to_q,to_v", **extra), pipe)
     assert {p.dtype for p in trainable.params()} != {torch.float32} or method == "textual-inversion"
     trainable.upcast()
     assert {p.dtype for p in trainable.params()} == {torch.float32}

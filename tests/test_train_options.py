@@ -129,6 +129,10 @@ def test_noise_offset_shifts_each_channel_mean(tiny_model_dirs, data_dir, tmp_pa
 def test_progress_events_and_warmup_on_the_constant_schedule(tiny_model_dirs, data_dir, tmp_path):
     _, events, result = _spy_run(tiny_model_dirs, data_dir, tmp_path, steps=4, lr=1e-3,
                                  lr_schedule="constant", warmup_steps=2)
+    notes = [e.message for e in events if e.message]  # the preset, the memory and the time estimates
+    assert notes[0].startswith("preset sd1-lora-cpu:") and notes[1].startswith("memory: about")
+    assert "estimate:" in notes[2] and "remaining of 4 steps" in notes[2]
+    events = [e for e in events if not e.message]
     assert [e.step for e in events] == [1, 2, 3, 4] and all(e.total == 4 for e in events)
     assert [e.loss for e in events] == pytest.approx(result.losses)
     # The LR in effect for the next step: half-way up the warm-up, then constant.

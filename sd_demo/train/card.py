@@ -10,13 +10,15 @@ from .config import Method, TrainConfig
 
 _HPARAMS = ("method", "steps", "lr", "lr_schedule", "warmup_steps", "rank", "alpha", "resolution", "batch",
             "grad_accum", "seed", "snr_gamma", "noise_offset", "train_text_encoder", "caption_dropout", "random_flip",
-            "buckets", "mixed_precision", "trigger_token", "init_word", "num_vectors")
+            "buckets", "mixed_precision", "gradient_checkpointing", "target_modules", "num_class_images",
+            "trigger_token", "init_word", "num_vectors")
 
 
 def write_card(out: Path, cfg: TrainConfig, base_model: str, samples: list[Path], final_loss: float | None,
-               license: str = "other") -> Path:
+               license: str = "other", preset=None) -> Path:
+    """``preset`` (presets.Resolved): the card names the preset and marks the values that came from it."""
     method = Method(cfg.method)
-    lora = method in (Method.LORA, Method.DREAMBOOTH)
+    lora = method in (Method.LORA, Method.DREAMBOOTH) and not cfg.dreambooth_full
     meta = {
         "base_model": base_model,
         "library_name": "diffusers",
@@ -29,8 +31,10 @@ def write_card(out: Path, cfg: TrainConfig, base_model: str, samples: list[Path]
         meta["instance_prompt"] = cfg.trigger
     hp = asdict(cfg)
     token = method == Method.TEXTUAL_INVERSION or cfg.trigger_token
-    skip = {*(() if lora else ("rank", "alpha", "trigger_token")), *(() if token else ("init_word", "num_vectors"))}
-    rows = "\n".join(f"| {k} | {hp[k]} |" for k in _HPARAMS if k not in skip)
+    skip = {*(() if lora else ("rank", "alpha", "trigger_token", "target_modules")),
+            *(() if method == Method.DREAMBOOTH else ("num_class_images",)), *(() if token else ("init_word", "num_vectors"))}
+    from_preset = preset.from_preset if preset else {}
+    rows = "\n".join(f"| {k} | {hp[k]} |{' preset' if k in from_preset else ''} |" for k in _HPARAMS if k not in skip)
     usage, cli = _usage(cfg, out.name, base_model, method, lora)
     gallery = "\n".join(f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in samples)
     body = f"""# {out.name}
@@ -50,8 +54,10 @@ or `{cli}`.
 
 ## Training
 
-| parameter | value |
-|---|---|
+{f"Preset `{preset.preset}`; the values it set are marked." if preset else ""}
+
+| parameter | value | from |
+|---|---|---|
 {rows}
 
 Final training loss: {f"{final_loss:.4f}" if final_loss is not None else "n/a"}

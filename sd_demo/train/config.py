@@ -26,39 +26,43 @@ class TrainConfig:
     model: str = _f("embedded", "base model: Hub id[@rev], local diffusers folder, or embedded")
     data: str = _f("", "folder (or .zip) of images with .txt captions or metadata.jsonl")
     out: str = _f("", "output folder; refused when it exists and is not empty, unless --overwrite or --resume")
-    steps: int = _f(500, "optimizer steps")
-    lr: float = _f(1e-4, "learning rate (LoRA 1e-4, full 1e-5, textual inversion 5e-3 are usual)")
-    rank: int = _f(8, "LoRA rank r")
-    alpha: float = _f(8.0, "LoRA alpha; the update is scaled by alpha / rank")
-    resolution: int = _f(512, "training side in px (the base model's native size is best)")
-    batch: int = _f(1, "images per step")
+    # Fields defaulting to None come from the preset (train/presets.py) for the model family, device and method.
+    preset: str | None = _f(None, "preset name (e.g. sd1-lora-gpu16); default: the one for this model, device and "
+                                  "method. Options you give always win over it")
+    steps: int | None = _f(None, "optimizer steps", type=int)
+    lr: float | None = _f(None, "learning rate (LoRA 1e-4, full 5e-6, textual inversion 5e-3 are usual)", type=float)
+    rank: int | None = _f(None, "LoRA rank r", type=int)
+    alpha: float | None = _f(None, "LoRA alpha; the update is scaled by alpha / rank", type=float)
+    resolution: int | None = _f(None, "training side in px (default: the base model's native size)", type=int)
+    batch: int | None = _f(None, "images per step", type=int)
     grad_accum: int = _f(1, "micro-batches per optimizer step", flag="--grad-accum")
     seed: int = _f(0, "seed of everything random: data order, noise, timesteps, dropout")
     trigger: str | None = _f(None, "trigger word, prepended to captions that lack it (LoRA/DreamBooth)")
     instance_prompt: str | None = _f(None, "one caption for every image that has none")
-    checkpoint_every: int = _f(0, "save a resumable checkpoint every N steps (0 = none; the trained "
-                                                "weights are exported at the end either way)")
+    checkpoint_every: int | None = _f(None, "save a resumable checkpoint every N steps and at the end (0 = none; "
+                                            "default: a tenth of the steps for adapters and embeddings)", type=int)
     keep_checkpoints: int = _f(2, "checkpoints kept; older ones are deleted after a new one is complete")
     resume: str | None = _f(None, "'latest' or a checkpoint folder to continue from")
     lr_schedule: str = _f("constant", "LR schedule", choices=list(LR_SCHEDULES))
     warmup_steps: int = _f(0, "linear warm-up steps (any schedule; 'constant' then ramps up first)")
-    snr_gamma: float = _f(0.0, "min-SNR-γ loss weighting (5.0 is usual; 0 = off)")
+    snr_gamma: float | None = _f(None, "min-SNR-γ loss weighting (5.0 is usual; 0 = off)", type=float)
     noise_offset: float = _f(0.0, "noise offset (0.05-0.1 helps very dark/bright images; 0 = off)")
-    mixed_precision: str = _f("no", "no | fp16 | bf16 (GPU only)", choices=list(PRECISIONS))
-    gradient_checkpointing: bool = _f(False, "trade compute for memory")
+    mixed_precision: str | None = _f(None, "no | fp16 | bf16 (GPU only)", choices=list(PRECISIONS))
+    gradient_checkpointing: bool | None = _f(None, "trade compute for memory", type=bool)
     compile: bool = _f(False, "torch.compile the UNet (inductor, like kohya's --torch_compile): the first step "
                               "compiles for a minute or more; meant for GPUs and big models (on a 2-core CPU it was "
                               "no faster, see BENCHMARKS.md)")
     train_text_encoder: bool = _f(False, "also train the text encoder (LoRA on it, or fully for 'full')")
     text_encoder_lr: float | None = _f(None, "learning rate of the text encoder(s) when they train beside the UNet "
                                              "(--train-text-encoder); default: --lr", type=float)
-    target_modules: str = _f("to_q,to_k,to_v,to_out.0", "comma-separated UNet modules that get LoRA")
+    target_modules: str | None = _f(None, "comma-separated UNet modules that get LoRA (e.g. to_q,to_k,to_v,to_out.0)")
     center_crop: bool = _f(True, "centre crop (else a random crop, drawn once per image: latents are cached)")
     random_flip: bool = _f(False, "random horizontal flip")
     caption_dropout: float = _f(0.0, "probability of training on an empty caption (helps CFG)")
     buckets: bool = _f(False, "aspect-ratio buckets instead of square crops")
-    validation_prompt: str | None = _f(None, "prompt sampled every --validation-every steps")
-    validation_every: int = _f(0, "steps between validation images (0 = only at the end when a prompt is set)")
+    validation_prompt: str | None = _f(None, "prompt sampled every --validation-every steps (default: the first "
+                                              "caption of the data)")
+    validation_every: int | None = _f(None, "steps between validation samples (0 = only at the end)", type=int)
     init_word: str = _f("object", "textual inversion: the word the new token starts from")
     num_vectors: int = _f(1, "textual inversion / --trigger-token: vectors behind the token (A1111's 'vectors "
                              "per token'); more hold more of a concept, e.g. a colour and a shape")
@@ -68,13 +72,20 @@ class TrainConfig:
     class_word: str | None = _f(None, "DreamBooth prior preservation: class prompts are the instance captions with "
                                       "the trigger replaced by this word ('circle'), instead of one --class-prompt; "
                                       "several comma-separated words take turns ('circle,square,star')")
-    num_class_images: int = _f(0, "DreamBooth: class images (generated by the base model when missing); 0 = off")
+    num_class_images: int | None = _f(None, "DreamBooth: class images generated by the base model when missing "
+                                            "(needs --class-prompt or --class-word); 0 = off", type=int)
     class_data: str | None = _f(None, "DreamBooth prior preservation with your own class images: a folder (or "
                                       ".zip) captioned like --data, else by --class-prompt; instead of generated ones")
     prior_loss_weight: float = _f(1.0, "DreamBooth: weight of the prior-preservation loss")
     dreambooth_full: bool = _f(False, "DreamBooth: fine-tune the whole UNet instead of a LoRA")
     overwrite: bool = _f(False, "write into a non-empty --out (never deletes files we did not write)")
     push_to_hub: str | None = _f(None, "Hub repo id to push the result to")
+    preserve: float = _f(0.0, "LoRA output preservation: weight of a loss keeping the adapter's answers to other "
+                              "prompts equal to the base model's, so only the trigger changes (0 = off)")
+    preserve_prompts: str | None = _f(None, "--preserve: a .txt of other prompts, one a line (default: the embedded "
+                                            "model's own world; else the captions, --trigger replaced by --class-word)")
+    preserve_batch: int = _f(0, "--preserve: preservation prompts per micro-batch, on its first N noisy latents "
+                                "(0 = one per image)")
 
     def validate(self) -> "TrainConfig":
         def bad(name, why):
@@ -86,22 +97,23 @@ class TrainConfig:
             bad("data", "missing; give a folder or .zip of training images")
         if not self.out:
             bad("out", "missing; give an output folder")
+        # None = from the preset; validate() runs again once the preset has filled them
         for name in ("steps", "rank", "batch", "grad_accum", "resolution", "num_vectors"):
-            if int(getattr(self, name)) <= 0:
+            if getattr(self, name) is not None and int(getattr(self, name)) <= 0:
                 bad(name, f"{getattr(self, name)} must be > 0")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             bad("lr", f"{self.lr} must be > 0")
         if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
             bad("text_encoder_lr", f"{self.text_encoder_lr} must be > 0")
-        if self.alpha <= 0:
+        if self.alpha is not None and self.alpha <= 0:
             bad("alpha", f"{self.alpha} must be > 0")
-        if self.resolution % 8:
+        if self.resolution and self.resolution % 8:
             bad("resolution", f"{self.resolution} px is not a multiple of 8")
         if not 0 <= self.caption_dropout < 1:
             bad("caption_dropout", f"{self.caption_dropout} must be in [0, 1)")
         if self.lr_schedule not in LR_SCHEDULES:
             bad("lr_schedule", f"unknown '{self.lr_schedule}'; use one of {', '.join(LR_SCHEDULES)}")
-        if self.mixed_precision not in PRECISIONS:
+        if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             bad("mixed_precision", f"unknown '{self.mixed_precision}'; use one of {', '.join(PRECISIONS)}")
         if self.method == Method.DREAMBOOTH.value and not (self.trigger or self.instance_prompt):
             bad("trigger", "DreamBooth needs --trigger (a rare word bound to your subject) or --instance-prompt")
@@ -126,7 +138,40 @@ class TrainConfig:
                                      "--trigger-token and --train-text-encoder")
         if self.num_vectors > 1 and not (self.method == Method.TEXTUAL_INVERSION.value or self.trigger_token):
             bad("num_vectors", "is for --method textual-inversion or --trigger-token")
+        if self.preserve is not None and self.preserve < 0:  # None: from a preset
+            bad("preserve", f"{self.preserve} must be >= 0")
+        if self.preserve and (self.method not in (Method.LORA.value, Method.DREAMBOOTH.value) or self.dreambooth_full):
+            bad("preserve", "is for --method lora or dreambooth (LoRA): the base model is the UNet with the adapter "
+                            "switched off, which textual inversion and full fine-tunes do not have")
+        if self.preserve_prompts and self.preserve == 0:
+            bad("preserve_prompts", "needs --preserve > 0 (the weight of output preservation)")
+        if self.preserve_batch < 0 or (self.batch is not None and self.preserve_batch > self.batch):
+            bad("preserve_batch", f"{self.preserve_batch} must be between 0 and --batch")
         return self
+
+
+def from_values(values: dict) -> TrainConfig:
+    """A TrainConfig from form values (the Training tab): blank or None leaves a field at its default (for preset
+    fields: the preset's), text is converted to the field's type; a value that does not convert is one line."""
+    kw = {}
+    for f in fields(TrainConfig):
+        v = values.get(f.name)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            continue
+        kw[f.name] = _convert(f.name, f.metadata.get("type") or (type(f.default) if f.default is not None else str), v)
+    return TrainConfig(**kw)
+
+
+def _convert(name: str, typ: type, v):
+    if typ is bool:
+        return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "on", "yes")
+    try:
+        number = float(v) if typ in (int, float) else None
+        if typ is int and not number.is_integer():
+            raise ValueError
+        return int(number) if typ is int else typ(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: '{v}' is not a valid {typ.__name__}") from None
 
 
 def config_fields():

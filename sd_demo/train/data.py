@@ -377,6 +377,17 @@ def scan_dataset(cfg: DataConfig, *, extract_root: str | Path | None = None) -> 
     return report
 
 
+def list_images(root: Path, max_pixels: int = DataConfig.max_pixels) -> tuple[dict[Path, str], list[tuple[str, str]]]:
+    """({image: its caption, '' when it has none}, skipped [(name, why)]): what a folder holds, captioned or not
+    (the Training tab's caption table, before a trigger or instance prompt fills the gaps)."""
+    files = _list_files(root)
+    meta = _read_metadata(root) if (root / METADATA_FILE).is_file() else {}
+    images, sidecars, skipped = _classify(root, files, max_pixels)
+    captions = {p: _clean(meta.get(p.resolve())) or (_read_caption(sidecars[p.with_suffix("")])
+                                                     if p.with_suffix("") in sidecars else "") for p in images}
+    return captions, skipped + _orphans(root, meta, files, sidecars)
+
+
 def _scan_root(root: Path, cfg: DataConfig) -> DatasetReport:
     files = _list_files(root)
     if not files:

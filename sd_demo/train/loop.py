@@ -11,7 +11,7 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..hub import card_license
 from ..models import load_model, pick_device
 from . import checkpoint as ckpt
-from . import methods
+from . import estimate, methods, preserve, presets
 from .card import write_card
 from .config import Method, TrainConfig
 from .data import (BucketBatchSampler, DataConfig, TrainDataset, load_example, micro_conditioning, scan_dataset,
@@ -52,6 +52,7 @@ class TrainResult:
     final_loss: float | None
     losses: list[float]
     warnings: list[str] = field(default_factory=list)
+    preset: presets.Resolved | None = None  # the config that ran, its preset and the values that came from it
 
 
 def prepare_out(cfg: TrainConfig) -> Path:
@@ -266,6 +267,34 @@ def make_class_images(cfg: TrainConfig, model, out: Path, captions: list[str]) -
     return folder
 
 
+def load_for_training(cfg: TrainConfig):
+    """The base model, loaded in the run's precision, and the config with its preset's values filled in."""
+    device = pick_device("auto")
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    precision = presets.load_precision(cfg, device, bf16)
+    model = load_model(cfg.model, device=device, dtype=weights_dtype(replace(cfg, mixed_precision=precision), device))
+    resolved = presets.resolve(cfg, presets.family_key(model), device, model.default_size,
+                               estimate.available_bytes(device), bf16)
+    resolved.cfg.validate()
+    return model, resolved
+
+
+def _trainable_guess(cfg: TrainConfig, pipe) -> int:
+    """Parameters that will train, known before the adapter exists: a whole UNet (and text encoders), or for an
+    adapter or an embedding a few percent of the UNet at most."""
+    if cfg.method == Method.FULL.value or cfg.dreambooth_full:
+        mods = [pipe.unet] + ([pipe.text_encoder] if cfg.train_text_encoder else [])
+        return sum(p.numel() for m in mods for p in m.parameters())
+    return sum(p.numel() for p in pipe.unet.parameters()) // 50
+
+
+def _say(on_event, cfg: TrainConfig, step: int, message: str) -> None:
+    """A progress event that carries only a message (the preset, the estimates)."""
+    log.info("%s", message)
+    if on_event:
+        on_event(TrainEvent(step, cfg.steps, float("nan"), 0.0, 0.0, 0.0, message=message))
+
+
 def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None,
           cancel: threading.Event | None = None) -> TrainResult:
     """Run a whole training job; ``cancel`` stops it after the current step with a resumable checkpoint."""
@@ -275,12 +304,16 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     cfg.validate()
     out = prepare_out(cfg)
     torch.manual_seed(cfg.seed)
-    device = pick_device("auto")
-    model = load_model(cfg.model, device=device, dtype=weights_dtype(cfg, device))
-    pipe, sdxl = model.pipe, model.family == "sdxl"
+    model, resolved = load_for_training(cfg)
+    cfg, pipe, sdxl = resolved.cfg, model.pipe, model.family == "sdxl"
+    _say(on_event, cfg, 0, resolved.summary())
+    _say(on_event, cfg, 0, estimate.check_fits(cfg, presets.family_key(model), pipe, _trainable_guess(cfg, pipe),
+                                               model.device))
     streams, report = [], None
     instance, report = make_stream(cfg, pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
     streams.append(instance)
+    if cfg.validation_prompt is None and cfg.validation_every:  # live samples of the first caption, fixed seeds
+        cfg = replace(cfg, validation_prompt=instance.dataset.examples[0].caption)
     accelerator = make_accelerator(cfg.mixed_precision, cpu=model.device == "cpu")
     if not cfg.resume and accelerator.is_main_process:
         ckpt.set_aside_earlier_run(out / "checkpoints")
@@ -296,6 +329,7 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
         except ValueError as exc:  # say which of the two folders the data error is about
             raise ValueError(f"class images: {exc}") from None
     trainable = methods.setup(cfg, pipe)
+    preserver = preserve.build(cfg, model, trainable, [ex.caption for ex in instance.dataset.examples])
     trainable.upcast()
     text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=sdxl)
     optimizer = make_optimizer(trainable.param_groups(cfg.lr, cfg.text_encoder_lr), cfg, model.device)
@@ -316,7 +350,7 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
     unet.train()
     t0 = time.perf_counter()
     for step in range(start, cfg.steps):
-        loss = _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl)
+        loss = _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl, preserver)
         _mean_text_encoder_grads(trainable, accelerator)
         optimizer.step()
         lr_sched.step()
@@ -332,16 +366,21 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
             rate = (time.perf_counter() - t0) / (done - start)
             on_event(TrainEvent(done, cfg.steps, loss, lr_sched.get_last_lr()[0], rate, rate * (cfg.steps - done),
                                 images))
+            if done - start == estimate.WARMUP_STEPS and done < cfg.steps:
+                _say(on_event, cfg, done, estimate.time_line(rate, cfg.steps - done, cfg.steps, model.device))
         stopping = cancel is not None and cancel.is_set() and done < cfg.steps
-        if ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping) and accelerator.is_main_process:
+        # with checkpoints on, the last step gets one too: "train N more steps" resumes from it
+        periodic = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+        if (periodic or stopping) and accelerator.is_main_process:
             ckpt.save_checkpoint(out / "checkpoints", done, trainable.state(), optimizer, lr_sched,
                                  {"samplers": [s.sampler.state_dict() for s in streams], "losses": losses},
                                  cfg.keep_checkpoints)
         if stopping:
-            return TrainResult(out, [], done, loss, losses, ["stopped: resume with --resume latest"])
+            return TrainResult(out, [], done, loss, losses, ["stopped: resume with --resume latest"], resolved)
     accelerator.wait_for_everyone()
-    files = _finish(cfg, model, trainable, unet, out, losses) if accelerator.is_main_process else []
-    return TrainResult(out, files, cfg.steps, losses[-1] if losses else None, losses, report_warnings(report))
+    files = _finish(resolved, cfg, model, trainable, unet, out, losses) if accelerator.is_main_process else []
+    return TrainResult(out, files, cfg.steps, losses[-1] if losses else None, losses, report_warnings(report),
+                       resolved)
 
 
 def _mean_text_encoder_grads(trainable, accelerator) -> None:
@@ -373,7 +412,7 @@ def _restore(cfg, out, trainable, optimizer, lr_sched, streams) -> tuple[int, li
     return meta["step"], meta.get("losses", [])
 
 
-def _finish(cfg, model, trainable, unet, out: Path, losses: list[float]) -> list[Path]:
+def _finish(resolved, cfg, model, trainable, unet, out: Path, losses: list[float]) -> list[Path]:
     """Export weights, sample the validation prompt, write the model card."""
     files = _export(cfg, trainable, model.pipe, out)
     samples = []
@@ -383,12 +422,14 @@ def _finish(cfg, model, trainable, unet, out: Path, losses: list[float]) -> list
             samples.append(out / "samples" / f"sample-{i}.png")
             img.save(samples[-1])
     license = card_license(model.folder) or "other"  # a fine-tune carries its base model's license
-    files.append(write_card(out, cfg, model.ref.label, samples, losses[-1] if losses else None, license))
+    files.append(write_card(out, cfg, model.ref.label, samples, losses[-1] if losses else None, license,
+                            preset=resolved))
     if cfg.push_to_hub:
         from ..hub import push_folder
+        from .jobs import NOT_PUBLISHED
 
         # Checkpoints and generated class images are working files, not part of the published model.
-        push_folder(cfg.push_to_hub, out, ignore=("checkpoints/*", "class_images/*", ".tmp-*"))
+        push_folder(cfg.push_to_hub, out, ignore=NOT_PUBLISHED)
     return files
 
 
@@ -397,7 +438,8 @@ def report_warnings(report) -> list[str]:
     return skipped + [f"upscaled {name} (smaller than the resolution)" for name in report.upscaled]
 
 
-def _stream_loss(cfg, g, unet, stream: Stream, text, noise_sched, accelerator, sdxl) -> torch.Tensor:
+def _stream_loss(cfg, g, unet, stream: Stream, text, noise_sched, accelerator, sdxl,
+                 preserver: preserve.Preserver | None = None) -> torch.Tensor:
     """Noise-prediction loss on one batch of one stream; all randomness from the step generator ``g``.
 
     Under ``accelerate launch`` every process walks the same batch sequence and takes its own share (process r of
@@ -422,10 +464,14 @@ def _stream_loss(cfg, g, unet, stream: Stream, text, noise_sched, accelerator, s
                                            for i, f in zip(idx, flips)], lat.dtype))
     with accelerator.autocast():
         pred = unet(noisy, t, **cond).sample
-    return loss_fn(pred, noise, lat, t, noise_sched, cfg.snr_gamma)
+    loss = loss_fn(pred, noise, lat, t, noise_sched, cfg.snr_gamma)
+    if preserver is not None:  # other prompts on the same noisy latents keep the base model's answers
+        loss = loss + preserver.loss(g, unet, noisy, t, cond, text, accelerator)
+    return loss
 
 
-def _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl) -> float:
+def _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl,
+                preserver: preserve.Preserver | None = None) -> float:
     """One optimizer step's forward/backward passes (grad_accum micro-batches); returns the mean loss.
 
     Each micro-batch draws its randomness from a generator seeded by its global batch number, the same number that
@@ -436,7 +482,9 @@ def _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl) 
     total = 0.0
     for k in range(cfg.grad_accum):
         g = step_generator(cfg.seed, (step * cfg.grad_accum + k) * procs + accelerator.process_index)
-        loss = sum(s.weight * _stream_loss(cfg, g, unet, s, text, noise_sched, accelerator, sdxl) for s in streams)
+        # output preservation rides on the instance stream (the first) only
+        loss = sum(s.weight * _stream_loss(cfg, g, unet, s, text, noise_sched, accelerator, sdxl,
+                                           preserver if i == 0 else None) for i, s in enumerate(streams))
         loss = loss / cfg.grad_accum
         if loss.requires_grad:  # textual inversion: a batch whose captions all dropped the token has no gradient
             # DDP all-reduces gradients only on the last micro-batch; the earlier ones accumulate locally.

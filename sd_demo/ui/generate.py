@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from dataclasses import dataclass
 
 import gradio as gr
@@ -32,6 +30,8 @@ class GenerateTab:
     seed: gr.Number
     batch_size: gr.Slider
     clip_skip: gr.Slider
+    loras: gr.Textbox  # "path_or_repo[:scale], ..." (the Training tab's "Use in Generate" adds to it)
+    model: gr.Dropdown  # the Training tab's "Use in Generate" puts a full fine-tune here
 
     def param_components(self) -> list:
         return [self.prompt, self.negative_prompt, self.sampler, self.schedule, self.steps, self.guidance_scale,
@@ -43,7 +43,7 @@ def sampler_choices() -> list[tuple[str, str]]:
     return [(f"{name} ★" if spec.ours else name, name) for name, spec in SAMPLERS.items()]
 
 
-def _user_error(exc: Exception) -> gr.Error:
+def user_error(exc: Exception) -> gr.Error:
     """A ValueError is the user's to fix: show its line. Anything else is ours: log the traceback, show one line."""
     if isinstance(exc, ValueError):
         return gr.Error(str(exc))
@@ -73,9 +73,9 @@ def make_generate_fn(engine: Engine, public: bool):
         try:
             if public and model and model not in engine.model_choices():
                 raise ValueError(f"model: '{model}' is not offered on this public app; pick one from the list")
-            if public and loras:
-                raise ValueError("lora: not available on this public app")
             lora_list = [parse_lora(x.strip()) for x in (loras or "").split(",") if x.strip()]
+            if public and not all(engine.is_training_result(src) for src, _ in lora_list):
+                raise ValueError("lora: only this app's own training results can be used on a public app")
             params = GenerationParams(
                 prompt=prompt or "", negative_prompt=negative_prompt or "", steps=int(steps),
                 guidance_scale=None if guidance_scale is None else float(guidance_scale),
@@ -86,42 +86,35 @@ def make_generate_fn(engine: Engine, public: bool):
         except (ValueError, TypeError) as exc:
             raise gr.Error(str(exc)) from None
         job = getattr(request, "session_hash", None) or "api"
-        events: queue.Queue = queue.Queue()
-        box: dict = {}
-
-        def work():
-            try:
-                box["out"] = engine.generate(params, model=model or None, on_step=events.put, job=job,
-                                             loras=lora_list)
-            except Exception as exc:  # handed to the UI thread below
-                box["err"] = exc
-            finally:
-                events.put(None)
-
-        worker = threading.Thread(target=work, daemon=True, name="sd_demo-generate")
-        worker.start()
-        progress(0, desc="loading model" if engine.cache.current is None else "starting")
+        progress(0, desc="starting")
+        note = engine.training_note()
         try:
-            while (ev := events.get()) is not None:
-                progress((ev.step, ev.total), desc="denoising", unit="steps")
-                rate = ev.step / ev.elapsed if ev.elapsed else 0
-                status = f"step {ev.step}/{ev.total} · {rate:.2f} it/s"
-                yield gr.skip(), (ev.previews[0] if ev.previews else gr.skip()), status, gr.skip(), gr.skip()
-        finally:
-            if worker.is_alive():  # the client went away or the event was cancelled: stop the job too
-                engine.cancel(job)
-        worker.join()
-        if "err" in box:
-            raise _user_error(box["err"])
-        result, paths = box["out"]
-        infos = [format_infotext(i) for i in result.infotexts]
-        stop = f" · stopped at step {result.interrupted_at}" if result.interrupted_at else ""
-        status = f"{len(paths)} image(s) in {result.seconds:.1f} s · seed {result.seeds[0]}{stop} · {engine.model_status()}"
-        if result.warnings:
-            status += "\n\n⚠️ " + "; ".join(result.warnings)
-        yield [str(p) for p in paths], None, status, infos[0], infos
+            for update in engine.run(params, model=model or None, job=job, loras=lora_list):
+                if update.waiting:
+                    yield gr.skip(), gr.skip(), update.waiting, gr.skip(), gr.skip()
+                elif update.step:
+                    ev = update.step
+                    progress((ev.step, ev.total), desc="denoising", unit="steps")
+                    rate = ev.step / ev.elapsed if ev.elapsed else 0
+                    status = f"step {ev.step}/{ev.total} · {rate:.2f} it/s" + (f" · {note}" if note else "")
+                    yield gr.skip(), (ev.previews[0] if ev.previews else gr.skip()), status, gr.skip(), gr.skip()
+                else:
+                    yield _finished(engine, update.result, update.paths, note)
+        except Exception as exc:
+            raise user_error(exc) from None
 
     return generate
+
+
+def _finished(engine: Engine, result, paths, note: str) -> tuple:
+    infos = [format_infotext(i) for i in result.infotexts]
+    stop = f" · stopped at step {result.interrupted_at}" if result.interrupted_at else ""
+    status = f"{len(paths)} image(s) in {result.seconds:.1f} s · seed {result.seeds[0]}{stop} · {engine.model_status()}"
+    if note:
+        status += f"\n\n{note}"
+    if result.warnings:
+        status += "\n\n⚠️ " + "; ".join(result.warnings)
+    return [str(p) for p in paths], None, status, infos[0], infos
 
 
 def _load_model_fn(engine: Engine, public: bool):
@@ -130,23 +123,22 @@ def _load_model_fn(engine: Engine, public: bool):
             if public and model not in engine.model_choices():
                 raise ValueError(f"model: '{model}' is not offered on this public app")
             progress(0, desc=f"loading {model}")
-            loaded = engine.load(model)
+            d = engine.defaults(model)
         except Exception as exc:
-            raise _user_error(exc) from None
-        size = loaded.default_size
+            raise user_error(exc) from None
         # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M)
-        return (loaded.describe(), gr.update(value=size), gr.update(value=size),
-                gr.update(value=loaded.default_guidance), gr.update(value=loaded.default_sampler))
+        return d.status, d.size, d.size, d.guidance, d.sampler
 
     return load
 
 
-def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab:
+def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: bool | None = None) -> GenerateTab:
     """Lay out the tab and wire its events; call inside a gr.Blocks context."""
-    current = engine.cache.current
-    size = current.default_size if current else 512
-    guidance = current.default_guidance if current else DEFAULT_GUIDANCE
-    default_sampler = current.default_sampler if current else DEFAULT_SAMPLER
+    try:
+        d = engine.defaults()
+        size, guidance, default_sampler = d.size, d.guidance, d.sampler
+    except ValueError:  # the start-up model failed to load (the notice says so): A1111's defaults
+        size, guidance, default_sampler = 512, DEFAULT_GUIDANCE, DEFAULT_SAMPLER
     with gr.Row():
         model = gr.Dropdown(engine.model_choices(), value=engine.settings.model, label="Model",
                             allow_custom_value=not public, scale=4,
@@ -174,7 +166,8 @@ def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab
                 reuse_btn = gr.Button("♻️", scale=1, min_width=40)
             with gr.Accordion("Advanced", open=False):
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
-                lora = gr.Textbox("", label="LoRA", visible=not public,
+                # a public app shows it only when training is on (and then takes only its own results)
+                lora = gr.Textbox("", label="LoRA", visible=not public if allow_loras is None else allow_loras,
                                   placeholder="training output folder, .safetensors or Hub repo[:scale], comma-separated")
         with gr.Column(scale=6):
             with gr.Row():
@@ -185,7 +178,8 @@ def build(engine: Engine, public: bool = False, notice: str = "") -> GenerateTab
             status = gr.Markdown("", elem_id="run-status")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="infotext")
     infos = gr.State([])
-    tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip)
+    tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip, lora,
+                      model)
 
     inputs = tab.param_components() + [model, lora]
     outputs = [gallery, preview, status, infotext, infos]

@@ -1,0 +1,117 @@
+"""Output preservation (ai-toolkit's "differential output preservation"): a self-distillation regulariser for LoRAs.
+
+A LoRA trained on a dozen images of one new concept learns to draw that concept for every prompt (on the embedded
+model a plain LoRA on 12 bars drew every object as a bar: ordinary shape accuracy 84 -> 9 %), because nothing in
+its data says what sets the concept apart. DreamBooth's prior preservation answers with class images the user
+supplies or the base model generates first; this needs neither. Each micro-batch, on the instance batch's own noisy
+latents and timesteps, the adapter is also asked other prompts (not the trigger's) and pulled towards what the base
+model (the same UNet with its adapters disabled) predicts for them:
+
+    loss += preserve * MSE(ε_adapter(x_t, t, c_other), ε_base(x_t, t, c_other))
+
+so the adapter changes the model only where the trigger is. The base prediction needs no second copy of the
+weights (the adapter is switched off for one no-grad pass) and no images.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import Method, TrainConfig
+
+AUTO_PROMPTS = 512  # the embedded model's automatic pool: every (shape, colour, background) triple about twice
+
+
+def embedded_prompts(n: int = AUTO_PROMPTS, seed: int = 0) -> list[str]:
+    """Random captions of random scenes over the embedded model's whole world (all styles, so the phrasings the
+    model knows, with and without size and position, all keep their meaning)."""
+    from ..shapes.captions import random_caption
+    from ..shapes.world import Split, sample_scenes
+
+    rng = np.random.default_rng(seed + 1)  # phrasing draws apart from the scenes' own seed
+    return [random_caption(s, rng) for s in sample_scenes(n, seed, Split.ALL)]
+
+
+def preservation_prompts(cfg: TrainConfig, embedded: bool, captions: list[str]) -> list[str]:
+    """--preserve-prompts' lines; else the embedded world's captions; else the instance captions with the trigger
+    replaced by --class-word (what ai-toolkit does), so only the trigger's meaning may move."""
+    if cfg.preserve_prompts:
+        path = Path(cfg.preserve_prompts)
+        if not path.is_file():
+            raise ValueError(f"preserve_prompts: '{path}' is not a file; give a .txt with one prompt per line")
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            raise ValueError(f"preserve_prompts: '{path}' has no prompts; write one prompt per line")
+        return lines
+    if embedded:
+        return embedded_prompts(seed=cfg.seed)
+    if cfg.class_word:
+        from .loop import class_prompts  # lazily: loop imports this module
+
+        return class_prompts(cfg, captions)
+    raise ValueError("preserve: on this model give --preserve-prompts (a .txt, one prompt per line), or --trigger "
+                     "with --class-word (the instance captions, the trigger replaced by that word)")
+
+
+@contextlib.contextmanager
+def adapters_off(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """The base model: every peft adapter disabled, re-enabled even on error. diffusers' and transformers' models
+    both offer disable_adapters / enable_adapters; the modules are the unwrapped ones (accelerate's DDP or
+    torch.compile wrappers share their parameters and layers, so the switch reaches them too)."""
+    peft = [m for m in modules if getattr(m, "peft_config", None)]
+    for m in peft:
+        m.disable_adapters()
+    try:
+        yield
+    finally:
+        for m in peft:
+            m.enable_adapters()
+
+
+@dataclass
+class Preserver:
+    weight: float
+    prompts: list[str]
+    per_batch: int  # preservation prompts per micro-batch, on its first per_batch noisy latents; 0 = one per image
+    unet: torch.nn.Module  # unwrapped: the no-grad base pass needs neither DDP's hooks nor a compiled graph
+    adapters: list[torch.nn.Module]  # the modules whose peft adapters are switched off for the base pass
+
+    def loss(self, g: torch.Generator, unet, noisy: torch.Tensor, t: torch.Tensor, cond: dict, text,
+             accelerator) -> torch.Tensor:
+        """``preserve * MSE(adapter, base)`` on the first ``per_batch`` of the batch's noisy latents (B, 4, h, w)
+        and timesteps, each with a prompt drawn from ``g`` (after the batch's own draws: --resume stays exact)."""
+        n = min(self.per_batch or noisy.shape[0], noisy.shape[0])
+        picks = torch.randint(len(self.prompts), (n,), generator=g).tolist()
+        prompts = [self.prompts[i] for i in picks]
+        x, tt = noisy[:n], t[:n]  # (n, 4, h, w), (n,)
+        with torch.no_grad(), adapters_off(self.adapters), accelerator.autocast():
+            base = self.unet(x, tt, **_conditioning(text(prompts), cond, n)).sample
+        with accelerator.autocast():  # through the (possibly wrapped) training UNet: gradients flow as usual
+            pred = unet(x, tt, **_conditioning(text(prompts), cond, n)).sample
+        return self.weight * F.mse_loss(pred.float(), base.float())
+
+
+def _conditioning(prompt_cond: dict, batch_cond: dict, n: int) -> dict:
+    """UNet kwargs for the preservation prompts; SDXL keeps the batch images' size / crop micro-conditioning."""
+    if "added_cond_kwargs" not in batch_cond:
+        return prompt_cond
+    time_ids = batch_cond["added_cond_kwargs"]["time_ids"][:n]
+    return {"encoder_hidden_states": prompt_cond["encoder_hidden_states"],
+            "added_cond_kwargs": {"text_embeds": prompt_cond["text_embeds"], "time_ids": time_ids}}
+
+
+def build(cfg: TrainConfig, model, trainable, captions: list[str]) -> Preserver | None:
+    """The run's Preserver, or None when --preserve is 0 (then no draw is made: runs without it are unchanged)."""
+    if not cfg.preserve:
+        return None
+    if not trainable.lora:  # config.validate refuses it first; this guards direct callers
+        raise ValueError(f"preserve: is for LoRA training (--method lora or dreambooth), not {Method(cfg.method).value}")
+    prompts = preservation_prompts(cfg, model.ref.source == "embedded", captions)
+    return Preserver(cfg.preserve, prompts, cfg.preserve_batch, trainable.modules["unet"],
+                     list(trainable.modules.values()))

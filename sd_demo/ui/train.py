@@ -1,0 +1,256 @@
+"""The Training tab: data, method and Train; then live progress, loss plot and samples of the job; past runs with
+"Use in Generate", download and push. Only widgets and wiring: jobs run in their own process (sd_demo.train.jobs),
+and every value here is plain (paths, numbers, text)."""
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+from ..engine import Engine
+from ..train.config import Method, config_fields, from_values
+from ..train.presets import PRESETS
+from .generate import GenerateTab, user_error
+
+log = logging.getLogger(__name__)
+
+AUTO = "Auto (for the model, device and method)"
+# Fields shown above the Advanced accordion, or owned by the job (paths on the server are not for the browser).
+_MAIN = ("method", "model", "preset", "trigger", "instance_prompt")
+_HIDDEN = ("data", "out", "resume", "overwrite", "push_to_hub", "class_data", "preserve_prompts")
+_TRI = {"preset": None, "on": True, "off": False}  # a yes/no option whose default comes from the preset
+POLL_S = 2.0
+DISABLED = ("Training is off on this public app. The owner turns it on with `python app.py --allow-training` "
+            "(or `SD_DEMO_ALLOW_TRAINING=1` on a Space); uploads are then limited in count and size.")
+
+
+def _advanced_input(name: str, default, meta: dict) -> gr.components.Component:
+    label, info = name.replace("_", " "), meta.get("help", "")
+    typ = meta.get("type") or type(default)
+    elem_id = f"train-{name.replace('_', '-')}"
+    if meta.get("choices"):
+        choices = (["preset"] if default is None else []) + list(meta["choices"])
+        return gr.Dropdown(choices, value=default or "preset", label=label, info=info, elem_id=elem_id)
+    if typ is bool and default is None:
+        return gr.Dropdown(list(_TRI), value="preset", label=label, info=info, elem_id=elem_id)
+    if typ is bool:
+        return gr.Checkbox(value=default, label=label, info=info, elem_id=elem_id)
+    if typ in (int, float) and default is not None:
+        return gr.Number(value=default, label=label, info=info, elem_id=elem_id)
+    if default is None:  # a Number cannot be empty: text, converted and checked by the engine
+        return gr.Textbox("", label=label, info=info, placeholder="empty: the preset's value", elem_id=elem_id)
+    return gr.Textbox(value=default or "", label=label, info=info, elem_id=elem_id)
+
+
+def _advanced_components(per_row: int = 4) -> dict[str, gr.components.Component]:
+    """One input per engine option (the same fields the CLI's flags come from), each with its one line of help;
+    options the preset decides start empty."""
+    items = [(n, d, m) for n, d, m in config_fields() if n not in _MAIN and n not in _HIDDEN]
+    comps = {}
+    for i in range(0, len(items), per_row):
+        with gr.Row(equal_height=True):
+            for name, default, meta in items[i:i + per_row]:
+                comps[name] = _advanced_input(name, default, meta)
+    return comps
+
+
+def _form_values(names: list[str], values: list) -> dict:
+    out = {}
+    for name, value in zip(names, values):
+        out[name] = _TRI.get(value, value) if isinstance(value, str) and value in _TRI else value
+    return out
+
+
+def _rows(table) -> list[tuple[str, str]]:
+    """The caption table's rows as (file, caption), whatever form gradio hands it in (a DataFrame or lists)."""
+    if table is None:
+        return []
+    data = table.values.tolist() if hasattr(table, "values") else table
+    return [(str(r[0]), "" if r[1] is None else str(r[1])) for r in data if r and r[0]]
+
+
+def _job_outputs(engine: Engine, job_id: str) -> tuple:
+    """(job id, progress markdown, loss plot rows, sample images, log tail, runs table) of one job."""
+    import pandas as pd
+
+    view = engine.jobs.view(job_id)
+    notes = "\n".join(f"- {m}" for m in view.messages[-6:])
+    status = f"{view.progress_line()} · `{job_id}`\n\n{notes}"
+    plot = pd.DataFrame(view.loss_rows(), columns=["step", "loss", "series"])
+    samples = [(str(p), f"step {view.sample_step}") for p in view.samples]
+    return job_id, status, plot, samples, engine.jobs.log_tail(job_id), _runs_table(engine)
+
+
+def _preset_note(meth: str, base: str, pre: str) -> str:
+    """What the preset will set (Advanced fields left empty take these values)."""
+    from ..train.presets import describe
+
+    try:
+        return describe(from_values({"method": meth, "model": base, "preset": None if pre == AUTO else pre}))
+    except ValueError as exc:
+        return f"⚠️ {exc}"
+
+
+def _runs_table(engine: Engine) -> list[list]:
+    rows = []
+    for job in engine.jobs.jobs()[:50]:
+        v = engine.jobs.view(job)
+        loss = f"{v.final_loss:.4f}" if v.final_loss is not None else ""
+        rows.append([job, v.state, v.config.get("method", ""), v.config.get("model", ""), f"{v.step}/{v.total}",
+                     loss])
+    return rows
+
+
+def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, public: bool = False,
+          allowed: bool = True) -> None:
+    """Lay out the tab and wire its events; call inside a gr.Blocks context."""
+    if public and not allowed:
+        gr.Markdown(DISABLED, elem_id="train-disabled")
+        return
+    job = gr.State("")
+    data_dir = gr.State("")
+    with gr.Row():
+        with gr.Column(scale=5):
+            files = gr.File(label="Training images (PNG, JPEG, WebP), caption .txt files or a .zip",
+                            file_count="multiple", type="filepath", height=140, elem_id="train-files")
+            data_note = gr.Markdown("", elem_id="train-data-note")
+            data_gallery = gr.Gallery(label="Training images", columns=6, height=180, elem_id="train-gallery")
+            captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], interactive=True,
+                                    label="Captions (edit; saved beside each image as a .txt)",
+                                    elem_id="train-captions")
+            with gr.Row():
+                trigger = gr.Textbox(label="Trigger word", elem_id="train-trigger",
+                                     info="a rare word for your concept (e.g. 'zkring'); added to captions that lack it")
+                instance_prompt = gr.Textbox(label="Instance prompt", info="caption for images that have none")
+            with gr.Row():
+                method = gr.Dropdown([m.value for m in Method], value=Method.LORA.value, label="Method")
+                model = gr.Dropdown(engine.model_choices(), value=engine.settings.model, label="Base model",
+                                    allow_custom_value=not public)
+                preset = gr.Dropdown([AUTO, *PRESETS], value=AUTO, label="Preset")
+            preset_note = gr.Markdown(_preset_note(Method.LORA.value, engine.settings.model, AUTO),
+                                      elem_id="train-preset-note")
+            with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
+                advanced = _advanced_components()
+            train_btn = gr.Button("Train", variant="primary", elem_id="train-btn")
+        with gr.Column(scale=6):
+            status = gr.Markdown("No training job yet.", elem_id="train-status")
+            plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=220, elem_id="train-loss")
+            samples = gr.Gallery(label="Validation samples (fixed seeds)", columns=4, height=200,
+                                 elem_id="train-samples")
+            with gr.Row():
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                resume_btn = gr.Button("Resume", elem_id="train-resume")
+                cancel_btn = gr.Button("Cancel", elem_id="train-cancel")
+            with gr.Row():
+                more = gr.Number(100, label="Steps to add", precision=0, scale=2)
+                more_btn = gr.Button("Train N more steps", scale=1, elem_id="train-more")
+            logs = gr.Textbox(label="Log", lines=6, max_lines=6, interactive=False, elem_id="train-log")
+    gr.Markdown("### Training runs")
+    runs = gr.Dataframe(headers=["job", "state", "method", "base", "steps", "final loss"], interactive=False,
+                        elem_id="train-runs")
+    with gr.Row():
+        use_btn = gr.Button("Use in Generate", variant="primary", elem_id="train-use")
+        zip_btn = gr.Button("Download (.zip)", elem_id="train-download")
+        repo = gr.Textbox(label="Hub repo", placeholder="your-name/my-lora", visible=not public, scale=2)
+        push_btn = gr.Button("Push to Hub (private)", visible=not public)
+    zip_file = gr.File(label="Download", interactive=False, elem_id="train-zip")
+    result_note = gr.Markdown("", elem_id="train-result-note")
+
+    adv_names = list(advanced)
+    job_view = [job, status, plot, samples, logs, runs]
+
+    def on_upload(paths: list[str] | None):
+        if not paths:
+            return "", "", [], []
+        try:
+            staged = engine.stage_training_data(paths, public=public)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return str(staged.folder), staged.summary(), [str(p) for p in staged.images], [list(r) for r in staged.rows]
+
+    files.upload(on_upload, files, [data_dir, data_note, data_gallery, captions], api_visibility="private")
+
+    def form_config(folder, table, trig, prompt, meth, base, pre, *adv):
+        if not folder:
+            raise ValueError("data: upload training images first")
+        if public and base not in engine.model_choices():
+            raise ValueError(f"model: '{base}' is not offered on this public app; pick one from the list")
+        engine.save_captions(folder, _rows(table))
+        values = {"data": folder, "trigger": trig, "instance_prompt": prompt, "method": meth, "model": base,
+                  "preset": None if pre == AUTO else pre, **_form_values(adv_names, list(adv))}
+        return from_values(values)
+
+    form = [data_dir, captions, trigger, instance_prompt, method, model, preset, *advanced.values()]
+
+    def start(*values):
+        try:
+            job_id = engine.jobs.start(form_config(*values))
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return _job_outputs(engine, job_id)
+
+    train_btn.click(start, form, job_view, api_visibility="private")
+
+    for trigger_event in (method.change, model.change, preset.change):
+        trigger_event(_preset_note, [method, model, preset], preset_note, api_visibility="private")
+
+    def refresh(job_id: str):
+        job_id = job_id or engine.jobs.running() or next(iter(engine.jobs.jobs()), "")  # a reload re-attaches
+        if not job_id:
+            return (gr.skip(),) * len(job_view)
+        return _job_outputs(engine, job_id)
+
+    timer = gr.Timer(POLL_S)
+    timer.tick(refresh, job, job_view, api_visibility="private", concurrency_limit=None, show_progress="hidden")
+
+    def control(action):
+        def handler(job_id: str, n=None):
+            try:
+                if not job_id:
+                    raise ValueError("no training job selected")
+                action(job_id, n)
+            except Exception as exc:
+                raise user_error(exc) from None
+            return _job_outputs(engine, job_id)
+        return handler
+
+    stop_btn.click(control(lambda j, n: engine.jobs.stop(j)), job, job_view, api_visibility="private")
+    cancel_btn.click(control(lambda j, n: engine.jobs.cancel(j)), job, job_view, api_visibility="private")
+    resume_btn.click(control(lambda j, n: engine.jobs.resume(j)), job, job_view, api_visibility="private")
+    more_btn.click(control(lambda j, n: engine.jobs.resume(j, int(n or 0))), [job, more], job_view,
+                   api_visibility="private")
+
+    def select_run(table, evt: gr.SelectData):
+        rows = table.values.tolist() if hasattr(table, "values") else table
+        return _job_outputs(engine, rows[evt.index[0]][0])
+
+    runs.select(select_run, runs, job_view, api_visibility="private")
+
+    def use(job_id: str, current: str):
+        """An adapter joins the Generate tab's LoRA list at strength 1 (several stack); a full fine-tune is a model."""
+        try:
+            kind, source = engine.use_training_result(job_id)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        if kind == "model":
+            return gr.skip(), gr.update(value=source), gr.Tabs(selected=generate_tab_id)
+        items = [x.strip() for x in (current or "").split(",") if x.strip() and not x.strip().startswith(source)]
+        return ", ".join([*items, f"{source}:1"]), gr.skip(), gr.Tabs(selected=generate_tab_id)
+
+    use_btn.click(use, [job, gen.loras], [gen.loras, gen.model, tabs], api_visibility="private")
+
+    def make_zip(job_id: str):
+        try:
+            return str(engine.jobs.zip_result(job_id)), ""
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+
+    zip_btn.click(make_zip, job, [zip_file, result_note], api_visibility="private")
+
+    def push(job_id: str, repo_id: str):
+        try:
+            return f"Pushed to {engine.jobs.push(job_id, repo_id)} (private)"
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+
+    push_btn.click(push, [job, repo], result_note, api_visibility="private")
