@@ -144,8 +144,8 @@ class JobManager:
                 raise ValueError("this job has no checkpoint yet; start it again instead")
             job = _read_json(folder / JOB)
             cfg = job["config"]
-            if more_steps:
-                cfg["steps"] = max(view.step, int(cfg.get("steps") or view.total)) + int(more_steps)
+            if more_steps:  # from where it is now: a finished run trains on, a stopped one ends sooner or later
+                cfg["steps"] = view.step + int(more_steps)
             elif view.state == FINISHED:
                 raise ValueError("this job has finished; give how many more steps to train")
             cfg.update(resume="latest", overwrite=False)
@@ -343,11 +343,10 @@ def run_job(folder: Path) -> int:
     finally:
         cancel.set()
         events.close()
-    state = STOPPED if result.steps < (result.preset.cfg.steps if result.preset else cfg.steps) else FINISHED
-    for w in result.warnings:
-        on_event_line = {"step": result.steps, "total": result.steps, "message": f"warning: {w}"}
-        with open(folder / EVENTS, "a") as f:
-            f.write(json.dumps(on_event_line) + "\n")
+    state = STOPPED if result.steps < result.preset.cfg.steps else FINISHED
+    with open(folder / EVENTS, "a") as f:  # skipped files, upscaled images, "stopped": shown with the job
+        f.writelines(json.dumps({"step": result.steps, "total": result.preset.cfg.steps, "message": f"warning: {w}"})
+                     + "\n" for w in result.warnings)
     _write_json(folder / STATUS, {"state": state, "files": [str(Path(f).relative_to(folder)) for f in result.files
                                                             if Path(f).is_relative_to(folder)]})
     (folder / STOP).unlink(missing_ok=True)

@@ -1,0 +1,146 @@
+"""Training jobs as the Training tab runs them: each in its own process, all state in its folder. A job killed from
+outside shows as interrupted and its Resume ends exactly where an uninterrupted job ends; Stop, "train N more
+steps", the result zip; bad uploads are listed and the rest trains; every method's card is right for it."""
+import json
+import os
+import signal
+import time
+import zipfile
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from sd_demo.train import jobs, staging
+from sd_demo.train.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("job_data")
+    for i in range(6):
+        Image.new("RGB", (64, 64), (30 * i, 120, 200)).save(d / f"{i}.png")
+        (d / f"{i}.txt").write_text(f"a blue zq square {i}")
+    return d
+
+
+def _cfg(model, data, **kw):
+    base = dict(method="lora", model=str(model), data=str(data), steps=8, batch=2, rank=4, alpha=4.0, lr=1e-2,
+                seed=5, checkpoint_every=2, validation_every=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _wait(manager, job, states, timeout=600):
+    deadline = time.time() + timeout
+    while (state := manager.state(job)) not in states:
+        assert time.time() < deadline, f"job stayed {state}; log:\n{manager.log_tail(job)}"
+        time.sleep(0.2)
+    return state
+
+
+def _lora(folder):
+    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+def test_killed_job_is_interrupted_and_resumes_exactly(tiny_model_dirs, images, tmp_path):
+    manager = jobs.JobManager(tmp_path / "train")
+    whole = manager.start(_cfg(tiny_model_dirs["sd15"], images))
+    assert _wait(manager, whole, {jobs.FINISHED, jobs.FAILED}) == jobs.FINISHED
+    view = manager.view(whole)
+    assert view.step == view.total == 8 and len(view.losses) == 8
+    assert view.messages[0].startswith("preset sd1-lora-cpu:")  # what the preset set, for the tab
+    assert view.samples and all(p.is_file() for p in view.samples)  # the live sample grid at step 4 / 8
+
+    job = manager.start(_cfg(tiny_model_dirs["sd15"], images))
+    folder = manager.folder(job)
+    while not (folder / "checkpoints" / "step-000004" / "state.json").exists():
+        assert manager.state(job) == jobs.RUNNING, manager.log_tail(job)
+        time.sleep(0.05)
+    pid = json.loads((folder / jobs.STATUS).read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)  # from outside, as a crash or an OOM kill would
+    assert _wait(manager, job, {jobs.INTERRUPTED}, timeout=30) == jobs.INTERRUPTED
+    assert not (folder / "pytorch_lora_weights.safetensors").exists()
+    # A restarted server (a new manager that never spawned it) sees the same.
+    assert jobs.JobManager(tmp_path / "train").state(job) == jobs.INTERRUPTED
+    manager.resume(job)
+    assert _wait(manager, job, {jobs.FINISHED, jobs.FAILED}) == jobs.FINISHED
+    a, b = _lora(folder), _lora(manager.folder(whole))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_stop_then_more_steps_and_the_result_zip(tiny_model_dirs, images, tmp_path):
+    manager = jobs.JobManager(tmp_path / "train")
+    job = manager.start(_cfg(tiny_model_dirs["sd15"], images, steps=400))
+    folder = manager.folder(job)
+    while manager.view(job).step < 3:
+        assert manager.state(job) == jobs.RUNNING, manager.log_tail(job)
+        time.sleep(0.1)
+    with pytest.raises(ValueError, match="one job at a time"):
+        manager.start(_cfg(tiny_model_dirs["sd15"], images))
+    manager.stop(job)
+    assert _wait(manager, job, {jobs.STOPPED, jobs.FAILED}) == jobs.STOPPED
+    stopped_at = manager.view(job).step
+    assert 3 <= stopped_at < 400 and (folder / "checkpoints" / f"step-{stopped_at:06d}").is_dir()
+    with pytest.raises(ValueError, match="only a finished run"):
+        manager.zip_result(job)
+    # "Train N more steps" on a stopped run: its config now ends N steps after where it stopped
+    manager.resume(job, more_steps=5)
+    assert _wait(manager, job, {jobs.FINISHED, jobs.FAILED}) == jobs.FINISHED
+    view = manager.view(job)
+    assert view.step == view.total == stopped_at + 5
+    manager.resume(job, more_steps=3)  # and again on a finished one
+    assert _wait(manager, job, {jobs.FINISHED, jobs.FAILED}) == jobs.FINISHED
+    assert manager.view(job).step == stopped_at + 8
+    names = zipfile.ZipFile(manager.zip_result(job)).namelist()
+    assert f"{job}/pytorch_lora_weights.safetensors" in names and f"{job}/README.md" in names
+    assert f"{job}/{job}.safetensors" in names  # the kohya file for A1111 / ComfyUI
+    assert not [n for n in names if "checkpoints" in n or n.endswith((".jsonl", "job.json", "train.log"))]
+
+
+def test_bad_uploads_are_listed_and_the_rest_is_kept(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (200, 10, 10 * i)).save(src / f"ok{i}.png")
+    (src / "ok0.txt").write_text("a red thing")
+    (src / "notes.png").write_text("not an image at all")
+    Image.new("RGB", (64, 64)).save(src / "cut.png")
+    (src / "cut.png").write_bytes((src / "cut.png").read_bytes()[:60])
+    Image.new("L", (9000, 9000)).save(src / "bomb.png")  # 81 MP: over the decompression-bomb limit
+    with zipfile.ZipFile(src / "evil.zip", "w") as zf:
+        zf.writestr("../escape.png", b"x")
+    zipfile.ZipFile(src / "empty.zip", "w").close()
+    staged = staging.stage([str(p) for p in sorted(src.iterdir())], tmp_path / "staged")
+    assert [r for r, _ in staged.rows] == ["ok0.png", "ok1.png", "ok2.png"]
+    skipped = dict(staged.skipped)
+    assert "outside the folder" in skipped["evil.zip"]
+    assert "not an image" in skipped["notes.png"] and "truncated" in skipped["cut.png"]
+    assert "decompression-bomb" in skipped["bomb.png"]
+    assert not (tmp_path / "escape.png").exists() and not (tmp_path / "staged" / "escape.png").exists()
+    # captions edited in the table land beside the images; names that are not images of the folder are ignored
+    staging.write_captions(tmp_path / "staged", [("ok1.png", "a  red\nthing"), ("../x.png", "no")])
+    assert (tmp_path / "staged" / "ok1.txt").read_text() == "a red thing\n"
+    assert dict(staging.inventory(tmp_path / "staged").rows)["ok1.png"] == "a red thing"
+    with pytest.raises(ValueError, match="limited to"):
+        staging.stage([str(src / "bomb.png")] * (staging.PUBLIC_MAX_FILES + 1), tmp_path / "pub", public=True)
+
+
+@pytest.mark.parametrize("method,extra,lora_lines", [
+    ("lora", {}, True),
+    ("dreambooth", {"trigger": "zq"}, True),
+    ("dreambooth", {"trigger": "zq", "dreambooth_full": True}, False),
+    ("full", {}, False),
+    ("textual-inversion", {"trigger": "<zq>"}, False),
+])
+def test_each_methods_card_is_right_for_it(tmp_path, method, extra, lora_lines):
+    from sd_demo.train.card import write_card
+
+    cfg = TrainConfig(method=method, steps=10, lr=1e-4, rank=4, alpha=4.0, resolution=64, batch=1, **extra)
+    card = write_card(tmp_path, cfg, "org/base", [], 0.1).read_text()
+    tags = card.split("---")[1]
+    assert ("- lora" in tags) == lora_lines and ("| rank |" in card) == lora_lines
+    assert (f"{tmp_path.name}.safetensors" in card) == lora_lines  # the kohya file exists only for adapters
+    assert ("load_textual_inversion" in card) == (method == "textual-inversion")
+    full = method == "full" or extra.get("dreambooth_full")
+    assert (f"--model {tmp_path.name}" in card) == bool(full)
