@@ -138,6 +138,17 @@ class Engine:
         except ValueError:
             return False
 
+    def trained_results(self) -> list[tuple[str, str]]:
+        """(label, folder) of finished adapter / embedding runs, newest first: the Generate tab's list."""
+        from .train.jobs import FINISHED
+
+        out = []
+        for job in self.jobs.jobs():
+            view = self.jobs.view(job)
+            if view.state == FINISHED and self.use_training_result(job)[0] == "lora":
+                out.append((f"{job} ({view.config.get('method')}, {view.config.get('model')})", str(view.folder)))
+        return out
+
     def use_training_result(self, job_id: str) -> tuple[str, str]:
         """('lora', folder) for an adapter or embedding, ('model', folder) for a full fine-tune, of a finished job."""
         from .train.jobs import FINISHED

@@ -106,6 +106,14 @@ def make_generate_fn(engine: Engine, public: bool):
     return generate
 
 
+def add_lora(current: str, source: str | None, scale: float = 1.0):
+    """``current`` LoRA list with ``source`` at ``scale`` (replacing an entry of the same source); several stack."""
+    if not source:
+        return current, None
+    items = [x.strip() for x in (current or "").split(",") if x.strip() and parse_lora(x.strip())[0] != source]
+    return ", ".join([*items, f"{source}:{scale:g}"]), None
+
+
 def _finished(engine: Engine, result, paths, note: str) -> tuple:
     infos = [format_infotext(i) for i in result.infotexts]
     stop = f" · stopped at step {result.interrupted_at}" if result.interrupted_at else ""
@@ -164,11 +172,14 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                 seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=4)
                 random_btn = gr.Button("🎲", scale=1, min_width=40)
                 reuse_btn = gr.Button("♻️", scale=1, min_width=40)
+            # a public app shows LoRAs only when training is on (and then takes only its own results)
+            with gr.Row(visible=not public if allow_loras is None else allow_loras):
+                lora = gr.Textbox("", label="LoRA", scale=3, elem_id="lora",
+                                  placeholder="training output folder, .safetensors or Hub repo[:scale], comma-separated")
+                trained = gr.Dropdown(engine.trained_results(), value=None, label="Add a trained result", scale=2,
+                                      elem_id="trained-results", info="finished runs of the Train tab")
             with gr.Accordion("Advanced", open=False):
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
-                # a public app shows it only when training is on (and then takes only its own results)
-                lora = gr.Textbox("", label="LoRA", visible=not public if allow_loras is None else allow_loras,
-                                  placeholder="training output folder, .safetensors or Hub repo[:scale], comma-separated")
         with gr.Column(scale=6):
             with gr.Row():
                 run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
@@ -197,6 +208,8 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
         trigger(_load_model_fn(engine, public), model, [model_status, width, height, cfg, sampler],
                 api_visibility="private", concurrency_id="device", concurrency_limit=1)
     random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")
+    trained.focus(lambda: gr.update(choices=engine.trained_results()), None, trained, api_visibility="private")
+    trained.select(add_lora, [lora, trained], [lora, trained], api_visibility="private")
 
     def last_seed(texts: list[str]):
         from ..infotext import parse_infotext

@@ -10,7 +10,7 @@ import gradio as gr
 from ..engine import Engine
 from ..train.config import Method, config_fields, from_values
 from ..train.presets import PRESETS
-from .generate import GenerateTab, user_error
+from .generate import GenerateTab, add_lora, user_error
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
             raise gr.Error(str(exc)) from None
         if kind == "model":
             return gr.skip(), gr.update(value=source), gr.Tabs(selected=generate_tab_id)
-        items = [x.strip() for x in (current or "").split(",") if x.strip() and not x.strip().startswith(source)]
-        return ", ".join([*items, f"{source}:1"]), gr.skip(), gr.Tabs(selected=generate_tab_id)
+        return add_lora(current, source)[0], gr.skip(), gr.Tabs(selected=generate_tab_id)
 
     use_btn.click(use, [job, gen.loras], [gen.loras, gen.model, tabs], api_visibility="private")
 
