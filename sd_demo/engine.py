@@ -156,8 +156,10 @@ class Engine:
         view = self.jobs.view(job_id)
         if view.state != FINISHED:
             raise ValueError(f"job {job_id} is {view.state}; use it once it has finished")
-        full = view.config.get("method") == "full" or view.config.get("dreambooth_full")
-        return ("model" if full else "lora"), str(view.folder)
+        from .train.config import TrainConfig
+        from .train.methods import method_spec
+
+        return ("model" if method_spec(TrainConfig(**view.config)).is_model else "lora"), str(view.folder)
 
     def training_note(self) -> str:
         """Empty, or how a running training job affects generation on this device."""

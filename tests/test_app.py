@@ -82,9 +82,11 @@ def test_loading_a_model_sets_its_native_size_and_recommended_cfg_and_sampler():
 
     from sd_demo.ui.generate import _load_model_fn
 
+    from sd_demo.engine import Engine
+
     loaded = types.SimpleNamespace(describe=lambda: "**m** loaded", default_size=768, default_guidance=4.5,
                                    default_sampler="Euler a")
-    engine = types.SimpleNamespace(load=lambda name: loaded)
+    engine = types.SimpleNamespace(load=lambda name: loaded, cache=types.SimpleNamespace(current=None))
+    engine.defaults = lambda name: Engine.defaults(engine, name)  # the engine's rule, over a stub model
     status, width, height, cfg, sampler = _load_model_fn(engine, False)("m", progress=lambda *a, **k: None)
-    assert status == "**m** loaded" and width["value"] == height["value"] == 768 and cfg["value"] == 4.5
-    assert sampler["value"] == "Euler a"
+    assert (status, width, height, cfg, sampler) == ("**m** loaded", 768, 768, 4.5, "Euler a")

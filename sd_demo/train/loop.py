@@ -154,7 +154,7 @@ def weights_dtype(cfg: TrainConfig, device: str) -> str:
 
 def make_optimizer(params, cfg: TrainConfig, device: str):
     # No weight decay for textual inversion: it would pull the new embedding towards zero, away from the vocabulary.
-    decay = 0.0 if cfg.method == "textual-inversion" else 1e-2
+    decay = methods.method_spec(cfg).weight_decay
     if device == "cuda":
         try:  # 8-bit AdamW halves optimizer memory on GPUs; optional dependency
             import bitsandbytes as bnb
@@ -180,18 +180,6 @@ def _validation_images(model, cfg: TrainConfig, unet) -> list:
         return generate(model, params, preview_every=0).images
     finally:
         unet.train()
-
-
-def _export(cfg: TrainConfig, trainable, pipe, out: Path) -> list[Path]:
-    method = Method(cfg.method)
-    if trainable.lora:
-        files = methods.export_lora(trainable, pipe, out, cfg.alpha)
-        if cfg.trigger_token:  # the trigger's embedding beside the LoRA (diffusers and A1111 files)
-            files += methods.export_textual_inversion(trainable, cfg.trigger, out)
-        return files
-    if method == Method.FULL or cfg.dreambooth_full:
-        return methods.export_full(pipe, out)
-    return methods.export_textual_inversion(trainable, cfg.trigger, out)
 
 
 @dataclass
@@ -282,7 +270,7 @@ def load_for_training(cfg: TrainConfig):
 def _trainable_guess(cfg: TrainConfig, pipe) -> int:
     """Parameters that will train, known before the adapter exists: a whole UNet (and text encoders), or for an
     adapter or an embedding a few percent of the UNet at most."""
-    if cfg.method == Method.FULL.value or cfg.dreambooth_full:
+    if methods.method_spec(cfg).is_model:
         mods = [pipe.unet] + ([pipe.text_encoder] if cfg.train_text_encoder else [])
         return sum(p.numel() for m in mods for p in m.parameters())
     return sum(p.numel() for p in pipe.unet.parameters()) // 50
@@ -414,7 +402,7 @@ def _restore(cfg, out, trainable, optimizer, lr_sched, streams) -> tuple[int, li
 
 def _finish(resolved, cfg, model, trainable, unet, out: Path, losses: list[float]) -> list[Path]:
     """Export weights, sample the validation prompt, write the model card."""
-    files = _export(cfg, trainable, model.pipe, out)
+    files = methods.method_spec(cfg).export(trainable, model.pipe, out, cfg)
     samples = []
     if cfg.validation_prompt:
         (out / "samples").mkdir(exist_ok=True)

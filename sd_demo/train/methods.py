@@ -1,7 +1,7 @@
 """What each training method makes trainable, and how its weights are saved, restored and exported."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -12,6 +12,70 @@ from ..embeddings import DIFFUSERS_FILE, LORA_FILE  # the names the app looks fo
 from .config import Method, TrainConfig
 
 TEXT_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One place for what a training method trains, how it is optimised, what it exports, how the result is
+    loaded and what its card says; setup, the optimizer, the exporter, the card and the presets read it."""
+
+    trains: str  # "lora" (an adapter on the UNet), "unet" (the whole UNet) or "tokens" (new embeddings only)
+    preset: Method  # whose preset values it takes
+    tag: str | None  # card tag (beside "lora" for adapters)
+    tokens: bool = False  # new token embeddings too (textual inversion, or --trigger-token beside a LoRA)
+    weight_decay: float = 1e-2  # AdamW; 0 for embeddings alone: decay would pull them towards zero
+
+    @property
+    def lora(self) -> bool:
+        return self.trains == "lora"
+
+    @property
+    def is_model(self) -> bool:
+        """The result is a whole model (loaded with --model), not an adapter on its base."""
+        return self.trains == "unet"
+
+    def card_skips(self) -> set[str]:
+        """Hyper-parameters that mean nothing for this method (the card leaves them out)."""
+        skip = set() if self.lora else {"rank", "alpha", "trigger_token", "target_modules"}
+        skip |= set() if self.tokens else {"init_word", "num_vectors"}
+        return skip | (set() if self.tag == "dreambooth" else {"num_class_images"})
+
+    def usage(self, name: str, base_model: str, trigger: str | None) -> tuple[str, str]:
+        """Python (diffusers) and command-line lines that use the result."""
+        if self.is_model:
+            return (f'pipe = DiffusionPipeline.from_pretrained("{name}")',
+                    f'python -m sd_demo generate --model {name} --prompt "..."')
+        lines = [f'pipe = DiffusionPipeline.from_pretrained("{base_model}")']
+        if self.lora:
+            lines.append(f'pipe.load_lora_weights("{name}")')
+        if self.tokens:  # the trigger's embedding
+            lines.append(f'pipe.load_textual_inversion("{name}")')
+        example = f"a {trigger}" if trigger else "..."
+        return "\n".join(lines), f'python -m sd_demo generate --model {base_model} --lora {name} --prompt "{example}"'
+
+    def export(self, t: "Trainable", pipe, out: Path, cfg: TrainConfig) -> list[Path]:
+        files = export_lora(t, pipe, out, cfg.alpha) if self.lora else []
+        if self.is_model:
+            files += export_full(pipe, out)
+        if self.tokens:  # diffusers and A1111 files of the trigger's embedding (beside a LoRA with --trigger-token)
+            files += export_textual_inversion(t, cfg.trigger, out)
+        return files
+
+
+SPECS = {
+    Method.LORA: MethodSpec("lora", Method.LORA, None),
+    Method.DREAMBOOTH: MethodSpec("lora", Method.DREAMBOOTH, "dreambooth"),
+    Method.TEXTUAL_INVERSION: MethodSpec("tokens", Method.TEXTUAL_INVERSION, "textual-inversion", tokens=True,
+                                         weight_decay=0.0),
+    Method.FULL: MethodSpec("unet", Method.FULL, "full"),
+}
+DREAMBOOTH_FULL = MethodSpec("unet", Method.FULL, "dreambooth")  # --dreambooth-full: a whole UNet, like full
+
+
+def method_spec(cfg: TrainConfig) -> MethodSpec:
+    method = Method(cfg.method)
+    spec = DREAMBOOTH_FULL if method == Method.DREAMBOOTH and cfg.dreambooth_full else SPECS[method]
+    return replace(spec, tokens=True) if cfg.trigger_token and spec.lora else spec
 
 
 @dataclass
@@ -148,33 +212,30 @@ def _freeze(pipe) -> None:
 
 def setup(cfg: TrainConfig, pipe) -> Trainable:
     _freeze(pipe)
-    method = Method(cfg.method)
+    spec = method_spec(cfg)
     encoders = {n: getattr(pipe, n) for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None}
-    if method == Method.FULL or (method == Method.DREAMBOOTH and cfg.dreambooth_full):
+    if spec.trains == "tokens":
+        return Trainable(_new_token_embeddings(cfg, pipe), trains_text_encoder=True, extra={"ti": True})
+    mods = {"unet": pipe.unet}
+    if spec.is_model:
         pipe.unet.requires_grad_(True)
-        mods = {"unet": pipe.unet}
         if cfg.train_text_encoder:
             for name, enc in encoders.items():
                 enc.requires_grad_(True)
                 mods[name] = enc
         return Trainable(mods, cfg.train_text_encoder)
-    if method in (Method.LORA, Method.DREAMBOOTH):
-        targets = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
-        # Gaussian init of A with B = 0: the adapter starts as an exact no-op, as in the diffusers examples.
-        pipe.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                         target_modules=targets))
-        mods = {"unet": pipe.unet}
-        if cfg.train_text_encoder:
-            for name, enc in encoders.items():
-                enc.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                           target_modules=TEXT_LORA_MODULES))
-                mods[name] = enc
-        if cfg.trigger_token:  # pivotal tuning: the UNet LoRA learns to answer a token that only the trigger has
-            mods.update({f"{name}_token": emb for name, emb in _new_token_embeddings(cfg, pipe).items()})
-        return Trainable(mods, cfg.train_text_encoder or cfg.trigger_token, lora=True)
-    if method == Method.TEXTUAL_INVERSION:
-        return Trainable(_new_token_embeddings(cfg, pipe), trains_text_encoder=True, extra={"ti": True})
-    raise ValueError(f"method: unknown '{cfg.method}'")
+    targets = [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
+    # Gaussian init of A with B = 0: the adapter starts as an exact no-op, as in the diffusers examples.
+    pipe.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                     target_modules=targets))
+    if cfg.train_text_encoder:
+        for name, enc in encoders.items():
+            enc.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                       target_modules=TEXT_LORA_MODULES))
+            mods[name] = enc
+    if spec.tokens:  # pivotal tuning: the UNet LoRA learns to answer a token that only the trigger has
+        mods.update({f"{name}_token": emb for name, emb in _new_token_embeddings(cfg, pipe).items()})
+    return Trainable(mods, cfg.train_text_encoder or spec.tokens, lora=True)
 
 
 def lora_state_dicts(t: Trainable) -> dict[str, dict[str, torch.Tensor]]:

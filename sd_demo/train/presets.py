@@ -110,8 +110,9 @@ def pick(cfg: TrainConfig, family: str, tier: str) -> Preset:
         if cfg.preset not in PRESETS:
             raise ValueError(f"preset: unknown '{cfg.preset}'; use one of {', '.join(PRESETS)}")
         return PRESETS[cfg.preset]
-    method = Method.FULL.value if cfg.dreambooth_full else cfg.method  # a whole UNet trains like a full fine-tune
-    return PRESETS[f"{family}-{method}-{tier}"]
+    from .methods import method_spec
+
+    return PRESETS[f"{family}-{method_spec(cfg).preset.value}-{tier}"]  # DreamBooth-full trains like full
 
 
 def _precision(value: str, device: str, bf16: bool) -> str:
