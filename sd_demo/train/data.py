@@ -1,21 +1,15 @@
-"""Training data: scan a folder / .zip of images + captions, aspect-ratio buckets, image loading, the dataset.
-
-Size conventions (the two worlds meet here): ``Example.size`` and ``load_example``'s ``target`` are (width, height)
-as PIL reports and takes them; buckets (``assign_buckets``, ``bucket_resolutions``, ``TrainDataset.bucket``) are
-(height, width) as tensors are laid out: an image of bucket (h, w) becomes ``pixel_values`` of shape (3, h, w).
+"""Training data: scan a folder / .zip of images + captions (what is usable, what is skipped and why).
+Turning the examples into pixels, buckets and batches is ``batches.py``.
 
 Captions, first found wins per image: metadata.jsonl (HF imagefolder) > sidecar ``<stem>.txt`` > instance prompt.
 A trigger word, when given, is prepended ("trigger, caption") to every caption that lacks it (kohya / DreamBooth
 convention), so a LoRA learns to bind the concept to that word.
 
 Nothing is decoded in full while scanning: sizes come from headers and the pixel cap is checked before any decode.
-Randomness (dropout, flips, random crops, batch order) is derived from (seed, epoch, index) so a resumed run draws
-exactly what the uninterrupted run would have.
 """
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import stat
@@ -23,13 +17,10 @@ import tempfile
 import warnings
 import weakref
 import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import numpy as np
-import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 # Formats we let PIL try; restricting them keeps e.g. EPS (which runs Ghostscript) away from untrusted files.
 # (MPO, the multi-picture JPEG of some cameras, is opened by the JPEG plugin.) Only those this PIL build has.
@@ -59,8 +50,6 @@ class DataConfig:
     prompt_name: str = _f("an instance prompt", "what errors call instance_prompt (the class stream: --class-prompt)")
     trigger: str | None = _f(None, "trigger word prepended ('trigger, caption') to every caption lacking it")
     center_crop: bool = _f(True, "centre crop after resizing to cover the target (False: random crop)")
-    random_flip: bool = _f(False, "horizontal flip with probability 0.5 (avoid for text or asymmetric subjects)")
-    caption_dropout: float = _f(0.0, "probability of an empty caption (trains the unconditional branch for CFG)")
     buckets: bool = _f(False, "aspect-ratio buckets (kohya style) instead of square crops")
     max_pixels: int = _f(64_000_000, "refuse images with more pixels than this (decompression-bomb guard)")
 
@@ -75,8 +64,6 @@ class DataConfig:
             bad("resolution", f"{self.resolution} px must be at least 64 and a multiple of 8")
         if self.buckets and self.resolution % 64:
             bad("resolution", f"{self.resolution} px must be a multiple of 64 with buckets (e.g. 512, 768, 1024)")
-        if not 0 <= self.caption_dropout < 1:
-            bad("caption_dropout", f"{self.caption_dropout} must be in [0, 1)")
         if int(self.max_pixels) <= 0:
             bad("max_pixels", f"{self.max_pixels} must be > 0")
         return self
@@ -221,7 +208,7 @@ def _probe_image(path: Path, max_pixels: int) -> tuple[int, int]:
                 if w * h > max_pixels:  # checked from the header alone: nothing decoded yet
                     raise _Skip(f"{w}x{h} = {w * h / 1e6:.3g} MP is over the {max_pixels / 1e6:g} MP limit "
                                 "(decompression-bomb guard); downscale it or raise max_pixels")
-                swap = _orientation(img) in (5, 6, 7, 8)
+                swap = orientation(img) in (5, 6, 7, 8)
                 _check_decodes(img)
     except Image.DecompressionBombError as e:
         raise _Skip(f"too large (decompression-bomb guard): {e}") from None
@@ -232,7 +219,7 @@ def _probe_image(path: Path, max_pixels: int) -> tuple[int, int]:
     return (h, w) if swap else (w, h)
 
 
-def _orientation(img: Image.Image) -> int | None:
+def orientation(img: Image.Image) -> int | None:
     # PIL's PNG getexif() decodes the whole image when no eXIf chunk came before the pixels: ask only if one did.
     if img.format == "PNG" and "exif" not in img.info:
         return None
@@ -401,226 +388,10 @@ def _scan_root(root: Path, cfg: DataConfig) -> DatasetReport:
         raise ValueError(f"{len(missing)} of {len(examples)} images have no caption ({_names(missing)}); add a .txt "
                          f"file with the same name next to each image, or pass {cfg.prompt_name}")
     skipped += _orphans(root, meta, files, sidecars)
+    from .batches import assign_buckets  # the sizes images will train at, for the upscale warning
+
     res = cfg.resolution
     targets = assign_buckets([e.size for e in examples], res) if cfg.buckets else [(res, res)] * len(examples)
     upscaled = [e.path.relative_to(root).as_posix() for e, (th, tw) in zip(examples, targets)
                 if max(tw / e.size[0], th / e.size[1]) > 1 + 1e-9]
     return DatasetReport(examples, skipped, upscaled, source)
-
-
-# ---------------------------------------------------------------- buckets
-
-
-def bucket_resolutions(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
-    """(height, width) buckets, sides multiples of ``step``, area <= resolution² (kohya's rule: memory per batch
-    never exceeds the square case), aspect ratio <= ``max_ratio``; sorted from tallest to widest."""
-    area, out = resolution * resolution, set()
-    for w in range(step, area // step + 1, step):
-        h = area // w // step * step  # the tallest height that keeps w * h <= area
-        if h >= step and max(w, h) / min(w, h) <= max_ratio + 1e-9:
-            out |= {(h, w), (w, h)}
-    return sorted(out, key=lambda hw: (hw[1] / hw[0], hw[0] * hw[1]))
-
-
-def assign_buckets(sizes: list[tuple[int, int]], resolution: int) -> list[tuple[int, int]]:
-    """(height, width) bucket per (width, height) size: the nearest aspect ratio in log space, larger area on ties."""
-    buckets = bucket_resolutions(resolution)
-    logs = [math.log(w / h) for h, w in buckets]
-
-    def nearest(size: tuple[int, int]) -> tuple[int, int]:
-        r = math.log(size[0] / size[1])
-        j = min(range(len(buckets)), key=lambda k: (round(abs(logs[k] - r), 9), -buckets[k][0] * buckets[k][1]))
-        return buckets[j]
-
-    return [nearest(s) for s in sizes]
-
-
-# ---------------------------------------------------------------- loading
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey: scale to 8 bits, not clip to white
-        img = img.convert("I").point(lambda v: v / 257).convert("L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        # On white, not black: transparent PNGs (logos, cut-outs) are meant to be seen on a light page.
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def crop_box(size: tuple[int, int], target: tuple[int, int], center: bool, rng: np.random.Generator
-             ) -> tuple[tuple[int, int], int, int]:
-    """((resized w, h), left, top): an image of ``size`` resized to cover ``target``, then cut at (left, top).
-    Computed from the full-size dimensions, so a JPEG decoded in draft mode is cut exactly the same."""
-    (w, h), (tw, th) = size, target
-    scale = max(tw / w, th / h)
-    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-    if center:
-        return (nw, nh), (nw - tw) // 2, (nh - th) // 2
-    return (nw, nh), int(rng.integers(0, nw - tw + 1)), int(rng.integers(0, nh - th + 1))
-
-
-def _crop_rng(ex: Example) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(ex.path.name.encode()))
-
-
-def micro_conditioning(ex: Example, target: tuple[int, int], *, center_crop: bool = True, flip: bool = False
-                       ) -> tuple[int, int, int, int, int, int]:
-    """SDXL's size conditioning for ``ex`` cut to ``target`` as ``load_example`` cuts it (seeded crop): (original
-    height, width, crop top, crop left, target height, width). A flipped image's crop is measured from the other
-    side, as in the diffusers SDXL training example."""
-    (nw, _), left, top = crop_box(ex.size, target, center_crop, _crop_rng(ex))
-    if flip:
-        left = nw - target[0] - left
-    return ex.size[1], ex.size[0], top, left, target[1], target[0]
-
-
-def load_example(ex: Example, target: tuple[int, int], *, center_crop: bool = True, flip: bool = False,
-                 rng: np.random.Generator | None = None) -> Image.Image:
-    """RGB image of exactly ``target`` = (width, height): EXIF-oriented, alpha on white, resized to cover, cropped.
-
-    ``flip`` applies a horizontal flip (the caller decides, so the decision can be seeded). Without ``rng`` a random
-    crop uses a generator seeded from the file name, so reruns and resumes crop identically.
-    """
-    tw, th = target
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # scan_dataset applied max_pixels
-        with Image.open(ex.path, formats=IMAGE_FORMATS) as img:
-            sw, sh = img.size
-            if _orientation(img) in (5, 6, 7, 8):
-                sw, sh = sh, sw
-            scale = max(tw / sw, th / sh)
-            # JPEG only: decode at 1/2..1/8 scale when that still covers the target (big photos load ~10x faster).
-            draft = (math.ceil(img.width * scale), math.ceil(img.height * scale))
-            img.draft(None, draft)
-            img = _to_rgb(ImageOps.exif_transpose(img))
-    (nw, nh), left, top = crop_box((sw, sh), target, center_crop, _crop_rng(ex) if rng is None else rng)
-    if img.size != (nw, nh):
-        img = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    img = img.crop((left, top, left + tw, top + th))
-    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """(3, H, W) float32 in [-1, 1], the range the SD VAE encoder expects."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3) in [0, 255]
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous() / 127.5 - 1.0
-
-
-# ---------------------------------------------------------------- dataset and sampler
-
-
-class TrainDataset(torch.utils.data.Dataset):
-    """Examples of a scanned report as dicts: pixel_values (3, h, w) in [-1, 1], caption (after dropout),
-    bucket (h, w), index. All randomness of item i comes from default_rng((seed, epoch, i))."""
-
-    def __init__(self, report: DatasetReport, cfg: DataConfig, seed: int = 0):
-        if int(seed) < 0:
-            raise ValueError(f"seed: {seed} must be >= 0")
-        self.report, self.cfg, self.seed, self.epoch = report, cfg, int(seed), 0  # report keeps a zip's files alive
-        self.examples = report.examples
-        res = cfg.resolution
-        self.buckets = (assign_buckets([e.size for e in self.examples], res) if cfg.buckets
-                        else [(res, res)] * len(self.examples))
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def bucket(self, i: int) -> tuple[int, int]:
-        return self.buckets[i]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _draws(self, i: int) -> tuple[bool, bool, np.random.Generator]:
-        # Fixed draw order (dropout, flip, then crop offsets) so enabling one option never shifts another's draws.
-        rng = np.random.default_rng((self.seed, self.epoch, i))
-        u_drop, u_flip = rng.random(2)
-        return u_drop < self.cfg.caption_dropout, self.cfg.random_flip and u_flip < 0.5, rng
-
-    def caption(self, i: int) -> str:
-        """Caption of item i this epoch, after dropout (no image is loaded)."""
-        return "" if self._draws(i)[0] else self.examples[i].caption
-
-    def __getitem__(self, i: int) -> dict:
-        drop, flip, rng = self._draws(i)
-        h, w = self.buckets[i]
-        img = load_example(self.examples[i], (w, h), center_crop=self.cfg.center_crop, flip=flip, rng=rng)
-        return {"pixel_values": to_tensor(img), "caption": "" if drop else self.examples[i].caption,
-                "bucket": (h, w), "index": i}
-
-
-def collate(items: list[dict]) -> dict:
-    """DataLoader collate_fn for single-bucket batches: pixel_values (B, 3, h, w), captions, bucket, indices."""
-    buckets = {it["bucket"] for it in items}
-    if len(buckets) != 1:
-        raise ValueError(f"a batch mixes buckets {sorted(buckets)}; use BucketBatchSampler as the batch_sampler")
-    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
-            "captions": [it["caption"] for it in items], "bucket": items[0]["bucket"],
-            "indices": [it["index"] for it in items]}
-
-
-class BucketBatchSampler:
-    """Index batches, each from one bucket; order from default_rng((seed, epoch)); resumable mid-epoch.
-
-    ``position`` counts batches handed out. With DataLoader workers that prefetch, save the number of batches
-    actually trained instead: {"epoch": e, "position": n} is all ``load_state_dict`` needs besides the checks.
-    Iterating after an epoch is used up starts the next one; ``set_epoch`` to the current epoch keeps the position
-    (so "set_epoch at the top of every epoch" and resume work together).
-    """
-
-    def __init__(self, dataset, batch_size: int, seed: int, drop_last: bool = False):
-        if int(batch_size) < 1 or int(seed) < 0:
-            raise ValueError(f"batch size {batch_size} must be >= 1 and seed {seed} >= 0")
-        self.dataset, self.batch_size, self.seed, self.drop_last = dataset, int(batch_size), int(seed), drop_last
-        self._groups: dict[tuple[int, int], list[int]] = {}
-        for i in range(len(dataset)):
-            self._groups.setdefault(tuple(dataset.bucket(i)), []).append(i)
-        self.epoch, self.position = 0, 0
-        if len(self) == 0:
-            raise ValueError(f"batch size {batch_size} is larger than every bucket and drop_last is set; "
-                             "lower the batch size or turn buckets off")
-
-    def __len__(self) -> int:
-        full = sum(len(g) // self.batch_size for g in self._groups.values())
-        return full if self.drop_last else full + sum(bool(len(g) % self.batch_size) for g in self._groups.values())
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        """All batches of ``epoch`` in order (pure function of seed, epoch, batch size and the buckets)."""
-        rng = np.random.default_rng((self.seed, int(epoch)))
-        out = []
-        for key in sorted(self._groups):  # sorted: dict order must not leak into the draws
-            group = self._groups[key]
-            shuffled = [group[j] for j in rng.permutation(len(group))]
-            for k in range(0, len(shuffled), self.batch_size):
-                chunk = shuffled[k:k + self.batch_size]
-                if len(chunk) == self.batch_size or not self.drop_last:
-                    out.append(chunk)
-        return [out[j] for j in rng.permutation(len(out))]
-
-    def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != self.epoch:
-            self.epoch, self.position = int(epoch), 0
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch)  # keep dropout / flips in step with the batch order
-
-    def __iter__(self):
-        if self.position >= len(self):
-            self.set_epoch(self.epoch + 1)
-        batches = self.batches(self.epoch)
-        for k in range(self.position, len(batches)):
-            self.position = k + 1  # counted before the hand-out: a checkpoint taken after this batch skips it
-            yield list(batches[k])
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "num_examples": len(self.dataset)}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, now in (("seed", self.seed), ("batch_size", self.batch_size), ("num_examples", len(self.dataset))):
-            if key in state and state[key] != now:
-                raise ValueError(f"resume: the checkpoint's {key} is {state[key]}, this run has {now}; resume with "
-                                 "the same data, seed and batch size (or start a new run)")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch)

@@ -24,8 +24,8 @@ from . import checkpoint as ckpt
 from . import estimate, methods, preserve, presets
 from .card import write_card
 from .config import Method, TrainConfig
-from .data import (BucketBatchSampler, DataConfig, TrainDataset, load_example, micro_conditioning, scan_dataset,
-                   to_tensor, trigger_pattern)
+from .batches import BucketBatchSampler, TrainDataset, load_example, micro_conditioning, to_tensor
+from .data import DataConfig, scan_dataset, trigger_pattern
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +213,9 @@ def make_accelerator(mixed_precision: str, cpu: bool):
 def make_stream(cfg: TrainConfig, pipe, path: str, prompt: str | None, trigger: str | None, seed: int,
                 weight: float = 1.0, prompt_name: str = "an instance prompt") -> tuple[Stream, object]:
     dcfg = DataConfig(path=path, resolution=cfg.resolution, instance_prompt=prompt, prompt_name=prompt_name,
-                      trigger=trigger, center_crop=cfg.center_crop, random_flip=cfg.random_flip, buckets=cfg.buckets)
+                      trigger=trigger, center_crop=cfg.center_crop, buckets=cfg.buckets)
     report = scan_dataset(dcfg)
-    dataset = TrainDataset(report, dcfg, seed=seed)
+    dataset = TrainDataset(report, dcfg)
     stream = Stream(dataset, cache_latents(pipe.vae, dataset, cfg.random_flip),
                     BucketBatchSampler(dataset, cfg.batch, seed=seed), weight)
     return stream, report
