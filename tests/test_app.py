@@ -90,3 +90,20 @@ def test_loading_a_model_sets_its_native_size_and_recommended_cfg_and_sampler():
     engine.defaults = lambda name: Engine.defaults(engine, name)  # the engine's rule, over a stub model
     status, width, height, cfg, sampler = _load_model_fn(engine, False)("m", progress=lambda *a, **k: None)
     assert (status, width, height, cfg, sampler) == ("**m** loaded", 768, 768, 4.5, "Euler a")
+
+
+@pytest.mark.parametrize("flags,enabled", [([], True), (["--share"], False), (["--share", "--allow-training"], True),
+                                           (["--share", "--auth", "ann:pw"], True)])
+def test_training_is_off_on_a_public_app_unless_the_owner_turns_it_on(tiny_model_dirs, tmp_path, flags, enabled):
+    import app
+
+    args = app.parse_args(["--model", str(tiny_model_dirs["sd15"]), "--outputs", str(tmp_path), *flags])
+    demo = app.build_demo(args)
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    assert ("train-btn" in ids) == enabled and ("train-disabled" in ids) == (not enabled)
+    # where it is on, a public app takes only its own training results as LoRAs
+    engine = demo.engine
+    run = engine.jobs.root / "20260101-000000-x"
+    run.mkdir(parents=True)
+    (run / "job.json").write_text("{}")
+    assert engine.is_training_result(str(run)) and not engine.is_training_result(str(tiny_model_dirs["sd15"]))
