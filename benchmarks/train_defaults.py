@@ -10,7 +10,7 @@ validation samples and export included):
 
 and judges the result like ``tests/test_train_embedded.py``: 16 trigger prompts of unseen scenes (bar: elongated,
 ring: a hole, pink: the object's colour) and ordinary accuracy (shape, colour, background) on 64 held-out prompts
-against the base model's, at the model card's defaults (Euler a, CFG 2.5, 20 steps). One table row per run:
+against the base model's, at the model card's defaults (Euler a, CFG 2.5, 20 steps), 16 images per batch. One table row per run:
 PASS needs >= 13/16, >= 90 % of the base accuracy on each attribute and <= 300 s. The base accuracy is computed once
 and kept in ``--base-cache``. Run it alone: the wall clock is the point, and 2 cores are easily shared away.
 """
@@ -61,18 +61,33 @@ def train_as_a_user(data: Path, out: Path, extra: list[str]) -> tuple[float, flo
     return wall, cpu, proc.returncode
 
 
-def generate(model, prompts: list[str]) -> list:
-    from sd_demo.generate import GenerationParams, generate
+def draw(model, prompts: list[str], seeds: list[int], chunk: int = 16) -> list:
+    """The images ``generate`` makes for (prompt, seed) pairs at the card's defaults (Euler a, CFG 2.5, 20 steps),
+    drawn 16 at a time: per-image generators give each image the noise it has alone, so they equal one-by-one
+    generation to within one level of 255, in half the time on a CPU."""
+    import torch
 
-    # guidance and sampler unset: the model card's (CFG 2.5, Euler a)
-    return [generate(model, GenerationParams(prompt=p, steps=20, seed=i)).images[0] for i, p in enumerate(prompts)]
+    from sd_demo.generate import GenerationParams, check_inputs, decode, make_scheduler
+
+    p = check_inputs(model, GenerationParams(prompt=prompts[0], steps=20, seed=0))
+    model.pipe.scheduler = make_scheduler(p.sampler, p.schedule, model.base_scheduler_config)
+    images = []
+    for k in range(0, len(prompts), chunk):
+        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[k:k + chunk]]
+        latents = model.pipe(prompt=prompts[k:k + chunk], num_inference_steps=p.steps, guidance_scale=p.guidance_scale,
+                             width=p.width, height=p.height, generator=gens, output_type="latent").images
+        images += decode(model, latents)
+    return images
 
 
 def ordinary(model) -> dict[str, float]:
-    """Accuracy on 64 held-out prompts of the base world (as tests/test_train_embedded.py's ``_ordinary``)."""
-    from sd_demo.shapes.eval_model import heldout_prompts, run_eval
+    """Accuracy on 64 held-out prompts of the base world, each at seed 0 (as tests/test_train_embedded.py's
+    ``_ordinary`` through ``run_eval``)."""
+    from sd_demo.shapes.eval_model import heldout_prompts
+    from sd_demo.shapes.evaluate import evaluate_set
 
-    report = run_eval(model, heldout_prompts(64, seed=1), seeds=[0], steps=20, guidance=model.default_guidance).report
+    prompts = heldout_prompts(64, seed=1)
+    report = evaluate_set(prompts, draw(model, prompts, [0] * len(prompts)))
     return {a: report.accuracy(a) for a in ORDINARY}
 
 
@@ -90,7 +105,7 @@ def judge(model, out: Path, name: str) -> tuple[int, dict[str, float]]:
     prompts = [ns.caption(WORD, "canonical") for ns in scenes(N_TRIGGER, seed=77)]
     model.set_loras([(str(out), 1.0)])
     try:
-        shown = sum(bool(shows(im)) for im in generate(model, prompts))
+        shown = sum(bool(shows(im)) for im in draw(model, prompts, list(range(len(prompts)))))
         return shown, ordinary(model)
     finally:
         model.set_loras([])
