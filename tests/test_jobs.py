@@ -144,3 +144,24 @@ def test_each_methods_card_is_right_for_it(tmp_path, method, extra, lora_lines):
     assert ("load_textual_inversion" in card) == (method == "textual-inversion")
     full = method == "full" or extra.get("dreambooth_full")
     assert (f"--model {tmp_path.name}" in card) == bool(full)
+
+
+def test_generation_waits_for_a_training_job_on_a_gpu_and_shares_a_cpu(tmp_path, monkeypatch):
+    """On a GPU an image waits (with a message) while a job trains, instead of running out of memory beside it;
+    on a CPU it runs at once and says that it shares the cores."""
+    from sd_demo.engine import Engine, EngineSettings
+    from sd_demo.generate import GenerationParams
+
+    engine = Engine(EngineSettings(outputs=str(tmp_path)))
+    calls = []
+    monkeypatch.setattr(engine.jobs, "running", lambda: "job-1" if len(calls.append(1) or calls) <= 4 else None)
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: ("the result", []))
+    monkeypatch.setattr(engine, "_on_gpu", lambda: True)
+    updates = list(engine.run(GenerationParams(prompt="x", steps=1), poll=0))
+    assert [u.waiting for u in updates[:-1]] and all("using the GPU" in u.waiting for u in updates[:-1])
+    assert updates[-1].result == "the result"
+    calls.clear()
+    monkeypatch.setattr(engine, "_on_gpu", lambda: False)
+    assert "shares the CPU cores" in engine.training_note()
+    updates = list(engine.run(GenerationParams(prompt="x", steps=1), poll=0))
+    assert len(updates) == 1 and updates[0].result == "the result"
