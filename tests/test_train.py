@@ -109,20 +109,18 @@ def test_sigkill_mid_run_then_resume_latest(tiny_model_dirs, data_dir, tmp_path,
 def _train_and_draw(cfg, prompt: str):
     """Train; also the image the training pipeline draws for ``prompt`` just before export (adapters in place),
     which a fresh pipeline with the exported files must reproduce."""
-    from sd_demo.train import loop
+    from sd_demo.train.methods import MethodSpec
 
     captured = {}
-    real_export = loop._export
+    real_export = MethodSpec.export
 
-    def spy(cfg, trainable, pipe, out):
+    def spy(spec, trainable, pipe, out, cfg):
         captured["image"] = _generate_prompt(pipe, prompt)
-        return real_export(cfg, trainable, pipe, out)
+        return real_export(spec, trainable, pipe, out, cfg)
 
-    loop._export = spy
-    try:
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(MethodSpec, "export", spy)
         result = train(cfg)
-    finally:
-        loop._export = real_export
     return result, captured["image"]
 
 
@@ -310,22 +308,20 @@ def test_missing_lora_is_a_clear_error(tiny_model_dirs, tmp_path, capsys):
 def test_textual_inversion_trains_one_vector_and_exports_loadable_files(tiny_model_dirs, data_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from sd_demo.train import loop
+    from sd_demo.train.methods import MethodSpec
 
     captured = {}
-    real_export = loop._export
+    real_export = MethodSpec.export
 
-    def spy(cfg, trainable, pipe, out):
+    def spy(spec, trainable, pipe, out, cfg):
         captured["image"] = _generate_prompt(pipe, "a <shiny> square")
         captured["base_rows"] = trainable.modules["text_encoder"].base.weight.detach().clone()
-        return real_export(cfg, trainable, pipe, out)
+        return real_export(spec, trainable, pipe, out, cfg)
 
-    loop._export = spy
-    try:
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(MethodSpec, "export", spy)
         result = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, method="textual-inversion",
                               trigger="<shiny>", init_word="red", lr=5e-2, steps=4))
-    finally:
-        loop._export = real_export
     assert {p.name for p in result.files} >= {"learned_embeds.safetensors", "shiny.safetensors", "README.md"}
     assert load_file(str(tmp_path / "shiny.safetensors"))["emb_params"].shape == (1, 32)
 

@@ -283,92 +283,155 @@ def _say(on_event, cfg: TrainConfig, step: int, message: str) -> None:
         on_event(TrainEvent(step, cfg.steps, float("nan"), 0.0, 0.0, 0.0, message=message))
 
 
+@dataclass
+class Run:
+    """What a training run holds between its stages: one object instead of a dozen positional arguments."""
+
+    cfg: TrainConfig
+    resolved: presets.Resolved  # the config as its preset filled it, and what the preset set
+    out: Path
+    model: object  # models.LoadedModel
+    report: object  # data.DatasetReport of the instance images
+    streams: list[Stream]
+    trainable: methods.Trainable
+    preserver: preserve.Preserver | None
+    text: TextEncoderCache
+    optimizer: object
+    lr_sched: object
+    noise_sched: object
+    accelerator: object
+    unet: torch.nn.Module  # pipe.unet, or accelerate's wrapper of it
+    start: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def sdxl(self) -> bool:
+        return self.model.family == "sdxl"
+
+
 def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None,
           cancel: threading.Event | None = None) -> TrainResult:
     """Run a whole training job; ``cancel`` stops it after the current step with a resumable checkpoint."""
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
+    run = prepare(cfg, on_event)
+    stopped_at = train_steps(run, on_event, cancel)
+    if stopped_at is not None:
+        return TrainResult(run.out, [], stopped_at, run.losses[-1], run.losses,
+                           ["stopped: resume with --resume latest"], run.resolved)
+    run.accelerator.wait_for_everyone()
+    files = _finish(run) if run.accelerator.is_main_process else []
+    return TrainResult(run.out, files, run.cfg.steps, run.losses[-1] if run.losses else None, run.losses,
+                       report_warnings(run.report), run.resolved)
 
+
+def prepare(cfg: TrainConfig, on_event=None) -> Run:
+    """1. Check inputs, 2. load the model and fill in the preset, 3. cache the data, 4. set up what trains."""
     cfg.validate()
     out = prepare_out(cfg)
     torch.manual_seed(cfg.seed)
     model, resolved = load_for_training(cfg)
-    cfg, pipe, sdxl = resolved.cfg, model.pipe, model.family == "sdxl"
+    cfg, pipe = resolved.cfg, model.pipe
     _say(on_event, cfg, 0, resolved.summary())
     _say(on_event, cfg, 0, estimate.check_fits(cfg, presets.family_key(model), pipe, _trainable_guess(cfg, pipe),
                                                model.device))
-    streams, report = [], None
-    instance, report = make_stream(cfg, pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
-    streams.append(instance)
-    if cfg.validation_prompt is None and cfg.validation_every:  # live samples of the first caption, fixed seeds
-        cfg = replace(cfg, validation_prompt=instance.dataset.examples[0].caption)
     accelerator = make_accelerator(cfg.mixed_precision, cpu=model.device == "cpu")
     if not cfg.resume and accelerator.is_main_process:
         ckpt.set_aside_earlier_run(out / "checkpoints")
     accelerator.wait_for_everyone()
+    streams, report = _data_streams(cfg, model, out, accelerator)
+    if cfg.validation_prompt is None and cfg.validation_every:  # live samples of the first caption, fixed seeds
+        cfg = replace(cfg, validation_prompt=streams[0].dataset.examples[0].caption)
+    trainable = methods.setup(cfg, pipe)
+    preserver = preserve.build(cfg, model, trainable, [ex.caption for ex in streams[0].dataset.examples])
+    trainable.upcast()
+    optimizer, lr_sched, noise_sched = _optimisation(cfg, model, trainable)
+    text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=model.family == "sdxl")
+    run = Run(cfg=cfg, resolved=resolved, out=out, model=model, report=report, streams=streams, trainable=trainable,
+              preserver=preserver, text=text, optimizer=optimizer, lr_sched=lr_sched, noise_sched=noise_sched,
+              accelerator=accelerator, unet=pipe.unet)
+    run.start, run.losses = _restore(run)
+    _prepare_unet(run)
+    return run
+
+
+def _data_streams(cfg: TrainConfig, model, out: Path, accelerator) -> tuple[list[Stream], object]:
+    """The instance images, and for DreamBooth with prior preservation the class images (generated if missing)."""
+    instance, report = make_stream(cfg, model.pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
+    streams = [instance]
     if cfg.method == Method.DREAMBOOTH.value and (cfg.num_class_images or cfg.class_data):
         if cfg.num_class_images and accelerator.is_main_process:  # one process generates, the others wait
             make_class_images(cfg, model, out, [ex.caption for ex in instance.dataset.examples])
         accelerator.wait_for_everyone()
         class_dir = cfg.class_data or str(out / "class_images")
         try:
-            streams.append(make_stream(cfg, pipe, class_dir, cfg.class_prompt, None, cfg.seed + 1,
+            streams.append(make_stream(cfg, model.pipe, class_dir, cfg.class_prompt, None, cfg.seed + 1,
                                        cfg.prior_loss_weight, prompt_name="--class-prompt")[0])
         except ValueError as exc:  # say which of the two folders the data error is about
             raise ValueError(f"class images: {exc}") from None
-    trainable = methods.setup(cfg, pipe)
-    preserver = preserve.build(cfg, model, trainable, [ex.caption for ex in instance.dataset.examples])
-    trainable.upcast()
-    text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=sdxl)
+    return streams, report
+
+
+def _optimisation(cfg: TrainConfig, model, trainable) -> tuple:
+    """(optimizer, LR schedule, noise schedule) for what trains."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
     optimizer = make_optimizer(trainable.param_groups(cfg.lr, cfg.text_encoder_lr), cfg, model.device)
     lr_sched = get_scheduler(lr_schedule_name(cfg), optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.steps)
-    noise_sched = DDPMScheduler.from_config(model.base_scheduler_config)
-    start, losses = _restore(cfg, out, trainable, optimizer, lr_sched, streams)
+    return optimizer, lr_sched, DDPMScheduler.from_config(model.base_scheduler_config)
+
+
+def _prepare_unet(run: Run) -> None:
+    """Checkpointing, accelerate's wrapper (DDP under a launcher) and compilation, in that order."""
+    pipe, cfg, acc = run.model.pipe, run.cfg, run.accelerator
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     # The LR schedule stays outside accelerate, which would step it once per process per step: --steps counts
     # optimizer steps whatever the number of processes.
     if any(p.requires_grad for p in pipe.unet.parameters()):  # DDP refuses a module with nothing to train
-        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        run.unet, run.optimizer = acc.prepare(pipe.unet, run.optimizer)
     else:  # textual inversion: only text-encoder rows train
-        unet, optimizer = pipe.unet, accelerator.prepare(optimizer)
+        run.optimizer = acc.prepare(run.optimizer)
     if cfg.compile:  # here, not through Accelerator(dynamo_backend=...), which a launcher's state overrides
-        unet = torch.compile(unet)
-    unet.train()
+        run.unet = torch.compile(run.unet)
+    run.unet.train()
+
+
+def train_steps(run: Run, on_event=None, cancel: threading.Event | None = None) -> int | None:
+    """The loop: step, report, sample, checkpoint. Returns the step a Stop arrived at, or None when it ran out."""
+    cfg, main = run.cfg, run.accelerator.is_main_process  # under multi-GPU one process samples and reports
     t0 = time.perf_counter()
-    for step in range(start, cfg.steps):
-        loss = _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl, preserver)
-        _mean_text_encoder_grads(trainable, accelerator)
-        optimizer.step()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
+    for step in range(run.start, cfg.steps):
+        loss = _train_step(run, step)
+        _mean_text_encoder_grads(run.trainable, run.accelerator)
+        run.optimizer.step()
+        run.lr_sched.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.losses.append(loss)
         done = step + 1
-        images = []
-        main = accelerator.is_main_process  # under multi-GPU one process samples and reports progress
-        if (main and cfg.validation_prompt and cfg.validation_every and done % cfg.validation_every == 0
-                and done < cfg.steps):
-            images = _validation_images(model, cfg, unet)  # samples through pipe.unet, not the DDP wrapper
         if on_event and main:
-            rate = (time.perf_counter() - t0) / (done - start)
-            on_event(TrainEvent(done, cfg.steps, loss, lr_sched.get_last_lr()[0], rate, rate * (cfg.steps - done),
-                                images))
-            if done - start == estimate.WARMUP_STEPS and done < cfg.steps:
-                _say(on_event, cfg, done, estimate.time_line(rate, cfg.steps - done, cfg.steps, model.device))
+            _report(run, on_event, done, (time.perf_counter() - t0) / (done - run.start))
         stopping = cancel is not None and cancel.is_set() and done < cfg.steps
         # with checkpoints on, the last step gets one too: "train N more steps" resumes from it
         periodic = cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
-        if (periodic or stopping) and accelerator.is_main_process:
-            ckpt.save_checkpoint(out / "checkpoints", done, trainable.state(), optimizer, lr_sched,
-                                 {"samplers": [s.sampler.state_dict() for s in streams], "losses": losses},
+        if (periodic or stopping) and main:
+            ckpt.save_checkpoint(run.out / "checkpoints", done, run.trainable.state(), run.optimizer, run.lr_sched,
+                                 {"samplers": [s.sampler.state_dict() for s in run.streams], "losses": run.losses},
                                  cfg.keep_checkpoints)
         if stopping:
-            return TrainResult(out, [], done, loss, losses, ["stopped: resume with --resume latest"], resolved)
-    accelerator.wait_for_everyone()
-    files = _finish(resolved, cfg, model, trainable, unet, out, losses) if accelerator.is_main_process else []
-    return TrainResult(out, files, cfg.steps, losses[-1] if losses else None, losses, report_warnings(report),
-                       resolved)
+            return done
+    return None
+
+
+def _report(run: Run, on_event, done: int, rate: float) -> None:
+    """The step's event, with validation samples when due, and the time estimate after the warm-up steps."""
+    cfg = run.cfg
+    due = cfg.validation_prompt and cfg.validation_every and done % cfg.validation_every == 0 and done < cfg.steps
+    images = _validation_images(run.model, cfg, run.unet) if due else []  # through pipe.unet, not the DDP wrapper
+    on_event(TrainEvent(done, cfg.steps, run.losses[-1], run.lr_sched.get_last_lr()[0], rate,
+                        rate * (cfg.steps - done), images))
+    if done - run.start == estimate.WARMUP_STEPS and done < cfg.steps:
+        _say(on_event, cfg, done, estimate.time_line(rate, cfg.steps - done, cfg.steps, run.model.device))
 
 
 def _mean_text_encoder_grads(trainable, accelerator) -> None:
@@ -385,33 +448,34 @@ def _mean_text_encoder_grads(trainable, accelerator) -> None:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
 
 
-def _restore(cfg, out, trainable, optimizer, lr_sched, streams) -> tuple[int, list[float]]:
+def _restore(run: Run) -> tuple[int, list[float]]:
     """Load --resume state into everything that carries state; (0, []) for a fresh run."""
-    if not cfg.resume:
+    if not run.cfg.resume:
         return 0, []
-    weights, opt_state, meta = ckpt.load_checkpoint(ckpt.resolve_resume(cfg.resume, out))
-    trainable.load_state(weights)
-    optimizer.load_state_dict(opt_state)
-    lr_sched.load_state_dict(meta["lr_scheduler"])
-    if len(meta["samplers"]) != len(streams):
+    weights, opt_state, meta = ckpt.load_checkpoint(ckpt.resolve_resume(run.cfg.resume, run.out))
+    run.trainable.load_state(weights)
+    run.optimizer.load_state_dict(opt_state)
+    run.lr_sched.load_state_dict(meta["lr_scheduler"])
+    if len(meta["samplers"]) != len(run.streams):
         raise ValueError("resume: the checkpoint was made with other data streams (prior preservation on/off)")
-    for stream, state in zip(streams, meta["samplers"]):
+    for stream, state in zip(run.streams, meta["samplers"]):
         stream.sampler.load_state_dict(state)
     return meta["step"], meta.get("losses", [])
 
 
-def _finish(resolved, cfg, model, trainable, unet, out: Path, losses: list[float]) -> list[Path]:
+def _finish(run: Run) -> list[Path]:
     """Export weights, sample the validation prompt, write the model card."""
-    files = methods.method_spec(cfg).export(trainable, model.pipe, out, cfg)
+    cfg, model, out = run.cfg, run.model, run.out
+    files = methods.method_spec(cfg).export(run.trainable, model.pipe, out, cfg)
     samples = []
     if cfg.validation_prompt:
         (out / "samples").mkdir(exist_ok=True)
-        for i, img in enumerate(_validation_images(model, cfg, unet)):
+        for i, img in enumerate(_validation_images(model, cfg, run.unet)):
             samples.append(out / "samples" / f"sample-{i}.png")
             img.save(samples[-1])
     license = card_license(model.folder) or "other"  # a fine-tune carries its base model's license
-    files.append(write_card(out, cfg, model.ref.label, samples, losses[-1] if losses else None, license,
-                            preset=resolved))
+    files.append(write_card(out, cfg, model.ref.label, samples, run.losses[-1] if run.losses else None, license,
+                            preset=run.resolved))
     if cfg.push_to_hub:
         from ..hub import push_folder
         from .jobs import NOT_PUBLISHED
@@ -426,17 +490,18 @@ def report_warnings(report) -> list[str]:
     return skipped + [f"upscaled {name} (smaller than the resolution)" for name in report.upscaled]
 
 
-def _stream_loss(cfg, g, unet, stream: Stream, text, noise_sched, accelerator, sdxl,
-                 preserver: preserve.Preserver | None = None) -> torch.Tensor:
+def _stream_loss(run: Run, g: torch.Generator, stream: Stream, preserver: preserve.Preserver | None = None
+                 ) -> torch.Tensor:
     """Noise-prediction loss on one batch of one stream; all randomness from the step generator ``g``.
 
     Under ``accelerate launch`` every process walks the same batch sequence and takes its own share (process r of
     P trains the r-th of each P consecutive batches), so the data position stays identical across processes.
     """
-    shares = [next(stream.batches) for _ in range(accelerator.num_processes)]
-    idx = shares[accelerator.process_index]
+    cfg, acc, noise_sched = run.cfg, run.accelerator, run.noise_sched
+    shares = [next(stream.batches) for _ in range(acc.num_processes)]
+    idx = shares[acc.process_index]
     flips = [bool(torch.rand(1, generator=g) < 0.5) if cfg.random_flip else False for _ in idx]
-    lat = torch.stack([stream.latents[(i, f)] for i, f in zip(idx, flips)]).to(accelerator.device)  # (B,4,h,w)
+    lat = torch.stack([stream.latents[(i, f)] for i, f in zip(idx, flips)]).to(acc.device)  # (B, 4, h, w)
     captions = [("" if cfg.caption_dropout and torch.rand(1, generator=g).item() < cfg.caption_dropout
                  else stream.dataset.examples[i].caption) for i in idx]
     noise = torch.randn(lat.shape, generator=g).to(lat)
@@ -444,39 +509,38 @@ def _stream_loss(cfg, g, unet, stream: Stream, text, noise_sched, accelerator, s
         noise = noise + cfg.noise_offset * torch.randn(lat.shape[:2] + (1, 1), generator=g).to(lat)
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (lat.shape[0],), generator=g).to(lat.device)
     noisy = noise_sched.add_noise(lat, noise, t)
-    cond = text(captions)
-    if sdxl:
+    cond = run.text(captions)
+    if run.sdxl:
         h, w = stream.dataset.bucket(idx[0])
         cond.update(sdxl_added_cond(cond, [micro_conditioning(stream.dataset.examples[i], (w, h), flip=f,
                                                               center_crop=cfg.center_crop)
                                            for i, f in zip(idx, flips)], lat.dtype))
-    with accelerator.autocast():
-        pred = unet(noisy, t, **cond).sample
+    with acc.autocast():
+        pred = run.unet(noisy, t, **cond).sample
     loss = loss_fn(pred, noise, lat, t, noise_sched, cfg.snr_gamma)
     if preserver is not None:  # other prompts on the same noisy latents keep the base model's answers
-        loss = loss + preserver.loss(g, unet, noisy, t, cond, text, accelerator)
+        loss = loss + preserver.loss(g, run.unet, noisy, t, cond, run.text, acc)
     return loss
 
 
-def _train_step(cfg, step, unet, streams, text, noise_sched, accelerator, sdxl,
-                preserver: preserve.Preserver | None = None) -> float:
+def _train_step(run: Run, step: int) -> float:
     """One optimizer step's forward/backward passes (grad_accum micro-batches); returns the mean loss.
 
     Each micro-batch draws its randomness from a generator seeded by its global batch number, the same number that
     picks its data (micro-batch k of process r trains batch (step * grad_accum + k) * P + r of P processes). So
     P processes with grad_accum A train exactly what one process with grad_accum P * A trains: DDP's gradient mean
     equals the accumulated sum of loss / (P * A), up to float rounding."""
-    procs = accelerator.num_processes
+    cfg, acc = run.cfg, run.accelerator
     total = 0.0
     for k in range(cfg.grad_accum):
-        g = step_generator(cfg.seed, (step * cfg.grad_accum + k) * procs + accelerator.process_index)
+        g = step_generator(cfg.seed, (step * cfg.grad_accum + k) * acc.num_processes + acc.process_index)
         # output preservation rides on the instance stream (the first) only
-        loss = sum(s.weight * _stream_loss(cfg, g, unet, s, text, noise_sched, accelerator, sdxl,
-                                           preserver if i == 0 else None) for i, s in enumerate(streams))
+        loss = sum(s.weight * _stream_loss(run, g, s, run.preserver if i == 0 else None)
+                   for i, s in enumerate(run.streams))
         loss = loss / cfg.grad_accum
         if loss.requires_grad:  # textual inversion: a batch whose captions all dropped the token has no gradient
             # DDP all-reduces gradients only on the last micro-batch; the earlier ones accumulate locally.
-            with accelerator.no_sync(unet) if k < cfg.grad_accum - 1 else contextlib.nullcontext():
-                accelerator.backward(loss)
+            with acc.no_sync(run.unet) if k < cfg.grad_accum - 1 else contextlib.nullcontext():
+                acc.backward(loss)
         total += loss.item()
     return total
