@@ -27,7 +27,9 @@ SD_TARGETS = "to_q,to_k,to_v,to_out.0"  # the diffusers examples' and kohya's at
 PRESET_FIELDS = ("resolution", "steps", "lr", "rank", "alpha", "batch", "target_modules", "snr_gamma",
                  "mixed_precision", "gradient_checkpointing", "validation_every", "num_class_images",
                  "checkpoint_every")
-CHECKPOINTS = 10  # checkpoints per run of an adapter or embedding (small files): a kill loses a tenth at most
+# Given per run, not in steps, so that they follow --steps: checkpoints of an adapter or an embedding (small files;
+# a kill loses a tenth at most) and live sample grids.
+PER_RUN = {"checkpoint_every": 10, "validation_every": 5}
 
 
 @dataclass(frozen=True)
@@ -68,17 +70,17 @@ def _device_values(family: str, method: Method, tier: str, values: dict) -> dict
         v["gradient_checkpointing"] = False
         if family != "embedded":
             v["steps"] = min(v["steps"], 500)  # a full-size UNet step takes 10+ s on a CPU: keep runs to hours
-            v["validation_every"] = 0  # each sample costs minutes on a CPU: only at the end
+            v["validation_every"] = 0  # a sample costs minutes on a CPU: none mid-run
     else:
         v["mixed_precision"] = "bf16"  # resolved to fp16 on GPUs without bf16 (resolve())
         big = family == "sdxl" or whole_unet
         v["gradient_checkpointing"] = tier == "gpu8" or (big and tier == "gpu16")
         if family != "embedded" and method != Method.FULL:
             v["batch"] = {"gpu8": 1, "gpu16": 2, "gpu40": 4}[tier] // (2 if family == "sdxl" else 1) or 1
-    v.setdefault("validation_every", max(1, v["steps"] // 5))  # five sample grids per run
+    v.setdefault("validation_every", PER_RUN["validation_every"])
     v.setdefault("num_class_images", 0)
     # A whole UNet's checkpoint with its optimizer state is gigabytes (SD 1.5: ~10 GB); only the embedded one is small
-    v["checkpoint_every"] = 0 if whole_unet and family != "embedded" else CHECKPOINTS
+    v["checkpoint_every"] = 0 if whole_unet and family != "embedded" else PER_RUN["checkpoint_every"]
     v["resolution"] = None  # the model's native size
     return v
 
@@ -155,13 +157,14 @@ def resolve(cfg: TrainConfig, family: str, device: str, native_size: int, memory
         value = preset.values.get(name)
         if name == "resolution" and value is None:
             value = native_size
-        if name == "checkpoint_every" and value:  # the preset gives checkpoints per run
+        if name in PER_RUN and value:  # the preset gives how many per run
             value = max(1, (cfg.steps or preset.values["steps"]) // value)
         if name == "mixed_precision":
             value = _precision(value, device, bf16)
         if name == "num_class_images" and (cfg.class_data or not (cfg.class_prompt or cfg.class_word)):
             value = 0  # generated prior images need a class prompt or word; own class images need none
-        filled[name] = value
+        if value is not None:  # rank and the like mean nothing to textual inversion or a full fine-tune
+            filled[name] = value
     return Resolved(replace(cfg, **filled), preset.name, filled)
 
 
