@@ -144,7 +144,7 @@ class Engine:
 
         out = []
         for job in self.jobs.jobs():
-            view = self.jobs.view(job)
+            view = self.jobs.summary(job)
             if view.state == FINISHED and self.use_training_result(job)[0] == "lora":
                 out.append((f"{job} ({view.config.get('method')}, {view.config.get('model')})", str(view.folder)))
         return out

@@ -206,6 +206,15 @@ class JobManager:
             view.messages.append(f"error: {view.error}")
         return view
 
+    def summary(self, job_id: str) -> JobView:
+        """A cheap view for lists: state, config and the last step event (the end of the log only)."""
+        folder = self.folder(job_id)
+        view = JobView(job_id, folder, self.state(job_id), _read_json(folder / JOB).get("config", {}))
+        for ev in read_events(folder, tail_bytes=4096):
+            if not ev.get("message"):
+                _apply_event(view, ev)
+        return view
+
     def log_tail(self, job_id: str, lines: int = 20) -> str:
         try:
             text = (self.folder(job_id) / LOG).read_text(errors="replace")
@@ -274,10 +283,14 @@ def job_started(folder: Path) -> float:
         return 0.0
 
 
-def read_events(folder: Path) -> list[dict]:
+def read_events(folder: Path, tail_bytes: int | None = None) -> list[dict]:
+    """The job's events, or those in the last ``tail_bytes`` of the file (the first line there may be cut)."""
     events = []
     try:
-        lines = (folder / EVENTS).read_text().splitlines()
+        with open(folder / EVENTS, "rb") as f:
+            if tail_bytes:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return events
     for line in lines:

@@ -94,7 +94,7 @@ def _preset_note(meth: str, base: str, pre: str) -> str:
 def _runs_table(engine: Engine) -> list[list]:
     rows = []
     for job in engine.jobs.jobs()[:50]:
-        v = engine.jobs.view(job)
+        v = engine.jobs.summary(job)
         loss = f"{v.final_loss:.4f}" if v.final_loss is not None else ""
         rows.append([job, v.state, v.config.get("method", ""), v.config.get("model", ""), f"{v.step}/{v.total}",
                      loss])
