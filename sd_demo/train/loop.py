@@ -519,7 +519,7 @@ def _stream_loss(run: Run, g: torch.Generator, stream: Stream, preserver: preser
         pred = run.unet(noisy, t, **cond).sample
     loss = loss_fn(pred, noise, lat, t, noise_sched, cfg.snr_gamma)
     if preserver is not None:  # other prompts on the same noisy latents keep the base model's answers
-        loss = loss + preserver.loss(g, run.unet, noisy, t, cond, run.text, acc)
+        loss = loss + preserver.loss(g, run.unet, noisy, t, cond, run.text, acc, noise, noise_sched)
     return loss
 
 

@@ -31,14 +31,19 @@ AUTO_PROMPTS = 512  # the embedded model's automatic pool: every (shape, colour,
 EMPTY_SHARE = 0.25
 
 
-def embedded_prompts(n: int = AUTO_PROMPTS, seed: int = 0) -> list[str]:
-    """Random captions of random scenes over the embedded model's whole world (all styles, so the phrasings the
-    model knows, with and without size and position, all keep their meaning)."""
+def embedded_scenes(n: int = AUTO_PROMPTS, seed: int = 0) -> tuple[list[str], list]:
+    """Random scenes over the embedded model's whole world and a random caption of each (all styles, so the
+    phrasings the model knows, with and without size and position, all keep their meaning)."""
     from ..shapes.captions import random_caption
     from ..shapes.world import Split, sample_scenes
 
     rng = np.random.default_rng(seed + 1)  # phrasing draws apart from the scenes' own seed
-    return [random_caption(s, rng) for s in sample_scenes(n, seed, Split.ALL)]
+    scenes = sample_scenes(n, seed, Split.ALL)
+    return [random_caption(s, rng) for s in scenes], scenes
+
+
+def embedded_prompts(n: int = AUTO_PROMPTS, seed: int = 0) -> list[str]:
+    return embedded_scenes(n, seed)[0]
 
 
 def preservation_prompts(cfg: TrainConfig, embedded: bool, captions: list[str]) -> list[str]:
@@ -84,15 +89,39 @@ class Preserver:
     per_batch: int  # preservation prompts per micro-batch, on its first per_batch noisy latents; 0 = one per image
     unet: torch.nn.Module  # unwrapped: the no-grad base pass needs neither DDP's hooks nor a compiled graph
     adapters: list[torch.nn.Module]  # the modules whose peft adapters are switched off for the base pass
+    scenes: list | None = None  # embedded model: the world scene behind each prompt, preserved on its own latents
+    vae: torch.nn.Module | None = None
+    resolution: int = 128
+
+    def __post_init__(self):
+        self._latents: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _scene_latent(self, i: int) -> torch.Tensor:
+        """The VAE latent (4, h, w) of prompt i's rendered scene, encoded once, when first drawn."""
+        if i not in self._latents:
+            from ..shapes.world import render
+            from .batches import to_tensor
+
+            x = to_tensor(render(self.scenes[i], self.resolution)).unsqueeze(0).to(self.vae.device, self.vae.dtype)
+            self._latents[i] = (self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor)[0].float()
+        return self._latents[i]
 
     def loss(self, g: torch.Generator, unet, noisy: torch.Tensor, t: torch.Tensor, cond: dict, text,
-             accelerator) -> torch.Tensor:
-        """``preserve * MSE(adapter, base)`` on the first ``per_batch`` of the batch's noisy latents (B, 4, h, w)
-        and timesteps, each with a prompt drawn from ``g`` (after the batch's own draws: --resume stays exact)."""
+             accelerator, noise: torch.Tensor | None = None, noise_sched=None) -> torch.Tensor:
+        """``preserve * MSE(adapter, base)`` on the first ``per_batch`` of the batch's timesteps, each with a prompt
+        drawn from ``g`` (after the batch's own draws: --resume stays exact), on the batch's noisy latents; on the
+        embedded model on the prompt's own scene under the batch's noise. Why: on the instance latents only, the
+        base model's answer at small t is "denoise this bar", whatever the prompt, so nothing kept a square a square
+        (ordinary shape 81 -> 67 %); on the scenes' latents the whole denoising path of ordinary prompts is kept."""
         n = min(self.per_batch or noisy.shape[0], noisy.shape[0])
         picks = torch.randint(len(self.prompts), (n,), generator=g).tolist()
         prompts = [self.prompts[i] for i in picks]
         x, tt = noisy[:n], t[:n]  # (n, 4, h, w), (n,)
+        if self.scenes is not None and noise is not None:
+            x0 = torch.stack([self._scene_latent(i) for i in picks]).to(noisy)
+            if x0.shape == x.shape:  # same size as the batch (no aspect buckets)
+                x = noise_sched.add_noise(x0, noise[:n], tt)
         with torch.no_grad(), adapters_off(self.adapters), accelerator.autocast():
             base = self.unet(x, tt, **_conditioning(text(prompts), cond, n)).sample
         with accelerator.autocast():  # through the (possibly wrapped) training UNet: gradients flow as usual
@@ -115,7 +144,15 @@ def build(cfg: TrainConfig, model, trainable, captions: list[str]) -> Preserver 
         return None
     if not trainable.lora:  # config.validate refuses it first; this guards direct callers
         raise ValueError(f"preserve: is for LoRA training (--method lora or dreambooth), not {Method(cfg.method).value}")
-    prompts = preservation_prompts(cfg, model.ref.source == "embedded", captions)
-    prompts += [""] * max(1, round(EMPTY_SHARE * len(prompts)))
+    embedded = model.ref.source == "embedded"
+    scenes = None
+    if embedded and not cfg.preserve_prompts:
+        prompts, scenes = embedded_scenes(seed=cfg.seed)
+    else:
+        prompts = preservation_prompts(cfg, embedded, captions)
+    empty = max(1, round(EMPTY_SHARE * len(prompts)))
+    prompts += [""] * empty
+    if scenes is not None:  # the empty prompt on scenes too: the unconditional answer along ordinary paths
+        scenes = scenes + scenes[:empty]
     return Preserver(cfg.preserve, prompts, cfg.preserve_batch, trainable.modules["unet"],
-                     list(trainable.modules.values()))
+                     list(trainable.modules.values()), scenes, model.pipe.vae, cfg.resolution)
