@@ -11,7 +11,8 @@ def test_unset_values_follow_family_device_and_method():
     r = presets.resolve(TrainConfig(method="lora"), "embedded", "cpu", 128)
     assert r.preset == "embedded-lora-cpu" and r.cfg.resolution == 128  # the model's native size, not 512
     assert r.cfg.mixed_precision == "no" and r.cfg.gradient_checkpointing is False
-    assert "attn2.to_k" not in r.cfg.target_modules  # the embedded model keeps cross-attention K/V (see presets)
+    assert "attn2.to_v" not in r.cfg.target_modules  # cross-attention values carry every word: left alone
+    assert r.cfg.preserve == 1.0 and r.cfg.batch == 4  # output preservation keeps ordinary prompts (see presets)
     sdxl = presets.resolve(TrainConfig(method="lora"), "sdxl", "cuda", 1024, 12 * GIB, bf16=False)
     assert sdxl.preset == "sdxl-lora-gpu8" and sdxl.cfg.resolution == 1024 and sdxl.cfg.batch == 1
     assert sdxl.cfg.gradient_checkpointing and sdxl.cfg.mixed_precision == "fp16"  # no bf16 on that GPU
@@ -28,6 +29,7 @@ def test_explicit_values_win_and_are_not_marked_as_the_presets():
     assert not {"lr", "resolution", "steps"} & set(r.from_preset) and r.from_preset["rank"] == r.cfg.rank
     assert r.cfg.validation_every == 10 and r.cfg.checkpoint_every == 5  # per run, so they follow --steps
     assert r.summary().startswith("preset embedded-lora-cpu: rank 32")
+    assert presets.resolve(TrainConfig(method="lora"), "sd1", "cpu", 512).cfg.preserve == 0.0  # needs class words
 
 
 def test_named_presets_and_the_dreambooth_variants():

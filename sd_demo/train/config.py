@@ -80,12 +80,13 @@ class TrainConfig:
     dreambooth_full: bool = _f(False, "DreamBooth: fine-tune the whole UNet instead of a LoRA")
     overwrite: bool = _f(False, "write into a non-empty --out (never deletes files we did not write)")
     push_to_hub: str | None = _f(None, "Hub repo id to push the result to")
-    preserve: float = _f(0.0, "LoRA output preservation: weight of a loss keeping the adapter's answers to other "
-                              "prompts equal to the base model's, so only the trigger changes (0 = off)")
+    preserve: float | None = _f(None, "LoRA output preservation: weight of a loss keeping the adapter's answers to "
+                                      "other prompts equal to the base model's, so only the trigger changes (0 = off)",
+                                type=float)
     preserve_prompts: str | None = _f(None, "--preserve: a .txt of other prompts, one a line (default: the embedded "
                                             "model's own world; else the captions, --trigger replaced by --class-word)")
-    preserve_batch: int = _f(0, "--preserve: preservation prompts per micro-batch, on its first N noisy latents "
-                                "(0 = one per image)")
+    preserve_batch: int | None = _f(None, "--preserve: preservation prompts per micro-batch, on its first N noisy "
+                                          "latents (0 = one per image)", type=int)
 
     def validate(self) -> "TrainConfig":
         def bad(name, why):
@@ -143,9 +144,10 @@ class TrainConfig:
         if self.preserve and (self.method not in (Method.LORA.value, Method.DREAMBOOTH.value) or self.dreambooth_full):
             bad("preserve", "is for --method lora or dreambooth (LoRA): the base model is the UNet with the adapter "
                             "switched off, which textual inversion and full fine-tunes do not have")
-        if self.preserve_prompts and self.preserve == 0:
+        if self.preserve_prompts and self.preserve is not None and self.preserve == 0:
             bad("preserve_prompts", "needs --preserve > 0 (the weight of output preservation)")
-        if self.preserve_batch < 0 or (self.batch is not None and self.preserve_batch > self.batch):
+        if self.preserve_batch is not None and (self.preserve_batch < 0 or (self.batch is not None
+                                                                          and self.preserve_batch > self.batch)):
             bad("preserve_batch", f"{self.preserve_batch} must be between 0 and --batch")
         return self
 

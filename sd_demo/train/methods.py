@@ -36,7 +36,8 @@ class MethodSpec:
 
     def card_skips(self) -> set[str]:
         """Hyper-parameters that mean nothing for this method (the card leaves them out)."""
-        skip = set() if self.lora else {"rank", "alpha", "trigger_token", "target_modules"}
+        skip = set() if self.lora else {"rank", "alpha", "trigger_token", "target_modules", "preserve",
+                                        "preserve_batch"}
         skip |= set() if self.tokens else {"init_word", "num_vectors"}
         return skip | (set() if self.tag == "dreambooth" else {"num_class_images"})
 

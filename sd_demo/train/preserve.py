@@ -3,9 +3,10 @@
 A LoRA trained on a dozen images of one new concept learns to draw that concept for every prompt (on the embedded
 model a plain LoRA on 12 bars drew every object as a bar: ordinary shape accuracy 84 -> 9 %), because nothing in
 its data says what sets the concept apart. DreamBooth's prior preservation answers with class images the user
-supplies or the base model generates first; this needs neither. Each micro-batch, on the instance batch's own noisy
-latents and timesteps, the adapter is also asked other prompts (not the trigger's) and pulled towards what the base
-model (the same UNet with its adapters disabled) predicts for them:
+supplies or the base model generates first; this needs neither. Each micro-batch, at the instance batch's timesteps
+and on its noisy latents (on the embedded model: each prompt's own rendered world scene under the batch's noise), the
+adapter is also asked other prompts (not the trigger's; a fifth of them the empty prompt that CFG subtracts) and
+pulled towards what the base model (the same UNet with its adapters disabled) predicts for them:
 
     loss += preserve * MSE(ε_adapter(x_t, t, c_other), ε_base(x_t, t, c_other))
 
