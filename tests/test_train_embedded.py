@@ -96,7 +96,8 @@ def _config(method, data, out, **kw):
     from sd_demo.train.config import TrainConfig
 
     base = dict(method=method, model="embedded", data=str(data), out=str(out), resolution=128, batch=4, seed=0,
-                snr_gamma=5.0, validation_every=0, checkpoint_every=0)  # the proofs judge the final weights only
+                snr_gamma=5.0, validation_every=0, checkpoint_every=0,  # the proofs judge the final weights only
+                preserve=0.0)  # the issue-5 recipes as measured (the LoRA preset now adds output preservation)
     base.update(kw)
     return TrainConfig(**base)
 
