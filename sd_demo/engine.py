@@ -110,8 +110,11 @@ class Engine:
         return m.describe() if m else "no model loaded"
 
     def defaults(self, spec: str | None = None) -> ModelDefaults:
-        """Load ``spec`` (None: the current or start-up model) and return what the UI sets from it."""
-        m = self.load(spec) if spec or self.cache.current is None else self.cache.current
+        """Load ``spec`` and return what the UI sets from it; None: the loaded model's (a start-up model that
+        failed to load is not tried again here: the UI already shows why)."""
+        if spec is None and self.cache.current is None:
+            raise ValueError("no model loaded")
+        m = self.load(spec) if spec else self.cache.current
         return ModelDefaults(m.describe(), m.default_size, m.default_guidance, m.default_sampler)
 
     # ------------------------------------------------------------------ training (jobs live in self.jobs)
