@@ -125,14 +125,31 @@ class Engine:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         return staging.stage(paths, Path(self.settings.outputs) / "train-data" / stamp, public=public)
 
+    def _staged(self, folder: str) -> Path:
+        """A dataset folder this engine staged (no other path of the server is written to)."""
+        root = (Path(self.settings.outputs) / "train-data").resolve()
+        path = Path(folder).resolve()
+        if path.parent != root or not path.is_dir():
+            raise ValueError("data: upload the training images again")
+        return path
+
     def save_captions(self, folder: str, rows: list[tuple[str, str]]):
         from .train import staging
 
-        root = (Path(self.settings.outputs) / "train-data").resolve()
-        path = Path(folder).resolve()
-        if path.parent != root:  # only folders this engine staged
-            raise ValueError("data: upload the training images again")
-        return staging.write_captions(path, rows)
+        return staging.write_captions(self._staged(folder), rows)
+
+    def auto_caption(self, folder: str, model_id: str, trigger: str | None = None, overwrite: bool = False,
+                     public: bool = False):
+        """Caption a staged folder's images with an image-to-text model (see train.autocaption): (inventory,
+        captions written). A public app offers only the default captioner (no downloads of visitors' choosing);
+        on a GPU busy with training it runs on the CPU."""
+        from .train.autocaption import DEFAULT_CAPTIONER, caption_folder
+
+        model_id = (model_id or "").strip() or DEFAULT_CAPTIONER
+        if public and model_id != DEFAULT_CAPTIONER:
+            raise ValueError(f"captioner: this public app offers only {DEFAULT_CAPTIONER}")
+        device = "cpu" if self.jobs.running() else self._device()
+        return caption_folder(self._staged(folder), model_id, trigger, overwrite, device)
 
     def is_training_result(self, source: str) -> bool:
         """Is ``source`` the output folder of one of this app's training jobs? (Public apps allow only those.)"""
@@ -173,10 +190,13 @@ class Engine:
             return f"waiting: training job {job} is using the GPU; this image starts when it stops or finishes"
         return f"training job {job} is running: generation shares the CPU cores with it and is slower"
 
-    def _on_gpu(self) -> bool:
+    def _device(self) -> str:
         from .models import pick_device
 
-        return pick_device(self.settings.device) != "cpu"
+        return pick_device(self.settings.device)
+
+    def _on_gpu(self) -> bool:
+        return self._device() != "cpu"
 
     # ------------------------------------------------------------------ generation
     def cancel(self, job: str = "default") -> bool:

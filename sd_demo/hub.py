@@ -42,7 +42,7 @@ def cache_dir() -> str:
     return os.environ.get("HF_HUB_CACHE") or hf_constants.HF_HUB_CACHE
 
 
-def _hub_error(repo_id: str, revision: str | None, exc: Exception) -> ValueError:
+def hub_error(repo_id: str, revision: str | None, exc: Exception) -> ValueError:
     rev = f"@{revision}" if revision else ""
     if isinstance(exc, GatedRepoError):
         return ValueError(f"model '{repo_id}' is gated: accept its license on the Hub and log in (HF_TOKEN)")
@@ -67,7 +67,7 @@ def list_repo_files(repo_id: str, revision: str | None = None) -> list[str]:
             return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
         return HfApi().list_repo_files(repo_id, revision=revision)
     except Exception as exc:  # every hub failure becomes one actionable line
-        raise _hub_error(repo_id, revision, exc) from exc
+        raise hub_error(repo_id, revision, exc) from exc
 
 
 @dataclass
@@ -188,7 +188,7 @@ def fetch_model(
             tqdm_class=tqdm_class,
         )
     except Exception as exc:
-        raise _hub_error(repo_id, revision, exc) from exc
+        raise hub_error(repo_id, revision, exc) from exc
     return Path(folder), plan
 
 

@@ -23,6 +23,14 @@ def tiny_model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_captioner(tmp_path_factory):
+    """A saved tiny random BLIP captioner folder (auto-captioning)."""
+    from tests.tiny_models import build_tiny_captioner
+
+    return build_tiny_captioner(tmp_path_factory.mktemp("captioner"))
+
+
+@pytest.fixture(scope="session")
 def hf_cache(tmp_path_factory, tiny_model_dirs):
     """A Hub cache dir holding the tiny models as "tiny/sd15", "tiny/sd2v", "tiny/sdxl".
 

@@ -1,5 +1,5 @@
 """The Training tab in headless Chromium, as a person uses it (tiny SD 1.x model, so steps take milliseconds):
-upload (a bad file is listed as skipped), Train, the live status and loss plot, a page reload re-attaches, Stop,
+upload (a bad file is listed as skipped), auto-caption, Train, the live status and loss plot, a page reload re-attaches, Stop,
 Resume, a kill from outside shows "interrupted" and Resume continues, "Train N more steps", "Use in Generate",
 generate with the result, download the zip. Screenshots of each stage go to the test's tmp folder."""
 import json
@@ -46,7 +46,7 @@ def _open_train_tab(page):
     page.locator("#train-btn").wait_for()
 
 
-def test_train_stop_resume_reload_kill_finish_and_use(app_server, upload_files, tmp_path):
+def test_train_stop_resume_reload_kill_finish_and_use(app_server, upload_files, tiny_captioner, tmp_path):
     from playwright.sync_api import sync_playwright
 
     url, engine = app_server
@@ -62,6 +62,14 @@ def test_train_stop_resume_reload_kill_finish_and_use(app_server, upload_files, 
         assert "broken.png (not an image" in page.locator("#train-data-note").inner_text()
         assert "sd1-lora-cpu" in page.locator("#train-preset-note").inner_text()  # what the preset will set
         page.locator("#train-trigger textarea").fill("zq")
+        page.locator("#train-autocaption").get_by_text("Auto-caption").click()  # an image-to-text model captions
+        page.locator("#train-captioner textarea").fill(str(tiny_captioner))
+        page.get_by_label("Replace existing captions").check()
+        page.locator("#train-caption-btn").click()
+        page.wait_for_function("() => document.querySelector('#train-data-note').innerText.includes('6 caption(s)')",
+                               timeout=WAIT)
+        table = page.locator("#train-captions").inner_text()
+        assert table.count("zq, ") == 6 and "a blue zq square" not in table  # replaced, trigger in front
         page.locator("#train-advanced").get_by_text("Advanced").click()
         page.locator("#train-steps textarea").fill("5000")  # long enough to stop it by hand
         shot(page, "1-upload")

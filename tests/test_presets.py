@@ -32,6 +32,31 @@ def test_explicit_values_win_and_are_not_marked_as_the_presets():
     assert presets.resolve(TrainConfig(method="lora"), "sd1", "cpu", 512).cfg.preserve == 0.0  # needs class words
 
 
+def test_the_embedded_lora_keys_on_a_new_token_for_the_trigger_found_in_the_captions():
+    """Pivotal tuning on the embedded model (benchmarks/train_defaults.py): the trigger becomes a new token, given or
+    found; with no trigger there is nothing to make a token of."""
+    found = presets.resolve(TrainConfig(method="lora"), "embedded", "cpu", 128, found_trigger="zkring")
+    assert found.cfg.trigger == "zkring" and found.cfg.trigger_token is True
+    assert "trigger 'zkring' (a word of every caption" in found.summary()
+    given = presets.resolve(TrainConfig(method="lora", trigger="qq"), "embedded", "cpu", 128, found_trigger="zkring")
+    assert given.cfg.trigger == "qq" and given.found_trigger is None  # a given trigger wins
+    assert presets.resolve(TrainConfig(method="lora"), "embedded", "cpu", 128).cfg.trigger_token is False
+    off = presets.resolve(TrainConfig(method="lora", trigger_token=False), "embedded", "cpu", 128, found_trigger="zk")
+    assert off.cfg.trigger_token is False and "trigger_token" not in off.from_preset
+    assert presets.resolve(TrainConfig(method="lora", trigger="sks"), "sd1", "cpu", 512).cfg.trigger_token is False
+    assert presets.resolve(TrainConfig(method="full"), "sd1", "cpu", 512).cfg.trigger_token is None
+
+
+def test_the_trigger_is_the_made_up_word_every_caption_shares():
+    from sd_demo.train.data import find_trigger
+
+    known = {"a", "red", "blue", "on", "background", "green", "photo", "of", "sks", "dog"}.__contains__
+    assert find_trigger(["a red zkring on a blue background", "Zkring, green on red"], known) == "zkring"
+    assert find_trigger(["a photo of sks dog", "sks dog on red"], known) is None  # a known token: no new word
+    assert find_trigger(["a red qq", "a blue zz"], known) is None  # no shared word
+    assert find_trigger([], known) is None
+
+
 def test_named_presets_and_the_dreambooth_variants():
     named = presets.resolve(TrainConfig(method="lora", preset="sd1-lora-gpu16"), "sd1", "cpu", 512)
     assert named.preset == "sd1-lora-gpu16" and named.cfg.batch == 2

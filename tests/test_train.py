@@ -432,6 +432,19 @@ def test_trigger_token_rows_train_without_weight_decay(tiny_model_dirs, data_dir
     assert [g.get("weight_decay") for g in groups] == [None, 0.0]  # the LoRA keeps the optimizer's decay
     assert groups[1]["params"] == [rows] and all(p is not rows for p in groups[0]["params"])
 
+    # Captions without the new token (preservation and class prompts) encode once; the trigger's each time, with
+    # gradients to its rows; a mixed batch is both, in order, equal to encoding it whole.
+    from sd_demo.train.loop import TextEncoderCache
+
+    text = TextEncoderCache(pipe, frozen=False, sdxl=False, new_tokens=t.new_token_ids())
+    mixed = text(["a red square", "a <zz> square", "a red square"])["encoder_hidden_states"]
+    assert set(text.cache) == {"a red square"} and mixed.requires_grad
+    whole = pipe.encode_prompt(["a red square", "a <zz> square", "a red square"], "cpu", 1, False)[0]
+    assert torch.allclose(mixed, whole, atol=1e-5)
+    mixed.sum().backward()
+    assert rows.grad is not None and rows.grad.abs().sum() > 0
+    assert not text(["a red square"])["encoder_hidden_states"].requires_grad  # from the cache
+
 
 @pytest.mark.parametrize("kw,needle", [
     (dict(method="textual-inversion", trigger="<t>", trigger_token=True), "trigger_token: is for --method lora"),

@@ -7,6 +7,7 @@ Everything here is built in-process (no Hugging Face Hub access):
 * ``fill_hf_cache``        - copy such a folder into a Hub cache layout so ``snapshot_download`` /
                              ``from_pretrained(repo_id)`` work with ``HF_HUB_OFFLINE=1``.
 * ``make_pickle_only``     - turn a saved folder into a pickle-only (``*.bin``) one.
+* ``build_tiny_captioner`` - a random BLIP image-to-text model and processor (auto-captioning).
 
 The models produce noise, not images; they only have the right *shapes* and *configs* so that
 the real diffusers pipelines run end to end in well under a second on CPU.
@@ -393,3 +394,32 @@ def make_pickle_only(model_dir) -> list[Path]:
         st_path.unlink()
         written.append(target)
     return written
+
+
+# --------------------------------------------------------------------------------------------
+# Captioner
+# --------------------------------------------------------------------------------------------
+
+CAPTION_WORDS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *TOKENIZER_WORDS)
+
+
+def build_tiny_captioner(out_dir, seed: int = 0) -> Path:
+    """A random BLIP captioning model (32-px images, 2 layers) with its processor, saved as safetensors. Its
+    captions are random words of ``TOKENIZER_WORDS``, which is all a test of the plumbing needs."""
+    from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipProcessor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    out = Path(out_dir)
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(CAPTION_WORDS)}, do_lower_case=True)
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    ids = {w: CAPTION_WORDS.index(w) for w in ("[PAD]", "[SEP]", "[DEC]")}
+    text = dict(vocab_size=len(CAPTION_WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64, bos_token_id=ids["[DEC]"],
+                eos_token_id=ids["[SEP]"], sep_token_id=ids["[SEP]"], pad_token_id=ids["[PAD]"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
+    model.save_pretrained(out)
+    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(out)
+    return out

@@ -37,7 +37,8 @@ class TrainConfig:
     batch: int | None = _f(None, "images per step", type=int)
     grad_accum: int = _f(1, "micro-batches per optimizer step", flag="--grad-accum")
     seed: int = _f(0, "seed of everything random: data order, noise, timesteps, dropout")
-    trigger: str | None = _f(None, "trigger word, prepended to captions that lack it (LoRA/DreamBooth)")
+    trigger: str | None = _f(None, "trigger word, prepended to captions that lack it (LoRA/DreamBooth; default: a "
+                                   "word of every caption that the model does not know, e.g. 'zkring')")
     instance_prompt: str | None = _f(None, "one caption for every image that has none")
     checkpoint_every: int | None = _f(None, "save a resumable checkpoint every N steps and at the end (0 = none; "
                                             "default: a tenth of the steps for adapters and embeddings)", type=int)
@@ -66,8 +67,9 @@ class TrainConfig:
     init_word: str = _f("object", "textual inversion: the word the new token starts from")
     num_vectors: int = _f(1, "textual inversion / --trigger-token: vectors behind the token (A1111's 'vectors "
                              "per token'); more hold more of a concept, e.g. a colour and a shape")
-    trigger_token: bool = _f(False, "LoRA/DreamBooth: make --trigger a new token and train its embedding with the "
-                                    "LoRA (pivotal tuning): the adapter then keys on a token no other prompt has")
+    trigger_token: bool | None = _f(None, "LoRA/DreamBooth: make --trigger a new token and train its embedding "
+                                          "with the LoRA (pivotal tuning): the adapter then keys on a token no other "
+                                          "prompt has", type=bool)
     class_prompt: str | None = _f(None, "DreamBooth prior preservation: prompt of the class ('a photo of a dog')")
     class_word: str | None = _f(None, "DreamBooth prior preservation: class prompts are the instance captions with "
                                       "the trigger replaced by this word ('circle'), instead of one --class-prompt; "

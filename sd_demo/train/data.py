@@ -19,6 +19,7 @@ import weakref
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from PIL import Image
 
@@ -290,6 +291,20 @@ def add_trigger(caption: str, trigger: str | None) -> str:
     if not trigger or trigger_pattern(trigger).search(caption):
         return caption
     return f"{trigger}, {caption}" if caption else trigger
+
+
+def _words(caption: str) -> list[str]:
+    return re.findall(r"[^\s,.;:!?\"'()\[\]{}]+", caption.lower())
+
+
+def find_trigger(captions: list[str], one_token: Callable[[str], bool]) -> str | None:
+    """The trigger of a dataset captioned without --trigger: the first word of the first caption that every
+    caption has and the model's tokenizer does not hold as one token (a made-up word like 'zkring', the usual way
+    to name a new concept), or None."""
+    if not captions:
+        return None
+    common = set.intersection(*(set(_words(c)) for c in captions))
+    return next((w for w in _words(captions[0]) if w in common and not w.isdigit() and not one_token(w)), None)
 
 
 def _classify(root: Path, files: list[Path], max_pixels: int):

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ from . import estimate, methods, preserve, presets
 from .card import write_card
 from .config import Method, TrainConfig
 from .batches import BucketBatchSampler, TrainDataset, load_example, micro_conditioning, to_tensor
-from .data import DataConfig, scan_dataset, trigger_pattern
+from .data import DataConfig, find_trigger, scan_dataset, trigger_pattern
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +86,32 @@ def cache_latents(vae, dataset: TrainDataset, flips: bool) -> dict[tuple[int, bo
 
 
 class TextEncoderCache:
-    """Text conditioning per caption; cached when the text encoders are frozen (the common LoRA case)."""
+    """Text conditioning per caption. Cached when the text encoders are frozen (the common LoRA case), and when only
+    new token rows train (--trigger-token, textual inversion) for the captions without those tokens (preservation
+    prompts, class prompts): those cannot change, so only captions with a trained token are encoded each step."""
 
-    def __init__(self, pipe, frozen: bool, sdxl: bool):
+    def __init__(self, pipe, frozen: bool, sdxl: bool, new_tokens: dict[str, int] | None = None):
         self.pipe, self.frozen, self.sdxl, self.cache = pipe, frozen, sdxl, {}
+        self.new_tokens = new_tokens  # tokenizer attribute -> first new id, when only new token rows train
+
+    def _constant(self, caption: str) -> bool:
+        if self.frozen:
+            return True
+        if self.new_tokens is None:
+            return False
+        return all(max(getattr(self.pipe, tok)(caption).input_ids) < first for tok, first in self.new_tokens.items())
 
     def __call__(self, captions: list[str]) -> dict:
-        if not self.frozen:
+        live = [c for c in dict.fromkeys(captions) if not self._constant(c)]
+        if len(live) == len(set(captions)):
             return self._encode(captions)
-        for c in set(captions) - set(self.cache):
+        for c in set(captions) - set(self.cache) - set(live):
             with torch.no_grad():
                 self.cache[c] = {k: v[0] for k, v in self._encode([c]).items()}
-        return {k: torch.stack([self.cache[c][k] for c in captions]) for k in self.cache[captions[0]]}
+        fresh = self._encode(live) if live else {}
+        rows = {c: {k: v[i] for k, v in fresh.items()} for i, c in enumerate(live)}
+        rows.update({c: self.cache[c] for c in set(captions) - set(live)})
+        return {k: torch.stack([rows[c][k] for c in captions]) for k in rows[captions[0]]}
 
     def _encode(self, captions: list[str]) -> dict:
         if not self.sdxl:
@@ -262,9 +277,26 @@ def load_for_training(cfg: TrainConfig):
     precision = presets.load_precision(cfg, device, bf16)
     model = load_model(cfg.model, device=device, dtype=weights_dtype(replace(cfg, mixed_precision=precision), device))
     resolved = presets.resolve(cfg, presets.family_key(model), device, model.default_size,
-                               estimate.available_bytes(device), bf16)
+                               estimate.available_bytes(device), bf16, _found_trigger(cfg, model.pipe.tokenizer))
     resolved.cfg.validate()
     return model, resolved
+
+
+def _found_trigger(cfg: TrainConfig, tokenizer) -> str | None:
+    """A LoRA or DreamBooth run without --trigger: the made-up word its captions share (data.find_trigger)."""
+    if cfg.trigger or not methods.method_spec(cfg).lora:
+        return None
+    try:
+        with warnings.catch_warnings():  # the run's own scan reports skipped files
+            warnings.simplefilter("ignore")
+            report = scan_dataset(DataConfig(path=cfg.data, resolution=cfg.resolution or 64,
+                                             instance_prompt=cfg.instance_prompt))
+    except ValueError:  # bad data: the run's own scan says why
+        return None
+    try:
+        return find_trigger([ex.caption for ex in report.examples], lambda w: len(tokenizer.tokenize(w)) == 1)
+    finally:
+        report.cleanup()
 
 
 def _trainable_guess(cfg: TrainConfig, pipe) -> int:
@@ -344,7 +376,8 @@ def prepare(cfg: TrainConfig, on_event=None) -> Run:
     preserver = preserve.build(cfg, model, trainable, [ex.caption for ex in streams[0].dataset.examples])
     trainable.upcast()
     optimizer, lr_sched, noise_sched = _optimisation(cfg, model, trainable)
-    text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=model.family == "sdxl")
+    text = TextEncoderCache(pipe, frozen=not trainable.trains_text_encoder, sdxl=model.family == "sdxl",
+                            new_tokens=trainable.new_token_ids())
     run = Run(cfg=cfg, resolved=resolved, out=out, model=model, report=report, streams=streams, trainable=trainable,
               preserver=preserver, text=text, optimizer=optimizer, lr_sched=lr_sched, noise_sched=noise_sched,
               accelerator=accelerator, unet=pipe.unet)

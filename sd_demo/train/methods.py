@@ -95,6 +95,15 @@ class Trainable:
         """Encoder name -> its new-token rows: textual inversion's modules, or a LoRA's ``<encoder>_token``."""
         return {m.removesuffix("_token"): mod for m, mod in self.modules.items() if isinstance(mod, NewTokenEmbedding)}
 
+    def new_token_ids(self) -> dict[str, int] | None:
+        """Tokenizer attribute -> first new token id, when the text encoders train only new token rows (a caption
+        without those ids then encodes the same at every step); else None."""
+        tokens = self.token_embeddings()
+        text = [m for m in self.modules if m.startswith("text_encoder")]
+        if not tokens or len(tokens) != len(text):
+            return None
+        return {name.replace("text_encoder", "tokenizer"): emb.n_old for name, emb in tokens.items()}
+
     def params(self) -> list[torch.nn.Parameter]:
         return list(self.named().values())
 

@@ -26,7 +26,7 @@ SD_TARGETS = "to_q,to_k,to_v,to_out.0"  # the diffusers examples' and kohya's at
 # What a preset may set: the TrainConfig fields whose default is None ("from the preset").
 PRESET_FIELDS = ("resolution", "steps", "lr", "rank", "alpha", "batch", "target_modules", "snr_gamma",
                  "mixed_precision", "gradient_checkpointing", "validation_every", "num_class_images",
-                 "checkpoint_every", "preserve", "preserve_batch")
+                 "checkpoint_every", "preserve", "preserve_batch", "trigger_token")
 # Given per run, not in steps, so that they follow --steps: checkpoints of an adapter or an embedding (small files;
 # a kill loses a tenth at most) and live sample grids.
 PER_RUN = {"checkpoint_every": 10, "validation_every": 5}
@@ -50,7 +50,7 @@ def _method_values(family: str, method: Method) -> dict:
             # learn the trigger). benchmarks/train_defaults.py: 10/16 bars, ordinary 77 / 97 / 100 % (base
             # 81 / 97 / 100) in 233 s; the goal (13/16 in 5 min) is not reached yet, see BENCHMARKS.md.
             Method.LORA: {**lora, "target_modules": EMBEDDED_TARGETS + ",attn2.to_k", "batch": 4, "preserve": 1.0,
-                          "preserve_batch": 2},
+                          "preserve_batch": 2, "trigger_token": True},
             Method.DREAMBOOTH: {**lora, "num_class_images": 24},
             # 300 steps at 5e-2 learnt a two-word compound in 2 vectors (tests/test_train_embedded.py)
             Method.TEXTUAL_INVERSION: dict(lr=5e-2, steps=300, batch=4, snr_gamma=5.0),
@@ -86,6 +86,8 @@ def _device_values(family: str, method: Method, tier: str, values: dict) -> dict
     v.setdefault("num_class_images", 0)
     v.setdefault("preserve", 0.0)
     v.setdefault("preserve_batch", 0)
+    if method in (Method.LORA, Method.DREAMBOOTH):
+        v.setdefault("trigger_token", False)
     # A whole UNet's checkpoint with its optimizer state is gigabytes (SD 1.5: ~10 GB); only the embedded one is small
     v["checkpoint_every"] = 0 if whole_unet and family != "embedded" else PER_RUN["checkpoint_every"]
     v["resolution"] = None  # the model's native size
@@ -147,15 +149,25 @@ class Resolved:
     cfg: TrainConfig
     preset: str
     from_preset: dict  # field -> value the preset supplied (explicit values are not listed)
+    found_trigger: str | None = None  # the trigger word found in the captions (none was given)
 
     def summary(self) -> str:
         vals = ", ".join(f"{k} {v}" for k, v in self.from_preset.items())
-        return f"preset {self.preset}: {vals}" if vals else f"preset {self.preset}: every value given explicitly"
+        line = f"preset {self.preset}: {vals}" if vals else f"preset {self.preset}: every value given explicitly"
+        if self.found_trigger:
+            line += (f"; trigger '{self.found_trigger}' (a word of every caption this model does not know; "
+                     "--trigger picks another)")
+        return line
 
 
 def resolve(cfg: TrainConfig, family: str, device: str, native_size: int, memory_bytes: int | None = None,
-            bf16: bool = True) -> Resolved:
-    """Fill the unset fields of ``cfg`` from its preset (``cfg.preset`` or the one for family / device / method)."""
+            bf16: bool = True, found_trigger: str | None = None) -> Resolved:
+    """Fill the unset fields of ``cfg`` from its preset (``cfg.preset`` or the one for family / device / method);
+    ``found_trigger`` is the trigger when none was given."""
+    if found_trigger and not cfg.trigger:
+        cfg = replace(cfg, trigger=found_trigger)
+    else:
+        found_trigger = None
     preset = pick(cfg, family, device_tier(device, memory_bytes))
     filled = {}
     for name in PRESET_FIELDS:
@@ -170,9 +182,11 @@ def resolve(cfg: TrainConfig, family: str, device: str, native_size: int, memory
             value = _precision(value, device, bf16)
         if name == "num_class_images" and (cfg.class_data or not (cfg.class_prompt or cfg.class_word)):
             value = 0  # generated prior images need a class prompt or word; own class images need none
+        if name == "trigger_token" and value and not cfg.trigger:
+            value = False  # a new token needs a trigger word (given, or found in the captions)
         if value is not None:  # rank and the like mean nothing to textual inversion or a full fine-tune
             filled[name] = value
-    return Resolved(replace(cfg, **filled), preset.name, filled)
+    return Resolved(replace(cfg, **filled), preset.name, filled, found_trigger)
 
 
 def describe(cfg: TrainConfig) -> str:

@@ -9,6 +9,7 @@ import gradio as gr
 
 from ..engine import Engine
 from ..train.config import Method, config_fields, from_values
+from ..train.autocaption import DEFAULT_CAPTIONER
 from ..train.presets import PRESETS
 from .generate import GenerateTab, add_lora, user_error
 
@@ -81,12 +82,13 @@ def _job_outputs(engine: Engine, job_id: str) -> tuple:
     return job_id, status, plot, samples, engine.jobs.log_tail(job_id), _runs_table(engine)
 
 
-def _preset_note(meth: str, base: str, pre: str) -> str:
+def _preset_note(meth: str, base: str, pre: str, trig: str = "") -> str:
     """What the preset will set (Advanced fields left empty take these values)."""
     from ..train.presets import describe
 
     try:
-        return describe(from_values({"method": meth, "model": base, "preset": None if pre == AUTO else pre}))
+        return describe(from_values({"method": meth, "model": base, "preset": None if pre == AUTO else pre,
+                                     "trigger": trig}))
     except ValueError as exc:
         return f"⚠️ {exc}"
 
@@ -122,6 +124,13 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
                 trigger = gr.Textbox(label="Trigger word", elem_id="train-trigger",
                                      info="a rare word for your concept (e.g. 'zkring'); added to captions that lack it")
                 instance_prompt = gr.Textbox(label="Instance prompt", info="caption for images that have none")
+            with gr.Accordion("Auto-caption", open=False, elem_id="train-autocaption"):
+                with gr.Row(equal_height=True):
+                    captioner = gr.Textbox(DEFAULT_CAPTIONER, label="Image-to-text model", interactive=not public,
+                                           info="a transformers captioner (BLIP, GIT, Florence-2) cached here or "
+                                                "on the Hub", scale=3, elem_id="train-captioner")
+                    overwrite = gr.Checkbox(False, label="Replace existing captions", scale=1)
+                    caption_btn = gr.Button("Caption images", scale=1, elem_id="train-caption-btn")
             with gr.Row():
                 method = gr.Dropdown([m.value for m in Method], value=Method.LORA.value, label="Method")
                 model = gr.Dropdown(engine.model_choices(), value=engine.settings.model, label="Base model",
@@ -170,6 +179,20 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
 
     files.upload(on_upload, files, [data_dir, data_note, data_gallery, captions], api_visibility="private")
 
+    def auto_caption(folder: str, table, model_id: str, trig: str, replace: bool):
+        """Save the table's edits first (they are the user's), then caption; the trigger goes in front."""
+        try:
+            if not folder:
+                raise ValueError("data: upload training images first")
+            engine.save_captions(folder, _rows(table))
+            staged, n = engine.auto_caption(folder, model_id, trig, replace, public=public)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return f"{n} caption(s) written by {model_id}. {staged.summary()}", [list(r) for r in staged.rows]
+
+    caption_btn.click(auto_caption, [data_dir, captions, captioner, trigger, overwrite], [data_note, captions],
+                      api_visibility="private")
+
     def form_config(folder, table, trig, prompt, meth, base, pre, *adv):
         if not folder:
             raise ValueError("data: upload training images first")
@@ -191,8 +214,8 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
 
     train_btn.click(start, form, job_view, api_visibility="private")
 
-    for trigger_event in (method.change, model.change, preset.change):
-        trigger_event(_preset_note, [method, model, preset], preset_note, api_visibility="private")
+    for trigger_event in (method.change, model.change, preset.change, trigger.change):
+        trigger_event(_preset_note, [method, model, preset, trigger], preset_note, api_visibility="private")
 
     def refresh(job_id: str):
         job_id = job_id or engine.jobs.running() or next(iter(engine.jobs.jobs()), "")  # a reload re-attaches
