@@ -36,11 +36,14 @@ def test_the_embedded_lora_keys_on_a_new_token_for_the_trigger_found_in_the_capt
     """Pivotal tuning on the embedded model (benchmarks/train_defaults.py): the trigger becomes a new token, given or
     found; with no trigger there is nothing to make a token of."""
     found = presets.resolve(TrainConfig(method="lora"), "embedded", "cpu", 128, found_trigger="zkring")
-    assert found.cfg.trigger == "zkring" and found.cfg.trigger_token is True
+    assert found.cfg.trigger == "zkring" and found.cfg.trigger_token is True and found.cfg.token_lr == 5e-3
     assert "trigger 'zkring' (a word of every caption" in found.summary()
     given = presets.resolve(TrainConfig(method="lora", trigger="qq"), "embedded", "cpu", 128, found_trigger="zkring")
     assert given.cfg.trigger == "qq" and given.found_trigger is None  # a given trigger wins
-    assert presets.resolve(TrainConfig(method="lora"), "embedded", "cpu", 128).cfg.trigger_token is False
+    none = presets.resolve(TrainConfig(method="lora"), "embedded", "cpu", 128)
+    assert none.cfg.trigger_token is False and none.cfg.token_lr is None
+    te = presets.resolve(TrainConfig(method="lora", trigger="zk", train_text_encoder=True), "embedded", "cpu", 128)
+    assert te.cfg.trigger_token is False  # the text encoder trains instead (the two exclude each other)
     off = presets.resolve(TrainConfig(method="lora", trigger_token=False), "embedded", "cpu", 128, found_trigger="zk")
     assert off.cfg.trigger_token is False and "trigger_token" not in off.from_preset
     assert presets.resolve(TrainConfig(method="lora", trigger="sks"), "sd1", "cpu", 512).cfg.trigger_token is False

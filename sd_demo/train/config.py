@@ -56,6 +56,8 @@ class TrainConfig:
     train_text_encoder: bool = _f(False, "also train the text encoder (LoRA on it, or fully for 'full')")
     text_encoder_lr: float | None = _f(None, "learning rate of the text encoder(s) when they train beside the UNet "
                                              "(--train-text-encoder); default: --lr", type=float)
+    token_lr: float | None = _f(None, "learning rate of the trigger's new token rows (--trigger-token); default: "
+                                      "--text-encoder-lr, else --lr", type=float)
     target_modules: str | None = _f(None, "comma-separated UNet modules that get LoRA (e.g. to_q,to_k,to_v,to_out.0)")
     center_crop: bool = _f(True, "centre crop (else a random crop, drawn once per image: latents are cached)")
     random_flip: bool = _f(False, "random horizontal flip")
@@ -106,8 +108,9 @@ class TrainConfig:
                 bad(name, f"{getattr(self, name)} must be > 0")
         if self.lr is not None and self.lr <= 0:
             bad("lr", f"{self.lr} must be > 0")
-        if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
-            bad("text_encoder_lr", f"{self.text_encoder_lr} must be > 0")
+        for name in ("text_encoder_lr", "token_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                bad(name, f"{getattr(self, name)} must be > 0")
         if self.alpha is not None and self.alpha <= 0:
             bad("alpha", f"{self.alpha} must be > 0")
         if self.resolution and self.resolution % 8:

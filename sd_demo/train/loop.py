@@ -408,7 +408,7 @@ def _optimisation(cfg: TrainConfig, model, trainable) -> tuple:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    optimizer = make_optimizer(trainable.param_groups(cfg.lr, cfg.text_encoder_lr), cfg, model.device)
+    optimizer = make_optimizer(trainable.param_groups(cfg.lr, cfg.text_encoder_lr, cfg.token_lr), cfg, model.device)
     lr_sched = get_scheduler(lr_schedule_name(cfg), optimizer, num_warmup_steps=cfg.warmup_steps,
                              num_training_steps=cfg.steps)
     return optimizer, lr_sched, DDPMScheduler.from_config(model.base_scheduler_config)

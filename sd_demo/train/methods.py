@@ -38,7 +38,7 @@ class MethodSpec:
         """Hyper-parameters that mean nothing for this method (the card leaves them out)."""
         skip = set() if self.lora else {"rank", "alpha", "trigger_token", "target_modules", "preserve",
                                         "preserve_batch"}
-        skip |= set() if self.tokens else {"init_word", "num_vectors"}
+        skip |= set() if self.tokens else {"init_word", "num_vectors", "token_lr"}
         return skip | (set() if self.tag == "dreambooth" else {"num_class_images"})
 
     def usage(self, name: str, base_model: str, trigger: str | None) -> tuple[str, str]:
@@ -107,7 +107,8 @@ class Trainable:
     def params(self) -> list[torch.nn.Parameter]:
         return list(self.named().values())
 
-    def param_groups(self, lr: float, text_encoder_lr: float | None = None) -> list[dict]:
+    def param_groups(self, lr: float, text_encoder_lr: float | None = None, token_lr: float | None = None
+                     ) -> list[dict]:
         """Optimizer groups: one, or with ``text_encoder_lr`` the text encoders' trained parts at that rate (kohya
         and the diffusers examples train the text encoder slower: it bends every prompt, not only the trigger).
         New-token rows trained beside a LoRA (--trigger-token) get their own group without weight decay, which
@@ -125,7 +126,7 @@ class Trainable:
         else:
             groups = [{"params": unet, "lr": lr}, {"params": text, "lr": text_encoder_lr}]
         if tokens:
-            groups.append({"params": tokens, "lr": text_encoder_lr or lr, "weight_decay": 0.0})
+            groups.append({"params": tokens, "lr": token_lr or text_encoder_lr or lr, "weight_decay": 0.0})
         return groups
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ SD_TARGETS = "to_q,to_k,to_v,to_out.0"  # the diffusers examples' and kohya's at
 # What a preset may set: the TrainConfig fields whose default is None ("from the preset").
 PRESET_FIELDS = ("resolution", "steps", "lr", "rank", "alpha", "batch", "target_modules", "snr_gamma",
                  "mixed_precision", "gradient_checkpointing", "validation_every", "num_class_images",
-                 "checkpoint_every", "preserve", "preserve_batch", "trigger_token")
+                 "checkpoint_every", "preserve", "preserve_batch", "trigger_token", "token_lr")
 # Given per run, not in steps, so that they follow --steps: checkpoints of an adapter or an embedding (small files;
 # a kill loses a tenth at most) and live sample grids.
 PER_RUN = {"checkpoint_every": 10, "validation_every": 5}
@@ -50,7 +50,7 @@ def _method_values(family: str, method: Method) -> dict:
             # learn the trigger). benchmarks/train_defaults.py: 10/16 bars, ordinary 77 / 97 / 100 % (base
             # 81 / 97 / 100) in 233 s; the goal (13/16 in 5 min) is not reached yet, see BENCHMARKS.md.
             Method.LORA: {**lora, "target_modules": EMBEDDED_TARGETS + ",attn2.to_k", "batch": 4, "preserve": 1.0,
-                          "preserve_batch": 2, "trigger_token": True},
+                          "preserve_batch": 2, "trigger_token": True, "token_lr": 5e-3},
             Method.DREAMBOOTH: {**lora, "num_class_images": 24},
             # 300 steps at 5e-2 learnt a two-word compound in 2 vectors (tests/test_train_embedded.py)
             Method.TEXTUAL_INVERSION: dict(lr=5e-2, steps=300, batch=4, snr_gamma=5.0),
@@ -182,8 +182,10 @@ def resolve(cfg: TrainConfig, family: str, device: str, native_size: int, memory
             value = _precision(value, device, bf16)
         if name == "num_class_images" and (cfg.class_data or not (cfg.class_prompt or cfg.class_word)):
             value = 0  # generated prior images need a class prompt or word; own class images need none
-        if name == "trigger_token" and value and not cfg.trigger:
-            value = False  # a new token needs a trigger word (given, or found in the captions)
+        if name == "trigger_token" and value and (not cfg.trigger or cfg.train_text_encoder):
+            value = False  # a new token needs a trigger word (given, or found); a trained text encoder has its own
+        if name == "token_lr" and not filled.get("trigger_token", cfg.trigger_token):
+            value = None  # no new token: nothing trains at that rate
         if value is not None:  # rank and the like mean nothing to textual inversion or a full fine-tune
             filled[name] = value
     return Resolved(replace(cfg, **filled), preset.name, filled, found_trigger)
