@@ -127,8 +127,8 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
             with gr.Accordion("Auto-caption", open=False, elem_id="train-autocaption"):
                 with gr.Row(equal_height=True):
                     captioner = gr.Textbox(DEFAULT_CAPTIONER, label="Image-to-text model", interactive=not public,
-                                           info="a transformers captioner (BLIP, GIT, Florence-2) cached here or "
-                                                "on the Hub", scale=3, elem_id="train-captioner")
+                                           info="a transformers image-to-text model (Hub id or folder): from the "
+                                                "local cache, or downloaded once when online", scale=3, elem_id="train-captioner")
                     overwrite = gr.Checkbox(False, label="Replace existing captions", scale=1)
                     caption_btn = gr.Button("Caption images", scale=1, elem_id="train-caption-btn")
             with gr.Row():
