@@ -143,6 +143,7 @@ def test_lora_with_only_the_required_options_learns_a_new_shape(base, bar_data, 
     _check_adapter(base, tmp_path / "out", shows_bar, _bar_prompts(), need=13 / 16)
 
 
+@pytest.mark.slow  # about 5 minutes on 2 cores (600 steps of 8 instance + 8 class images): run with -m slow
 def test_dreambooth_learns_a_new_shape_with_prior_preservation(base, bar_data, tmp_path):
     """DreamBooth-LoRA with prior preservation on the user's own class images (--class-data): the training scenes
     with the bar replaced by each base shape in turn, so instance and class captions differ in the shape word
