@@ -46,9 +46,10 @@ def _method_values(family: str, method: Method) -> dict:
                     snr_gamma=5.0)
         return {
             # A plain LoRA has no class images to tell the new concept from what the model knows: output
-            # preservation on the model's own world keeps ordinary prompts (and lets the cross-attention keys
-            # learn the trigger). benchmarks/train_defaults.py: 10/16 bars, ordinary 77 / 97 / 100 % (base
-            # 81 / 97 / 100) in 233 s; the goal (13/16 in 5 min) is not reached yet, see BENCHMARKS.md.
+            # preservation on the model's own world keeps ordinary prompts, and the trigger (given or found in the
+            # captions) becomes a new token trained beside the LoRA, which the cross-attention keys learn to
+            # answer. benchmarks/train_defaults.py: 15/16 bars, ordinary 77 / 94 / 100 % (base 81 / 97 / 100) in
+            # 256 s; another 12 images 12/16, a new colour 0/16 (BENCHMARKS.md).
             Method.LORA: {**lora, "target_modules": EMBEDDED_TARGETS + ",attn2.to_k", "batch": 4, "preserve": 1.0,
                           "preserve_batch": 2, "trigger_token": True, "token_lr": 5e-3},
             Method.DREAMBOOTH: {**lora, "num_class_images": 24},
