@@ -8,8 +8,9 @@ import pytest
 from sd_demo import models
 from tests.test_browser import CHROMIUM, FLAGS
 
-# About 6.5 minutes on 2 cores (the default preset trains for ~4 of them): run with -m slow. Passed in session 10
-# (4/4 images of "a green vexbar on a purple background" drew the bar, data seed 3, word and scenes unseen in tuning).
+# About 7 minutes on 2 cores (the default preset trains for ~4 of them): run with -m slow. Passed in session 10
+# (4/4 images of "a green vexbar on a purple background" drew the bar, data seed 3, word and scenes unseen in tuning)
+# and in session 11 with the trigger found in the captions and trained as a new token (436 s).
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.browser,
