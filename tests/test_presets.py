@@ -48,6 +48,11 @@ def test_the_embedded_lora_keys_on_a_new_token_for_the_trigger_found_in_the_capt
     assert off.cfg.trigger_token is False and "trigger_token" not in off.from_preset
     assert presets.resolve(TrainConfig(method="lora", trigger="sks"), "sd1", "cpu", 512).cfg.trigger_token is False
     assert presets.resolve(TrainConfig(method="full"), "sd1", "cpu", 512).cfg.trigger_token is None
+    # --num-vectors waits for the preset's token: fine on the embedded LoRA with a trigger, refused without one
+    two = dict(method="lora", num_vectors=2, data="d", out="o")
+    assert presets.resolve(TrainConfig(**two), "embedded", "cpu", 128, found_trigger="zk").cfg.validate()
+    with pytest.raises(ValueError, match="num_vectors: is for"):
+        presets.resolve(TrainConfig(**two), "sd1", "cpu", 512, found_trigger="zk").cfg.validate()
 
 
 def test_the_trigger_is_the_made_up_word_every_caption_shares():

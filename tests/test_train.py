@@ -450,7 +450,8 @@ def test_trigger_token_rows_train_without_weight_decay(tiny_model_dirs, data_dir
     (dict(method="textual-inversion", trigger="<t>", trigger_token=True), "trigger_token: is for --method lora"),
     (dict(trigger_token=True), "trigger_token: needs --trigger"),
     (dict(trigger="<t>", trigger_token=True, train_text_encoder=True), "drop one of"),
-    (dict(num_vectors=2), "num_vectors: is for --method textual-inversion or --trigger-token"),
+    (dict(num_vectors=2, trigger_token=False), "num_vectors: is for --method textual-inversion or --trigger-token"),
+    (dict(method="full", num_vectors=2), "num_vectors: is for --method textual-inversion or --trigger-token"),
     (dict(method="textual-inversion", trigger="<t>", num_vectors=0), "num_vectors: 0 must be > 0"),
 ])
 def test_trigger_token_and_vectors_are_checked(tiny_model_dirs, data_dir, tmp_path, kw, needle):

@@ -142,7 +142,10 @@ class TrainConfig:
             if self.train_text_encoder:
                 bad("trigger_token", "trains the trigger's embedding instead of the text encoder; drop one of "
                                      "--trigger-token and --train-text-encoder")
-        if self.num_vectors > 1 and not (self.method == Method.TEXTUAL_INVERSION.value or self.trigger_token):
+        token = self.trigger_token or (self.trigger_token is None and self.method in (Method.LORA.value,
+                                                                                     Method.DREAMBOOTH.value))
+        if self.num_vectors > 1 and not (self.method == Method.TEXTUAL_INVERSION.value or token):
+            # None: the preset decides (checked again once it has)
             bad("num_vectors", "is for --method textual-inversion or --trigger-token")
         if self.preserve is not None and self.preserve < 0:  # None: from a preset
             bad("preserve", f"{self.preserve} must be >= 0")
