@@ -421,5 +421,6 @@ def build_tiny_captioner(out_dir, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32))
     model.save_pretrained(out)
-    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(out)
+    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok)
+    processor.save_pretrained(out)
     return out

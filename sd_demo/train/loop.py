@@ -93,13 +93,17 @@ class TextEncoderCache:
     def __init__(self, pipe, frozen: bool, sdxl: bool, new_tokens: dict[str, int] | None = None):
         self.pipe, self.frozen, self.sdxl, self.cache = pipe, frozen, sdxl, {}
         self.new_tokens = new_tokens  # tokenizer attribute -> first new id, when only new token rows train
+        self._constants: dict[str, bool] = {}  # caption -> has no trained token (tokenized once, not every step)
 
     def _constant(self, caption: str) -> bool:
         if self.frozen:
             return True
         if self.new_tokens is None:
             return False
-        return all(max(getattr(self.pipe, tok)(caption).input_ids) < first for tok, first in self.new_tokens.items())
+        if caption not in self._constants:
+            self._constants[caption] = all(max(getattr(self.pipe, tok)(caption).input_ids) < first
+                                           for tok, first in self.new_tokens.items())
+        return self._constants[caption]
 
     def __call__(self, captions: list[str]) -> dict:
         live = [c for c in dict.fromkeys(captions) if not self._constant(c)]

@@ -122,13 +122,15 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
                                     elem_id="train-captions")
             with gr.Row():
                 trigger = gr.Textbox(label="Trigger word", elem_id="train-trigger",
-                                     info="a rare word for your concept (e.g. 'zkring'); added to captions that lack it")
+                                     info="a rare word for your concept (e.g. 'zkring'), added to captions that "
+                                          "lack it; empty: the made-up word every caption shares")
                 instance_prompt = gr.Textbox(label="Instance prompt", info="caption for images that have none")
             with gr.Accordion("Auto-caption", open=False, elem_id="train-autocaption"):
                 with gr.Row(equal_height=True):
                     captioner = gr.Textbox(DEFAULT_CAPTIONER, label="Image-to-text model", interactive=not public,
                                            info="a transformers image-to-text model (Hub id or folder): from the "
-                                                "local cache, or downloaded once when online", scale=3, elem_id="train-captioner")
+                                                "local cache, or downloaded once when online",
+                                           scale=3, elem_id="train-captioner")
                     overwrite = gr.Checkbox(False, label="Replace existing captions", scale=1)
                     caption_btn = gr.Button("Caption images", scale=1, elem_id="train-caption-btn")
             with gr.Row():
@@ -214,7 +216,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
 
     train_btn.click(start, form, job_view, api_visibility="private")
 
-    for trigger_event in (method.change, model.change, preset.change, trigger.change):
+    for trigger_event in (method.change, model.change, preset.change, trigger.blur):  # not at every keystroke
         trigger_event(_preset_note, [method, model, preset, trigger], preset_note, api_visibility="private")
 
     def refresh(job_id: str):
