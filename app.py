@@ -66,7 +66,7 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
                 gen = generate_tab.build(engine, public=public, notice=notice,
                                          allow_loras=not public or args.allow_training)
             with gr.Tab("Train", id="train"):
-                train_tab.build(engine, gen, tabs, "generate", public=public, allowed=args.allow_training)
+                train_tab.build(engine, gen, tabs, "generate", demo, public=public, allowed=args.allow_training)
             with gr.Tab("PNG Info", id="info"):
                 info_tab.build(gen, tabs, "generate")
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)

@@ -12,7 +12,8 @@ and judges the result like ``tests/test_train_embedded.py``: 16 trigger prompts 
 ring: a hole, pink: the object's colour) and ordinary accuracy (shape, colour, background) on 64 held-out prompts
 against the base model's, at the model card's defaults (Euler a, CFG 2.5, 20 steps), 16 images per batch. One table row per run:
 PASS needs >= 13/16, >= 90 % of the base accuracy on each attribute and <= 300 s. The base accuracy is computed once
-and kept in ``--base-cache``. Run it alone: the wall clock is the point, and 2 cores are easily shared away.
+and kept in ``--base-cache``. "VAE round trip" counts the training images that still show the concept after the
+VAE encodes and decodes them: the most any UNet adapter can reach. Run it alone: the wall clock is the point, and 2 cores are easily shared away.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -99,6 +102,25 @@ def base_accuracy(model, cache: Path) -> dict[str, float]:
     return acc
 
 
+def vae_ceiling(model, data: Path, name: str) -> int:
+    """Training images that still show the concept after the VAE's round trip (encode, decode): a UNet adapter
+    draws through that decoder, so a concept it loses (the embedded VAE turns pink into yellow) cannot be learnt
+    by any LoRA, whatever its settings."""
+    import numpy as np
+    import torch
+
+    from sd_demo.generate import decode
+
+    _, shows = concept(name)
+    vae, shown = model.pipe.vae, 0
+    for png in sorted(data.glob("*.png")):
+        x = torch.from_numpy(np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 127.5 - 1)
+        with torch.no_grad():
+            z = vae.encode(x.permute(2, 0, 1)[None].to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+            shown += bool(shows(decode(model, z)[0]))
+    return shown
+
+
 def judge(model, out: Path, name: str) -> tuple[int, dict[str, float]]:
     """Trigger prompts showing the concept, and ordinary accuracy, with the trained LoRA loaded."""
     scenes, shows = concept(name)
@@ -111,15 +133,17 @@ def judge(model, out: Path, name: str) -> tuple[int, dict[str, float]]:
         model.set_loras([])
 
 
-def row(name: str, extra: list[str], wall: float, cpu: float, shown: int, kept: dict, base: dict) -> tuple[str, bool]:
+def row(name: str, extra: list[str], wall: float, cpu: float, shown: int, kept: dict, base: dict,
+        ceiling: int) -> tuple[str, bool]:
     ok = (shown >= NEED_TRIGGER and wall <= BUDGET_S and all(kept[a] >= KEEP * base[a] for a in ORDINARY))
     acc = " | ".join(f"{kept[a]:.0%} / {base[a]:.0%}" for a in ORDINARY)
     flags = shlex.join(extra) or "(none)"
-    return f"| {name} | `{flags}` | {wall:.0f} | {cpu:.0f} | {shown}/{N_TRIGGER} | {acc} | {'PASS' if ok else 'fail'} |", ok
+    return (f"| {name} | `{flags}` | {ceiling}/12 | {wall:.0f} | {cpu:.0f} | {shown}/{N_TRIGGER} | {acc} | "
+            f"{'PASS' if ok else 'fail'} |"), ok
 
 
-HEADER = ("| concept | extra flags | wall s | cpu s | trigger | shape / base | colour / base | background / base | "
-          "verdict |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| concept | extra flags | VAE round trip | wall s | cpu s | trigger | shape / base | colour / base | "
+          "background / base | verdict |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model("embedded")
         base = base_accuracy(model, a.base_cache)
         shown, kept = judge(model, out, a.concept)
-    line, ok = row(a.concept, extra, wall, cpu, shown, kept, base)
+        ceiling = vae_ceiling(model, data, a.concept)
+    line, ok = row(a.concept, extra, wall, cpu, shown, kept, base, ceiling)
     print(HEADER)
     print(line)
     if a.log:

@@ -9,6 +9,7 @@ import datetime as _dt
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -122,7 +123,8 @@ class Engine:
         """Uploaded files -> a fresh dataset folder under outputs/train-data (kept: resuming a job needs it)."""
         from .train import staging
 
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        # A random tail: on a shared app a folder name another visitor could guess would show them these images.
+        stamp = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(8)}"
         return staging.stage(paths, Path(self.settings.outputs) / "train-data" / stamp, public=public)
 
     def _staged(self, folder: str) -> Path:
@@ -132,6 +134,12 @@ class Engine:
         if path.parent != root or not path.is_dir():
             raise ValueError("data: upload the training images again")
         return path
+
+    def staged_data(self, folder: str):
+        """What a staged folder holds now (a page reload shows it again): images, captions, skipped files."""
+        from .train import staging
+
+        return staging.inventory(self._staged(folder))
 
     def save_captions(self, folder: str, rows: list[tuple[str, str]]):
         from .train import staging

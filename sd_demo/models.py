@@ -7,6 +7,7 @@ classes and files are used: safetensors only, never remote code or custom pipeli
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import io
 import json
@@ -268,27 +269,49 @@ def native_size(folder: Path) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
-def peek(spec: str) -> tuple[str, int] | None:
-    """(family, native size) from a model's config files alone, without loading or downloading weights; None when
-    they are not on this machine yet (a Hub model not in the cache). Family 'embedded' for the shipped model."""
+def _local_files(spec: str, patterns: list[str]) -> Path | None:
+    """The folder of a model whose ``patterns`` files are on this machine (the embedded model, a local folder, or
+    the Hub cache), never downloading; None when a Hub model is not cached."""
     from huggingface_hub import snapshot_download
 
     ref = parse_model_ref(spec)
     if ref.source == "embedded":
-        folder = EMBEDDED_DIR
-    elif ref.source == "local":
-        folder = Path(ref.name)
-    else:
-        try:
-            folder = Path(snapshot_download(ref.name, revision=ref.revision, local_files_only=True,
-                                            allow_patterns=["model_index.json", "unet/config.json",
-                                                            "vae/config.json"], cache_dir=hub.cache_dir()))
-        except Exception:  # not cached
-            return None
+        return EMBEDDED_DIR
+    if ref.source == "local":
+        return Path(ref.name)
     try:
-        family = "embedded" if ref.source == "embedded" else detect_family(folder)
+        return Path(snapshot_download(ref.name, revision=ref.revision, local_files_only=True,
+                                      allow_patterns=patterns, cache_dir=hub.cache_dir()))
+    except Exception:  # not cached
+        return None
+
+
+def peek(spec: str) -> tuple[str, int] | None:
+    """(family, native size) from a model's config files alone, without loading or downloading weights; None when
+    they are not on this machine yet (a Hub model not in the cache). Family 'embedded' for the shipped model."""
+    folder = _local_files(spec, ["model_index.json", "unet/config.json", "vae/config.json"])
+    if folder is None:
+        return None
+    try:
+        family = "embedded" if parse_model_ref(spec).source == "embedded" else detect_family(folder)
         return family, native_size(folder)
     except (OSError, ValueError, KeyError):
+        return None
+
+
+def peek_tokenizer(spec: str) -> CLIPTokenizer | None:
+    """A model's (first) tokenizer when its files are on this machine, without loading the model: what the
+    Training tab needs to name the trigger it will find before a run starts. None when not here (not remembered,
+    so a model downloaded later is seen)."""
+    folder = _local_files(spec, ["tokenizer/*"])
+    return _tokenizer(str(folder)) if folder else None
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(folder: str) -> CLIPTokenizer | None:
+    try:
+        return CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    except (OSError, ValueError):
         return None
 
 

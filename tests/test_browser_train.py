@@ -1,6 +1,6 @@
 """The Training tab in headless Chromium, as a person uses it (tiny SD 1.x model, so steps take milliseconds):
-upload (a bad file is listed as skipped), auto-caption, Train, the live status and loss plot, a page reload re-attaches, Stop,
-Resume, a kill from outside shows "interrupted" and Resume continues, "Train N more steps", "Use in Generate",
+upload (a bad file is listed as skipped, the found trigger named), auto-caption, Train, the live status and loss
+plot, a page reload re-attaches (job and data), Stop, Resume, a kill from outside shows "interrupted" and Resume continues, "Train N more steps", "Use in Generate",
 generate with the result, download the zip. Screenshots of each stage go to the test's tmp folder."""
 import json
 import os
@@ -60,7 +60,8 @@ def test_train_stop_resume_reload_kill_finish_and_use(app_server, upload_files, 
         page.wait_for_function("() => document.querySelector('#train-data-note').innerText.includes('6 image')",
                                timeout=WAIT)
         assert "broken.png (not an image" in page.locator("#train-data-note").inner_text()
-        assert "sd1-lora-cpu" in page.locator("#train-preset-note").inner_text()  # what the preset will set
+        note = page.locator("#train-preset-note").inner_text()
+        assert "sd1-lora-cpu" in note and "trigger 'zq'" in note  # what the preset will set, the trigger it finds
         page.locator("#train-trigger textarea").fill("zq")
         page.locator("#train-autocaption").get_by_text("Auto-caption").click()  # an image-to-text model captions
         page.locator("#train-captioner textarea").fill(str(tiny_captioner))
@@ -84,10 +85,13 @@ def test_train_stop_resume_reload_kill_finish_and_use(app_server, upload_files, 
         assert page.locator("#train-loss").locator("canvas, svg").count() > 0
         shot(page, "2-running")
 
-        page.reload()  # a reload (or a second tab) finds the running job again
+        page.reload()  # a reload (or a second tab) finds the running job again, and the data this browser staged
         _open_train_tab(page)
         _status_has(page, job)
         _state_is(page, "running")
+        page.wait_for_function("() => document.querySelector('#train-data-note').innerText.includes('6 image')",
+                               timeout=WAIT)
+        assert page.locator("#train-captions").inner_text().count("zq, ") == 6
         shot(page, "3-reattached")
 
         page.locator("#train-stop").click()

@@ -65,6 +65,18 @@ def test_the_trigger_is_the_made_up_word_every_caption_shares():
     assert find_trigger([], known) is None
 
 
+def test_before_a_run_the_preset_note_names_the_trigger_the_captions_give():
+    """The Training tab's note (presets.describe) reads the model's own tokenizer from disk, loads no weights."""
+    captions = ["a red zkring on a blue background", "a zkring square on green"]
+    note = presets.describe(TrainConfig(method="lora", model="embedded"), captions)
+    assert note.startswith("preset embedded-lora-cpu") and "trigger 'zkring'" in note and "trigger_token True" in note
+    assert "trigger '" not in presets.describe(TrainConfig(method="lora", model="embedded", trigger="qq"), captions)
+    plain = presets.describe(TrainConfig(method="lora", model="embedded"), ["a red circle", "a red square"])
+    assert "trigger '" not in plain and "trigger_token False" in plain  # words the model knows: none to find
+    ti = presets.describe(TrainConfig(method="textual-inversion", model="embedded", trigger="<t>"), captions)
+    assert "trigger '" not in ti
+
+
 def test_named_presets_and_the_dreambooth_variants():
     named = presets.resolve(TrainConfig(method="lora", preset="sd1-lora-gpu16"), "sd1", "cpu", 512)
     assert named.preset == "sd1-lora-gpu16" and named.cfg.batch == 2

@@ -92,8 +92,9 @@ class _TempDir:
 @dataclass
 class Example:
     path: Path
-    caption: str  # final caption: trigger already prepended, before dropout
+    caption: str  # its caption (for_training prepends the trigger), before dropout
     size: tuple[int, int]  # (width, height) after EXIF orientation
+    name: str = ""  # relative to the data root, as messages show it
     _keep: _TempDir | None = field(default=None, repr=False, compare=False)  # keeps an extracted zip alive
 
 
@@ -101,7 +102,7 @@ class Example:
 class DatasetReport:
     examples: list[Example]
     skipped: list[tuple[str, str]]  # (file relative to the data root, why it was skipped)
-    upscaled: list[str]  # files smaller than their training size: upscaled, so blurrier
+    upscaled: list[str]  # files smaller than their training size: upscaled, so blurrier (for_training)
     source: str  # "folder" | "metadata.jsonl" | "instance prompt", prefixed "zip:<name>:" for a zip
     extract_dir: Path | None = None  # temp dir a zip was extracted into (see scan_dataset)
     _keep: _TempDir | None = field(default=None, repr=False, compare=False)
@@ -335,7 +336,7 @@ def _caption_images(root: Path, images: dict, sidecars: dict, meta: dict, cfg: D
         caption = caption or prompt
         if not caption:
             missing.append(p.relative_to(root).as_posix())
-        examples.append(Example(p, add_trigger(caption, cfg.trigger), size))
+        examples.append(Example(p, caption, size, p.relative_to(root).as_posix()))
     source = METADATA_FILE if meta else ("folder" if from_files or not prompt else "instance prompt")
     return examples, missing, source
 
@@ -357,6 +358,12 @@ def scan_dataset(cfg: DataConfig, *, extract_root: str | Path | None = None) -> 
     A .zip is extracted into a fresh temp dir under ``extract_root`` (default: the system temp dir), deleted when
     neither the report nor any of its examples is referenced any more, at exit, or by ``report.cleanup()``.
     """
+    return for_training(read_dataset(cfg, extract_root=extract_root), cfg)
+
+
+def read_dataset(cfg: DataConfig, *, extract_root: str | Path | None = None) -> DatasetReport:
+    """The images and their own captions, and what was skipped: what a run can know before its preset decides the
+    trigger and the resolution (``for_training`` adds those). Warns about skipped files."""
     cfg.validate()
     root, prefix, tmp = _open_source(Path(cfg.path).expanduser(), extract_root)
     try:
@@ -373,6 +380,21 @@ def scan_dataset(cfg: DataConfig, *, extract_root: str | Path | None = None) -> 
     if report.skipped:
         warnings.warn(f"skipped {len(report.skipped)} file(s): "
                       + _names([f"{n} ({why})" for n, why in report.skipped]), stacklevel=2)
+    return report
+
+
+def for_training(report: DatasetReport, cfg: DataConfig) -> DatasetReport:
+    """``report`` with cfg's trigger in every caption and the images smaller than their training size listed
+    (warned about): the examples are changed in place, so a zip's files stay owned by the same report."""
+    from .batches import assign_buckets  # the sizes images will train at, for the upscale warning
+
+    examples = report.examples
+    for ex in examples:
+        ex.caption = add_trigger(ex.caption, cfg.trigger)
+    res = cfg.resolution
+    targets = assign_buckets([e.size for e in examples], res) if cfg.buckets else [(res, res)] * len(examples)
+    report.upscaled = [e.name for e, (th, tw) in zip(examples, targets)
+                       if max(tw / e.size[0], th / e.size[1]) > 1 + 1e-9]
     if report.upscaled:
         warnings.warn(f"{len(report.upscaled)} image(s) smaller than the training size will be upscaled (softer "
                       f"results; use larger images or a lower resolution): {_names(report.upscaled)}", stacklevel=2)
@@ -403,10 +425,4 @@ def _scan_root(root: Path, cfg: DataConfig) -> DatasetReport:
         raise ValueError(f"{len(missing)} of {len(examples)} images have no caption ({_names(missing)}); add a .txt "
                          f"file with the same name next to each image, or pass {cfg.prompt_name}")
     skipped += _orphans(root, meta, files, sidecars)
-    from .batches import assign_buckets  # the sizes images will train at, for the upscale warning
-
-    res = cfg.resolution
-    targets = assign_buckets([e.size for e in examples], res) if cfg.buckets else [(res, res)] * len(examples)
-    upscaled = [e.path.relative_to(root).as_posix() for e, (th, tw) in zip(examples, targets)
-                if max(tw / e.size[0], th / e.size[1]) > 1 + 1e-9]
-    return DatasetReport(examples, skipped, upscaled, source)
+    return DatasetReport(examples, skipped, [], source)

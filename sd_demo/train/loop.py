@@ -11,7 +11,6 @@ import contextlib
 import logging
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,7 @@ from . import estimate, methods, preserve, presets
 from .card import write_card
 from .config import Method, TrainConfig
 from .batches import BucketBatchSampler, TrainDataset, load_example, micro_conditioning, to_tensor
-from .data import DataConfig, find_trigger, scan_dataset, trigger_pattern
+from .data import DataConfig, for_training, read_dataset, trigger_pattern
 
 log = logging.getLogger(__name__)
 
@@ -229,15 +228,14 @@ def make_accelerator(mixed_precision: str, cpu: bool):
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
-def make_stream(cfg: TrainConfig, pipe, path: str, prompt: str | None, trigger: str | None, seed: int,
-                weight: float = 1.0, prompt_name: str = "an instance prompt") -> tuple[Stream, object]:
-    dcfg = DataConfig(path=path, resolution=cfg.resolution, instance_prompt=prompt, prompt_name=prompt_name,
-                      trigger=trigger, center_crop=cfg.center_crop, buckets=cfg.buckets)
-    report = scan_dataset(dcfg)
-    dataset = TrainDataset(report, dcfg)
-    stream = Stream(dataset, cache_latents(pipe.vae, dataset, cfg.random_flip),
-                    BucketBatchSampler(dataset, cfg.batch, seed=seed), weight)
-    return stream, report
+def make_stream(cfg: TrainConfig, pipe, report, trigger: str | None, seed: int, weight: float = 1.0,
+                path: str | None = None) -> Stream:
+    """A stream of ``report``'s images at the run's resolution with ``trigger`` in their captions (for_training)."""
+    dcfg = DataConfig(path=path or cfg.data, resolution=cfg.resolution, trigger=trigger, center_crop=cfg.center_crop,
+                      buckets=cfg.buckets)
+    dataset = TrainDataset(for_training(report, dcfg), dcfg)
+    return Stream(dataset, cache_latents(pipe.vae, dataset, cfg.random_flip),
+                  BucketBatchSampler(dataset, cfg.batch, seed=seed), weight)
 
 
 def class_prompts(cfg: TrainConfig, captions: list[str]) -> list[str]:
@@ -275,32 +273,19 @@ def make_class_images(cfg: TrainConfig, model, out: Path, captions: list[str]) -
 
 
 def load_for_training(cfg: TrainConfig):
-    """The base model, loaded in the run's precision, and the config with its preset's values filled in."""
+    """The instance data (read once), the base model loaded in the run's precision, and the config with its
+    preset's values filled in (a LoRA or DreamBooth run without --trigger takes the made-up word its captions
+    share: data.find_trigger)."""
+    report = read_dataset(DataConfig(path=cfg.data, instance_prompt=cfg.instance_prompt))
     device = pick_device("auto")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     precision = presets.load_precision(cfg, device, bf16)
     model = load_model(cfg.model, device=device, dtype=weights_dtype(replace(cfg, mixed_precision=precision), device))
+    found = presets.trigger_in(cfg, [ex.caption for ex in report.examples], model.pipe.tokenizer)
     resolved = presets.resolve(cfg, presets.family_key(model), device, model.default_size,
-                               estimate.available_bytes(device), bf16, _found_trigger(cfg, model.pipe.tokenizer))
+                               estimate.available_bytes(device), bf16, found)
     resolved.cfg.validate()
-    return model, resolved
-
-
-def _found_trigger(cfg: TrainConfig, tokenizer) -> str | None:
-    """A LoRA or DreamBooth run without --trigger: the made-up word its captions share (data.find_trigger)."""
-    if cfg.trigger or not methods.method_spec(cfg).lora:
-        return None
-    try:
-        with warnings.catch_warnings():  # the run's own scan reports skipped files
-            warnings.simplefilter("ignore")
-            report = scan_dataset(DataConfig(path=cfg.data, resolution=cfg.resolution or 64,
-                                             instance_prompt=cfg.instance_prompt))
-    except ValueError:  # bad data: the run's own scan says why
-        return None
-    try:
-        return find_trigger([ex.caption for ex in report.examples], lambda w: len(tokenizer.tokenize(w)) == 1)
-    finally:
-        report.cleanup()
+    return model, resolved, report
 
 
 def _trainable_guess(cfg: TrainConfig, pipe) -> int:
@@ -364,7 +349,7 @@ def prepare(cfg: TrainConfig, on_event=None) -> Run:
     cfg.validate()
     out = prepare_out(cfg)
     torch.manual_seed(cfg.seed)
-    model, resolved = load_for_training(cfg)
+    model, resolved, report = load_for_training(cfg)
     cfg, pipe = resolved.cfg, model.pipe
     _say(on_event, cfg, 0, resolved.summary())
     _say(on_event, cfg, 0, estimate.check_fits(cfg, presets.family_key(model), pipe, _trainable_guess(cfg, pipe),
@@ -373,7 +358,7 @@ def prepare(cfg: TrainConfig, on_event=None) -> Run:
     if not cfg.resume and accelerator.is_main_process:
         ckpt.set_aside_earlier_run(out / "checkpoints")
     accelerator.wait_for_everyone()
-    streams, report = _data_streams(cfg, model, out, accelerator)
+    streams = _data_streams(cfg, model, out, accelerator, report)
     if cfg.validation_prompt is None and cfg.validation_every:  # live samples of the first caption, fixed seeds
         cfg = replace(cfg, validation_prompt=streams[0].dataset.examples[0].caption)
     trainable = methods.setup(cfg, pipe)
@@ -390,9 +375,9 @@ def prepare(cfg: TrainConfig, on_event=None) -> Run:
     return run
 
 
-def _data_streams(cfg: TrainConfig, model, out: Path, accelerator) -> tuple[list[Stream], object]:
+def _data_streams(cfg: TrainConfig, model, out: Path, accelerator, report) -> list[Stream]:
     """The instance images, and for DreamBooth with prior preservation the class images (generated if missing)."""
-    instance, report = make_stream(cfg, model.pipe, cfg.data, cfg.instance_prompt, cfg.trigger, cfg.seed)
+    instance = make_stream(cfg, model.pipe, report, cfg.trigger, cfg.seed)
     streams = [instance]
     if cfg.method == Method.DREAMBOOTH.value and (cfg.num_class_images or cfg.class_data):
         if cfg.num_class_images and accelerator.is_main_process:  # one process generates, the others wait
@@ -400,11 +385,13 @@ def _data_streams(cfg: TrainConfig, model, out: Path, accelerator) -> tuple[list
         accelerator.wait_for_everyone()
         class_dir = cfg.class_data or str(out / "class_images")
         try:
-            streams.append(make_stream(cfg, model.pipe, class_dir, cfg.class_prompt, None, cfg.seed + 1,
-                                       cfg.prior_loss_weight, prompt_name="--class-prompt")[0])
+            class_report = read_dataset(DataConfig(path=class_dir, instance_prompt=cfg.class_prompt,
+                                                   prompt_name="--class-prompt"))
+            streams.append(make_stream(cfg, model.pipe, class_report, None, cfg.seed + 1, cfg.prior_loss_weight,
+                                       path=class_dir))
         except ValueError as exc:  # say which of the two folders the data error is about
             raise ValueError(f"class images: {exc}") from None
-    return streams, report
+    return streams
 
 
 def _optimisation(cfg: TrainConfig, model, trainable) -> tuple:
@@ -552,11 +539,16 @@ def _stream_loss(run: Run, g: torch.Generator, stream: Stream, preserver: preser
         cond.update(sdxl_added_cond(cond, [micro_conditioning(stream.dataset.examples[i], (w, h), flip=f,
                                                               center_crop=cfg.center_crop)
                                            for i, f in zip(idx, flips)], lat.dtype))
+    b = noisy.shape[0]
+    if preserver is not None:  # other prompts keep the base model's answers; their adapter pass joins this batch's
+        px, pt, pcond = preserver.inputs(g, noisy, t, cond, run.text, noise, noise_sched)
+        base = preserver.base(px, pt, pcond, acc)
+        noisy, t, cond = torch.cat([noisy, px]), torch.cat([t, pt]), preserve.joined(cond, pcond)
     with acc.autocast():
         pred = run.unet(noisy, t, **cond).sample
-    loss = loss_fn(pred, noise, lat, t, noise_sched, cfg.snr_gamma)
-    if preserver is not None:  # other prompts on the same noisy latents keep the base model's answers
-        loss = loss + preserver.loss(g, run.unet, noisy, t, cond, run.text, acc, noise, noise_sched)
+    loss = loss_fn(pred[:b], noise, lat, t[:b], noise_sched, cfg.snr_gamma)
+    if preserver is not None:
+        loss = loss + preserver.loss(pred[b:], base)
     return loss
 
 

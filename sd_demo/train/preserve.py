@@ -108,26 +108,43 @@ class Preserver:
             self._latents[i] = (self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor)[0].float()
         return self._latents[i]
 
-    def loss(self, g: torch.Generator, unet, noisy: torch.Tensor, t: torch.Tensor, cond: dict, text,
-             accelerator, noise: torch.Tensor | None = None, noise_sched=None) -> torch.Tensor:
-        """``preserve * MSE(adapter, base)`` on the first ``per_batch`` of the batch's timesteps, each with a prompt
-        drawn from ``g`` (after the batch's own draws: --resume stays exact), on the batch's noisy latents; on the
-        embedded model on the prompt's own scene under the batch's noise. Why: on the instance latents only, the
-        base model's answer at small t is "denoise this bar", whatever the prompt, so nothing kept a square a square
-        (ordinary shape 81 -> 67 %); on the scenes' latents the whole denoising path of ordinary prompts is kept."""
+    def inputs(self, g: torch.Generator, noisy: torch.Tensor, t: torch.Tensor, cond: dict, text,
+               noise: torch.Tensor | None = None, noise_sched=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(noisy latents, timesteps, UNet conditioning) of the preservation prompts: the first ``per_batch`` of
+        the batch's timesteps, each with a prompt drawn from ``g`` (after the batch's own draws: --resume stays
+        exact), on the batch's noisy latents; on the embedded model on the prompt's own scene under the batch's
+        noise. Why: on the instance latents only, the base model's answer at small t is "denoise this bar",
+        whatever the prompt, so nothing kept a square a square (ordinary shape 81 -> 67 %); on the scenes' latents
+        the whole denoising path of ordinary prompts is kept."""
         n = min(self.per_batch or noisy.shape[0], noisy.shape[0])
         picks = torch.randint(len(self.prompts), (n,), generator=g).tolist()
-        prompts = [self.prompts[i] for i in picks]
         x, tt = noisy[:n], t[:n]  # (n, 4, h, w), (n,)
         if self.scenes is not None and noise is not None:
             x0 = torch.stack([self._scene_latent(i) for i in picks]).to(noisy)
             if x0.shape == x.shape:  # same size as the batch (no aspect buckets)
                 x = noise_sched.add_noise(x0, noise[:n], tt)
-        with torch.no_grad(), adapters_off(self.adapters), accelerator.autocast():
-            base = self.unet(x, tt, **_conditioning(text(prompts), cond, n)).sample
-        with accelerator.autocast():  # through the (possibly wrapped) training UNet: gradients flow as usual
-            pred = unet(x, tt, **_conditioning(text(prompts), cond, n)).sample
+        return x, tt, _conditioning(text([self.prompts[i] for i in picks]), cond, n)
+
+    @torch.no_grad()
+    def base(self, x: torch.Tensor, t: torch.Tensor, cond: dict, accelerator) -> torch.Tensor:
+        """The base model's prediction (adapters off): what the adapter's answer to these prompts is pulled to."""
+        with adapters_off(self.adapters), accelerator.autocast():
+            return self.unet(x, t, **cond).sample
+
+    def loss(self, pred: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """``preserve * MSE(adapter, base)``; the adapter's ``pred`` comes from the training UNet, in the same
+        forward pass as the instance batch (one call instead of two: a step is 0.1 s shorter on the embedded
+        model)."""
         return self.weight * F.mse_loss(pred.float(), base.float())
+
+
+def joined(a: dict, b: dict) -> dict:
+    """Two UNet conditionings as one batch (``a``'s rows first)."""
+    out = {"encoder_hidden_states": torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]])}
+    if "added_cond_kwargs" in a:
+        out["added_cond_kwargs"] = {k: torch.cat([v, b["added_cond_kwargs"][k]])
+                                    for k, v in a["added_cond_kwargs"].items()}
+    return out
 
 
 def _conditioning(prompt_cond: dict, batch_cond: dict, n: int) -> dict:

@@ -192,11 +192,23 @@ def resolve(cfg: TrainConfig, family: str, device: str, native_size: int, memory
     return Resolved(replace(cfg, **filled), preset.name, filled, found_trigger)
 
 
-def describe(cfg: TrainConfig) -> str:
-    """Before a run (the Training tab): the preset for ``cfg``'s model, method and this device, and what it sets."""
+def trigger_in(cfg: TrainConfig, captions: list[str], tokenizer) -> str | None:
+    """The trigger a LoRA or DreamBooth run without --trigger takes: the made-up word its captions share
+    (data.find_trigger), judged by the model's tokenizer; None when one was given or none is found."""
+    from .data import find_trigger
+    from .methods import method_spec
+
+    if cfg.trigger or tokenizer is None or not method_spec(cfg).lora:
+        return None
+    return find_trigger(captions, lambda w: len(tokenizer.tokenize(w)) == 1)
+
+
+def describe(cfg: TrainConfig, captions: list[str] | None = None) -> str:
+    """Before a run (the Training tab): the preset for ``cfg``'s model, method and this device, what it sets, and
+    the trigger it will find in ``captions`` (the data's, an instance prompt for those without)."""
     import torch
 
-    from ..models import peek, pick_device
+    from ..models import peek, peek_tokenizer, pick_device
     from .estimate import available_bytes
 
     seen = peek(cfg.model)
@@ -204,4 +216,5 @@ def describe(cfg: TrainConfig) -> str:
         return "The preset is chosen when the model has been downloaded (at the start of the run)."
     device = pick_device("auto")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    return resolve(cfg, seen[0], device, seen[1], available_bytes(device), bf16).summary()
+    found = trigger_in(cfg, captions, peek_tokenizer(cfg.model)) if captions else None
+    return resolve(cfg, seen[0], device, seen[1], available_bytes(device), bf16, found).summary()

@@ -82,13 +82,15 @@ def _job_outputs(engine: Engine, job_id: str) -> tuple:
     return job_id, status, plot, samples, engine.jobs.log_tail(job_id), _runs_table(engine)
 
 
-def _preset_note(meth: str, base: str, pre: str, trig: str = "") -> str:
-    """What the preset will set (Advanced fields left empty take these values)."""
+def _preset_note(meth: str, base: str, pre: str, trig: str = "", table=None, prompt: str = "") -> str:
+    """What the preset will set (Advanced fields left empty take these values), with the trigger it will find in
+    the captions (the instance prompt standing in for an empty one)."""
     from ..train.presets import describe
 
+    captions = [cap.strip() or (prompt or "").strip() for _, cap in _rows(table)]
     try:
         return describe(from_values({"method": meth, "model": base, "preset": None if pre == AUTO else pre,
-                                     "trigger": trig}))
+                                     "trigger": trig}), captions)
     except ValueError as exc:
         return f"⚠️ {exc}"
 
@@ -103,14 +105,15 @@ def _runs_table(engine: Engine) -> list[list]:
     return rows
 
 
-def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, public: bool = False,
-          allowed: bool = True) -> None:
-    """Lay out the tab and wire its events; call inside a gr.Blocks context."""
+def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, page: gr.Blocks,
+          public: bool = False, allowed: bool = True) -> None:
+    """Lay out the tab and wire its events; call inside ``page``'s context."""
     if public and not allowed:
         gr.Markdown(DISABLED, elem_id="train-disabled")
         return
     job = gr.State("")
-    data_dir = gr.State("")
+    # The staged folder outlives a page reload in this browser alone (gradio encrypts the value it stores there).
+    data_dir = gr.BrowserState("", storage_key="sd-demo-train-data")
     with gr.Row():
         with gr.Column(scale=5):
             files = gr.File(label="Training images (PNG, JPEG, WebP), caption .txt files or a .zip",
@@ -170,16 +173,33 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
     adv_names = list(advanced)
     job_view = [job, status, plot, samples, logs, runs]
 
+    def shown(staged) -> tuple:
+        """(folder, note, gallery, caption rows) of a staged folder."""
+        return str(staged.folder), staged.summary(), [str(p) for p in staged.images], [list(r) for r in staged.rows]
+
     def on_upload(paths: list[str] | None):
         if not paths:
             return "", "", [], []
         try:
-            staged = engine.stage_training_data(paths, public=public)
+            return shown(engine.stage_training_data(paths, public=public))
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
-        return str(staged.folder), staged.summary(), [str(p) for p in staged.images], [list(r) for r in staged.rows]
 
-    files.upload(on_upload, files, [data_dir, data_note, data_gallery, captions], api_visibility="private")
+    def restore(folder: str):
+        """A reload shows the data this browser staged last, while the server still has it."""
+        if not folder:
+            return (gr.skip(),) * 4
+        try:
+            return shown(engine.staged_data(folder))
+        except ValueError:  # gone (or never ours): start empty
+            return "", "", [], []
+
+    note_inputs = [method, model, preset, trigger, captions, instance_prompt]
+    data_view = [data_dir, data_note, data_gallery, captions]
+    files.upload(on_upload, files, data_view, api_visibility="private").then(
+        _preset_note, note_inputs, preset_note, api_visibility="private")
+    page.load(restore, data_dir, data_view, api_visibility="private").then(
+        _preset_note, note_inputs, preset_note, api_visibility="private")
 
     def auto_caption(folder: str, table, model_id: str, trig: str, replace: bool):
         """Save the table's edits first (they are the user's), then caption; the trigger goes in front."""
@@ -193,7 +213,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
         return f"{n} caption(s) written by {model_id}. {staged.summary()}", [list(r) for r in staged.rows]
 
     caption_btn.click(auto_caption, [data_dir, captions, captioner, trigger, overwrite], [data_note, captions],
-                      api_visibility="private")
+                      api_visibility="private").then(_preset_note, note_inputs, preset_note, api_visibility="private")
 
     def form_config(folder, table, trig, prompt, meth, base, pre, *adv):
         if not folder:
@@ -216,8 +236,9 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
 
     train_btn.click(start, form, job_view, api_visibility="private")
 
-    for trigger_event in (method.change, model.change, preset.change, trigger.blur):  # not at every keystroke
-        trigger_event(_preset_note, [method, model, preset, trigger], preset_note, api_visibility="private")
+    for trigger_event in (method.change, model.change, preset.change, trigger.blur, instance_prompt.blur,
+                          captions.input):  # text boxes on blur, not at every keystroke
+        trigger_event(_preset_note, note_inputs, preset_note, api_visibility="private")
 
     def refresh(job_id: str):
         job_id = job_id or engine.jobs.running() or next(iter(engine.jobs.jobs()), "")  # a reload re-attaches
