@@ -1,6 +1,7 @@
 """Does a LoRA with only the required flags learn a new concept on the embedded model, within 5 minutes on 2 cores?
 
-    python benchmarks/train_defaults.py [--concept bar|pink|ring] [--data-seed 0] [--log runs.md] [-- EXTRA FLAGS]
+    python benchmarks/train_defaults.py [--concept bar|pink|ring] [--data-seed 0] [--log runs.md] [--vae-only]
+        [-- EXTRA FLAGS]
 
 Writes 12 images of a concept the embedded model has never seen (``sd_demo.shapes.novel``, canonical captions with
 the word "zkring"), then trains as a user would, in a child process, timing its wall clock (start-up, caching,
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the base model's ordinary accuracy is kept between runs")
     p.add_argument("--log", type=Path, help="also append the row to this markdown file")
     p.add_argument("--keep", type=Path, help="train into this folder (kept) instead of a temporary one")
+    p.add_argument("--vae-only", action="store_true", help="only the VAE round trip of the data (no training)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="-- then flags passed on to `python -m sd_demo train`")
     a = p.parse_args(argv)
     extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
@@ -164,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     scenes, _ = concept(a.concept)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_dataset(scenes(12, seed=a.data_seed), WORD, Path(tmp) / "data", "canonical")
+        if a.vae_only:
+            shown = vae_ceiling(load_model("embedded"), data, a.concept)
+            print(f"{a.concept}, data seed {a.data_seed}: VAE round trip {shown}/12")
+            return 0
         out = a.keep or Path(tmp) / "out"
         wall, cpu, rc = train_as_a_user(data, out, extra)
         if rc:

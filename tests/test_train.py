@@ -421,6 +421,28 @@ def test_trigger_token_trains_a_new_token_with_the_lora(tiny_model_dirs, data_di
     assert np.abs(_generate_prompt(model.pipe, "a <zk> square") - spelled).max() < 1e-6
 
 
+def test_a_zip_without_trigger_is_read_once_and_its_made_up_word_is_the_trigger(tiny_model_dirs, tmp_path,
+                                                                              monkeypatch):
+    """No --trigger: the word every caption shares that the tokenizer splits (here 'zq') is taken and named in the
+    run's preset line and on the card; the data is read once for that and for training (a zip extracted once)."""
+    import zipfile
+
+    from sd_demo.train import data as data_mod
+
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as z:
+        for i in range(4):
+            Image.new("RGB", (64, 64), (30, 60 * i, 200)).save(tmp_path / "im.png")
+            z.write(tmp_path / "im.png", f"{i}.png")
+            z.writestr(f"{i}.txt", f"a blue zq square {i}")
+    calls = []
+    real = data_mod.extract_zip
+    monkeypatch.setattr(data_mod, "extract_zip", lambda *a: calls.append(a) or real(*a))
+    result = train(config(tiny_model_dirs["sd15"], tmp_path / "data.zip", tmp_path / "out", steps=2, grad_accum=1))
+    assert result.preset.found_trigger == "zq" and len(calls) == 1
+    assert "trigger 'zq' (a word of every caption" in result.preset.summary()
+    assert "Trigger word: `zq`" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_trigger_token_rows_train_without_weight_decay(tiny_model_dirs, data_dir, tmp_path):
     from sd_demo.models import load_model
     from sd_demo.train import methods
