@@ -14,7 +14,8 @@ ring: a hole, pink: the object's colour) and ordinary accuracy (shape, colour, b
 against the base model's, at the model card's defaults (Euler a, CFG 2.5, 20 steps), 16 images per batch. One table row per run:
 PASS needs >= 13/16, >= 90 % of the base accuracy on each attribute and <= 300 s. The base accuracy is computed once
 and kept in ``--base-cache``. "VAE round trip" counts the training images that still show the concept after the
-VAE encodes and decodes them: the most any UNet adapter can reach. Run it alone: the wall clock is the point, and 2 cores are easily shared away.
+VAE encodes and decodes them: the most any UNet adapter can reach. Run it alone: the wall clock is the point, and
+2 cores are easily shared away.
 """
 from __future__ import annotations
 

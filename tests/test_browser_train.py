@@ -1,6 +1,7 @@
 """The Training tab in headless Chromium, as a person uses it (tiny SD 1.x model, so steps take milliseconds):
 upload (a bad file is listed as skipped, the found trigger named), auto-caption, Train, the live status and loss
-plot, a page reload re-attaches (job and data), Stop, Resume, a kill from outside shows "interrupted" and Resume continues, "Train N more steps", "Use in Generate",
+plot, a page reload re-attaches (job and data), Stop, Resume, a kill from outside shows "interrupted" and Resume
+continues, "Train N more steps", "Use in Generate",
 generate with the result, download the zip. Screenshots of each stage go to the test's tmp folder."""
 import json
 import os
