@@ -61,12 +61,14 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
     public = is_public(args)
     with gr.Blocks(title="sd_demo") as demo:
         gr.Markdown("# sd_demo · Stable Diffusion")
+        train_data = train_tab.data_state()
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 gen = generate_tab.build(engine, public=public, notice=notice,
                                          allow_loras=not public or args.allow_training)
             with gr.Tab("Train", id="train"):
-                train_tab.build(engine, gen, tabs, "generate", demo, public=public, allowed=args.allow_training)
+                train_tab.build(engine, gen, tabs, "generate", demo, train_data, public=public,
+                                allowed=args.allow_training)
             with gr.Tab("PNG Info", id="info"):
                 info_tab.build(gen, tabs, "generate")
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)

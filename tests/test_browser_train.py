@@ -61,8 +61,10 @@ def test_train_stop_resume_reload_kill_finish_and_use(app_server, upload_files, 
         page.wait_for_function("() => document.querySelector('#train-data-note').innerText.includes('6 image')",
                                timeout=WAIT)
         assert "broken.png (not an image" in page.locator("#train-data-note").inner_text()
-        note = page.locator("#train-preset-note").inner_text()
-        assert "sd1-lora-cpu" in note and "trigger 'zq'" in note  # what the preset will set, the trigger it finds
+        # what the preset will set, and the trigger it finds in the captions (the note follows the upload)
+        page.wait_for_function("() => document.querySelector('#train-preset-note').innerText.includes(\"trigger 'zq'\")",
+                               timeout=WAIT)
+        assert "sd1-lora-cpu" in page.locator("#train-preset-note").inner_text()
         page.locator("#train-trigger textarea").fill("zq")
         page.locator("#train-autocaption").get_by_text("Auto-caption").click()  # an image-to-text model captions
         page.locator("#train-captioner textarea").fill(str(tiny_captioner))

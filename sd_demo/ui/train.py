@@ -105,15 +105,20 @@ def _runs_table(engine: Engine) -> list[list]:
     return rows
 
 
+def data_state() -> gr.BrowserState:
+    """The folder of the data this browser staged: it outlives a page reload in this browser alone (gradio encrypts
+    what it stores there). Create it outside the tabs: a tab's components (and so its stored value) are not there
+    until the tab is first opened, after the page's load event."""
+    return gr.BrowserState("", storage_key="sd-demo-train-data")
+
+
 def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, page: gr.Blocks,
-          public: bool = False, allowed: bool = True) -> None:
-    """Lay out the tab and wire its events; call inside ``page``'s context."""
+          data_dir: gr.BrowserState, public: bool = False, allowed: bool = True) -> None:
+    """Lay out the tab and wire its events; call inside ``page``'s context; ``data_dir`` from ``data_state()``."""
     if public and not allowed:
         gr.Markdown(DISABLED, elem_id="train-disabled")
         return
     job = gr.State("")
-    # The staged folder outlives a page reload in this browser alone (gradio encrypts the value it stores there).
-    data_dir = gr.BrowserState("", storage_key="sd-demo-train-data")
     with gr.Row():
         with gr.Column(scale=5):
             files = gr.File(label="Training images (PNG, JPEG, WebP), caption .txt files or a .zip",
