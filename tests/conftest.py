@@ -1,5 +1,6 @@
 """Shared pytest setup: never touch the network, and offer tiny offline SD models."""
 
+import contextlib
 import os
 
 # Set before anything imports huggingface_hub (it reads these once, at import time).
@@ -67,17 +68,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_server(tiny_model_dirs, tmp_path_factory):
-    """(url, engine) of the real app (app.build_demo + app.launch) on a free localhost port, tiny SD 1.x model."""
+@contextlib.contextmanager
+def running_app(argv: list[str]):
+    """(url, engine) of the real app (app.build_demo + app.launch) with ``argv`` on a free localhost port."""
     import app
 
-    args = app.parse_args(["--model", str(tiny_model_dirs["sd15"]), "--outputs", str(tmp_path_factory.mktemp("out")),
-                           "--port", str(_free_port())])
+    args = app.parse_args([*argv, "--port", str(_free_port())])
     demo = app.build_demo(args)
     _, url, _ = app.launch(demo, args, prevent_thread_lock=True, quiet=True)
-    yield url, demo.engine
-    demo.close()
+    try:
+        yield url, demo.engine
+    finally:
+        demo.close()
+        job = demo.engine.jobs.running()
+        if job:  # a test that failed mid-run must not leave its training process eating the next tests' cores
+            demo.engine.jobs.cancel(job)
+
+
+@pytest.fixture(scope="module")
+def app_server(tiny_model_dirs, tmp_path_factory):
+    """The app on the tiny SD 1.x model (see running_app)."""
+    out = tmp_path_factory.mktemp("out")
+    with running_app(["--model", str(tiny_model_dirs["sd15"]), "--outputs", str(out)]) as served:
+        yield served
 
 
 def pytest_collection_modifyitems(config, items):

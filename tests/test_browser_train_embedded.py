@@ -23,14 +23,10 @@ WAIT = 900_000  # ms: the default preset trains for a few minutes on 2 cores
 
 @pytest.fixture
 def embedded_app(tmp_path):
-    import app
-    from tests.conftest import _free_port
+    from tests.conftest import running_app
 
-    args = app.parse_args(["--outputs", str(tmp_path / "out"), "--port", str(_free_port())])
-    demo = app.build_demo(args)
-    _, url, _ = app.launch(demo, args, prevent_thread_lock=True, quiet=True)
-    yield url, demo.engine
-    demo.close()
+    with running_app(["--outputs", str(tmp_path / "out")]) as served:
+        yield served
 
 
 def test_default_preset_teaches_the_embedded_model_a_new_shape_from_the_browser(embedded_app, tmp_path):
