@@ -8,6 +8,7 @@ import sys
 
 import gradio as gr
 
+from sd_demo import setup_logging
 from sd_demo.__main__ import add_runtime_flags
 from sd_demo.engine import Engine, EngineSettings
 from sd_demo.ui import generate as generate_tab
@@ -90,7 +91,7 @@ if __name__ == "__main__":
         parse_auth(ARGS.auth)  # a malformed --auth stops here, before the model load, never opens an open app
     except ValueError as exc:
         sys.exit(f"error: {exc}")
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+setup_logging(logging.INFO)
 demo = build_demo(ARGS)
 
 if __name__ == "__main__":

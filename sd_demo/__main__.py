@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import setup_logging
 from .flags import add_field_flags
 from .generate import GenerationParams, param_fields
 
@@ -122,7 +123,7 @@ def cmd_train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":

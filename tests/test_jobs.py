@@ -21,6 +21,7 @@ def images(tmp_path_factory):
     for i in range(6):
         Image.new("RGB", (64, 64), (30 * i, 120, 200)).save(d / f"{i}.png")
         (d / f"{i}.txt").write_text(f"a blue zq square {i}")
+    (d / "notes.png").write_text("not an image")  # skipped, and said so in the job's log
     return d
 
 
@@ -96,6 +97,8 @@ def test_stop_then_more_steps_and_the_result_zip(tiny_model_dirs, images, tmp_pa
     assert f"{job}/pytorch_lora_weights.safetensors" in names and f"{job}/README.md" in names
     assert f"{job}/{job}.safetensors" in names  # the kohya file for A1111 / ComfyUI
     assert not [n for n in names if "checkpoints" in n or n.endswith((".jsonl", "job.json", "train.log"))]
+    log = manager.log_tail(job, lines=200)  # what the tab shows: the skip as one line, no path or code of ours
+    assert "UserWarning: skipped 1 file(s): notes.png (not an image" in log and ".py:" not in log
 
 
 def test_bad_uploads_are_listed_and_the_rest_is_kept(tmp_path):

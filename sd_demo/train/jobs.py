@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import setup_logging
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -367,5 +368,5 @@ def run_job(folder: Path) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)
     sys.exit(run_job(Path(sys.argv[1])))
