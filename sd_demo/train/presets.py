@@ -158,7 +158,7 @@ class Resolved:
         line = f"preset {self.preset}: {vals}" if vals else f"preset {self.preset}: every value given explicitly"
         if self.found_trigger:
             line += (f"; trigger '{self.found_trigger}' (a word of every caption this model does not know; "
-                     "--trigger picks another)")
+                     "a trigger word given (--trigger) picks another)")
         return line
 
 
