@@ -245,14 +245,21 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
                           captions.input):  # text boxes on blur, not at every keystroke
         trigger_event(_preset_note, note_inputs, preset_note, api_visibility="private")
 
-    def refresh(job_id: str):
+    drawn = gr.State("")  # what the plot and the samples show now: unchanged ones are not sent again
+
+    def refresh(job_id: str, shown: str):
         job_id = job_id or engine.jobs.running() or next(iter(engine.jobs.jobs()), "")  # a reload re-attaches
         if not job_id:
-            return (gr.skip(),) * len(job_view)
-        return _job_outputs(engine, job_id)
+            return (gr.skip(),) * (len(job_view) + 1)
+        out = _job_outputs(engine, job_id)
+        key = f"{job_id}:{len(out[2])}:{out[3]}"
+        if key == shown:  # re-sending redraws the plot at every tick (it flickered) for nothing
+            out = (*out[:2], gr.skip(), gr.skip(), *out[4:])
+        return (*out, key)
 
     timer = gr.Timer(POLL_S)
-    timer.tick(refresh, job, job_view, api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    timer.tick(refresh, [job, drawn], [*job_view, drawn], api_visibility="private", concurrency_limit=None,
+               show_progress="hidden")
 
     def control(action):
         def handler(job_id: str, n=None):
