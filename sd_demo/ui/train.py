@@ -247,13 +247,13 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
 
     drawn = gr.State("")  # what the plot and the samples show now: unchanged ones are not sent again
 
-    def refresh(job_id: str, shown: str):
+    def refresh(job_id: str, drawn_key: str):
         job_id = job_id or engine.jobs.running() or next(iter(engine.jobs.jobs()), "")  # a reload re-attaches
         if not job_id:
             return (gr.skip(),) * (len(job_view) + 1)
         out = _job_outputs(engine, job_id)
         key = f"{job_id}:{len(out[2])}:{out[3]}"
-        if key == shown:  # re-sending redraws the plot at every tick (it flickered) for nothing
+        if key == drawn_key:  # re-sending redraws the plot at every tick (it flickered) for nothing
             out = (*out[:2], gr.skip(), gr.skip(), *out[4:])
         return (*out, key)
 
