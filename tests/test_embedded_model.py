@@ -44,6 +44,20 @@ def test_loads_with_plain_diffusers():
     assert len(pipe.tokenizer("zebras éclair 🙂").input_ids) > 2
 
 
+def test_runs_with_plain_diffusers():
+    """What a user who downloads the model does first: the stock pipeline, no dtype argument, on a CPU. An fp16
+    text encoder beside the fp32 UNet diffusers makes failed here ("mat1 and mat2 must have the same dtype")."""
+    import diffusers
+    import numpy as np
+    import torch
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(models.EMBEDDED_DIR, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle on a blue background", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0
+
+
 def test_model_card_recommends_the_sampler_and_cfg_scale_the_bar_was_measured_at(embedded):
     """README.md (Hub card format) names the sampler and CFG scale; TRAINING.md holds a table measured with them."""
     guidance, sampler = hub.recommended_guidance(models.EMBEDDED_DIR), hub.recommended_sampler(models.EMBEDDED_DIR)
