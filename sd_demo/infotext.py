@@ -31,9 +31,10 @@ import math
 import os
 import re
 import secrets
+import struct
 from dataclasses import dataclass, field
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from PIL.PngImagePlugin import PngInfo
 
 # A1111's re_param_code: key, then a JSON-quoted or a comma-free value.
@@ -42,6 +43,7 @@ _PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _KEY_RE = re.compile(r"\w[\w \-/]*[\w\-/]")
 _SIZE_RE = re.compile(r"\s*(\d+)\s*x\s*(\d+)\s*")
 _NEG = "Negative prompt:"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -161,15 +163,49 @@ def write_png(image: Image.Image, path, info: Infotext) -> None:
 
 
 def read_png(path_or_image) -> Infotext | None:
-    """Parse the "parameters" chunk of a PNG (path, file object or Image)."""
+    """Parse the "parameters" chunk of a PNG (path, file object or Image) without decoding its pixels."""
     if isinstance(path_or_image, Image.Image):
         return _read_image(path_or_image)
-    with Image.open(path_or_image) as im:
-        return _read_image(im)
+    if isinstance(path_or_image, (str, os.PathLike)):
+        with open(path_or_image, "rb") as f:
+            return _read_file(f)
+    return _read_file(path_or_image)
 
 
 def _read_image(im: Image.Image) -> Infotext | None:
     text = im.info.get("parameters")
-    if text is None and hasattr(im, "text"):  # chunks placed after IDAT
+    if text is None and hasattr(im, "text"):  # chunks placed after IDAT (loads the pixels: the caller has them)
         text = im.text.get("parameters")
     return parse_infotext(text) if isinstance(text, str) else None
+
+
+def _read_file(f) -> Infotext | None:
+    if f.read(len(_PNG_SIGNATURE)) == _PNG_SIGNATURE:
+        text = _png_text(f).get("parameters")
+    else:  # another format (WebP, JPEG, ...): what PIL reads from its header, pixels untouched
+        f.seek(0)
+        with Image.open(f) as im:
+            text = im.info.get("parameters")
+    return parse_infotext(text) if isinstance(text, str) else None
+
+
+def _png_text(f) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG, wherever they lie, read after the 8-byte signature.
+
+    PIL's ``Image.text`` decodes the whole image to reach chunks after the pixel data (+550 MB for a 12000 px
+    square), so we walk the chunks and seek past all others. PIL's own PngStream parses each text chunk, with its
+    caps on decompressed size (zTXt/iTXt bombs) and on total text; chunks over that size are skipped unread.
+    """
+    png = PngImagePlugin.PngStream(f)
+    while True:
+        try:
+            cid, pos, length = png.read()
+        except (struct.error, SyntaxError):  # truncated or broken: keep what was read, as PIL does
+            break
+        if cid == b"IEND":
+            break
+        if cid in (b"tEXt", b"zTXt", b"iTXt") and length <= PngImagePlugin.MAX_TEXT_CHUNK:
+            png.crc(cid, png.call(cid, pos, length))
+        else:
+            f.seek(length + 4, os.SEEK_CUR)  # data and CRC, never read
+    return png.im_text

@@ -107,3 +107,23 @@ def test_training_is_off_on_a_public_app_unless_the_owner_turns_it_on(tiny_model
     run.mkdir(parents=True)
     (run / "job.json").write_text("{}")
     assert engine.is_training_result(str(run)) and not engine.is_training_result(str(tiny_model_dirs["sd15"]))
+
+
+def test_png_info_reads_huge_or_broken_uploads_with_a_message(client, tmp_path):
+    """A 20000 px square PNG (a decompression bomb for PIL) with its text after the pixels is read without decoding
+    them; a file that is no image says so in one line; another type is refused by name."""
+    import struct
+
+    from tests.test_infotext import EXAMPLE_TEXT, _chunk
+
+    header = _chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+    huge = tmp_path / "huge.png"  # its IDAT is junk: any decode would fail
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + header + _chunk(b"IDAT", b"junk")
+                     + _chunk(b"tEXt", b"parameters\0" + EXAMPLE_TEXT.encode()) + _chunk(b"IEND", b""))
+    assert client.predict(handle_file(str(huge)), api_name="/png_info") == EXAMPLE_TEXT
+    (tmp_path / "fake.png").write_bytes(b"not an image")
+    assert client.predict(handle_file(str(tmp_path / "fake.png")), api_name="/png_info") == \
+        "This file could not be read as an image."
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(Exception, match="Invalid file type"):
+        client.predict(handle_file(str(tmp_path / "notes.txt")), api_name="/png_info")

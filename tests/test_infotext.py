@@ -225,3 +225,63 @@ def test_read_png_without_chunk(tmp_path):
     path = tmp_path / "plain.png"
     Image.new("RGB", (4, 4)).save(path)
     assert read_png(path) is None
+
+
+def _chunk(cid: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + cid + data + struct.pack(">I", zlib.crc32(cid + data))
+
+
+def _big_png_with_text_after_pixels(path, side: int, text: str) -> None:
+    """A side x side greyscale PNG whose "parameters" chunk follows IDAT, written row by row (cheap to make)."""
+    import struct
+    import zlib
+
+    z = zlib.compressobj(9)
+    row = bytes(side + 1)  # filter byte + one black row
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)))
+        f.write(_chunk(b"IDAT", idat) + _chunk(b"tEXt", b"parameters\0" + text.encode("latin-1")))
+        f.write(_chunk(b"IEND", b""))
+
+
+def test_read_png_reads_text_after_pixels_without_decoding_them(tmp_path):
+    """A 12000 px square (144 MB of pixels) with its text after IDAT: read in a fresh process, whose peak memory
+    must not grow by the pixels (PIL's Image.text decodes them all to reach that chunk)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.png"
+    _big_png_with_text_after_pixels(path, 12000, EXAMPLE_TEXT)
+    script = (
+        "import resource, sys; from sd_demo.infotext import read_png\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "info = read_png(sys.argv[1])\n"
+        "print(info.params['Seed'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    seed, grown_kib = map(int, out.stdout.split())
+    assert seed == 42 and grown_kib < 20_000
+
+
+def test_read_png_skips_oversized_and_broken_text_chunks(tmp_path):
+    """A zTXt bomb is refused by PIL's cap, an oversized tEXt is skipped unread, a truncated tail keeps what came
+    before it."""
+    import struct
+    import zlib
+
+    head = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+    params = _chunk(b"tEXt", b"parameters\0" + EXAMPLE_TEXT.encode())
+    huge = _chunk(b"tEXt", b"comment\0" + bytes(2 << 20))
+    (tmp_path / "huge.png").write_bytes(head + huge + params + _chunk(b"IEND", b""))
+    assert read_png(tmp_path / "huge.png") == EXAMPLE
+    (tmp_path / "cut.png").write_bytes(head + params + _chunk(b"IDAT", b"x")[:-3])
+    assert read_png(tmp_path / "cut.png") == EXAMPLE
+    bomb = _chunk(b"zTXt", b"parameters\0\0" + zlib.compress(bytes(64 << 20)))
+    (tmp_path / "bomb.png").write_bytes(head + bomb + _chunk(b"IEND", b""))
+    with pytest.raises(ValueError):
+        read_png(tmp_path / "bomb.png")

@@ -7,6 +7,8 @@ from ..generate import params_from_infotext
 from ..infotext import Infotext, format_infotext, read_png
 from .generate import GenerateTab
 
+IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp"]  # what A1111 and ComfyUI save; gradio refuses others by name
+
 
 def read_parameters(path: str | None) -> tuple[str, Infotext | None]:
     if not path:
@@ -23,12 +25,16 @@ def read_parameters(path: str | None) -> tuple[str, Infotext | None]:
 def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str) -> None:
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Source PNG", type="filepath", sources=["upload", "clipboard"], format="png")
+            # A file box, not gr.Image: gr.Image opens every upload with PIL first, so a non-image or a huge PNG
+            # failed inside gradio with no message; read_png reads only the text chunks of whatever is dropped.
+            image = gr.File(label="Source PNG", file_types=IMAGE_TYPES, type="filepath", elem_id="png-info-file")
+            preview = gr.Image(label="Preview", interactive=False, height=320)
         with gr.Column():
             text = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="png-info-text")
             send = gr.Button("Send to Generate", variant="primary")
             note = gr.Markdown("")
     image.change(lambda p: read_parameters(p)[0], image, text, api_name="png_info")
+    image.change(lambda p: p, image, preview, api_visibility="private")  # the browser draws it; we never decode
 
     def send_to_generate(path: str | None):
         _, info = read_parameters(path)
