@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -46,9 +47,33 @@ def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
+def bind_host(args: argparse.Namespace) -> str:
+    """The address the server listens on: --host, else $GRADIO_SERVER_NAME, else loopback (gradio's own order)."""
+    return args.host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback  # 127.0.0.0/8, ::1
+    except ValueError:
+        return False  # any other name may resolve to an interface other machines reach
+
+
+def open_access(args: argparse.Namespace) -> str | None:
+    """How strangers reach the app without logging in (a share link, a non-loopback bind), or None."""
+    if args.auth:
+        return None
+    if args.share:
+        return "a share link"
+    host = bind_host(args)
+    return None if is_loopback(host) else f"listening on {host}"
+
+
 def is_public(args: argparse.Namespace) -> bool:
-    """A share link without auth, or a Space: anyone can use it, so no custom model ids or local paths."""
-    return bool((args.share and not args.auth) or os.environ.get("SPACE_ID"))
+    """Open to strangers, or a Space: anyone can use it, so no custom model ids or local paths."""
+    return bool(open_access(args) or os.environ.get("SPACE_ID"))
 
 
 def build_demo(args: argparse.Namespace) -> gr.Blocks:
@@ -78,10 +103,11 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
 
 
 def launch(demo: gr.Blocks, args: argparse.Namespace, **kw):
-    auth = parse_auth(args.auth)
-    if args.share and not auth:
-        log.warning("public share link without --auth: custom model ids and local paths are disabled")
-    return demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, **kw)
+    if access := open_access(args):
+        log.warning("public app (%s without --auth): no custom model ids or local paths, training only with "
+                    "--allow-training; add --auth USER:PASS to make it private", access)
+    return demo.launch(server_name=bind_host(args), server_port=args.port, share=args.share,
+                       auth=parse_auth(args.auth), **kw)
 
 
 # Spaces and `gradio app.py` import this module and look for `demo`; flags only apply when run as a script.

@@ -127,3 +127,23 @@ def test_png_info_reads_huge_or_broken_uploads_with_a_message(client, tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(Exception, match="Invalid file type"):
         client.predict(handle_file(str(tmp_path / "notes.txt")), api_name="/png_info")
+
+
+@pytest.mark.parametrize("flags,env,public", [
+    ([], {}, False), (["--host", "127.0.0.1"], {}, False), (["--host", "127.8.9.10"], {}, False),
+    (["--host", "::1"], {}, False), (["--host", "LOCALHOST"], {}, False),
+    (["--host", "0.0.0.0"], {}, True), (["--host", "192.168.1.20"], {}, True), (["--host", "::"], {}, True),
+    (["--host", "myhost.lan"], {}, True), ([], {"GRADIO_SERVER_NAME": "0.0.0.0"}, True),
+    (["--host", "127.0.0.1"], {"GRADIO_SERVER_NAME": "0.0.0.0"}, False),  # the flag wins, as in gradio
+    (["--host", "0.0.0.0", "--auth", "ann:pw"], {}, False), ([], {"GRADIO_SERVER_NAME": "10.0.0.2",
+                                                                  "SD_DEMO_AUTH": "ann:pw"}, False),
+    (["--share"], {}, True), ([], {"SPACE_ID": "me/app"}, True),
+])
+def test_a_bind_other_machines_reach_without_auth_is_public(monkeypatch, flags, env, public):
+    import app
+
+    for name in ("GRADIO_SERVER_NAME", "SD_DEMO_AUTH", "SPACE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert app.is_public(app.parse_args(flags)) == public
