@@ -18,6 +18,12 @@ from sd_demo.ui import train as train_tab
 
 log = logging.getLogger("sd_demo")
 QUEUE_MAX = 20  # waiting jobs beyond this are refused with "queue full" instead of piling up
+# Largest single upload. Public: a PNG to read or a training image is a few MB, and public training data is capped
+# at 200 MB unpacked anyway; private: the owner's dataset zip may hold hundreds of photos.
+MAX_UPLOAD = {True: "50mb", False: "2gb"}
+# Gradio's cache (uploads, and the copies of results it serves) otherwise grows forever: every hour, delete its
+# files older than a day (a page open longer loses its previews; the PNGs stay in --outputs, which we never delete).
+CACHE_SWEEP = (3600, 86400)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -85,7 +91,7 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
         log.error("%s", exc)
         notice = f"⚠️ {exc}. Pick or type a model above and press Load."
     public = is_public(args)
-    with gr.Blocks(title="sd_demo") as demo:
+    with gr.Blocks(title="sd_demo", delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown("# sd_demo · Stable Diffusion")
         train_data = train_tab.data_state()
         with gr.Tabs() as tabs:
@@ -106,8 +112,10 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, **kw):
     if access := open_access(args):
         log.warning("public app (%s without --auth): no custom model ids or local paths, training only with "
                     "--allow-training; add --auth USER:PASS to make it private", access)
+    # allowed_paths: gradio serves files from the working folder and the temp folder only; --outputs may be elsewhere
     return demo.launch(server_name=bind_host(args), server_port=args.port, share=args.share,
-                       auth=parse_auth(args.auth), **kw)
+                       auth=parse_auth(args.auth), allowed_paths=[os.path.abspath(args.outputs)],
+                       max_file_size=MAX_UPLOAD[is_public(args)], **kw)
 
 
 # Spaces and `gradio app.py` import this module and look for `demo`; flags only apply when run as a script.

@@ -147,3 +147,41 @@ def test_a_bind_other_machines_reach_without_auth_is_public(monkeypatch, flags, 
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert app.is_public(app.parse_args(flags)) == public
+
+
+def test_launch_warns_of_an_open_bind_and_sets_the_limits(monkeypatch, tmp_path, caplog):
+    """Start-up says why the app is public and how to close it; gradio gets the bound host, the outputs folder
+    (and only it) to serve, and the upload cap."""
+    import app
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    calls = []
+    stub = type("Demo", (), {"launch": lambda self, **kw: calls.append(kw)})()
+    app.launch(stub, app.parse_args(["--host", "0.0.0.0", "--outputs", str(tmp_path / "out")]))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "listening on 0.0.0.0 without --auth" in warnings[0]
+    assert "add --auth USER:PASS" in warnings[0] and "\n" not in warnings[0]
+    assert calls[0]["server_name"] == "0.0.0.0" and calls[0]["allowed_paths"] == [str(tmp_path / "out")]
+    assert calls[0]["max_file_size"] == app.MAX_UPLOAD[True]
+    caplog.clear()
+    app.launch(stub, app.parse_args(["--outputs", str(tmp_path / "out")]))
+    assert not caplog.records and calls[1]["server_name"] == "127.0.0.1"
+    assert calls[1]["max_file_size"] == app.MAX_UPLOAD[False]
+
+
+def test_outputs_outside_the_working_and_temp_folders_are_served(tiny_model_dirs, tmp_path, monkeypatch):
+    """Gradio serves only the working folder, its temp folder and allowed_paths: --outputs elsewhere must still
+    show its images. Gradio's cache is swept (delete_cache)."""
+    import tempfile
+
+    from tests.conftest import running_app
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # so tmp_path/out is outside the temp folder
+    with running_app(["--model", str(tiny_model_dirs["sd15"]), "--outputs", str(tmp_path / "out")]) as (url, _):
+        import app
+
+        gallery, _, status, _ = Client(url, verbose=False).predict(prompt="x", steps=1, seed=2, api_name="/generate")
+        assert read_png(gallery[0]["image"]).params["Seed"] == 2
+    assert list((tmp_path / "out").rglob("*.png")) and app.demo.delete_cache == app.CACHE_SWEEP
