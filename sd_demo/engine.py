@@ -36,12 +36,14 @@ class EngineSettings:
 
 @dataclass
 class ModelDefaults:
-    """What the UI sets its controls to when a model loads: its native size, card CFG scale and sampler."""
+    """What the UI sets its controls to when a model loads: its native size, card CFG scale and sampler, and the
+    deepest clip skip its text encoder has layers for."""
 
     status: str
     size: int
     guidance: float
     sampler: str
+    max_clip_skip: int
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Engine:
         if spec is None and self.cache.current is None:
             raise ValueError("no model loaded")
         m = self.load(spec) if spec else self.cache.current
-        return ModelDefaults(m.describe(), m.default_size, m.default_guidance, m.default_sampler)
+        return ModelDefaults(m.describe(), m.default_size, m.default_guidance, m.default_sampler, m.max_clip_skip)
 
     # ------------------------------------------------------------------ training (jobs live in self.jobs)
     def stage_training_data(self, paths: list[str], public: bool = False):

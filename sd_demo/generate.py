@@ -6,6 +6,7 @@ Stages: check_inputs -> seeds/generators -> scheduler -> denoise (the diffusers 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -28,6 +29,9 @@ MAX_SEED = 2**32 - 1
 MAX_SIDE = 2048
 MAX_STEPS = 150
 MAX_BATCH = 8
+MAX_CLIP_SKIP = 12  # A1111's slider; the loaded model's text encoder may allow fewer (check_inputs)
+# A1111 sets no limit and real prompts stay under a few thousand characters; 100 000 held the slot for a minute.
+MAX_PROMPT = 8000
 
 
 def _f(default, help: str, flag: str | None = None, **kw):
@@ -52,28 +56,76 @@ class GenerationParams:
     clip_skip: int = _f(1, "use the text encoder's N-th last layer (1 = last, A1111 numbering)")
 
     def validate(self) -> "GenerationParams":
-        """Raise ValueError naming the field for anything a user must change; return self for chaining."""
+        """Raise ValueError naming the field for anything a user must change; return a copy whose numbers have
+        their field's type (an API's 512.0 is 512; 64.5 is refused, never truncated)."""
         def bad(name: str, why: str):
             raise ValueError(f"{name}: {why}")
 
-        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
-            bad("prompt", "must be text")
-        if not 1 <= int(self.steps) <= MAX_STEPS:
-            bad("steps", f"{self.steps} is out of range; use 1 to {MAX_STEPS}")
-        if self.guidance_scale is not None and not 0 <= float(self.guidance_scale) <= 50:
-            bad("guidance_scale", f"{self.guidance_scale} is out of range; use 0 to 50")
+        _check_text("prompt", self.prompt)
+        _check_text("negative_prompt", self.negative_prompt)
+        p = replace(self, steps=_whole("steps", self.steps), seed=_whole("seed", self.seed),
+                    width=_whole("width", self.width, optional=True),
+                    height=_whole("height", self.height, optional=True),
+                    guidance_scale=_number("guidance_scale", self.guidance_scale, optional=True),
+                    batch_size=_whole("batch_size", self.batch_size), clip_skip=_whole("clip_skip", self.clip_skip))
+        if not 1 <= p.steps <= MAX_STEPS:
+            bad("steps", f"{p.steps} is out of range; use 1 to {MAX_STEPS}")
+        if p.guidance_scale is not None and not 0 <= p.guidance_scale <= 50:
+            bad("guidance_scale", f"{p.guidance_scale:g} is out of range; use 0 to 50")
         for name in ("width", "height"):
-            v = getattr(self, name)
-            if v is not None and (int(v) <= 0 or int(v) > MAX_SIDE or int(v) % 8):
+            v = getattr(p, name)
+            if v is not None and (v <= 0 or v > MAX_SIDE or v % 8):
                 bad(name, f"{v} px is not allowed; use a multiple of 8 between 8 and {MAX_SIDE}")
-        if not (int(self.seed) == -1 or 0 <= int(self.seed) <= MAX_SEED):
-            bad("seed", f"{self.seed} is out of range; use -1 (random) or 0 to {MAX_SEED}")
-        if not 1 <= int(self.batch_size) <= MAX_BATCH:
-            bad("batch_size", f"{self.batch_size} is out of range; use 1 to {MAX_BATCH}")
-        if not 1 <= int(self.clip_skip) <= 12:
-            bad("clip_skip", f"{self.clip_skip} is out of range; use 1 to 12")
-        resolve_schedule(self.sampler or DEFAULT_SAMPLER, self.schedule)  # unknown sampler / schedule -> ValueError
-        return self
+        if not (p.seed == -1 or 0 <= p.seed <= MAX_SEED):
+            bad("seed", f"{p.seed} is out of range; use -1 (random) or 0 to {MAX_SEED}")
+        if not 1 <= p.batch_size <= MAX_BATCH:
+            bad("batch_size", f"{p.batch_size} is out of range; use 1 to {MAX_BATCH}")
+        if not 1 <= p.clip_skip <= MAX_CLIP_SKIP:
+            bad("clip_skip", f"{p.clip_skip} is out of range; use 1 to {MAX_CLIP_SKIP}")
+        for name in ("sampler", "schedule"):
+            if getattr(p, name) is not None and not isinstance(getattr(p, name), str):
+                bad(name, "must be text (a name from the list)")
+        resolve_schedule(p.sampler or DEFAULT_SAMPLER, p.schedule)  # unknown sampler / schedule -> ValueError
+        return p
+
+
+def _check_text(name: str, value) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: must be text")
+    if len(value) > MAX_PROMPT:
+        raise ValueError(f"{name}: {len(value)} characters is too long; at most {MAX_PROMPT}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, which JSON can carry: the tokenizer cannot read it
+        raise ValueError(f"{name}: character {exc.start + 1} ({value[exc.start]!r}) is not valid Unicode text; "
+                         "remove it") from None
+
+
+def _number(name: str, value, optional: bool = False) -> float | None:
+    """A finite float from a number or its text (API callers send either); ValueError naming the field."""
+    if value is None and optional:
+        return None
+    if value is None:
+        raise ValueError(f"{name}: missing; give a number")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"{name}: {value!r} is not a number")
+    return number
+
+
+def _whole(name: str, value, optional: bool = False) -> int | None:
+    """An int from an int, a whole float (JSON's 512.0) or its text; a fraction is refused, never truncated."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    number = _number(name, value, optional)
+    if number is None:
+        return None
+    if number != int(number):
+        raise ValueError(f"{name}: {value!r} is not a whole number")
+    return int(number)
 
 
 def param_fields():
@@ -104,18 +156,19 @@ def resolve_seed(seed: int) -> int:
 
 
 def check_inputs(model: LoadedModel, params: GenerationParams) -> GenerationParams:
-    params.validate()
+    """Validated params with the model's defaults filled in; clip skip is checked against this model's depth."""
+    p = params.validate()
+    if p.clip_skip > model.max_clip_skip:
+        raise ValueError(f"clip_skip: {p.clip_skip} is out of range for this model (its text encoder is shallower); "
+                         f"use 1 to {model.max_clip_skip}")
     size = model.default_size
     return replace(
-        params,
-        width=int(params.width or size),
-        height=int(params.height or size),
-        seed=resolve_seed(params.seed),
-        steps=int(params.steps),
-        batch_size=int(params.batch_size),
-        clip_skip=int(params.clip_skip),
-        guidance_scale=float(model.default_guidance if params.guidance_scale is None else params.guidance_scale),
-        sampler=params.sampler or model.default_sampler,
+        p,
+        width=p.width or size,
+        height=p.height or size,
+        seed=resolve_seed(p.seed),
+        guidance_scale=model.default_guidance if p.guidance_scale is None else p.guidance_scale,
+        sampler=p.sampler or model.default_sampler,
     )
 
 

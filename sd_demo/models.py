@@ -17,10 +17,11 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
 # Loading prints a tqdm bar per component and a note about torchvision (we need no image processor): our own
 # progress reporting replaces them, and an app log full of bars hides what matters.
@@ -43,7 +44,8 @@ DEFAULT_GUIDANCE = 7.0  # A1111's CFG scale, for models whose card recommends no
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("auto", "sdpa", "xformers")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[\w.\-]{1,96}$")  # the Hub allows 96 characters a part
+MAX_SPEC = 4096  # PATH_MAX: a longer name is neither a folder here nor a Hub id
 
 
 @dataclass(frozen=True)
@@ -61,20 +63,32 @@ class ModelRef:
 
 def parse_model_ref(spec: str) -> ModelRef:
     """'embedded' | existing folder | 'org/name[@rev]' -> ModelRef, or ValueError saying what is accepted."""
+    if spec is not None and not isinstance(spec, str):
+        raise ValueError("model: must be text (a Hub repo id, a local folder, or 'embedded')")
     spec = (spec or "").strip()
     if not spec:
         raise ValueError("model: empty; give a Hub repo id (org/name[@revision]), a local folder, or 'embedded'")
+    if len(spec) > MAX_SPEC:
+        raise ValueError(f"model: {len(spec)} characters is too long for a Hub repo id or a folder path")
     if spec == "embedded":
         return ModelRef("embedded", "embedded")
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if _is_dir(path):
         return ModelRef("local", str(path.resolve()))
     repo, _, rev = spec.partition("@")
     if _REPO_ID.match(repo) and not spec.startswith((".", "/", "~")):
         return ModelRef("hub", repo, rev or None)
+    shown = spec if len(spec) <= 200 else spec[:200] + "…"  # the message stays one readable line
     raise ValueError(
-        f"unknown model '{spec}': not a folder here and not a Hub repo id like 'org/name' or 'org/name@revision'"
+        f"unknown model '{shown}': not a folder here and not a Hub repo id like 'org/name' or 'org/name@revision'"
     )
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the filesystem is no folder here (it may still be a Hub id)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- device and dtype
@@ -202,6 +216,9 @@ class LoadedModel:
                              path if path.is_file() and path.suffix == ".safetensors" and is_embedding_file(path)
                              else None)
                 has_lora = (path / LORA_FILE).is_file() if path.is_dir() else embedding is None
+                if embedding is None and not has_lora:  # else the infotext would claim a LoRA that did nothing
+                    raise ValueError(f"the folder holds neither {LORA_FILE} nor a textual-inversion "
+                                     "embedding; give the LoRA's .safetensors file itself")
                 if embedding is not None and not has_lora and scale != 1:
                     raise ValueError("it is a textual-inversion embedding, which has no strength; drop the "
                                      f"':{scale:g}'")
@@ -210,10 +227,11 @@ class LoadedModel:
                 if has_lora:
                     self.pipe.load_lora_weights(source, adapter_name=f"lora{i}", use_safetensors=True)
                     names.append(f"lora{i}")
-            except (OSError, ValueError, EnvironmentError) as exc:
+            except (OSError, ValueError, SafetensorError) as exc:
                 self.pipe.unload_lora_weights()
                 self._unload_embeddings()
-                raise ValueError(f"lora: '{source}' could not be loaded: {str(exc).splitlines()[0]}") from exc
+                what = "not a readable .safetensors file: " if isinstance(exc, SafetensorError) else ""
+                raise ValueError(f"lora: '{source}' could not be loaded: {what}{str(exc).splitlines()[0]}") from exc
         if names:
             self.pipe.set_adapters(names, adapter_weights=[loras[int(n.removeprefix("lora"))][1] for n in names])
         self.loras = loras
@@ -230,6 +248,12 @@ class LoadedModel:
             if added:
                 self.pipe.unload_textual_inversion(tokens=added, tokenizer=tok, text_encoder=enc)
         self.embedding_tokens = []
+
+    @property
+    def max_clip_skip(self) -> int:
+        from .prompts import max_clip_skip
+
+        return max_clip_skip(self.pipe, self.family == "sdxl")
 
     @property
     def prediction_type(self) -> str:
@@ -253,20 +277,38 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def read_config(folder: Path, name: str) -> dict:
+    """A model's JSON file (``model_index.json``, ``unet/config.json``) as a dict; a ValueError naming the file
+    when it is missing or malformed."""
+    path = Path(folder) / name
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"model: {name} is missing in {folder}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model: {path} is not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"model: {path} is not a JSON object")
+    return value
+
+
 def detect_family(folder: Path) -> str:
-    index = json.loads((folder / "model_index.json").read_text())
-    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index:
+    index = read_config(folder, "model_index.json")
+    if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index:
         return "sdxl"
-    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    unet_cfg = read_config(folder, "unet/config.json")
     # SD 2.x UNets project attention inputs linearly and cross-attend to 1024-d OpenCLIP features.
     return "sd2" if unet_cfg.get("use_linear_projection") or unet_cfg.get("cross_attention_dim") == 1024 else "sd1"
 
 
 def native_size(folder: Path) -> int:
     """The model's training size in px: the UNet's latent side times the VAE's downsampling."""
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    unet, vae = read_config(folder, "unet/config.json"), read_config(folder, "vae/config.json")
+    try:
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"model: unet/config.json sample_size or vae/config.json block_out_channels in {folder} "
+                         f"is missing or not a number ({type(exc).__name__}: {exc})") from None
 
 
 def _local_files(spec: str, patterns: list[str]) -> Path | None:
@@ -339,23 +381,45 @@ def resolve_folder(ref: ModelRef, *, want_fp16: bool, allow_pickle: bool, tqdm_c
         return hub.fetch_model(
             ref.name, ref.revision, want_fp16=want_fp16, allow_pickle=allow_pickle, tqdm_class=tqdm_class
         )
-    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
-    return folder, hub.plan_download(files, ref.label, want_fp16=want_fp16, allow_pickle=allow_pickle)
+    # Checked before anything is listed: a folder given by mistake ('/', '~') fails at once, not after a walk.
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"model '{ref.label}' is not a diffusers model folder (it has no model_index.json)")
+    return folder, hub.plan_download(_listing(folder), ref.label, want_fp16=want_fp16, allow_pickle=allow_pickle)
 
 
-def _load_components(folder: Path, family: str, dtype: torch.dtype, plan: hub.WeightPlan) -> dict:
+def _listing(folder: Path) -> list[str]:
+    """A local pipeline's files as the Hub names them, two levels deep: model_index.json and <component>/<file>
+    are all that plan_download reads (diffusers never nests deeper)."""
+    try:
+        top = list(folder.iterdir())
+        return [p.name for p in top if p.is_file()] + [
+            f"{d.name}/{p.name}" for d in top if d.is_dir() for p in d.iterdir() if p.is_file()]
+    except OSError as exc:
+        raise ValueError(f"model: {exc.filename} is not readable ({exc.strerror})") from None
+
+
+def _load_components(folder: Path, family: str, dtype: torch.dtype, plan: hub.WeightPlan, label: str) -> dict:
     kw = {"torch_dtype": dtype, "use_safetensors": not plan.pickle, "variant": plan.variant}
     tkw = {"dtype": dtype, "use_safetensors": not plan.pickle, "variant": plan.variant}  # transformers 5 spelling
-    comps = {
-        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw),
-        "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw),
-        "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **tkw),
-        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-        "scheduler": load_scheduler(folder),
+    loaders = {
+        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **tkw),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        "scheduler": lambda: load_scheduler(folder),
     }
     if family == "sdxl":
-        comps["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **tkw)
-        comps["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+        loaders["text_encoder_2"] = lambda: CLIPTextModelWithProjection.from_pretrained(
+            folder, subfolder="text_encoder_2", **tkw)
+        loaders["tokenizer_2"] = lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+    comps = {}
+    for name, load in loaders.items():
+        try:
+            comps[name] = load()
+        # SafetensorError: a damaged weight file; ValueError / RuntimeError: weights that do not fit the config
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"model '{label}': {name} could not be loaded ({reason})") from exc
     return comps
 
 
@@ -368,54 +432,72 @@ def assemble_pipeline(comps: dict, family: str):
     )
 
 
-def load_model(
-    spec: str,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    attention: str = "auto",
-    allow_pickle: bool = False,
-    tqdm_class=None,
-) -> LoadedModel:
-    """Load a pipeline for ``spec``; every user mistake surfaces as one ValueError line."""
+@dataclass(frozen=True)
+class LoadPlan:
+    """What loading a model decided before any weights were read: a wrong id, folder or config fails while it is
+    made, so a cache can keep serving the model it holds."""
+
+    ref: ModelRef
+    device: str
+    dtype: torch.dtype
+    attention: str
+    attention_reason: str
+    folder: Path
+    weights: hub.WeightPlan
+    family: str
+    size: int  # native resolution in px
+
+
+def plan_load(spec: str, *, device: str = "auto", dtype: str = "auto", attention: str = "auto",
+              allow_pickle: bool = False, tqdm_class=None) -> LoadPlan:
+    """Resolve ``spec`` (downloading a Hub model's files) and read its configs; every mistake is one ValueError."""
     ref = parse_model_ref(spec)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     backend, reason = select_attention(attention, dev)
-    folder, plan = resolve_folder(ref, want_fp16=dt == torch.float16, allow_pickle=allow_pickle, tqdm_class=tqdm_class)
-    family = detect_family(folder)
-    try:
-        comps = _load_components(folder, family, dt, plan)
-    except (OSError, EnvironmentError) as exc:
-        raise ValueError(f"model '{ref.label}' could not be loaded: {str(exc).splitlines()[0]}") from exc
-    pipe = assemble_pipeline(comps, family).to(dev)
+    folder, weights = resolve_folder(ref, want_fp16=dt == torch.float16, allow_pickle=allow_pickle,
+                                     tqdm_class=tqdm_class)
+    return LoadPlan(ref, dev, dt, backend, reason, folder, weights, detect_family(folder), native_size(folder))
+
+
+def load_planned(plan: LoadPlan) -> LoadedModel:
+    """Read the weights of a planned model and assemble its pipeline; a damaged weight file is one ValueError."""
+    comps = _load_components(plan.folder, plan.family, plan.dtype, plan.weights, plan.ref.label)
+    pipe = assemble_pipeline(comps, plan.family).to(plan.device)
     pipe.set_progress_bar_config(disable=True)  # progress is reported through our own callback
-    apply_attention(pipe, backend)
-    log.info("loaded %s (%s) on %s %s; attention: %s", ref.label, family, dev, dtype_name(dt), reason)
-    guidance = hub.recommended_guidance(folder)
-    sampler = hub.recommended_sampler(folder)
+    apply_attention(pipe, plan.attention)
+    log.info("loaded %s (%s) on %s %s; attention: %s", plan.ref.label, plan.family, plan.device,
+             dtype_name(plan.dtype), plan.attention_reason)
+    guidance = hub.recommended_guidance(plan.folder)
+    sampler = hub.recommended_sampler(plan.folder)
     return LoadedModel(
         pipe=pipe,
-        ref=ref,
-        family=family,
-        device=dev,
-        dtype=dt,
-        attention=backend,
-        attention_reason=reason,
-        folder=folder,
-        default_size=native_size(folder),
+        ref=plan.ref,
+        family=plan.family,
+        device=plan.device,
+        dtype=plan.dtype,
+        attention=plan.attention,
+        attention_reason=plan.attention_reason,
+        folder=plan.folder,
+        default_size=plan.size,
         default_guidance=DEFAULT_GUIDANCE if guidance is None else guidance,  # 0 is real (distilled models)
         default_sampler=sampler or DEFAULT_SAMPLER,
         base_scheduler_config=dict(pipe.scheduler.config),
     )
 
 
-class PipelineCache:
-    """Holds at most one loaded pipeline per (model, device, dtype); loading another frees the old one first."""
+def load_model(spec: str, **kw) -> LoadedModel:
+    """Load a pipeline for ``spec`` (keywords: those of ``plan_load``); every user mistake is one ValueError line."""
+    return load_planned(plan_load(spec, **kw))
 
-    def __init__(self, loader: Callable[..., LoadedModel] = load_model):
-        self._loader = loader
+
+class PipelineCache:
+    """Holds at most one loaded pipeline per (model, device, dtype); loading another frees the old one first, and
+    a failed load leaves the old one serving."""
+
+    def __init__(self):
         self._key: tuple | None = None
+        self._plan: LoadPlan | None = None
         self._model: LoadedModel | None = None
         self._lock = threading.Lock()
 
@@ -429,17 +511,31 @@ class PipelineCache:
         with self._lock:
             if self._key == key and self._model is not None:
                 return self._model
+            # A wrong id, folder or config fails here, before the working model is released.
+            plan = plan_load(spec, device=dev, dtype=dtype, attention=attention, allow_pickle=allow_pickle,
+                             tqdm_class=tqdm_class)
+            old_key, old_plan = self._key, self._plan
             self.release()  # free the old weights before the new ones arrive: two SDXL models do not fit most GPUs
-            self._model = self._loader(
-                spec, device=dev, dtype=dtype, attention=attention, allow_pickle=allow_pickle, tqdm_class=tqdm_class
-            )
-            self._key = key
+            try:
+                self._model = load_planned(plan)
+            except Exception:  # damaged weights: reload the old model rather than leave the next request none
+                self._restore(old_key, old_plan)
+                raise
+            self._key, self._plan = key, plan
             return self._model
+
+    def _restore(self, key: tuple | None, plan: LoadPlan | None) -> None:
+        if plan is None:
+            return
+        try:
+            self._model, self._key, self._plan = load_planned(plan), key, plan
+        except Exception:  # its files changed meanwhile: nothing to serve, the next request loads again
+            log.exception("could not reload %s after a failed model switch", plan.ref.label)
 
     def release(self) -> None:
         if self._model is None:
             return
-        self._model, self._key = None, None
+        self._model, self._key, self._plan = None, None, None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -117,6 +117,14 @@ class _LayerPicker(torch.nn.Module):
         return SimpleNamespace(last_hidden_state=hidden, hidden_states=out.hidden_states, **pooled)
 
 
+def max_clip_skip(pipe, sdxl: bool) -> int:
+    """The largest clip skip the text encoder(s) have layers for, by _LayerPicker's indexing: SD reads
+    hidden_states[-N] (N up to the layer count), SDXL hidden_states[-(N+1)] (it starts one layer back)."""
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if sdxl else [])
+    layers = min(e.config.num_hidden_layers for e in encoders)
+    return layers - 1 if sdxl else layers
+
+
 def needs_encoding(prompts: list[WeightedPrompt], tokenizer, clip_skip: int, sdxl: bool) -> bool:
     """True when the pipeline's own prompt encoding would get it wrong (weights, > 75 tokens, SD clip skip)."""
     if (clip_skip > 1 and not sdxl) or not all(p.is_plain for p in prompts):

@@ -47,6 +47,8 @@ def test_refuses_to_overwrite(tiny_model_dirs, tmp_path, capsys):
     (["--batch", "9"], "batch_size: 9"),
     (["--guidance", "-2"], "guidance_scale: -2"),
     (["--model", "nobody/nothing"], "unknown model 'nobody/nothing'"),
+    (["--model", "a" * 5000], "model: 5000 characters is too long"),
+    (["--model", "/"], "model '/' is not a diffusers model folder"),
 ])
 def test_bad_input_one_line_nonzero(tiny_model_dirs, tmp_path, capsys, args, needle):
     rc = main(["generate", "--model", str(tiny_model_dirs["sd15"]), "--prompt", "x", "--steps", "2",
@@ -71,3 +73,17 @@ def test_unknown_sampler_rejected_by_parser(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sd_demo", "generate", "--prompt", "x", "--sampler", "Nope",
                            "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice: 'Nope'" in proc.stderr
+
+
+def test_a_truncated_text_encoder_is_one_line(tiny_model_dirs, tmp_path, capsys):
+    """A cut download or copy: the raw SafetensorError traceback became one line naming the component."""
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dirs["sd15"], folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    rc = main(["generate", "--model", str(folder), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith(f"error: model '{folder}': text_encoder could not be loaded (")

@@ -66,6 +66,14 @@ def test_model_card_recommends_the_sampler_and_cfg_scale_the_bar_was_measured_at
     assert f"{sampler}, CFG {guidance:g}: " in (models.EMBEDDED_DIR / "TRAINING.md").read_text()
 
 
+def test_clip_skip_stops_at_the_text_encoders_three_layers(embedded):
+    from sd_demo.generate import GenerationParams, generate
+
+    assert embedded.max_clip_skip == 3
+    with pytest.raises(ValueError, match="clip_skip: 4 is out of range for this model.*use 1 to 3"):
+        generate(embedded, GenerationParams(prompt="a red circle", steps=1, clip_skip=4))
+
+
 @pytest.fixture(scope="module")
 def heldout_run(embedded):
     """16 held-out prompts (8 canonical, 8 with size and position), seed 0, 20 steps, the model's default sampler and

@@ -239,3 +239,52 @@ def test_latent_samplers_do_not_clip_x0_to_the_pixel_range(sampler):
                 prediction_type="v_prediction", algorithm_type="dpmsolver++", solver_order=2)
     assert make_scheduler(sampler, "Automatic", base).config.clip_sample is False
     assert make_scheduler(sampler, "Automatic", {**base, "clip_sample": True}).config.clip_sample is True
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("width", "abc", "width: 'abc' is not a number"), ("steps", None, "steps: missing"),
+    ("width", 64.5, "width: 64.5 is not a whole number"), ("seed", 1.5, "seed: 1.5 is not a whole number"),
+    ("guidance_scale", "lots", "guidance_scale: 'lots' is not a number"),
+    ("guidance_scale", float("nan"), "guidance_scale: nan is not a number"),
+    ("batch_size", True, "batch_size: True is not a number"),
+    ("prompt", "a \ud800 cat", r"prompt: character 3 \('\\ud800'\) is not valid Unicode"),
+    ("negative_prompt", "\udfff", "negative_prompt: character 1"),
+])
+def test_raw_api_values_are_refused_naming_the_field(field, value, match):
+    """Values as an API caller may send them: Python's own message ('invalid literal for int()') named no field,
+    and a fraction was silently truncated (width 64.5 ran at 64)."""
+    with pytest.raises(ValueError, match=match):
+        GenerationParams(**{"prompt": "x", field: value}).validate()
+
+
+def test_whole_numbers_in_any_spelling_are_taken():
+    p = GenerationParams(prompt="x", width=64.0, height="72", seed="7", steps=3.0, guidance_scale="4.5").validate()
+    assert (p.width, p.height, p.seed, p.steps, p.guidance_scale) == (64, 72, 7, 3, 4.5)
+    assert all(type(v) is int for v in (p.width, p.height, p.seed, p.steps))
+
+
+def test_a_huge_prompt_is_refused_at_once(loaded_models):
+    """100 000 characters held the generation slot for about a minute; the cap is generous (A1111 sets none)."""
+    import time
+
+    from sd_demo.generate import MAX_PROMPT
+
+    assert MAX_PROMPT >= 4000
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=f"prompt: 100000 characters is too long; at most {MAX_PROMPT}"):
+        run(loaded_models["sd15"], prompt=("a red circle, " * 10000)[:100000])
+    with pytest.raises(ValueError, match="negative_prompt: "):
+        run(loaded_models["sd15"], negative_prompt="x" * (MAX_PROMPT + 1))
+    assert time.perf_counter() - started < 1
+
+
+@pytest.mark.parametrize("kind,deepest", [("sd15", 2), ("sdxl", 1)])  # 2-layer encoders; SDXL starts one back
+def test_clip_skip_is_checked_against_the_text_encoder(loaded_models, kind, deepest):
+    """Beyond the encoder's depth clip skip read embeddings or raised IndexError; now the message names the field and
+    the model's range."""
+    m = loaded_models[kind]
+    assert m.max_clip_skip == deepest
+    assert run(m, clip_skip=deepest).images[0].size == (64, 64)
+    for beyond in (deepest + 1, 12):
+        with pytest.raises(ValueError, match=f"clip_skip: {beyond} is out of range for this model.*use 1 to {deepest}"):
+            run(m, clip_skip=beyond)

@@ -1,5 +1,6 @@
 """Model resolution and loading: Hub ids through the HF cache, local folders, pickle refusal, attention, cache."""
 import gc
+import re
 import shutil
 import weakref
 
@@ -191,3 +192,86 @@ def test_model_card_recommends_the_default_sampler(tiny_model_dirs, tmp_path, fr
     assert f"Sampler: {expected}," in format_infotext(run.infotexts[0])
     named = generate(model, GenerationParams(prompt="a red circle", steps=2, seed=1, sampler="DDIM"))
     assert "Sampler: DDIM," in format_infotext(named.infotexts[0])
+
+
+def _damaged_copy(src, dest, damage: str):
+    """A copy of a tiny model folder with one thing broken, as a careless copy or a cut download leaves it."""
+    shutil.copytree(src, dest)
+    if damage == "truncated text encoder":
+        weights = dest / "text_encoder" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "no unet config":
+        (dest / "unet" / "config.json").unlink()
+    elif damage == "malformed index":
+        (dest / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline",')
+    return dest
+
+
+def test_a_folder_is_checked_before_it_is_listed(tmp_path, monkeypatch):
+    """'--model /' or '~' once walked the whole tree (28 s for ~, a PermissionError for /) before finding that it
+    holds no model_index.json; now it is refused at once, and a model folder is never walked either."""
+    import pathlib
+
+    def walk(self, pattern):
+        raise AssertionError(f"walked {self}")
+
+    (tmp_path / "photos" / "2024" / "summer").mkdir(parents=True)
+    monkeypatch.setattr(pathlib.Path, "rglob", walk)
+    for spec in ["/", "~", str(tmp_path)]:
+        with pytest.raises(ValueError, match=r"is not a diffusers model folder \(it has no model_index.json\)"):
+            load_model(spec)
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("truncated text encoder", r"text_encoder could not be loaded \(Error while deserializing header"),
+    ("no unet config", r"unet/config.json is missing in"),
+    ("malformed index", r"model_index.json is not readable JSON \(Expecting"),
+])
+def test_a_damaged_model_folder_is_one_line_naming_what(tiny_model_dirs, tmp_path, damage, needle):
+    folder = _damaged_copy(tiny_model_dirs["sd15"], tmp_path / "m", damage)
+    with pytest.raises(ValueError, match=needle) as err:
+        load_model(str(folder))
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_failed_load_keeps_the_working_model(tiny_model_dirs, tmp_path, monkeypatch):
+    """A bad id costs its caller an error, not the next visitor a reload: a wrong name, folder or config fails before
+    the loaded model is released, and damaged weights (found only while loading) bring the old model back."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    cache = PipelineCache()
+    good = cache.get(str(tiny_model_dirs["sd15"]))
+    (tmp_path / "not-a-model" / "sub").mkdir(parents=True)
+    broken = _damaged_copy(tiny_model_dirs["sd2v"], tmp_path / "no-config", "no unet config")
+    for spec in [str(tmp_path / "not-a-model"), "nobody/nothing", str(broken), "x" * 5000]:
+        with pytest.raises(ValueError):
+            cache.get(spec)
+        assert cache.current is good, spec
+    damaged = _damaged_copy(tiny_model_dirs["sd2v"], tmp_path / "damaged", "truncated text encoder")
+    with pytest.raises(ValueError, match="text_encoder could not be loaded"):
+        cache.get(str(damaged))
+    assert cache.current is not None and cache.current.ref == good.ref  # reloaded: the next request is served
+    assert cache.get(str(tiny_model_dirs["sd15"])) is cache.current
+
+
+def test_overlong_model_ids_are_refused_in_one_short_line():
+    with pytest.raises(ValueError, match="model: 5000 characters is too long"):
+        parse_model_ref("a" * 5000)
+    with pytest.raises(ValueError, match="unknown model") as err:  # over the Hub's 96 characters a part
+        parse_model_ref("org/" + "a" * 300)
+    assert len(str(err.value)) < 400
+
+
+def test_a_lora_that_is_not_one_is_refused(loaded_models, tiny_model_dirs, tmp_path):
+    """A non-LoRA file gave a raw SafetensorError; a folder with no LoRA was accepted and the infotext claimed it."""
+    model = loaded_models["sd15"]
+    junk = tmp_path / "notes.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    cases = [(junk, "not a readable .safetensors file"), (tiny_model_dirs["sd15"] / "model_index.json",
+                                                          "not a readable .safetensors file"),
+             (empty, "the folder holds neither pytorch_lora_weights.safetensors nor a textual-inversion embedding")]
+    for source, needle in cases:
+        with pytest.raises(ValueError, match=re.escape(f"lora: '{source}' could not be loaded: {needle}")):
+            model.set_loras([(str(source), 1.0)])
+        assert model.loras == ()

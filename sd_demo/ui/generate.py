@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..engine import Engine
-from ..generate import MAX_BATCH, MAX_SIDE, MAX_STEPS, GenerationParams
+from ..generate import MAX_BATCH, MAX_CLIP_SKIP, MAX_SIDE, MAX_STEPS, GenerationParams
 from ..infotext import format_infotext
 from ..models import DEFAULT_GUIDANCE, parse_lora
 from ..sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
@@ -76,12 +76,11 @@ def make_generate_fn(engine: Engine, public: bool):
             lora_list = [parse_lora(x.strip()) for x in (loras or "").split(",") if x.strip()]
             if public and not all(engine.is_training_result(src) for src, _ in lora_list):
                 raise ValueError("lora: only this app's own training results can be used on a public app")
+            # raw values: validate() converts them and names the field of one it cannot use (width='abc')
             params = GenerationParams(
-                prompt=prompt or "", negative_prompt=negative_prompt or "", steps=int(steps),
-                guidance_scale=None if guidance_scale is None else float(guidance_scale),
-                width=int(width) if width else None, height=int(height) if height else None,
-                seed=int(seed if seed is not None else -1), sampler=sampler, schedule=schedule,
-                batch_size=int(batch_size), clip_skip=int(clip_skip),
+                prompt=prompt or "", negative_prompt=negative_prompt or "", steps=steps, guidance_scale=guidance_scale,
+                width=width or None, height=height or None, seed=-1 if seed is None else seed, sampler=sampler,
+                schedule=schedule, batch_size=batch_size, clip_skip=clip_skip,
             ).validate()
         except (ValueError, TypeError) as exc:
             raise gr.Error(str(exc)) from None
@@ -126,7 +125,7 @@ def _finished(engine: Engine, result, paths, note: str) -> tuple:
 
 
 def _load_model_fn(engine: Engine, public: bool):
-    def load(model: str, progress=gr.Progress(track_tqdm=True)):
+    def load(model: str, clip_skip: int = 1, progress=gr.Progress(track_tqdm=True)):
         try:
             if public and model not in engine.model_choices():
                 raise ValueError(f"model: '{model}' is not offered on this public app")
@@ -134,8 +133,10 @@ def _load_model_fn(engine: Engine, public: bool):
             d = engine.defaults(model)
         except Exception as exc:
             raise user_error(exc) from None
-        # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M)
-        return d.status, d.size, d.size, d.guidance, d.sampler
+        # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M);
+        # the clip-skip slider ends at its text encoder's depth
+        clip = gr.update(maximum=d.max_clip_skip, value=min(int(clip_skip or 1), d.max_clip_skip))
+        return d.status, d.size, d.size, d.guidance, d.sampler, clip
 
     return load
 
@@ -144,9 +145,9 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     """Lay out the tab and wire its events; call inside a gr.Blocks context."""
     try:
         d = engine.defaults()
-        size, guidance, default_sampler = d.size, d.guidance, d.sampler
+        size, guidance, default_sampler, max_clip_skip = d.size, d.guidance, d.sampler, d.max_clip_skip
     except ValueError:  # the start-up model failed to load (the notice says so): A1111's defaults
-        size, guidance, default_sampler = 512, DEFAULT_GUIDANCE, DEFAULT_SAMPLER
+        size, guidance, default_sampler, max_clip_skip = 512, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, MAX_CLIP_SKIP
     with gr.Row():
         model = gr.Dropdown(engine.model_choices(), value=engine.settings.model, label="Model",
                             allow_custom_value=not public, scale=4,
@@ -179,7 +180,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                 trained = gr.Dropdown(engine.trained_results(), value=None, label="Add a trained result", scale=2,
                                       elem_id="trained-results", info="finished runs of the Train tab")
             with gr.Accordion("Advanced", open=False):
-                clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
+                clip_skip = gr.Slider(1, max_clip_skip, value=1, step=1, label="Clip skip")
         with gr.Column(scale=6):
             with gr.Row():
                 run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
@@ -205,7 +206,8 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
 
     stop_btn.click(stop, None, None, queue=False, api_visibility="private")
     for trigger in (load_btn.click, model.select):  # the Load button, or picking a model from the list
-        trigger(_load_model_fn(engine, public), model, [model_status, width, height, cfg, sampler],
+        trigger(_load_model_fn(engine, public), [model, clip_skip],
+                [model_status, width, height, cfg, sampler, clip_skip],
                 api_visibility="private", concurrency_id="device", concurrency_limit=1)
     random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")
     trained.focus(lambda: gr.update(choices=engine.trained_results()), None, trained, api_visibility="private")
