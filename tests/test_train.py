@@ -106,6 +106,42 @@ def test_sigkill_mid_run_then_resume_latest(tiny_model_dirs, data_dir, tmp_path,
     assert max_diff(lora_tensors(tmp_path), lora_tensors(uninterrupted[0])) <= 1e-6
 
 
+def test_resume_latest_passes_over_a_damaged_newest_checkpoint(tiny_model_dirs, data_dir, tmp_path, uninterrupted,
+                                                                caplog):
+    """A newest checkpoint cut short (a copy or a disk that failed after the rename): --resume latest says which
+    file is damaged and continues from the one before, and the run still ends where an uninterrupted one does."""
+    cancel = threading.Event()
+    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, checkpoint_every=2),
+          on_event=lambda ev: cancel.set() if ev.step == 4 else None, cancel=cancel)
+    damaged = tmp_path / "checkpoints" / "step-000004" / "weights.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="sd_demo.train.checkpoint"):
+        resumed = train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, checkpoint_every=2, resume="latest"))
+    assert any(str(damaged) in r.getMessage() and "step-000002" in r.getMessage() for r in caplog.records)
+    assert resumed.losses == pytest.approx(uninterrupted[1].losses, abs=1e-6)
+    assert max_diff(lora_tensors(tmp_path), lora_tensors(uninterrupted[0])) <= 1e-6
+
+
+@pytest.mark.parametrize("damage", ["state", "optimizer"])
+def test_resume_from_only_damaged_checkpoints_is_one_line(tiny_model_dirs, data_dir, tmp_path, capsys, damage):
+    argv = ["train", "--model", str(tiny_model_dirs["sd15"]), "--data", str(data_dir), "--out", str(tmp_path),
+            "--steps", "1", "--resolution", "64", "--checkpoint-every", "1"]
+    assert main(argv) == 0
+    step = tmp_path / "checkpoints" / "step-000001"
+    if damage == "state":
+        (step / "state.json").write_text('{"step": 1, "optim')
+    else:
+        (step / "optimizer.safetensors").write_bytes(b"\0" * 8)
+    capsys.readouterr()
+    assert main([*argv, "--steps", "2", "--resume", "latest"]) != 0
+    out = capsys.readouterr().err
+    err = [line for line in out.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "Traceback" not in out, out
+    assert "damaged" in err[0] and ("state.json" if damage == "state" else "optimizer.safetensors") in err[0]
+    assert main([*argv, "--steps", "2", "--resume", str(step)]) != 0  # named explicitly: the same message
+    assert "damaged" in capsys.readouterr().err
+
+
 def _train_and_draw(cfg, prompt: str):
     """Train; also the image the training pipeline draws for ``prompt`` just before export (adapters in place),
     which a fresh pipeline with the exported files must reproduce."""

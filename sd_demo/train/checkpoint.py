@@ -13,9 +13,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
+REQUIRED = {"step", "optimizer", "lr_scheduler", "samplers"}  # what resume reads from state.json
 log = logging.getLogger(__name__)
 
 
@@ -85,20 +87,55 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def resolve_resume(spec: str, out: Path) -> Path:
+    """The checkpoint folder --resume names (``latest``: the newest complete one), without reading it."""
+    return _resume_candidates(spec, out)[0]
+
+
+def _resume_candidates(spec: str, out: Path) -> list[Path]:
     if spec == "latest":
         found = list_checkpoints(out / "checkpoints")
         if not found:
             raise ValueError(f"resume: no checkpoint in {out / 'checkpoints'}; run without --resume first")
-        return found[-1]
+        return found[::-1]
     path = Path(spec)
     if not (path / "state.json").exists():
         raise ValueError(f"resume: '{spec}' is not a checkpoint folder (no state.json); use 'latest' or a step-* folder")
-    return path
+    return [path]
+
+
+class DamagedCheckpoint(ValueError):
+    pass
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(weights, optimizer state_dict, meta) of a checkpoint folder."""
-    meta = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "weights.safetensors"))
-    opt_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+    """(weights, optimizer state_dict, meta) of a checkpoint folder; DamagedCheckpoint names the file that cannot be
+    read (a disk that filled or a copy that was cut short after the atomic rename, or a hand-edited state.json)."""
+    def read(name: str, how):
+        try:
+            return how(path / name)
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+            raise DamagedCheckpoint(f"{path / name} is damaged ({str(exc).splitlines()[0][:120] or type(exc).__name__})"
+                                    ) from None
+
+    meta = read("state.json", lambda f: json.loads(f.read_text()))
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not REQUIRED <= meta.keys():
+        raise DamagedCheckpoint(f"{path / 'state.json'} is damaged (not a checkpoint's state: step, optimizer, "
+                                "lr_scheduler, samplers)")
+    weights = read("weights.safetensors", lambda f: load_file(str(f)))
+    opt_state = read("optimizer.safetensors", lambda f: _unflatten_optimizer(load_file(str(f)), meta["optimizer"]))
     return weights, opt_state, meta
+
+
+def load_resume(spec: str, out: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """The checkpoint --resume names, loaded. With ``latest`` a damaged newest checkpoint is reported and the newest
+    intact one before it is used (the run loses the steps since then, not itself); a named one must be intact."""
+    candidates = _resume_candidates(spec, out)
+    for i, path in enumerate(candidates):
+        try:
+            return load_checkpoint(path)
+        except DamagedCheckpoint as exc:
+            if i + 1 == len(candidates):
+                raise ValueError(f"resume: {exc}; no intact checkpoint is left, start again without --resume"
+                                 if spec == "latest" else f"resume: {exc}; name another checkpoint or 'latest'"
+                                 ) from None
+            log.warning("resume: %s; resuming from %s instead", exc, candidates[i + 1].name)

@@ -476,7 +476,7 @@ def _restore(run: Run) -> tuple[int, list[float]]:
     """Load --resume state into everything that carries state; (0, []) for a fresh run."""
     if not run.cfg.resume:
         return 0, []
-    weights, opt_state, meta = ckpt.load_checkpoint(ckpt.resolve_resume(run.cfg.resume, run.out))
+    weights, opt_state, meta = ckpt.load_resume(run.cfg.resume, run.out)
     run.trainable.load_state(weights)
     run.optimizer.load_state_dict(opt_state)
     run.lr_sched.load_state_dict(meta["lr_scheduler"])
