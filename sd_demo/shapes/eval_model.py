@@ -217,7 +217,9 @@ def training_md(model, runs, args, eval_command: str) -> str:
         f"- Scheduler: {type(pipe.scheduler).__name__} from SD's schedule (scaled_linear 0.00085..0.012, 1000 "
         f"steps, {pipe.scheduler.config.prediction_type}, timestep_spacing "
         f"{pipe.scheduler.config.timestep_spacing}); the app's samplers derive from it.",
-        "- Weights: safetensors, stored in fp16 (the app loads them as fp32 on CPU).",
+        "- Weights: safetensors; UNet and VAE stored in fp16 (diffusers loads them as fp32 unless asked otherwise), "
+        "the text encoder in fp32 (transformers 5 keeps a stored dtype, and an fp16 encoder beside an fp32 UNet "
+        "fails in a plain `StableDiffusionPipeline.from_pretrained` call on CPU).",
         "",
         "## Training",
         "",

@@ -503,8 +503,10 @@ def _ema_update(ema, model, decay: float) -> None:
 
 def export(out: Path, vae, text_encoder, tokenizer, unet, info: dict, fp16: bool = True,
            schedule: dict | None = None) -> Path:
-    """Save a diffusers folder (safetensors; fp16 by default to keep the model small) atomically: written to a
-    temporary sibling, then renamed over ``out``."""
+    """Save a diffusers folder (safetensors; UNet and VAE fp16 by default to keep the model small) atomically:
+    written to a temporary sibling, then renamed over ``out``. The text encoder stays fp32 (0.7 M parameters):
+    transformers 5 keeps a stored dtype, and an fp16 encoder beside diffusers' fp32 UNet fails in a plain
+    ``StableDiffusionPipeline.from_pretrained(...)(prompt)`` on a CPU."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     out = Path(out)
@@ -513,7 +515,7 @@ def export(out: Path, vae, text_encoder, tokenizer, unet, info: dict, fp16: bool
     scheduler = DPMSolverMultistepScheduler(**(schedule or SCHEDULE), algorithm_type="dpmsolver++", solver_order=2)
     dtype = torch.float16 if fp16 else torch.float32
     pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae).to("cpu", dtype), text_encoder=copy.deepcopy(text_encoder).to("cpu", dtype),
+        vae=copy.deepcopy(vae).to("cpu", dtype), text_encoder=copy.deepcopy(text_encoder).to("cpu", torch.float32),
         tokenizer=tokenizer, unet=copy.deepcopy(unet).to("cpu", dtype), scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
