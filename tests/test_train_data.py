@@ -191,6 +191,45 @@ def test_truncated_jpeg_skipped_and_listed(tmp_path):
     assert rep.skipped[0][0] == "bad.jpg" and "truncated" in rep.skipped[0][1]
 
 
+def test_png_with_valid_crcs_around_a_corrupt_pixel_stream_is_skipped_and_named(tmp_path):
+    """Every chunk's CRC is right, only the compressed pixels are garbage: the scan must decode to see it (it passed
+    the scan and aborted training after the model load, naming no file)."""
+    img(tmp_path / "good.png")
+    noise = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(tmp_path / "bad.png")
+    data = bytearray((tmp_path / "bad.png").read_bytes())
+    at = data.index(b"IDAT")
+    n = struct.unpack(">I", data[at - 4:at])[0]
+    pixels = bytes(b ^ 0x5A if 20 <= k < 400 else b for k, b in enumerate(data[at + 4:at + 4 + n]))
+    data[at + 4:at + 8 + n] = pixels + struct.pack(">I", zlib.crc32(b"IDAT" + pixels))
+    (tmp_path / "bad.png").write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\): bad.png \(corrupt"):
+        rep = scan(tmp_path, instance_prompt="x")
+    assert [e.path.name for e in rep.examples] == ["good.png"]
+    assert load_example(rep.examples[0], (RES, RES)).size == (RES, RES)
+
+
+def test_a_huge_caption_is_cut_with_a_warning_and_costs_nothing(tmp_path):
+    """A 10 MB caption (a pasted log, a wrong file) cost 3.4 GB in the tokenizer and flooded the log: it is read
+    only as far as a caption can use, cut to MAX_CAPTION characters, and the cut is reported once."""
+    import tracemalloc
+
+    from sd_demo.train.data import MAX_CAPTION
+
+    img(tmp_path / "a.png")
+    caption(tmp_path / "a.txt", "a red square " + "and more words " * 700_000)
+    img(tmp_path / "b.png")
+    caption(tmp_path / "b.txt", "a short one")
+    tracemalloc.start()
+    with pytest.warns(UserWarning, match=rf"1 caption\(s\) cut to {MAX_CAPTION} characters.*a.png"):
+        rep = scan(tmp_path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2 * 2**20, f"scanning read the whole caption: {peak / 2**20:.1f} MB"
+    assert len(rep.examples[0].caption) == MAX_CAPTION and rep.examples[0].caption.startswith("a red square and")
+    assert rep.examples[1].caption == "a short one"
+
+
 def test_small_image_upscaled_with_warning(tmp_path):
     img(tmp_path / "small.png", (32, 40))
     img(tmp_path / "big.png", (64, 64))
@@ -205,8 +244,12 @@ def test_decompression_bomb_refused_without_decoding(tmp_path, monkeypatch):
     png_header(tmp_path / "bomb81mp.png", 9000, 9000)  # over our 64 MP cap, under PIL's own limit
     png_header(tmp_path / "bomb400mp.png", 20000, 20000)  # over PIL's limit too
 
-    def no_decode(self):
-        raise AssertionError("scan decoded pixels")
+    real_load = ImageFile.ImageFile.load
+
+    def no_decode(self):  # the scan decodes usable images (to catch corrupt pixels), never one over the cap
+        if self.size[0] * self.size[1] > 1000 * 1000:
+            raise AssertionError(f"scan decoded the pixels of a {self.size} image")
+        return real_load(self)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
     with pytest.warns(UserWarning, match="skipped 2"):

@@ -5,7 +5,8 @@ Captions, first found wins per image: metadata.jsonl (HF imagefolder) > sidecar 
 A trigger word, when given, is prepended ("trigger, caption") to every caption that lacks it (kohya / DreamBooth
 convention), so a LoRA learns to bind the concept to that word.
 
-Nothing is decoded in full while scanning: sizes come from headers and the pixel cap is checked before any decode.
+Sizes come from headers and the pixel cap is checked before any decode; then each image is decoded once (JPEG at
+1/8 scale), so a file training could not read is skipped and named before the model loads.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ METADATA_FILE = "metadata.jsonl"
 CAPTION_KEYS = ("text", "caption", "prompt", "captions", "description")
 MAX_ZIP_BYTES = 8 * 2**30  # total uncompressed size: refuses zip bombs long before the disk fills
 MAX_ZIP_ENTRIES = 100_000
+# Characters of a caption kept: CLIP reads 77 tokens (about 300 characters), kohya's longest setting 225 tokens.
+MAX_CAPTION = 1000
 _LISTED = 5  # names shown in a one-line message before "and N more"
 _EXIF_ORIENTATION = 0x0112
 
@@ -229,14 +232,11 @@ def orientation(img: Image.Image) -> int | None:
 
 
 def _check_decodes(img: Image.Image) -> None:
-    if img.format in ("JPEG", "MPO"):
-        # verify() is a no-op for JPEG; a 1/8-scale draft decode reads every byte (catching truncation) cheaply.
+    """Decode the pixels as training will, so a broken file is skipped and named here, not fatal after the model
+    load (a PNG's CRCs can all be valid around a corrupt pixel stream: verify() passed it)."""
+    if img.format in ("JPEG", "MPO"):  # a 1/8-scale draft decode reads every byte (catching truncation) cheaply
         img.draft(None, (max(1, img.width // 8), max(1, img.height // 8)))
-        img.load()
-    elif img.format == "PNG":
-        img.verify()  # walks every chunk and its CRC without inflating the pixels
-    else:
-        img.load()  # the pixel cap above bounds this
+    img.load()  # the pixel cap above bounds this
 
 
 def _read_metadata(root: Path) -> dict[Path, str | None]:
@@ -270,13 +270,21 @@ def _metadata_caption(row: dict) -> str | None:
     return others[0] if len(others) == 1 else None  # one unnamed text column: that is the caption
 
 
+def _one_line(text: str | None) -> str:
+    """Newlines and runs of spaces collapsed; only the first characters are looked at, so a 10 MB caption costs
+    nothing (it cost gigabytes in the tokenizer and flooded the log)."""
+    return " ".join((text or "")[:MAX_CAPTION * 4].split())
+
+
 def _clean(caption: str | None) -> str:
-    return " ".join((caption or "").split())  # one line: newlines and runs of spaces collapse
+    return _one_line(caption)[:MAX_CAPTION]
 
 
 def _read_caption(path: Path) -> str:
+    """A caption file's text, read no further than any caption could use."""
     try:
-        return _clean(path.read_text(encoding="utf-8-sig"))
+        with path.open(encoding="utf-8-sig") as f:
+            return f.read(MAX_CAPTION * 4)
     except UnicodeDecodeError:
         raise ValueError(f"caption file '{path.name}' is not UTF-8 text; re-save it as UTF-8") from None
 
@@ -328,17 +336,29 @@ def _classify(root: Path, files: list[Path], max_pixels: int):
 def _caption_images(root: Path, images: dict, sidecars: dict, meta: dict, cfg: DataConfig):
     """(examples, files lacking a caption, source) with metadata > sidecar > instance prompt per image."""
     prompt = _clean(cfg.instance_prompt)
-    examples, missing, from_files = [], [], False
+    examples, missing, cut, from_files = [], [], [], False
     for p, size in images.items():
-        side = sidecars.get(p.with_suffix(""))
-        caption = _clean(meta.get(p.resolve())) or (_read_caption(side) if side else "")
+        name = p.relative_to(root).as_posix()
+        line = _own_caption(p, sidecars, meta)
+        if len(line) > MAX_CAPTION:
+            cut.append(name)
+        caption = line[:MAX_CAPTION]
         from_files = from_files or bool(caption)
         caption = caption or prompt
         if not caption:
-            missing.append(p.relative_to(root).as_posix())
-        examples.append(Example(p, caption, size, p.relative_to(root).as_posix()))
+            missing.append(name)
+        examples.append(Example(p, caption, size, name))
+    if cut:
+        warnings.warn(f"{len(cut)} caption(s) cut to {MAX_CAPTION} characters (the text encoder reads about 300): "
+                      + _names(cut), stacklevel=3)
     source = METADATA_FILE if meta else ("folder" if from_files or not prompt else "instance prompt")
     return examples, missing, source
+
+
+def _own_caption(image: Path, sidecars: dict, meta: dict) -> str:
+    """The image's caption on one line, uncut: its metadata.jsonl row, else its sidecar .txt, else ''."""
+    side = sidecars.get(image.with_suffix(""))
+    return _one_line(meta.get(image.resolve())) or (_one_line(_read_caption(side)) if side else "")
 
 
 def _orphans(root: Path, meta: dict, files: list[Path], sidecars: dict) -> list[tuple[str, str]]:
@@ -353,7 +373,8 @@ def _orphans(root: Path, meta: dict, files: list[Path], sidecars: dict) -> list[
 
 
 def scan_dataset(cfg: DataConfig, *, extract_root: str | Path | None = None) -> DatasetReport:
-    """Validate and list the training data (headers only, no full decode); warn about skipped / upscaled files.
+    """Validate and list the training data (each image decoded once; JPEG at 1/8 scale); warn about skipped / upscaled
+    files.
 
     A .zip is extracted into a fresh temp dir under ``extract_root`` (default: the system temp dir), deleted when
     neither the report nor any of its examples is referenced any more, at exit, or by ``report.cleanup()``.
@@ -407,8 +428,7 @@ def list_images(root: Path, max_pixels: int = DataConfig.max_pixels) -> tuple[di
     files = _list_files(root)
     meta = _read_metadata(root) if (root / METADATA_FILE).is_file() else {}
     images, sidecars, skipped = _classify(root, files, max_pixels)
-    captions = {p: _clean(meta.get(p.resolve())) or (_read_caption(sidecars[p.with_suffix("")])
-                                                     if p.with_suffix("") in sidecars else "") for p in images}
+    captions = {p: _own_caption(p, sidecars, meta)[:MAX_CAPTION] for p in images}
     return captions, skipped + _orphans(root, meta, files, sidecars)
 
 
