@@ -452,3 +452,20 @@ def test_no_warnings_on_clean_data(tmp_path):
         scan(tmp_path)
     assert math.isclose(to_tensor(load_example(scan(tmp_path).examples[0], (RES, RES))).mean().item(),
                         ((200 + 40 + 40) / 3) / 127.5 - 1, abs_tol=1e-2)
+
+
+def test_thousands_of_skipped_files_are_summarised(tmp_path):
+    """A folder of 3000 stray files (a wrong export, an unpacked archive) is one summary line at the scan and at
+    most WARNED_FILES lines plus one at the end of the run, not a line each."""
+    from sd_demo.train.loop import WARNED_FILES, report_warnings
+
+    img(tmp_path / "ok.png")
+    for i in range(3000):
+        (tmp_path / f"junk{i:04d}.png").write_bytes(b"not a png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = scan(tmp_path, instance_prompt="x")
+    lines = [str(w.message) for w in caught]
+    assert len(lines) == 1 and lines[0].startswith("skipped 3000 file(s)") and "and 2995 more" in lines[0]
+    end = report_warnings(rep)
+    assert len(end) == WARNED_FILES + 1 and end[-1] == f"... and {3000 - WARNED_FILES} more skipped files"

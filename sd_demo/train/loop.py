@@ -509,9 +509,17 @@ def _finish(run: Run) -> list[Path]:
     return files
 
 
+WARNED_FILES = 20  # files named one per line at the end of a run; thousands would bury the log
+
+
 def report_warnings(report) -> list[str]:
-    skipped = [f"skipped {name}: {why}" for name, why in report.skipped]
-    return skipped + [f"upscaled {name} (smaller than the resolution)" for name in report.upscaled]
+    def listed(lines: list[str], what: str) -> list[str]:
+        more = len(lines) - WARNED_FILES
+        return lines[:WARNED_FILES] + ([f"... and {more} more {what}"] if more > 0 else [])
+
+    return (listed([f"skipped {name}: {why}" for name, why in report.skipped], "skipped files")
+            + listed([f"upscaled {name} (smaller than the resolution)" for name in report.upscaled],
+                     "upscaled images"))
 
 
 def _stream_loss(run: Run, g: torch.Generator, stream: Stream, preserver: preserve.Preserver | None = None
