@@ -9,10 +9,11 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, scan_cache_dir, snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, get_token, scan_cache_dir, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -30,6 +31,7 @@ PICKLE_WEIGHTS = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 CONFIG_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model", "README.md")
 # Components whose weights we load; other folders (safety_checker, feature_extractor) are never fetched.
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[\w.\-]{1,96}$")  # org/name; the Hub allows 96 characters a part
 
 
 def is_offline() -> bool:
@@ -207,18 +209,28 @@ def cached_pipelines() -> list[str]:
     return sorted(out)
 
 
-def push_folder(repo_id: str, folder: Path, *, private: bool = False, ignore: tuple[str, ...] = ()) -> str:
-    """Create (or reuse) a model repo and upload a training result; the token comes from HF_TOKEN / the login.
-
-    The token is never passed around or logged by us: huggingface_hub reads it itself.
-    """
+def check_push(repo_id: str) -> None:
+    """Refuse a push that cannot succeed before anything is trained: offline, no token, a malformed repo id.
+    (Whether the token may write there only the upload can tell.)"""
+    if not REPO_ID.match(repo_id or ""):
+        raise ValueError(f"push: '{repo_id}' is not a Hub repo id; use 'your-name/model-name'")
     if is_offline():
         raise ValueError("push: the Hub is offline (HF_HUB_OFFLINE is set); push later with network")
+    if not get_token():
+        raise ValueError("push: no Hugging Face token; log in (`hf auth login`) or set HF_TOKEN")
+
+
+def push_folder(repo_id: str, folder: Path, files: list[Path], *, private: bool = False) -> str:
+    """Create (or reuse) a model repo and upload ``files`` (paths under ``folder``, uploaded at their place in it):
+    only what a run wrote, never other files a user keeps in the same folder. The token comes from HF_TOKEN / the
+    login; huggingface_hub reads it itself, and we never pass it around or log it."""
+    check_push(repo_id)
     api = HfApi()
+    ops = [CommitOperationAdd(path_in_repo=Path(f).relative_to(folder).as_posix(), path_or_fileobj=str(f))
+           for f in files]
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=list(ignore),
-                          commit_message="Upload from sd_demo")
+        api.create_commit(repo_id=repo_id, operations=ops, commit_message="Upload from sd_demo")
     except Exception as exc:  # auth, permissions, network: one line, never the token
         raise ValueError(f"push: could not upload to '{repo_id}': {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc

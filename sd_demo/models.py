@@ -44,7 +44,6 @@ DEFAULT_GUIDANCE = 7.0  # A1111's CFG scale, for models whose card recommends no
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("auto", "sdpa", "xformers")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[\w.\-]{1,96}$")  # the Hub allows 96 characters a part
 MAX_SPEC = 4096  # PATH_MAX: a longer name is neither a folder here nor a Hub id
 
 
@@ -59,6 +58,24 @@ class ModelRef:
     @property
     def label(self) -> str:
         return f"{self.name}@{self.revision}" if self.revision else self.name
+
+    @property
+    def hub_id(self) -> str | None:
+        """The Hub repo this model is, also for a folder inside the HF cache (.../models--org--name/snapshots/rev);
+        None for other folders and the embedded model."""
+        if self.source == "hub":
+            return self.name
+        if self.source == "local":
+            parts = Path(self.name).resolve().parts
+            for i, part in enumerate(parts[:-2]):
+                if part.startswith("models--") and parts[i + 1] == "snapshots" and part.count("--") >= 2:
+                    return part[len("models--"):].replace("--", "/", 1)
+        return None
+
+    @property
+    def public_name(self) -> str:
+        """A name to show or publish that holds no path of this machine: the Hub id, else the folder's name."""
+        return self.label if self.source == "hub" else self.hub_id or Path(self.name).name
 
 
 def parse_model_ref(spec: str) -> ModelRef:
@@ -76,7 +93,7 @@ def parse_model_ref(spec: str) -> ModelRef:
     if _is_dir(path):
         return ModelRef("local", str(path.resolve()))
     repo, _, rev = spec.partition("@")
-    if _REPO_ID.match(repo) and not spec.startswith((".", "/", "~")):
+    if hub.REPO_ID.match(repo) and not spec.startswith((".", "/", "~")):
         return ModelRef("hub", repo, rev or None)
     shown = spec if len(spec) <= 200 else spec[:200] + "…"  # the message stays one readable line
     raise ValueError(
@@ -208,7 +225,7 @@ class LoadedModel:
         names = []
         for i, (source, scale) in enumerate(loras):
             path = Path(source)
-            if not path.exists() and not _REPO_ID.match(source):
+            if not path.exists() and not hub.REPO_ID.match(source):
                 raise ValueError(f"lora: '{source}' not found; give a training output folder, a .safetensors file "
                                  "or a Hub repo id")
             try:

@@ -312,7 +312,8 @@ def test_model_card_describes_the_result_and_inherits_the_base_license(tiny_mode
     train(config(base, data_dir, out, method="dreambooth", trigger="sks", steps=2, validation_prompt="a sks square"))
     card = (out / "README.md").read_text()
     meta = metadata_load(out / "README.md")
-    assert meta["license"] == "creativeml-openrail-m" and meta["base_model"] == str(base)
+    assert meta["license"] == "creativeml-openrail-m" and "base_model" not in meta  # a folder of this machine
+    assert str(base) not in card and "fine-tune of `base`" in card
     assert meta["instance_prompt"] == "sks" and {"lora", "dreambooth"} <= set(meta["tags"])
     assert "| rank | 4 |" in card and "| steps | 2 |" in card and "Trigger word: `sks`" in card
     linked = re.findall(r"!\[[^]]*\]\(([^)]+)\)", card)
@@ -632,7 +633,9 @@ def test_dreambooth_needs_a_trigger_and_prior_needs_a_class_prompt(tiny_model_di
                      num_class_images=2))
 
 
-def test_push_to_hub_uploads_the_result_without_working_files(tiny_model_dirs, data_dir, tmp_path, monkeypatch):
+def test_push_to_hub_uploads_only_what_the_run_wrote(tiny_model_dirs, data_dir, tmp_path, monkeypatch):
+    """Not the checkpoints, not a file the user keeps in --out; the card names the base model without a path of
+    this machine."""
     from sd_demo import hub
 
     calls = []
@@ -642,23 +645,53 @@ def test_push_to_hub_uploads_the_result_without_working_files(tiny_model_dirs, d
             calls.append(("create", repo_id, kw))
             return f"https://hub.example/{repo_id}"
 
-        def upload_folder(self, **kw):
-            calls.append(("upload", kw["repo_id"], kw))
+        def create_commit(self, repo_id, operations, **kw):
+            calls.append(("commit", repo_id, sorted(op.path_in_repo for op in operations)))
 
     monkeypatch.setattr(hub, "HfApi", FakeApi)
     monkeypatch.setattr(hub, "is_offline", lambda: False)
-    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=1, checkpoint_every=1,
+    monkeypatch.setattr(hub, "get_token", lambda: "hf_test")
+    (tmp_path / "my-notes.txt").write_text("private")
+    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=1, checkpoint_every=1, overwrite=True,
                  push_to_hub="me/red-square-lora"))
-    (create, upload) = calls
+    (create, commit) = calls
     assert create[1] == "me/red-square-lora" and create[2]["exist_ok"]
-    assert upload[2]["folder_path"] == str(tmp_path) and "checkpoints/*" in upload[2]["ignore_patterns"]
+    assert commit[2] == sorted(["README.md", "pytorch_lora_weights.safetensors", f"{tmp_path.name}.safetensors"])
+    card = (tmp_path / "README.md").read_text()
+    assert str(tiny_model_dirs["sd15"]) not in card and "base_model:" not in card  # a local folder: no Hub link
+    assert f"`{tiny_model_dirs['sd15'].name}`" in card
 
 
-def test_push_offline_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("why,env,token", [("offline", {"HF_HUB_OFFLINE": "1"}, "hf_x"),
+                                           ("no Hugging Face token", {"HF_HUB_OFFLINE": "0"}, None),
+                                           ("not a Hub repo id", {"HF_HUB_OFFLINE": "0"}, "hf_x")])
+def test_a_push_that_cannot_succeed_is_refused_before_training(tiny_model_dirs, data_dir, tmp_path, monkeypatch,
+                                                              why, env, token):
     from sd_demo import hub
 
-    with pytest.raises(ValueError, match="push: the Hub is offline"):
-        hub.push_folder("me/x", tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(hub.hf_constants, "HF_HUB_OFFLINE", env["HF_HUB_OFFLINE"] == "1")
+    monkeypatch.setattr(hub, "get_token", lambda: token)
+    repo = "not a repo" if "repo id" in why else "me/x"
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"push: .*{why}"):
+        train(config(tiny_model_dirs["sd15"], data_dir, out, push_to_hub=repo))
+    assert not out.exists(), "refused before anything was written"
+
+
+def test_the_card_links_a_hub_base_also_from_the_hf_cache(tmp_path):
+    from sd_demo.models import ModelRef
+    from sd_demo.train.card import write_card
+
+    cfg = TrainConfig(method="lora", steps=1, lr=1e-4, rank=4, alpha=4.0, resolution=64, batch=1)
+    snapshot = tmp_path / "hub" / "models--org--base-model" / "snapshots" / "0123abc"
+    for ref, link, shown in [(ModelRef("local", str(snapshot)), "org/base-model", "org/base-model"),
+                             (ModelRef("hub", "org/base", "v2"), "org/base", "org/base@v2"),
+                             (ModelRef("embedded", "embedded"), None, "embedded")]:
+        card = write_card(tmp_path, cfg, ref, [], 0.1).read_text()
+        assert (f"base_model: {link}" in card) if link else ("base_model:" not in card)
+        assert f"`{shown}`" in card and str(tmp_path) not in card
 
 
 @pytest.mark.parametrize("kind", ["sd2v", "sdxl"])

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..models import ModelRef
 
 _HPARAMS = ("method", "steps", "lr", "lr_schedule", "warmup_steps", "rank", "alpha", "resolution", "batch",
             "grad_accum", "seed", "snr_gamma", "noise_offset", "train_text_encoder", "caption_dropout", "random_flip",
@@ -14,14 +18,17 @@ _HPARAMS = ("method", "steps", "lr", "lr_schedule", "warmup_steps", "rank", "alp
             "preserve", "preserve_batch", "trigger_token", "token_lr", "init_word", "num_vectors")
 
 
-def write_card(out: Path, cfg: TrainConfig, base_model: str, samples: list[Path], final_loss: float | None,
+def write_card(out: Path, cfg: TrainConfig, base: ModelRef, samples: list[Path], final_loss: float | None,
                license: str = "other", preset=None) -> Path:
-    """``preset`` (presets.Resolved): the card names the preset and marks the values that came from it."""
+    """``preset`` (presets.Resolved): the card names the preset and marks the values that came from it. The base
+    model is named by its Hub id, never by a path of this machine; ``base_model`` (the Hub's link to the base) is
+    set only when there is a Hub id."""
     from .methods import method_spec
 
     spec = method_spec(cfg)
+    base_model = base.public_name
     meta = {
-        "base_model": base_model,
+        **({"base_model": base.hub_id} if base.hub_id else {}),
         "library_name": "diffusers",
         "license": license,
         "tags": ["text-to-image", "stable-diffusion", "diffusers", "sd_demo", *(["lora"] if spec.lora else []),

@@ -253,9 +253,7 @@ class JobManager:
 
         if self.state(job_id) != FINISHED:
             raise ValueError("only a finished run can be pushed")
-        if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo_id or ""):
-            raise ValueError(f"repo: '{repo_id}' is not a Hub repo id; use 'your-name/model-name'")
-        return push_folder(repo_id, self.folder(job_id), private=private, ignore=NOT_PUBLISHED)
+        return push_folder(repo_id, self.folder(job_id), self.result_files(job_id), private=private)
 
     # ---------------------------------------------------------------- internals
     def _refuse_if_busy(self) -> None:

@@ -347,6 +347,10 @@ def train(cfg: TrainConfig, on_event: Callable[[TrainEvent], None] | None = None
 def prepare(cfg: TrainConfig, on_event=None) -> Run:
     """1. Check inputs, 2. load the model and fill in the preset, 3. cache the data, 4. set up what trains."""
     cfg.validate()
+    if cfg.push_to_hub:  # offline or without a token the push would fail only after the whole run
+        from ..hub import check_push
+
+        check_push(cfg.push_to_hub)
     out = prepare_out(cfg)
     torch.manual_seed(cfg.seed)
     model, resolved, report = load_for_training(cfg)
@@ -498,14 +502,12 @@ def _finish(run: Run) -> list[Path]:
             samples.append(out / "samples" / f"sample-{i}.png")
             img.save(samples[-1])
     license = card_license(model.folder) or "other"  # a fine-tune carries its base model's license
-    files.append(write_card(out, cfg, model.ref.label, samples, run.losses[-1] if run.losses else None, license,
+    files.append(write_card(out, cfg, model.ref, samples, run.losses[-1] if run.losses else None, license,
                             preset=run.resolved))
-    if cfg.push_to_hub:
+    if cfg.push_to_hub:  # what this run wrote: not its checkpoints or class images, nor a user's files in --out
         from ..hub import push_folder
-        from .jobs import NOT_PUBLISHED
 
-        # Checkpoints and generated class images are working files, not part of the published model.
-        push_folder(cfg.push_to_hub, out, ignore=NOT_PUBLISHED)
+        push_folder(cfg.push_to_hub, out, files + samples)
     return files
 
 
