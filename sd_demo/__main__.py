@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import setup_logging
+from . import exit_on_sigterm, setup_logging
 from .flags import add_field_flags
 from .generate import GenerationParams, param_fields
 
@@ -146,4 +146,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # here, not in main(): tests and embedders call main() and keep their own signal handling
     sys.exit(main())

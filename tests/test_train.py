@@ -106,6 +106,32 @@ def test_sigkill_mid_run_then_resume_latest(tiny_model_dirs, data_dir, tmp_path,
     assert max_diff(lora_tensors(tmp_path), lora_tensors(uninterrupted[0])) <= 1e-6
 
 
+def test_sigterm_mid_run_leaves_no_extracted_zip_behind(tiny_model_dirs, data_dir, tmp_path):
+    """kill / systemd / a container stop send SIGTERM: the CLI exits through its exit handlers, so the zip it
+    extracted into the temp folder is deleted (the default action left /tmp/sd_demo_data_* behind)."""
+    import zipfile
+
+    data = tmp_path / "data.zip"
+    with zipfile.ZipFile(data, "w") as zf:
+        for f in data_dir.iterdir():
+            zf.write(f, f.name)
+    temp, out = tmp_path / "temp", tmp_path / "out"
+    temp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "sd_demo", "train", "--model", str(tiny_model_dirs["sd15"]),
+                             "--data", str(data), "--out", str(out), "--steps", "100000", "--resolution", "64",
+                             "--checkpoint-every", "1"], env={**os.environ, "HF_HUB_OFFLINE": "1", "TMPDIR": str(temp)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    while not (out / "checkpoints" / "step-000001" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "training never started"
+        time.sleep(0.05)
+    assert list(temp.glob("sd_demo_data_*")), "the zip is extracted into the temp folder while training"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert not list(temp.glob("sd_demo_data_*"))
+    assert not list((out / "checkpoints").glob(".tmp-*")), "no half-written checkpoint"
+
+
 def test_resume_latest_passes_over_a_damaged_newest_checkpoint(tiny_model_dirs, data_dir, tmp_path, uninterrupted,
                                                                 caplog):
     """A newest checkpoint cut short (a copy or a disk that failed after the rename): --resume latest says which

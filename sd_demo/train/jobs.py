@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import setup_logging
+from .. import exit_on_sigterm, setup_logging
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -347,6 +347,8 @@ def run_job(folder: Path) -> int:
     except ValueError as exc:  # the user's to fix: one line
         _write_json(folder / STATUS, {"state": FAILED, "error": str(exc)})
         return 2
+    except SystemExit:  # SIGTERM: Cancel, which records the state itself
+        raise
     except BaseException as exc:  # ours: the traceback goes to train.log, one line to the UI
         log.exception("training failed")
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -367,4 +369,5 @@ def run_job(folder: Path) -> int:
 
 if __name__ == "__main__":
     setup_logging(logging.INFO)
+    exit_on_sigterm()
     sys.exit(run_job(Path(sys.argv[1])))
