@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 from . import hub
 from .generate import GenerationParams, GenerationResult, StepEvent, generate
 from .infotext import format_infotext, write_png
-from .models import EMBEDDED_DIR, LoadedModel, PipelineCache
+from .models import EMBEDDED_DIR, LoadedModel, PipelineCache, public_name
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +100,32 @@ class Engine:
             tqdm_class=tqdm_class,
         )
 
-    def model_choices(self) -> list[str]:
-        """What the model selector offers: the embedded model (when built), the start-up model, cached Hub models."""
-        choices = ["embedded"] if (EMBEDDED_DIR / "model_index.json").exists() else []
-        for spec in [self.settings.model, *(m.ref.label for m in [self.cache.current] if m)] + hub.cached_pipelines():
-            if spec not in choices:
-                choices.append(spec)
-        return choices
+    def _offered(self, public: bool) -> dict[str, str]:
+        """{name shown: model spec} of the model selector: the embedded model (when built), the start-up model,
+        the loaded one, cached Hub models. A public app shows no path of this machine: a local folder by its
+        name (ModelRef.public_name), which only this mapping turns back into the folder."""
+        specs = (["embedded"] if (EMBEDDED_DIR / "model_index.json").exists() else []) + [self.settings.model]
+        specs += [m.ref.label for m in [self.cache.current] if m] + hub.cached_pipelines()
+        offered: dict[str, str] = {}
+        for spec in specs:
+            offered.setdefault(public_name(spec) if public else spec, spec)
+        return offered
+
+    def model_choices(self, public: bool = False) -> list[str]:
+        return list(self._offered(public))
+
+    def startup_choice(self, public: bool = False) -> str:
+        """The selector's value for the start-up model."""
+        return public_name(self.settings.model) if public else self.settings.model
+
+    def chosen_model(self, name: str | None, public: bool) -> str | None:
+        """The model spec a selector value (or an API caller's ``model``) names; a public app takes only what it
+        offers (no custom Hub ids or local paths: they download or read what a visitor chooses)."""
+        if not name or not public:
+            return name or None
+        if name not in (offered := self._offered(True)):
+            raise ValueError(f"model: '{name}' is not offered on this public app; pick one from the list")
+        return offered[name]
 
     def model_status(self) -> str:
         m = self.cache.current

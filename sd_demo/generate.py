@@ -259,7 +259,7 @@ def make_infotext(model: LoadedModel, p: GenerationParams, seed: int) -> Infotex
         "CFG scale": p.guidance_scale,
         "Seed": seed,
         "Size": f"{p.width}x{p.height}",
-        "Model": model.ref.label if model.ref.source != "local" else model.folder.name,
+        "Model": model.ref.public_name,
     }
     if p.clip_skip > 1:
         params["Clip skip"] = p.clip_skip

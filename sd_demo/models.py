@@ -78,6 +78,14 @@ class ModelRef:
         return self.label if self.source == "hub" else self.hub_id or Path(self.name).name
 
 
+def public_name(spec: str) -> str:
+    """What a public page may show of a model spec: its Hub id, or a folder's name, never a path of this machine."""
+    try:
+        return parse_model_ref(spec).public_name
+    except ValueError:  # a folder that is not there (any more): still only its name
+        return Path(str(spec)).name
+
+
 def parse_model_ref(spec: str) -> ModelRef:
     """'embedded' | existing folder | 'org/name[@rev]' -> ModelRef, or ValueError saying what is accepted."""
     if spec is not None and not isinstance(spec, str):
@@ -278,7 +286,7 @@ class LoadedModel:
 
     def describe(self) -> str:
         return (
-            f"{self.ref.label} · {self.family.upper()} ({self.prediction_type}) · {self.device} "
+            f"{self.ref.public_name} · {self.family.upper()} ({self.prediction_type}) · {self.device} "
             f"{dtype_name(self.dtype)} · attention: {self.attention_reason}"
         )
 

@@ -88,6 +88,7 @@ def test_loading_a_model_sets_its_native_size_and_recommended_cfg_and_sampler():
                                    default_sampler="Euler a", max_clip_skip=3)
     engine = types.SimpleNamespace(load=lambda name: loaded, cache=types.SimpleNamespace(current=None))
     engine.defaults = lambda name: Engine.defaults(engine, name)  # the engine's rule, over a stub model
+    engine.chosen_model = lambda name, public: name
     status, width, height, cfg, sampler, clip = _load_model_fn(engine, False)("m", 5, progress=lambda *a, **k: None)
     assert (status, width, height, cfg, sampler) == ("**m** loaded", 768, 768, 4.5, "Euler a")
     assert (clip["maximum"], clip["value"]) == (3, 3)  # the clip-skip slider ends at the model's depth
@@ -186,3 +187,23 @@ def test_outputs_outside_the_working_and_temp_folders_are_served(tiny_model_dirs
         gallery, _, status, _ = Client(url, verbose=False).predict(prompt="x", steps=1, seed=2, api_name="/generate")
         assert read_png(gallery[0]["image"]).params["Seed"] == 2
     assert list((tmp_path / "out").rglob("*.png")) and app.demo.delete_cache == app.CACHE_SWEEP
+
+
+def test_a_public_app_shows_no_path_of_this_machine(tiny_model_dirs, tmp_path):
+    """A public app started on a local folder names it (model list, status line, Train tab) by its folder name,
+    which only the app maps back to the folder; the path itself is refused like any custom model."""
+    import json
+
+    import app
+
+    folder = str(tiny_model_dirs["sd15"])
+    args = app.parse_args(["--model", folder, "--outputs", str(tmp_path), "--share", "--allow-training"])
+    demo = app.build_demo(args)
+    page = json.dumps(demo.get_config_file(), default=str)
+    assert folder not in page and json.dumps(folder)[1:-1] not in page
+    name, engine = tiny_model_dirs["sd15"].name, demo.engine
+    assert name in engine.model_choices(public=True) and name in engine.model_status()
+    assert engine.chosen_model(name, public=True) == folder
+    with pytest.raises(ValueError, match="not offered on this public app"):
+        engine.chosen_model(folder, public=True)
+    assert engine.chosen_model(folder, public=False) == folder  # a private app takes any folder

@@ -71,8 +71,7 @@ def make_generate_fn(engine: Engine, public: bool):
     ):
         """Text to image. Yields live previews; the final yield holds the PNGs (with A1111 infotext)."""
         try:
-            if public and model and model not in engine.model_choices():
-                raise ValueError(f"model: '{model}' is not offered on this public app; pick one from the list")
+            model = engine.chosen_model(model, public)
             lora_list = [parse_lora(x.strip()) for x in (loras or "").split(",") if x.strip()]
             if public and not all(engine.is_training_result(src) for src, _ in lora_list):
                 raise ValueError("lora: only this app's own training results can be used on a public app")
@@ -127,10 +126,8 @@ def _finished(engine: Engine, result, paths, note: str) -> tuple:
 def _load_model_fn(engine: Engine, public: bool):
     def load(model: str, clip_skip: int = 1, progress=gr.Progress(track_tqdm=True)):
         try:
-            if public and model not in engine.model_choices():
-                raise ValueError(f"model: '{model}' is not offered on this public app")
             progress(0, desc=f"loading {model}")
-            d = engine.defaults(model)
+            d = engine.defaults(engine.chosen_model(model, public))
         except Exception as exc:
             raise user_error(exc) from None
         # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M);
@@ -149,7 +146,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     except ValueError:  # the start-up model failed to load (the notice says so): A1111's defaults
         size, guidance, default_sampler, max_clip_skip = 512, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, MAX_CLIP_SKIP
     with gr.Row():
-        model = gr.Dropdown(engine.model_choices(), value=engine.settings.model, label="Model",
+        model = gr.Dropdown(engine.model_choices(public), value=engine.startup_choice(public), label="Model",
                             allow_custom_value=not public, scale=4,
                             info="Hub id (org/name[@revision]), local folder, or embedded")
         load_btn = gr.Button("Load", scale=1)

@@ -8,6 +8,7 @@ import logging
 import gradio as gr
 
 from ..engine import Engine
+from ..models import public_name
 from ..train.config import Method, config_fields, from_values
 from ..train.autocaption import DEFAULT_CAPTIONER
 from ..train.presets import PRESETS
@@ -100,8 +101,8 @@ def _runs_table(engine: Engine) -> list[list]:
     for job in engine.jobs.jobs()[:50]:
         v = engine.jobs.summary(job)
         loss = f"{v.final_loss:.4f}" if v.final_loss is not None else ""
-        rows.append([job, v.state, v.config.get("method", ""), v.config.get("model", ""), f"{v.step}/{v.total}",
-                     loss])
+        rows.append([job, v.state, v.config.get("method", ""), public_name(v.config.get("model", "")),
+                     f"{v.step}/{v.total}", loss])
     return rows
 
 
@@ -143,7 +144,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
                     caption_btn = gr.Button("Caption images", scale=1, elem_id="train-caption-btn")
             with gr.Row():
                 method = gr.Dropdown([m.value for m in Method], value=Method.LORA.value, label="Method")
-                model = gr.Dropdown(engine.model_choices(), value=engine.settings.model, label="Base model",
+                model = gr.Dropdown(engine.model_choices(public), value=engine.startup_choice(public), label="Base model",
                                     allow_custom_value=not public)
                 preset = gr.Dropdown([AUTO, *PRESETS], value=AUTO, label="Preset")
             preset_note = gr.Markdown(_preset_note(Method.LORA.value, engine.settings.model, AUTO),
@@ -199,12 +200,18 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
         except ValueError:  # gone (or never ours): start empty
             return "", "", [], []
 
+    def note_for(meth, base, *rest) -> str:
+        try:
+            return _preset_note(meth, engine.chosen_model(base, public), *rest)
+        except ValueError as exc:
+            return f"⚠️ {exc}"
+
     note_inputs = [method, model, preset, trigger, captions, instance_prompt]
     data_view = [data_dir, data_note, data_gallery, captions]
     files.upload(on_upload, files, data_view, api_visibility="private").then(
-        _preset_note, note_inputs, preset_note, api_visibility="private")
+        note_for, note_inputs, preset_note, api_visibility="private")
     page.load(restore, data_dir, data_view, api_visibility="private").then(
-        _preset_note, note_inputs, preset_note, api_visibility="private")
+        note_for, note_inputs, preset_note, api_visibility="private")
 
     def auto_caption(folder: str, table, model_id: str, trig: str, replace: bool):
         """Save the table's edits first (they are the user's), then caption; the trigger goes in front."""
@@ -218,13 +225,12 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
         return f"{n} caption(s) written by {model_id}. {staged.summary()}", [list(r) for r in staged.rows]
 
     caption_btn.click(auto_caption, [data_dir, captions, captioner, trigger, overwrite], [data_note, captions],
-                      api_visibility="private").then(_preset_note, note_inputs, preset_note, api_visibility="private")
+                      api_visibility="private").then(note_for, note_inputs, preset_note, api_visibility="private")
 
     def form_config(folder, table, trig, prompt, meth, base, pre, *adv):
         if not folder:
             raise ValueError("data: upload training images first")
-        if public and base not in engine.model_choices():
-            raise ValueError(f"model: '{base}' is not offered on this public app; pick one from the list")
+        base = engine.chosen_model(base, public)
         engine.save_captions(folder, _rows(table))
         values = {"data": folder, "trigger": trig, "instance_prompt": prompt, "method": meth, "model": base,
                   "preset": None if pre == AUTO else pre, **_form_values(adv_names, list(adv))}
@@ -243,7 +249,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
 
     for trigger_event in (method.change, model.change, preset.change, trigger.blur, instance_prompt.blur,
                           captions.input):  # text boxes on blur, not at every keystroke
-        trigger_event(_preset_note, note_inputs, preset_note, api_visibility="private")
+        trigger_event(note_for, note_inputs, preset_note, api_visibility="private")
 
     drawn = gr.State("")  # what the plot and the samples show now: unchanged ones are not sent again
 
