@@ -1,6 +1,7 @@
 """TrainConfig: every training option with its default and why; CLI flags are generated from it."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from enum import Enum
 
@@ -97,7 +98,7 @@ class TrainConfig:
             raise ValueError(f"{name}: {why}")
 
         if self.method not in {m.value for m in Method}:
-            bad("method", f"unknown '{self.method}'; use one of {', '.join(m.value for m in Method)}")
+            bad("method", f"unknown {_shown(self.method)}; use one of {', '.join(m.value for m in Method)}")
         if not self.data:
             bad("data", "missing; give a folder or .zip of training images")
         if not self.out:
@@ -118,9 +119,9 @@ class TrainConfig:
         if not 0 <= self.caption_dropout < 1:
             bad("caption_dropout", f"{self.caption_dropout} must be in [0, 1)")
         if self.lr_schedule not in LR_SCHEDULES:
-            bad("lr_schedule", f"unknown '{self.lr_schedule}'; use one of {', '.join(LR_SCHEDULES)}")
+            bad("lr_schedule", f"unknown {_shown(self.lr_schedule)}; use one of {', '.join(LR_SCHEDULES)}")
         if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
-            bad("mixed_precision", f"unknown '{self.mixed_precision}'; use one of {', '.join(PRECISIONS)}")
+            bad("mixed_precision", f"unknown {_shown(self.mixed_precision)}; use one of {', '.join(PRECISIONS)}")
         if self.method == Method.DREAMBOOTH.value and not (self.trigger or self.instance_prompt):
             bad("trigger", "DreamBooth needs --trigger (a rare word bound to your subject) or --instance-prompt")
         if self.num_class_images and not (self.class_prompt or self.class_word):
@@ -172,16 +173,41 @@ def from_values(values: dict) -> TrainConfig:
     return TrainConfig(**kw)
 
 
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def _shown(v) -> str:
+    """A value as a message quotes it: on one line (repr escapes a newline) and short."""
+    text = str(v)
+    return repr(text) if len(text) <= 60 else repr(text[:60]) + "…"
+
+
 def _convert(name: str, typ: type, v):
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:  # no field goes this far
+        raise ValueError(f"{name}: a {v.bit_length()}-bit number is out of range")
+    shown = _shown(v)
     if typ is bool:
-        return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "on", "yes")
+        if isinstance(v, bool) or str(v).strip().lower() in _TRUE + _FALSE:
+            return v if isinstance(v, bool) else str(v).strip().lower() in _TRUE
+        raise ValueError(f"{name}: {shown} is not true or false")  # 'ture' was silently False
+    if typ not in (int, float):
+        return typ(v)
+    # An int stays exact (float() of a huge one raised OverflowError and rounded 20-digit seeds); a bool is no
+    # number; nan / inf are refused (an lr of nan passed validate and trained garbage).
+    if isinstance(v, bool):
+        raise ValueError(f"{name}: {shown} is not a number")
+    if isinstance(v, int) or (typ is int and isinstance(v, str) and v.strip().lstrip("+-").isdigit()):
+        try:
+            return typ(int(v))
+        except (ValueError, OverflowError):  # text over Python's 4300 digits / a float's range
+            raise ValueError(f"{name}: {shown} is too large") from None
     try:
-        number = float(v) if typ in (int, float) else None
-        if typ is int and not number.is_integer():
-            raise ValueError
-        return int(number) if typ is int else typ(v)
+        number = float(v)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: '{v}' is not a valid {typ.__name__}") from None
+        raise ValueError(f"{name}: {shown} is not a valid {typ.__name__}") from None
+    if not math.isfinite(number) or (typ is int and not number.is_integer()):
+        raise ValueError(f"{name}: {shown} is not a {'whole' if typ is int else 'finite'} number")
+    return typ(number)
 
 
 def config_fields():
