@@ -97,6 +97,7 @@ class TrainConfig:
         def bad(name, why):
             raise ValueError(f"{name}: {why}")
 
+        self._check_values(bad)
         if self.method not in {m.value for m in Method}:
             bad("method", f"unknown {_shown(self.method)}; use one of {', '.join(m.value for m in Method)}")
         if not self.data:
@@ -159,6 +160,32 @@ class TrainConfig:
                                                                           and self.preserve_batch > self.batch)):
             bad("preserve_batch", f"{self.preserve_batch} must be between 0 and --batch")
         return self
+
+    def _check_values(self, bad) -> None:
+        """Numbers a run can use and text the tokenizer can read; each of these failed mid-run, or trained garbage,
+        once the model was loaded."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):  # nan passed every '<= 0' check below
+                bad(f.name, f"{v} is not a finite number")
+            if f.name in _TOKENIZED and isinstance(v, str):  # a lone surrogate (non-UTF-8 argv bytes, JSON)
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    bad(f.name, f"character {exc.start + 1} is not valid Unicode text; remove it")
+        for name in _NON_NEGATIVE:  # a negative snr_gamma or prior_loss_weight turns the loss around
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                bad(name, f"{getattr(self, name)} must be >= 0")
+        if not 0 <= self.seed <= MAX_SEED:  # numpy's and the validation sample's range; torch overflowed past 64 bits
+            bad("seed", f"{self.seed} is out of range; use 0 to {MAX_SEED}")
+
+
+MAX_SEED = 2**32 - 1  # as generate.MAX_SEED (not imported: this module stays free of torch)
+# Text fields that reach the tokenizer (paths may hold non-UTF-8 bytes: those are valid file names).
+_TOKENIZED = ("trigger", "instance_prompt", "validation_prompt", "class_prompt", "class_word", "init_word",
+              "target_modules")
+_NON_NEGATIVE = ("warmup_steps", "checkpoint_every", "validation_every", "num_class_images", "keep_checkpoints",
+                 "snr_gamma", "noise_offset", "prior_loss_weight")
 
 
 def from_values(values: dict) -> TrainConfig:
