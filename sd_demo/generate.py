@@ -82,10 +82,13 @@ class GenerationParams:
             bad("batch_size", f"{p.batch_size} is out of range; use 1 to {MAX_BATCH}")
         if not 1 <= p.clip_skip <= MAX_CLIP_SKIP:
             bad("clip_skip", f"{p.clip_skip} is out of range; use 1 to {MAX_CLIP_SKIP}")
-        for name in ("sampler", "schedule"):
-            if getattr(p, name) is not None and not isinstance(getattr(p, name), str):
+        for name, names in (("sampler", SAMPLERS), ("schedule", SCHEDULES)):
+            value = getattr(p, name)
+            if value is not None and not isinstance(value, str):
                 bad(name, "must be text (a name from the list)")
-        resolve_schedule(p.sampler or DEFAULT_SAMPLER, p.schedule)  # unknown sampler / schedule -> ValueError
+            if value and value not in names:  # checked here to quote it on one line, short (a pasted page was not)
+                bad(name, f"unknown {_shown(value)}; choose one of {', '.join(names)}")
+        resolve_schedule(p.sampler or DEFAULT_SAMPLER, p.schedule)  # a None schedule -> ValueError naming it
         return p
 
 
@@ -101,6 +104,14 @@ def _check_text(name: str, value) -> None:
                          "remove it") from None
 
 
+def _shown(value) -> str:
+    """A value as a message quotes it: one line (repr escapes newlines), at most 60 characters of it."""
+    if isinstance(value, int) and value.bit_length() > 64:  # repr() of a 5000-digit int raises ValueError
+        return f"a {value.bit_length()}-bit number"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
 def _number(name: str, value, optional: bool = False) -> float | None:
     """A finite float from a number or its text (API callers send either); ValueError naming the field."""
     if value is None and optional:
@@ -109,22 +120,26 @@ def _number(name: str, value, optional: bool = False) -> float | None:
         raise ValueError(f"{name}: missing; give a number")
     try:
         number = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError, OverflowError):
+    except OverflowError:  # an int past a float's range
+        raise ValueError(f"{name}: {_shown(value)} is out of range") from None
+    except (TypeError, ValueError):
         number = math.nan
     if isinstance(value, bool) or not math.isfinite(number):
-        raise ValueError(f"{name}: {value!r} is not a number")
+        raise ValueError(f"{name}: {_shown(value)} is not a number")
     return number
 
 
 def _whole(name: str, value, optional: bool = False) -> int | None:
     """An int from an int, a whole float (JSON's 512.0) or its text; a fraction is refused, never truncated."""
     if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 64:  # no field goes this far; the range messages below would print all its digits
+            raise ValueError(f"{name}: {_shown(value)} is out of range")
         return value
     number = _number(name, value, optional)
     if number is None:
         return None
     if number != int(number):
-        raise ValueError(f"{name}: {value!r} is not a whole number")
+        raise ValueError(f"{name}: {_shown(value)} is not a whole number")
     return int(number)
 
 

@@ -249,6 +249,10 @@ def test_latent_samplers_do_not_clip_x0_to_the_pixel_range(sampler):
     ("batch_size", True, "batch_size: True is not a number"),
     ("prompt", "a \ud800 cat", r"prompt: character 3 \('\\ud800'\) is not valid Unicode"),
     ("negative_prompt", "\udfff", "negative_prompt: character 1"),
+    # str() of a 5000-digit int raised Python's ValueError; float() of a 400-digit one OverflowError
+    pytest.param("steps", 10**5000, "steps: a 16610-bit number is out of range", id="steps-huge"),
+    pytest.param("guidance_scale", 10**400, "guidance_scale: a 1329-bit number is out of range", id="cfg-huge"),
+    ("sampler", "a\nb" * 40, r"sampler: unknown 'a\\nba\\nb.*…; choose"),  # one line, cut short
 ])
 def test_raw_api_values_are_refused_naming_the_field(field, value, match):
     """Values as an API caller may send them: Python's own message ('invalid literal for int()') named no field,
