@@ -97,22 +97,27 @@ def parse_model_ref(spec: str) -> ModelRef:
         raise ValueError(f"model: {len(spec)} characters is too long for a Hub repo id or a folder path")
     if spec == "embedded":
         return ModelRef("embedded", "embedded")
-    path = Path(spec).expanduser()
+    try:
+        path = Path(spec).expanduser()
+    except (RuntimeError, ValueError):  # '~name' of no such user, or with a NUL byte: not a folder here
+        path = Path(spec)
     if _is_dir(path):
         return ModelRef("local", str(path.resolve()))
     repo, _, rev = spec.partition("@")
     if hub.REPO_ID.match(repo) and not spec.startswith((".", "/", "~")):
         return ModelRef("hub", repo, rev or None)
-    shown = spec if len(spec) <= 200 else spec[:200] + "…"  # the message stays one readable line
+    shown = repr(spec) if len(spec) <= 200 else repr(spec[:200]) + "…"  # one readable line (repr escapes \n)
     raise ValueError(
-        f"unknown model '{shown}': not a folder here and not a Hub repo id like 'org/name' or 'org/name@revision'"
+        f"unknown model {shown}: not a folder here and not a Hub repo id like 'org/name' or 'org/name@revision'"
     )
 
 
 def _is_dir(path: Path) -> bool:
     try:
         return path.is_dir()
-    except OSError:  # a name too long for the filesystem is no folder here (it may still be a Hub id)
+    # a name too long for the filesystem, or holding a NUL byte or a lone surrogate (ValueError), is no folder here
+    # (it may still be a Hub id)
+    except (OSError, ValueError):
         return False
 
 
