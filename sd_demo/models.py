@@ -12,6 +12,7 @@ import gc
 import io
 import json
 import logging
+import math
 import re
 import threading
 import warnings
@@ -298,12 +299,17 @@ class LoadedModel:
 
 def parse_lora(spec: str) -> tuple[str, float]:
     """'PATH_OR_REPO[:SCALE]' -> (source, scale); the scale defaults to 1."""
+    if not isinstance(spec, str):  # an API caller's number or null: AttributeError before
+        raise ValueError("lora: must be text ('path_or_repo' or 'path_or_repo:scale')")
     source, sep, scale = spec.rpartition(":")
     if sep and source:
         try:
-            return source, float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            return spec, 1.0  # not a scale: part of the name
+        if not math.isfinite(value):  # 'x:nan' was taken as a NaN adapter weight
+            raise ValueError(f"lora: the scale of {spec!r} is not a finite number")
+        return source, value
     return spec, 1.0
 
 
