@@ -6,6 +6,10 @@ Layout, as produced by A1111's ``create_infotext``::
     Negative prompt: <negative, may span lines>   (omitted when empty)
     Steps: 20, Sampler: DPM++ 2M, CFG scale: 7, Seed: 42, Size: 512x512
 
+Lines are stripped on reading, and a line starting with "Negative prompt:" starts the negative prompt wherever it
+is; when that would misread a prompt, the params line also carries ``Prompt: "..."`` and ``Negative prompt: "..."``
+(A1111 reads those keys after the body, so they win there too).
+
 Value typing rule (what makes ``parse_infotext(format_infotext(x)) == x``):
 
 * write: ints as ``str(n)``; whole floats as ints (``7.0`` -> ``7``, A1111
@@ -97,11 +101,21 @@ def format_infotext(info: Infotext) -> str:
     for k, v in info.params.items():
         if v is None:
             continue
-        if not _KEY_RE.fullmatch(k):
+        if not _KEY_RE.fullmatch(k) or k in _TEXT_KEYS:
             raise ValueError(f"infotext key not readable back by A1111: {k!r}")
         pairs.append(f"{k}: {_quote(_format_value(v))}")
     neg = f"\n{_NEG} {info.negative_prompt}" if info.negative_prompt else ""
-    return f"{info.prompt}{neg}\n{', '.join(pairs)}".strip()
+    body = f"{info.prompt}{neg}"
+    # A prompt line starting with "Negative prompt:" (or a negative repeating it) reads back split, in A1111 too.
+    # Then the texts also go in the params line, JSON-quoted, under A1111's own result keys: its
+    # parse_generation_parameters sets "Prompt" / "Negative prompt" from the body first, then from the params line,
+    # so A1111 reads them right as well (as parse_infotext does).
+    wanted = (_strip_lines(info.prompt), _strip_lines(info.negative_prompt))
+    if _read_body(body.split("\n")) != wanted:
+        if pairs:  # (with none, the two would not make the 3 pairs that A1111 reads as a params line)
+            pairs += [f"{k}: {json.dumps(t, ensure_ascii=False)}"
+                      for k, t in zip(_TEXT_KEYS, (info.prompt, info.negative_prompt))]
+    return f"{body}\n{', '.join(pairs)}".strip()
 
 
 def parse_infotext(text: str) -> Infotext:
@@ -111,6 +125,19 @@ def parse_infotext(text: str) -> Infotext:
     if len(pairs) < 3:  # A1111's rule: otherwise the last line is prompt text
         lines.append(last)
         pairs = []
+    params = {k.strip(): _parse_value(v) for k, v in pairs}
+    prompt, negative = _read_body(lines)
+    # The params line's "Prompt" / "Negative prompt" win over the body, as in A1111 (see format_infotext);
+    # str() gives back the text of one that read as a number.
+    prompt, negative = (str(params.pop(k)) if k in params else t for k, t in zip(_TEXT_KEYS, (prompt, negative)))
+    return Infotext(prompt=prompt, negative_prompt=negative, params=params)
+
+
+_TEXT_KEYS = ("Prompt", "Negative prompt")
+
+
+def _read_body(lines: list[str]) -> tuple[str, str]:
+    """(prompt, negative prompt) of the lines above the params line, by A1111's rule."""
     prompt: list[str] = []
     negative: list[str] = []
     in_negative = False
@@ -121,11 +148,12 @@ def parse_infotext(text: str) -> Infotext:
             in_negative = True
             line = line[len(_NEG):].strip()
         (negative if in_negative else prompt).append(line)
-    return Infotext(
-        prompt="\n".join(prompt).strip(),
-        negative_prompt="\n".join(negative).strip(),
-        params={k.strip(): _parse_value(v) for k, v in pairs},
-    )
+    return "\n".join(prompt).strip(), "\n".join(negative).strip()
+
+
+def _strip_lines(text: str) -> str:
+    """What the body keeps of a text: every line and the whole stripped (as A1111 reads it)."""
+    return "\n".join(line.strip() for line in text.split("\n")).strip()
 
 
 def _pnginfo(info: Infotext) -> PngInfo:

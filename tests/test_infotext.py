@@ -128,6 +128,20 @@ def test_parse_lenient_inputs():
     assert info.params == {"Steps": 1, "Model hash": "0123", "TI": 'say "hi", ok'}
 
 
+def test_a_prompt_line_starting_with_the_negative_marker_reads_back_whole():
+    """By A1111's rule such a line starts the negative prompt; the exact texts then also go in the params line under
+    A1111's own result keys, which its parser (and ours) apply after the body."""
+    info = Infotext("a cat\nNegative prompt: on a mat", "dogs", {"Steps": 20, "Seed": 1, "Size": "64x64"})
+    text = format_infotext(info)
+    assert text == ('a cat\nNegative prompt: on a mat\nNegative prompt: dogs\nSteps: 20, Seed: 1, Size: 64x64, '
+                    'Prompt: "a cat\\nNegative prompt: on a mat", Negative prompt: "dogs"')
+    assert parse_infotext(text) == info
+    plain = Infotext("a cat", "dogs", {"Steps": 20, "Seed": 1, "Size": "64x64"})
+    assert "Prompt:" not in format_infotext(plain).split("\n")[-1]  # only where the body would be misread
+    with pytest.raises(ValueError):
+        format_infotext(Infotext("x", params={"Prompt": "y", "Steps": 1, "Seed": 2}))
+
+
 def test_size_helper_and_bad_key():
     assert Infotext("x").size is None
     assert Infotext("x", params={"Size": "oops"}).size is None
