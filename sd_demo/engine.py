@@ -239,6 +239,10 @@ class Engine:
             event.set()
         return event is not None
 
+    def generating(self, job: str = "default") -> bool:
+        with self._jobs_lock:
+            return job in self._jobs
+
     def generate(
         self,
         params: GenerationParams,

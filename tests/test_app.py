@@ -207,3 +207,23 @@ def test_a_public_app_shows_no_path_of_this_machine(tiny_model_dirs, tmp_path):
     with pytest.raises(ValueError, match="not offered on this public app"):
         engine.chosen_model(folder, public=True)
     assert engine.chosen_model(folder, public=False) == folder  # a private app takes any folder
+
+
+def test_a_client_that_goes_away_mid_run_frees_the_slot(client, app_server, app_url):
+    """A visitor who closes the page (the client cancels) must not hold the one generation slot for the rest of a
+    150-step run: the run stops after its current step and the next visitor is served."""
+    import time
+
+    engine = app_server[1]
+    job = client.submit(prompt="long", steps=150, width=512, height=512, seed=4, api_name="/generate")
+    deadline = time.time() + 60
+    while not engine.generating(client.session_hash):
+        assert time.time() < deadline, "job never started"
+        time.sleep(0.05)
+    job.cancel()
+    deadline = time.time() + 30
+    while engine.generating(client.session_hash):
+        assert time.time() < deadline, "the abandoned run kept the slot"
+        time.sleep(0.05)
+    gallery, *_ = Client(app_url, verbose=False).predict(prompt="next visitor", steps=2, seed=1, api_name="/generate")
+    assert len(gallery) == 1

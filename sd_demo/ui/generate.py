@@ -86,6 +86,9 @@ def make_generate_fn(engine: Engine, public: bool):
         job = getattr(request, "session_hash", None) or "api"
         progress(0, desc="starting")
         note = engine.training_note()
+        # Yield before any work: gradio keeps a run's iterator (and so can close it when its client goes away) only
+        # from its first yield on; a client that left before then left a run nobody could stop holding the slot.
+        yield gr.skip(), gr.skip(), "starting" + (f" · {note}" if note else ""), gr.skip(), gr.skip()
         try:
             for update in engine.run(params, model=model or None, job=job, loras=lora_list):
                 if update.waiting:
