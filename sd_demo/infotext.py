@@ -36,6 +36,7 @@ import os
 import re
 import secrets
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 from PIL import Image, PngImagePlugin
@@ -233,7 +234,10 @@ def _png_text(f) -> dict[str, str]:
         if cid == b"IEND":
             break
         if cid in (b"tEXt", b"zTXt", b"iTXt") and length <= PngImagePlugin.MAX_TEXT_CHUNK:
-            png.crc(cid, png.call(cid, pos, length))
+            try:
+                png.crc(cid, png.call(cid, pos, length))
+            except (SyntaxError, zlib.error):  # one malformed chunk (a zTXt of unknown method) hid all the others
+                f.seek(pos + length + 4)
         else:
             f.seek(length + 4, os.SEEK_CUR)  # data and CRC, never read
     return png.im_text

@@ -283,8 +283,8 @@ def test_read_png_reads_text_after_pixels_without_decoding_them(tmp_path):
 
 
 def test_read_png_skips_oversized_and_broken_text_chunks(tmp_path):
-    """A zTXt bomb is refused by PIL's cap, an oversized tEXt is skipped unread, a truncated tail keeps what came
-    before it."""
+    """A zTXt bomb is refused by PIL's cap, an oversized tEXt is skipped unread, a malformed one is skipped, a
+    truncated tail keeps what came before it."""
     import struct
     import zlib
 
@@ -295,6 +295,9 @@ def test_read_png_skips_oversized_and_broken_text_chunks(tmp_path):
     assert read_png(tmp_path / "huge.png") == EXAMPLE
     (tmp_path / "cut.png").write_bytes(head + params + _chunk(b"IDAT", b"x")[:-3])
     assert read_png(tmp_path / "cut.png") == EXAMPLE
+    for broken in (b"comment\0\x07abc", b"comment\0\0not zlib", b"comment"):  # unknown method, bad stream, no NUL
+        (tmp_path / "broken.png").write_bytes(head + _chunk(b"zTXt", broken) + params + _chunk(b"IEND", b""))
+        assert read_png(tmp_path / "broken.png") == EXAMPLE
     bomb = _chunk(b"zTXt", b"parameters\0\0" + zlib.compress(bytes(64 << 20)))
     (tmp_path / "bomb.png").write_bytes(head + bomb + _chunk(b"IEND", b""))
     with pytest.raises(ValueError):
