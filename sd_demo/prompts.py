@@ -14,6 +14,7 @@ plain prompts give exactly the images of stock diffusers.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -64,11 +65,13 @@ def parse_attention(text: str) -> WeightedPrompt:
             try:
                 weight = float(m.group(1))
             except ValueError:  # "(a:1.2.3)": A1111 keeps it as text and closes with the default 1.1
+                weight = math.nan
+            if math.isfinite(weight):
+                scale(stack.pop()[1], weight)
+            else:  # also a weight of 400 digits (inf: NaN conditioning, a black image), where A1111 takes inf
                 frags.append([tok[:-1], 1.0])
                 scale(stack.pop()[1], ROUND)
-                warnings.append(f"weight '{m.group(1)}' is not a number; read as text")
-            else:
-                scale(stack.pop()[1], weight)
+                warnings.append(f"weight '{m.group(1)[:20]}' is not a usable number; read as text")
         elif tok == ")" and stack and stack[-1][0] == "(":
             scale(stack.pop()[1], ROUND)
         elif tok == "]" and stack and stack[-1][0] == "[":
@@ -87,7 +90,8 @@ def parse_attention(text: str) -> WeightedPrompt:
     warnings += [f"weight '{w.strip()}' is not a number; read as text"
                  for w in re.findall(r"\([^()]*:([^()]*)\)", text) if not re.fullmatch(r"\s*[+-]?[.\d]+\s*", w)]
     chunks.append(frags)
-    return WeightedPrompt([_merge(c) for c in chunks], warnings)
+    # each warning once: 8000 unclosed brackets made 8000 equal lines in the status
+    return WeightedPrompt([_merge(c) for c in chunks], list(dict.fromkeys(warnings)))
 
 
 class _LayerPicker(torch.nn.Module):

@@ -28,10 +28,16 @@ def test_parse_attention(text, chunks):
     ("(red circle", [[("red circle", pytest.approx(1.1))]], "unclosed '('"),
     ("red) circle", [[("red) circle", 1.0)]], "unmatched ')'"),
     ("[blue", [[("blue", pytest.approx(1 / 1.1))]], "unclosed '['"),
+    ("(red:1.2.3)", [[("red:1.2.3", pytest.approx(1.1))]], "weight '1.2.3' is not a usable number"),
+    ("(red:" + "9" * 400 + ")", [[("red:" + "9" * 400, pytest.approx(1.1))]], "is not a usable number"),  # was inf
 ])
 def test_malformed_prompts_read_like_a1111_with_a_warning(text, chunks, warning):
     parsed = parse_attention(text)
     assert parsed.chunks == chunks and any(warning in w for w in parsed.warnings)
+
+
+def test_a_warning_is_given_once():
+    assert parse_attention("[" * 8000 + "a").warnings == ["unclosed '[' applies to the end of the prompt"]
 
 
 def test_weighted_token_is_scaled_and_others_unchanged(loaded_models):
