@@ -75,9 +75,13 @@ def test_metadata_jsonl(tmp_path, key):
     assert rep.skipped == [("gone.png", "listed in metadata.jsonl but not found")]
 
 
-def test_metadata_bad_line_names_it(tmp_path):
+@pytest.mark.parametrize("line", ['{oops', r'{"file_name": "x\u0000.png"}', r'{"file_name": "\ud800"}',
+                                  r'{"file_name": "x.png", "text": "a \udfff cat"}'])
+def test_metadata_bad_line_names_it(tmp_path, line):
+    """Also a NUL or a lone surrogate, which JSON escapes carry: a raw ValueError ('embedded null byte'), or a caption
+    the tokenizer failed on after the model load."""
     img(tmp_path / "x.png")
-    (tmp_path / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "ok"}\n{oops\n')
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "x.png", "text": "ok"}\n' + line + "\n")
     with pytest.raises(ValueError, match="metadata.jsonl line 2"):
         scan(tmp_path)
 

@@ -252,11 +252,24 @@ def _read_metadata(root: Path) -> dict[Path, str | None]:
             raise ValueError(f"{METADATA_FILE} line {n}: not valid JSON ({e.msg}); fix or remove that line")
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise ValueError(f'{METADATA_FILE} line {n}: needs a "file_name" field naming an image')
-        p = (base / row["file_name"]).resolve()
+        try:
+            p = (base / row["file_name"]).resolve()
+        except ValueError:  # a NUL or a lone surrogate (JSON escapes carry both): Python's message named no line
+            raise ValueError(f"{METADATA_FILE} line {n}: file_name {row['file_name']!r} is not a file name") from None
         if not p.is_relative_to(base):
             raise ValueError(f"{METADATA_FILE} line {n}: file_name '{row['file_name']}' is outside the data folder")
         out[p] = _metadata_caption(row)
+        if out[p] is not None and not _is_unicode(out[p]):  # the tokenizer failed on it mid-run, after the model load
+            raise ValueError(f"{METADATA_FILE} line {n}: the caption holds a lone surrogate (a broken \\u escape)")
     return out
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _metadata_caption(row: dict) -> str | None:
