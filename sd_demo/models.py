@@ -313,6 +313,13 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def parse_loras(text: str | None) -> list[tuple[str, float]]:
+    """'a[:0.8], b' (the app's and the API's LoRA list) -> [(source, scale), ...]."""
+    if text is not None and not isinstance(text, str):  # an API caller's true / 5 / list: AttributeError before
+        raise ValueError("lora: must be text ('path_or_repo[:scale], ...')")
+    return [parse_lora(x.strip()) for x in (text or "").split(",") if x.strip()]
+
+
 def read_config(folder: Path, name: str) -> dict:
     """A model's JSON file (``model_index.json``, ``unet/config.json``) as a dict; a ValueError naming the file
     when it is missing or malformed."""

@@ -305,8 +305,6 @@ def test_generate_endpoint_names_the_bad_field(client, name, value):
         value = min(value, 2)  # a valid big value would only cost time
     if name in ("width", "height") and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = min(value, 64)
-    if name == "loras" and not isinstance(value, str):
-        value = str(value)  # (not text: see the xfail below)
     try:
         gallery, *_ = client.predict(**{**SMALL, name: value}, api_name="/generate")
     except Exception as exc:  # gradio_client's AppError carries the message the app raised
@@ -317,8 +315,6 @@ def test_generate_endpoint_names_the_bad_field(client, name, value):
         assert len(gallery) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="ui/generate.py splits `loras` before checking that it is text: an "
-                                       "AttributeError, which the API caller sees as gradio's message without one")
 @pytest.mark.parametrize("loras", [True, 5, ["a"]])
 def test_generate_endpoint_loras_that_are_not_text_are_named(client, loras):
     with pytest.raises(Exception, match="^lora: "):

@@ -9,7 +9,7 @@ import gradio as gr
 from ..engine import Engine
 from ..generate import MAX_BATCH, MAX_CLIP_SKIP, MAX_SIDE, MAX_STEPS, GenerationParams
 from ..infotext import format_infotext
-from ..models import DEFAULT_GUIDANCE, parse_lora
+from ..models import DEFAULT_GUIDANCE, parse_lora, parse_loras
 from ..sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def make_generate_fn(engine: Engine, public: bool):
         """Text to image. Yields live previews; the final yield holds the PNGs (with A1111 infotext)."""
         try:
             model = engine.chosen_model(model, public)
-            lora_list = [parse_lora(x.strip()) for x in (loras or "").split(",") if x.strip()]
+            lora_list = parse_loras(loras)
             if public and not all(engine.is_training_result(src) for src, _ in lora_list):
                 raise ValueError("lora: only this app's own training results can be used on a public app")
             # raw values: validate() converts them and names the field of one it cannot use (width='abc')
