@@ -67,6 +67,25 @@ def test_min_snr_weights_each_sample_by_min_snr_gamma(prediction_type):
         assert want[0] < 0.1 and want[-1] > 0.9
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_cap_weighting_keeps_high_noise_steps(prediction_type):
+    """snr_weighting 'cap': min(1, γ / (SNR + 1)) on v, so high-noise steps weigh fully where min-snr fades them
+    out; on ε it is min-snr itself."""
+    sched = _scheduler(prediction_type)
+    t = torch.tensor([5, 100, 400, 950])
+    ac = sched.alphas_cumprod[t].double()
+    snr = ac / (1 - ac)
+    if prediction_type == "epsilon":
+        want = torch.minimum(snr, torch.tensor(5.0)) / snr
+    else:
+        want = torch.clamp(5.0 / (snr + 1), max=1.0)
+    lat, noise, pred = torch.zeros(4, 4, 8, 8), torch.zeros(4, 4, 8, 8), torch.ones(4, 4, 8, 8)
+    got = [loop.loss_fn(pred[i:i + 1], noise[i:i + 1], lat[i:i + 1], t[i:i + 1], sched, 5.0, "cap").item()
+           for i in range(4)]
+    assert got == pytest.approx(want.tolist(), rel=1e-4)
+    assert got[0] < 0.1 and got[-1] > 0.99  # the lowest-noise step down-weighted, the highest-noise one whole
+
+
 def _spy_run(tiny_model_dirs, data_dir, out, **kw):
     """Train with spies on the VAE encoder, the text encoder, the captions the loop asks for and the noise it adds."""
     from diffusers import AutoencoderKL

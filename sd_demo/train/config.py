@@ -15,6 +15,9 @@ class Method(str, Enum):
 
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
+# How --snr-gamma weights a step (loop.loss_fn): "min-snr" is Hang et al.'s formula; "cap" only down-weights the
+# low-noise steps (on a v-prediction model min-snr also fades out the high-noise ones, where a new shape is decided).
+SNR_WEIGHTINGS = ("min-snr", "cap")
 
 
 def _f(default, help: str, **kw):
@@ -48,6 +51,9 @@ class TrainConfig:
     lr_schedule: str = _f("constant", "LR schedule", choices=list(LR_SCHEDULES))
     warmup_steps: int = _f(0, "linear warm-up steps (any schedule; 'constant' then ramps up first)")
     snr_gamma: float | None = _f(None, "min-SNR-γ loss weighting (5.0 is usual; 0 = off)", type=float)
+    snr_weighting: str | None = _f(None, "min-snr: weight min(SNR, γ)/SNR (ε) or /(SNR+1) (v); cap: min(1, "
+                                         "γ/(SNR+1)) for v, which keeps the high-noise steps that min-snr fades out "
+                                         "(the same as min-snr for ε)", choices=list(SNR_WEIGHTINGS))
     noise_offset: float = _f(0.0, "noise offset (0.05-0.1 helps very dark/bright images; 0 = off)")
     mixed_precision: str | None = _f(None, "no | fp16 | bf16 (GPU only)", choices=list(PRECISIONS))
     gradient_checkpointing: bool | None = _f(None, "trade compute for memory", type=bool)
@@ -121,6 +127,8 @@ class TrainConfig:
             bad("caption_dropout", f"{self.caption_dropout} must be in [0, 1)")
         if self.lr_schedule not in LR_SCHEDULES:
             bad("lr_schedule", f"unknown {_shown(self.lr_schedule)}; use one of {', '.join(LR_SCHEDULES)}")
+        if self.snr_weighting is not None and self.snr_weighting not in SNR_WEIGHTINGS:
+            bad("snr_weighting", f"unknown {_shown(self.snr_weighting)}; use one of {', '.join(SNR_WEIGHTINGS)}")
         if self.mixed_precision is not None and self.mixed_precision not in PRECISIONS:
             bad("mixed_precision", f"unknown {_shown(self.mixed_precision)}; use one of {', '.join(PRECISIONS)}")
         if self.method == Method.DREAMBOOTH.value and not (self.trigger or self.instance_prompt):

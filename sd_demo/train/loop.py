@@ -131,18 +131,25 @@ def sdxl_added_cond(text: dict, time_ids: list[tuple[int, ...]], dtype) -> dict:
                                   "time_ids": torch.tensor(time_ids, dtype=dtype)}}
 
 
-def loss_fn(pred, noise, latents, t, noise_sched, snr_gamma: float) -> torch.Tensor:
-    """MSE to ε or v (the model's prediction_type); optional min-SNR-γ weighting (Hang et al. 2023)."""
-    if noise_sched.config.prediction_type == "v_prediction":
-        target = noise_sched.get_velocity(latents, noise, t)
-    else:
-        target = noise
+def loss_fn(pred, noise, latents, t, noise_sched, snr_gamma: float, weighting: str = "min-snr") -> torch.Tensor:
+    """MSE to ε or v (the model's prediction_type), weighted per sample by SNR (``weighting``, config.SNR_WEIGHTINGS):
+
+    - min-snr (Hang et al. 2023): min(SNR, γ) / SNR for ε, min(SNR, γ) / (SNR + 1) for v. On a v-prediction model
+      this also fades out the high-noise steps: below 0.22 for t > 500 and 0.06 for t > 700 on the embedded model.
+    - cap: min(1, γ / (SNR + 1)) for v (the diffusers examples' first v-prediction form: SNR + 1 in place of SNR),
+      which only down-weights low-noise steps; for ε it equals min-snr.
+    """
+    v = noise_sched.config.prediction_type == "v_prediction"
+    target = noise_sched.get_velocity(latents, noise, t) if v else noise
     if not snr_gamma:
         return F.mse_loss(pred.float(), target.float())
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_sched, t)
-    weight = torch.clamp(snr, max=snr_gamma) / (snr + 1 if noise_sched.config.prediction_type == "v_prediction" else snr)
+    if weighting == "cap" and v:
+        weight = torch.clamp(snr_gamma / (snr + 1), max=1.0)
+    else:
+        weight = torch.clamp(snr, max=snr_gamma) / (snr + 1 if v else snr)
     per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per * weight).mean()
 
@@ -556,7 +563,7 @@ def _stream_loss(run: Run, g: torch.Generator, stream: Stream, preserver: preser
         noisy, t, cond = torch.cat([noisy, px]), torch.cat([t, pt]), preserve.joined(cond, pcond)
     with acc.autocast():
         pred = run.unet(noisy, t, **cond).sample
-    loss = loss_fn(pred[:b], noise, lat, t[:b], noise_sched, cfg.snr_gamma)
+    loss = loss_fn(pred[:b], noise, lat, t[:b], noise_sched, cfg.snr_gamma, cfg.snr_weighting)
     if preserver is not None:
         loss = loss + preserver.loss(pred[b:], base)
     return loss
