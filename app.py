@@ -11,7 +11,7 @@ import gradio as gr
 
 from sd_demo import setup_logging
 from sd_demo.__main__ import add_runtime_flags
-from sd_demo.engine import Engine, EngineSettings
+from sd_demo.engine import IMAGES, Engine, EngineSettings
 from sd_demo.ui import generate as generate_tab
 from sd_demo.ui import info as info_tab
 from sd_demo.ui import train as train_tab
@@ -112,9 +112,11 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, **kw):
     if access := open_access(args):
         log.warning("public app (%s without --auth): no custom model ids or local paths, training only with "
                     "--allow-training; add --auth USER:PASS to make it private", access)
-    # allowed_paths: gradio serves files from the working folder and the temp folder only; --outputs may be elsewhere
+    # Gradio hands out files from the working and temp folders (as cached copies) and, by path to anyone, from
+    # allowed_paths: --outputs may be elsewhere, so its generated images are allowed, and nothing else under it
+    # (staged uploads, training runs and their configs stay unreachable by URL).
     return demo.launch(server_name=bind_host(args), server_port=args.port, share=args.share,
-                       auth=parse_auth(args.auth), allowed_paths=[os.path.abspath(args.outputs)],
+                       auth=parse_auth(args.auth), allowed_paths=[os.path.abspath(os.path.join(args.outputs, IMAGES))],
                        max_file_size=MAX_UPLOAD[is_public(args)], **kw)
 
 

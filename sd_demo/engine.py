@@ -24,6 +24,9 @@ from .models import EMBEDDED_DIR, LoadedModel, PipelineCache, public_name
 log = logging.getLogger(__name__)
 
 
+IMAGES = "txt2img-images"  # under --outputs: the generated images, the only files a page serves from there
+
+
 @dataclass
 class EngineSettings:
     model: str = "embedded"  # loaded at start-up and used when a request names no model
@@ -31,7 +34,7 @@ class EngineSettings:
     dtype: str = "auto"
     attention: str = "auto"
     allow_pickle: bool = False
-    outputs: str = "outputs"  # PNGs land in outputs/txt2img-images/YYYY-MM-DD/ as in A1111
+    outputs: str = "outputs"  # PNGs land in outputs/txt2img-images/YYYY-MM-DD/ as in A1111 (IMAGES)
 
 
 @dataclass
@@ -273,7 +276,7 @@ class Engine:
         paths: list[Path] = []
         if save:
             day = _dt.date.today().isoformat()
-            paths = save_result(result, Path(self.settings.outputs) / "txt2img-images" / day)
+            paths = save_result(result, Path(self.settings.outputs) / IMAGES / day)
         for info in result.infotexts:
             log.info("generated: %s", format_infotext(info).replace("\n", " | "))
         return result, paths

@@ -164,7 +164,8 @@ def test_launch_warns_of_an_open_bind_and_sets_the_limits(monkeypatch, tmp_path,
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "listening on 0.0.0.0 without --auth" in warnings[0]
     assert "add --auth USER:PASS" in warnings[0] and "\n" not in warnings[0]
-    assert calls[0]["server_name"] == "0.0.0.0" and calls[0]["allowed_paths"] == [str(tmp_path / "out")]
+    assert calls[0]["server_name"] == "0.0.0.0"
+    assert calls[0]["allowed_paths"] == [str(tmp_path / "out" / "txt2img-images")]  # the images, nothing else
     assert calls[0]["max_file_size"] == app.MAX_UPLOAD[True]
     caplog.clear()
     app.launch(stub, app.parse_args(["--outputs", str(tmp_path / "out")]))
@@ -174,8 +175,10 @@ def test_launch_warns_of_an_open_bind_and_sets_the_limits(monkeypatch, tmp_path,
 
 def test_outputs_outside_the_working_and_temp_folders_are_served(tiny_model_dirs, tmp_path, monkeypatch):
     """Gradio serves only the working folder, its temp folder and allowed_paths: --outputs elsewhere must still
-    show its images. Gradio's cache is swept (delete_cache)."""
+    show its images, and only them. Gradio's cache is swept (delete_cache)."""
     import tempfile
+
+    import httpx
 
     from tests.conftest import running_app
 
@@ -186,6 +189,11 @@ def test_outputs_outside_the_working_and_temp_folders_are_served(tiny_model_dirs
 
         gallery, _, status, _ = Client(url, verbose=False).predict(prompt="x", steps=1, seed=2, api_name="/generate")
         assert read_png(gallery[0]["image"]).params["Seed"] == 2
+        # the rest of --outputs (staged uploads, training runs) is not served by path
+        (tmp_path / "out" / "train-data").mkdir(parents=True)
+        (tmp_path / "out" / "train-data" / "upload.png").write_bytes(b"someone's data")
+        with httpx.Client() as http:
+            assert http.get(f"{url}gradio_api/file={tmp_path / 'out' / 'train-data' / 'upload.png'}").status_code >= 400
     assert list((tmp_path / "out").rglob("*.png")) and app.demo.delete_cache == app.CACHE_SWEEP
 
 

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
-REQUIRED = {"step", "optimizer", "lr_scheduler", "samplers"}  # what resume reads from state.json
+REQUIRED = {"step", "optimizer", "lr_scheduler"}  # what save_checkpoint always writes into state.json
 log = logging.getLogger(__name__)
 
 
@@ -120,7 +120,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     meta = read("state.json", lambda f: json.loads(f.read_text()))
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or not REQUIRED <= meta.keys():
         raise DamagedCheckpoint(f"{path / 'state.json'} is damaged (not a checkpoint's state: step, optimizer, "
-                                "lr_scheduler, samplers)")
+                                "lr_scheduler)")
     weights = read("weights.safetensors", lambda f: load_file(str(f)))
     opt_state = read("optimizer.safetensors", lambda f: _unflatten_optimizer(load_file(str(f)), meta["optimizer"]))
     return weights, opt_state, meta

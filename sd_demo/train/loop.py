@@ -491,9 +491,13 @@ def _restore(run: Run) -> tuple[int, list[float]]:
     run.trainable.load_state(weights)
     run.optimizer.load_state_dict(opt_state)
     run.lr_sched.load_state_dict(meta["lr_scheduler"])
-    if len(meta["samplers"]) != len(run.streams):
+    samplers = meta.get("samplers")
+    if not isinstance(samplers, list):
+        raise ValueError("resume: the checkpoint holds no data position (state.json has no 'samplers'); start again "
+                         "without --resume")
+    if len(samplers) != len(run.streams):
         raise ValueError("resume: the checkpoint was made with other data streams (prior preservation on/off)")
-    for stream, state in zip(run.streams, meta["samplers"]):
+    for stream, state in zip(run.streams, samplers):
         stream.sampler.load_state_dict(state)
     return meta["step"], meta.get("losses", [])
 
