@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _quote(arg: str) -> str:
+    from .train import portable  # no path of this machine in the published command
+
+    arg = portable(arg)
     return f'"{arg}"' if " " in arg else arg
 
 
@@ -182,6 +185,8 @@ def component_rows(folder: Path) -> list[str]:
 def training_md(model, runs, args, eval_command: str) -> str:
     """TRAINING.md for the model folder: architecture, sizes, how it was trained, held-out tables."""
     import json
+
+    from .train import portable
 
     folder = Path(model.folder)
     info_path = folder / "train_info.json"
@@ -237,7 +242,7 @@ def training_md(model, runs, args, eval_command: str) -> str:
             f"{info.get('vae_error', float('nan')):.2f} / 255; text encoder: {cfg.get('te_steps', 0)} steps naming "
             "the attributes of captions before the UNet stage, then "
             f"{'frozen' if not cfg.get('te_lr_scale') else 'trained at %g x the UNet learning rate' % cfg['te_lr_scale']}.",
-            f"- Config: `{json.dumps(cfg)}`",
+            f"- Config: `{json.dumps({k: portable(v) for k, v in cfg.items()})}`",
             "",
         ]
     lines += [

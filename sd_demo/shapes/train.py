@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import math
 import re
 import shutil
@@ -525,7 +526,8 @@ def export(out: Path, vae, text_encoder, tokenizer, unet, info: dict, fp16: bool
         for src in (Path(tokenizer.name_or_path) / name, Path(tokenizer.name_or_path) / "tokenizer" / name):
             if src.exists() and not (tok_dir / name).exists():
                 shutil.copy(src, tok_dir / name)
-    (tmp / "train_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    published = {**info, "config": {k: portable(v) for k, v in info.get("config", {}).items()}}
+    (tmp / "train_info.json").write_text(json.dumps(published, indent=2, default=str) + "\n")
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
@@ -552,12 +554,18 @@ def load_init(folder: str):
     return vae, tokenizer, (unet, te)
 
 
+def portable(arg):
+    """A value as published in train_info.json and TRAINING.md: an absolute path of this machine becomes DIR."""
+    return "DIR" if isinstance(arg, str) and os.path.isabs(arg) else arg
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The training command as typed (``argv`` after ``train``), for train_info.json and TRAINING.md."""
     import shlex
     import sys
 
-    return "python -m sd_demo.shapes train " + shlex.join(sys.argv[2:] if argv is None else argv)
+    return "python -m sd_demo.shapes train " + shlex.join(portable(a) for a in (sys.argv[2:] if argv is None
+                                                                                else argv))
 
 
 # --- the whole recipe ------------------------------------------------------------------------------------------
