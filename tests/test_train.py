@@ -293,7 +293,7 @@ def test_overwrite_sets_an_earlier_runs_checkpoints_aside(tiny_model_dirs, data_
     """A fresh run into a used folder: its own checkpoints are the ones kept and resumed, the earlier run's are moved
     aside intact (keep-last-K sorts by step, so old step-000004 would otherwise outlive new step-000002), and files
     the user put there stay."""
-    from sd_demo.train.checkpoint import list_checkpoints, resolve_resume
+    from sd_demo.train.checkpoint import list_checkpoints, load_resume
 
     train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=4, checkpoint_every=2))
     (tmp_path / "notes.txt").write_text("mine")
@@ -301,7 +301,7 @@ def test_overwrite_sets_an_earlier_runs_checkpoints_aside(tiny_model_dirs, data_
         train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=2, checkpoint_every=1))
     train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=2, checkpoint_every=1, overwrite=True))
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step-000001", "step-000002"]
-    assert resolve_resume("latest", tmp_path).name == "step-000002"
+    assert load_resume("latest", tmp_path)[2]["step"] == 2
     earlier = list_checkpoints(tmp_path / "checkpoints-earlier-1")
     assert [p.name for p in earlier] == ["step-000002", "step-000004"]
     assert (tmp_path / "notes.txt").read_text() == "mine"

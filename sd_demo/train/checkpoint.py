@@ -86,12 +86,8 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def resolve_resume(spec: str, out: Path) -> Path:
-    """The checkpoint folder --resume names (``latest``: the newest complete one), without reading it."""
-    return _resume_candidates(spec, out)[0]
-
-
 def _resume_candidates(spec: str, out: Path) -> list[Path]:
+    """The checkpoint folders --resume may use, best first (``latest``: newest complete one first)."""
     if spec == "latest":
         found = list_checkpoints(out / "checkpoints")
         if not found:
