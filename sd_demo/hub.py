@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2  # huggingface_hub's HTTP client (its dependency): what a dropped download raises
 from huggingface_hub import CommitOperationAdd, HfApi, get_token, scan_cache_dir, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
@@ -57,7 +58,12 @@ def hub_error(repo_id: str, revision: str | None, exc: Exception) -> ValueError:
             f"unknown model '{repo_id}{rev}': not in the local Hugging Face cache and the Hub is offline "
             "(download it once with network, or pass a local folder)"
         )
-    return ValueError(f"could not reach the Hub for '{repo_id}{rev}': {exc}")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, (httpx2.TransportError, OSError)):  # dropped or timed out mid-file, after the client's retries
+        # (within one call huggingface_hub resumes a dropped file with Range; across calls it keeps whole files only)
+        return ValueError(f"the download of '{repo_id}{rev}' was interrupted ({first}); try again: the files already "
+                          "downloaded are kept")
+    return ValueError(f"could not reach the Hub for '{repo_id}{rev}': {first}")
 
 
 def list_repo_files(repo_id: str, revision: str | None = None) -> list[str]:

@@ -52,6 +52,24 @@ def use_hf_cache(hf_cache, monkeypatch):
     return hf_cache
 
 
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A FakeHub (tests/fake_hub.py) on 127.0.0.1 as the Hub, online, with an empty cache: the real huggingface_hub
+    client downloads from it. huggingface_hub read HF_ENDPOINT and HF_HUB_OFFLINE at import, so its constants are
+    patched too."""
+    from huggingface_hub import constants
+
+    from tests.fake_hub import FakeHub
+
+    with FakeHub() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+        yield hub
+
+
 @pytest.fixture(scope="session")
 def loaded_models(tiny_model_dirs):
     """{kind: LoadedModel} loaded once per session through sd_demo.models (local-folder path)."""

@@ -235,3 +235,41 @@ def test_a_client_that_goes_away_mid_run_frees_the_slot(client, app_server, app_
         time.sleep(0.05)
     gallery, *_ = Client(app_url, verbose=False).predict(prompt="next visitor", steps=2, seed=1, api_name="/generate")
     assert len(gallery) == 1
+
+
+def test_a_client_killed_mid_run_frees_the_slot(app_server, app_url, monkeypatch):
+    """A client that vanishes without a word (its process killed, a dropped connection: no cancel is sent) must
+    not hold the slot either: the server notices the stream is gone and stops the run early."""
+    import subprocess
+    import sys
+    import time
+
+    engine = app_server[1]
+    results = []
+
+    def recording(*args, **kwargs):  # the server runs in this process: see how each run ended
+        out = type(engine).generate(engine, *args, **kwargs)
+        results.append(out[0])
+        return out
+
+    monkeypatch.setattr(engine, "generate", recording)
+    script = ("import sys; from gradio_client import Client; c = Client(sys.argv[1], verbose=False); "
+              "print(c.session_hash, flush=True); "
+              "c.predict(prompt='long', steps=150, width=1024, height=1024, seed=4, api_name='/generate')")
+    proc = subprocess.Popen([sys.executable, "-c", script, app_url], stdout=subprocess.PIPE, text=True)
+    try:
+        session = proc.stdout.readline().strip()
+        deadline = time.time() + 120
+        while not engine.generating(session):
+            assert proc.poll() is None and time.time() < deadline, "job never started"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 120
+    while engine.generating(session) or not results:  # (the slot is freed just before the run returns)
+        assert time.time() < deadline, "the vanished client's run kept the slot"
+        time.sleep(0.05)
+    assert results[0].interrupted_at is not None and results[0].interrupted_at < 150
+    gallery, *_ = Client(app_url, verbose=False).predict(prompt="next visitor", steps=2, seed=1, api_name="/generate")
+    assert len(gallery) == 1

@@ -5,6 +5,7 @@ and each image equals, bit for bit, the one its prompt and seed give when run al
 server's resident memory after 200 stays within 10 % of what it was after 20 (no per-request leak).
 """
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -53,11 +54,13 @@ def test_sixteen_clients_at_once_get_their_own_images(served):
                 errors.append(str(exc))
 
     threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(CLIENTS)]
+    start = time.time()
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=900)
     assert not any(t.is_alive() for t in threads), "a request never finished"
+    print(f"load: {len(results)} served, {len(errors)} refused (queue full) in {time.time() - start:.0f} s")
     assert all("queue" in e.lower() for e in errors), errors[:3]
     assert len(results) + len(errors) == CLIENTS * EACH and len(results) >= CLIENTS * EACH // 2
     alone = Client(served, verbose=False)
@@ -72,4 +75,5 @@ def test_memory_is_flat_over_two_hundred_requests(served):
         if k == 19:
             after_20 = _rss()
     after_200 = _rss()
+    print(f"rss: {after_20 >> 20} MB after 20 requests, {after_200 >> 20} MB after 200")
     assert after_200 <= 1.10 * after_20, f"RSS grew from {after_20 >> 20} MB to {after_200 >> 20} MB"

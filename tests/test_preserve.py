@@ -65,15 +65,16 @@ def test_preservation_keeps_other_prompts_near_the_base_model(tiny_model_dirs, d
     assert with_preserve.losses[1:] != pytest.approx(without.losses[1:], abs=1e-7)
 
 
-def test_resume_with_preservation_equals_an_uninterrupted_run(tiny_model_dirs, data_dir, tmp_path):
+@pytest.mark.parametrize("kw", [{}, dict(trigger="sks", class_word="circle,star", preserve_swap=1)], ids=["", "swap"])
+def test_resume_with_preservation_equals_an_uninterrupted_run(tiny_model_dirs, data_dir, tmp_path, kw):
     model = tiny_model_dirs["sd15"]
-    whole = train(config(model, data_dir, tmp_path / "whole", steps=6))
+    whole = train(config(model, data_dir, **kw, out=tmp_path / "whole", steps=6))
     cancel = threading.Event()
     part = tmp_path / "part"
-    first = train(config(model, data_dir, part, steps=6), on_event=lambda ev: cancel.set() if ev.step == 3 else None,
-                  cancel=cancel)
+    first = train(config(model, data_dir, **kw, out=part, steps=6),
+                  on_event=lambda ev: cancel.set() if ev.step == 3 else None, cancel=cancel)
     assert first.steps == 3
-    resumed = train(config(model, data_dir, part, steps=6, resume="latest"))
+    resumed = train(config(model, data_dir, **kw, out=part, steps=6, resume="latest"))
     assert resumed.losses == pytest.approx(whole.losses, abs=1e-6)
     a, b = (load_file(str(d / "pytorch_lora_weights.safetensors")) for d in (part, tmp_path / "whole"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
@@ -101,3 +102,37 @@ def test_other_models_need_prompts_or_a_class_word(tiny_model_dirs, data_dir, tm
     assert preservation_prompts(cfg, embedded=False, captions=["sks, a red square"]) == ["circle, a red square"]
     world = preservation_prompts(config("embedded", data_dir, tmp_path, preserve_prompts=None), True, [])
     assert len(set(world)) > 100 and not any("sks" in p for p in world)
+
+
+def test_swap_rows_ask_the_instance_latents_under_another_word():
+    """--preserve-swap N: N more preservation rows per micro-batch, on the batch's first N noisy latents at their
+    own timesteps, asking each caption with the trigger (as a word, any case) swapped for one of the words."""
+    from sd_demo.train.data import trigger_pattern
+    from sd_demo.train.preserve import Preserver
+
+    asked = []
+
+    def text(prompts):
+        asked.extend(prompts)
+        return {"encoder_hidden_states": torch.zeros(len(prompts), 77, 8)}
+
+    p = Preserver(1.0, ["other"], 1, unet=None, adapters=[], swap=2, swap_words=("circle", "star"),
+                  trigger=trigger_pattern("sks"))
+    noisy, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900])
+    x, tt, cond = p.inputs(torch.Generator().manual_seed(0), noisy, t, {}, text,
+                           captions=["SKS, a red bar", "a sks on blue", "sks"])
+    assert torch.equal(x, noisy[[0, 0, 1]]) and tt.tolist() == [10, 10, 500]
+    assert asked[0] == "other" and cond["encoder_hidden_states"].shape[0] == 3
+    assert asked[1] in ("circle, a red bar", "star, a red bar") and asked[2] in ("a circle on blue", "a star on blue")
+
+
+def test_swap_rows_need_words_to_swap_in(tiny_model_dirs, data_dir, tmp_path):
+    from sd_demo.train.preserve import swap_words
+
+    assert swap_words(config("embedded", data_dir, tmp_path), embedded=True)[:2] == ("circle", "square")
+    assert swap_words(config(model := tiny_model_dirs["sd15"], data_dir, tmp_path, class_word="cat, dog"),
+                      embedded=False) == ("cat", "dog")
+    with pytest.raises(ValueError, match="preserve_swap: on this model give --class-word"):
+        swap_words(config(model, data_dir, tmp_path), embedded=False)
+    with pytest.raises(ValueError, match="preserve_swap: 3 must be between 0 and --batch"):
+        config(model, data_dir, tmp_path, preserve_swap=3).validate()

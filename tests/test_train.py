@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sd_demo.__main__ import main
+from sd_demo.train.checkpoint import list_checkpoints
 from sd_demo.train.config import TrainConfig
 from sd_demo.train.loop import train
 
@@ -87,24 +88,62 @@ def test_stop_and_resume_equals_uninterrupted(tiny_model_dirs, data_dir, tmp_pat
     assert max_diff(lora_tensors(tmp_path), lora_tensors(uninterrupted[0])) <= 1e-6
 
 
-def test_sigkill_mid_run_then_resume_latest(tiny_model_dirs, data_dir, tmp_path, uninterrupted):
-    argv = ["--method", "lora", "--model", str(tiny_model_dirs["sd15"]), "--data", str(data_dir), "--out",
-            str(tmp_path), "--steps", "6", "--resolution", "64", "--batch", "2", "--rank", "4", "--alpha", "8",
-            "--lr", "0.01", "--seed", "3", "--lr-schedule", "cosine", "--warmup-steps", "2", "--grad-accum", "2",
-            "--caption-dropout", "0.3", "--random-flip", "--snr-gamma", "5", "--noise-offset", "0.05",
-            "--checkpoint-every", "2"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sd_demo", "train", *argv], env=env,
+# A CLI run whose safetensors writes stall half-way through the file named by $KILL_IN (a path ending), after
+# touching $KILL_MARK: the test kills it there, inside the write, as a power cut or the OOM killer would.
+_STALLING_CLI = """
+import os, sys, time
+import safetensors.torch as st
+real = st.save_file
+def save_file(tensors, filename, metadata=None):
+    if str(filename).endswith(os.environ["KILL_IN"]):
+        data = st.save(tensors, metadata)
+        with open(filename, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+        open(os.environ["KILL_MARK"], "w").close()
+        time.sleep(600)
+    return real(tensors, filename, metadata)
+st.save_file = save_file
+from sd_demo.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _killed_inside_a_write(argv: list[str], ending: str, mark) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILL_IN": ending, "KILL_MARK": str(mark)}
+    proc = subprocess.Popen([sys.executable, "-c", _STALLING_CLI, "train", *argv], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 900  # generous: a loaded 2-core machine starts torch slowly
-    while not (tmp_path / "checkpoints" / "step-000002" / "state.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "training never wrote its first checkpoint"
+    deadline = time.time() + 900
+    while not mark.exists():
+        assert proc.poll() is None and time.time() < deadline, f"the run never wrote {ending}"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists(), "killed before the end"
+    mark.unlink()
+
+
+def test_sigkill_inside_a_checkpoint_write_and_inside_the_export(tiny_model_dirs, data_dir, tmp_path,
+                                                                 uninterrupted):
+    """Killed half-way through writing the step-4 checkpoint's weights, then (resumed) half-way through writing
+    the exported LoRA: neither half file is where a loader looks; --resume latest goes on from step 2, then from
+    step 6, and the result equals an uninterrupted run."""
+    out, mark = tmp_path / "out", tmp_path / "mark"
+    argv = ["--method", "lora", "--model", str(tiny_model_dirs["sd15"]), "--data", str(data_dir), "--out", str(out),
+            "--steps", "6", "--resolution", "64", "--batch", "2", "--rank", "4", "--alpha", "8", "--lr", "0.01",
+            "--seed", "3", "--lr-schedule", "cosine", "--warmup-steps", "2", "--grad-accum", "2",
+            "--caption-dropout", "0.3", "--random-flip", "--snr-gamma", "5", "--noise-offset", "0.05",
+            "--target-modules", "to_q,to_k,to_v,to_out.0", "--checkpoint-every", "2"]
+    _killed_inside_a_write(argv, "step-000004/weights.safetensors", mark)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000002"]
+
+    _killed_inside_a_write([*argv, "--resume", "latest"], "pytorch_lora_weights.safetensors", mark)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")][-1] == "step-000006"
+    assert not (out / "pytorch_lora_weights.safetensors").exists(), "a half-written LoRA where loaders look"
+    assert not list(out.glob("*.safetensors"))
+
     assert main(["train", *argv, "--resume", "latest"]) == 0
-    assert max_diff(lora_tensors(tmp_path), lora_tensors(uninterrupted[0])) <= 1e-6
+    assert max_diff(lora_tensors(out), lora_tensors(uninterrupted[0])) <= 1e-6
+    assert not list(out.glob(".export-tmp")) and not list((out / "checkpoints").glob(".tmp-*"))
 
 
 def test_sigterm_mid_run_leaves_no_extracted_zip_behind(tiny_model_dirs, data_dir, tmp_path):
@@ -293,7 +332,7 @@ def test_overwrite_sets_an_earlier_runs_checkpoints_aside(tiny_model_dirs, data_
     """A fresh run into a used folder: its own checkpoints are the ones kept and resumed, the earlier run's are moved
     aside intact (keep-last-K sorts by step, so old step-000004 would otherwise outlive new step-000002), and files
     the user put there stay."""
-    from sd_demo.train.checkpoint import list_checkpoints, load_resume
+    from sd_demo.train.checkpoint import load_resume
 
     train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=4, checkpoint_every=2))
     (tmp_path / "notes.txt").write_text("mine")

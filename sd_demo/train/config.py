@@ -98,6 +98,10 @@ class TrainConfig:
                                             "model's own world; else the captions, --trigger replaced by --class-word)")
     preserve_batch: int | None = _f(None, "--preserve: preservation prompts per micro-batch, on its first N noisy "
                                           "latents (0 = one per image)", type=int)
+    preserve_swap: int | None = _f(None, "--preserve: rows per micro-batch that ask the instance images' own noisy "
+                                         "latents for their caption with the trigger swapped for another word "
+                                         "(--class-word's, else the embedded model's shapes), kept at the base "
+                                         "model's answer: the concept's look stays off ordinary words", type=int)
 
     def validate(self) -> "TrainConfig":
         def bad(name, why):
@@ -167,6 +171,9 @@ class TrainConfig:
         if self.preserve_batch is not None and (self.preserve_batch < 0 or (self.batch is not None
                                                                           and self.preserve_batch > self.batch)):
             bad("preserve_batch", f"{self.preserve_batch} must be between 0 and --batch")
+        if self.preserve_swap is not None and (self.preserve_swap < 0 or (self.batch is not None
+                                                                        and self.preserve_swap > self.batch)):
+            bad("preserve_swap", f"{self.preserve_swap} must be between 0 and --batch")
         return self
 
     def _check_values(self, bad) -> None:

@@ -562,7 +562,7 @@ def _stream_loss(run: Run, g: torch.Generator, stream: Stream, preserver: preser
                                            for i, f in zip(idx, flips)], lat.dtype))
     b = noisy.shape[0]
     if preserver is not None:  # other prompts keep the base model's answers; their adapter pass joins this batch's
-        px, pt, pcond = preserver.inputs(g, noisy, t, cond, run.text, noise, noise_sched)
+        px, pt, pcond = preserver.inputs(g, noisy, t, cond, run.text, noise, noise_sched, captions)
         base = preserver.base(px, pt, pcond, acc)
         noisy, t, cond = torch.cat([noisy, px]), torch.cat([t, pt]), preserve.joined(cond, pcond)
     with acc.autocast():

@@ -1,6 +1,8 @@
 """What each training method makes trainable, and how its weights are saved, restored and exported."""
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,7 +39,7 @@ class MethodSpec:
     def card_skips(self) -> set[str]:
         """Hyper-parameters that mean nothing for this method (the card leaves them out)."""
         skip = set() if self.lora else {"rank", "alpha", "trigger_token", "target_modules", "preserve",
-                                        "preserve_batch"}
+                                        "preserve_batch", "preserve_swap"}
         skip |= set() if self.tokens else {"init_word", "num_vectors", "token_lr"}
         return skip | (set() if self.tag == "dreambooth" else {"num_class_images"})
 
@@ -55,12 +57,25 @@ class MethodSpec:
         return "\n".join(lines), f'python -m sd_demo generate --model {base_model} --lora {name} --prompt "{example}"'
 
     def export(self, t: "Trainable", pipe, out: Path, cfg: TrainConfig) -> list[Path]:
-        files = export_lora(t, pipe, out, cfg.alpha) if self.lora else []
-        if self.is_model:
-            files += export_full(pipe, out)
-        if self.tokens:  # diffusers and A1111 files of the trigger's embedding (beside a LoRA with --trigger-token)
-            files += export_textual_inversion(t, cfg.trigger, out)
-        return files
+        """The result's files in ``out``, each written whole or not at all: they are written into a staging folder
+        beside them and renamed into place, so a kill or a full disk mid-export never leaves a half-written weights
+        file where the Generate tab or another tool would load it."""
+        stage = out / ".export-tmp"
+        shutil.rmtree(stage, ignore_errors=True)  # a kill mid-export left it: only ever our own folder
+        stage.mkdir(parents=True)
+        try:
+            files = export_lora(t, pipe, stage, cfg.alpha, name=out.resolve().name) if self.lora else []
+            if self.is_model:
+                files += export_full(pipe, stage)
+            if self.tokens:  # diffusers and A1111 files of the trigger's embedding (beside a LoRA with --trigger-token)
+                files += export_textual_inversion(t, cfg.trigger, stage)
+            for f in sorted(p for p in stage.rglob("*") if p.is_file()):
+                dest = out / f.relative_to(stage)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dest)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return [out / f.relative_to(stage) for f in files]
 
 
 SPECS = {
@@ -254,8 +269,9 @@ def lora_state_dicts(t: Trainable) -> dict[str, dict[str, torch.Tensor]]:
     return {name: get_peft_model_state_dict(mod) for name, mod in t.modules.items() if hasattr(mod, "peft_config")}
 
 
-def export_lora(t: Trainable, pipe, out: Path, alpha: float) -> list[Path]:
-    """pytorch_lora_weights.safetensors (diffusers) and <out>.safetensors (kohya: A1111, ComfyUI)."""
+def export_lora(t: Trainable, pipe, out: Path, alpha: float, name: str | None = None) -> list[Path]:
+    """pytorch_lora_weights.safetensors (diffusers) and <name>.safetensors (kohya: A1111, ComfyUI; by default
+    named after ``out``)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
@@ -270,7 +286,7 @@ def export_lora(t: Trainable, pipe, out: Path, alpha: float) -> list[Path]:
     kohya = convert_state_dict_to_kohya(flat)
     # diffusers writes alpha = rank (a scale of 1); ours may differ, and A1111 scales by alpha / rank.
     kohya = {k: (torch.tensor(float(alpha)) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()}
-    kohya_path = out / f"{out.resolve().name}.safetensors"
+    kohya_path = out / f"{name or out.resolve().name}.safetensors"
     save_file(kohya, str(kohya_path), metadata={"ss_network_dim": str(t.modules["unet"].peft_config["default"].r),
                                                 "ss_network_alpha": str(alpha), "ss_network_module": "networks.lora"})
     return [out / LORA_FILE, kohya_path]

@@ -16,6 +16,7 @@ weights (the adapter is switched off for one no-grad pass) and no images.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Method, TrainConfig
+from .data import trigger_pattern
 
 AUTO_PROMPTS = 512  # the embedded model's automatic pool: every (shape, colour, background) triple about twice
 # The empty prompt joins every pool as a fifth of it: classifier-free guidance subtracts the model's answer to "",
@@ -93,6 +95,9 @@ class Preserver:
     scenes: list | None = None  # embedded model: the world scene behind each prompt, preserved on its own latents
     vae: torch.nn.Module | None = None
     resolution: int = 128
+    swap: int = 0  # rows per micro-batch on the instance latents, the trigger replaced by one of swap_words
+    swap_words: tuple[str, ...] = ()
+    trigger: re.Pattern | None = None
 
     def __post_init__(self):
         self._latents: dict[int, torch.Tensor] = {}
@@ -109,7 +114,8 @@ class Preserver:
         return self._latents[i]
 
     def inputs(self, g: torch.Generator, noisy: torch.Tensor, t: torch.Tensor, cond: dict, text,
-               noise: torch.Tensor | None = None, noise_sched=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+               noise: torch.Tensor | None = None, noise_sched=None, captions: list[str] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(noisy latents, timesteps, UNet conditioning) of the preservation prompts: the first ``per_batch`` of
         the batch's timesteps, each with a prompt drawn from ``g`` (after the batch's own draws: --resume stays
         exact), on the batch's noisy latents; on the embedded model on the prompt's own scene under the batch's
@@ -123,7 +129,13 @@ class Preserver:
             x0 = torch.stack([self._scene_latent(i) for i in picks]).to(noisy)
             if x0.shape == x.shape:  # same size as the batch (no aspect buckets)
                 x = noise_sched.add_noise(x0, noise[:n], tt)
-        return x, tt, _conditioning(text([self.prompts[i] for i in picks]), cond, n)
+        prompts = [self.prompts[i] for i in picks]
+        k = min(self.swap, noisy.shape[0]) if captions and self.trigger is not None else 0
+        if k:  # the instance images' own noisy latents under another word: the concept's look must not follow it
+            words = torch.randint(len(self.swap_words), (k,), generator=g).tolist()
+            prompts += [self.trigger.sub(self.swap_words[w], c) for w, c in zip(words, captions[:k])]
+            x, tt = torch.cat([x, noisy[:k]]), torch.cat([tt, t[:k]])
+        return x, tt, _conditioning(text(prompts), cond, list(range(n)) + list(range(k)))
 
     @torch.no_grad()
     def base(self, x: torch.Tensor, t: torch.Tensor, cond: dict, accelerator) -> torch.Tensor:
@@ -147,11 +159,12 @@ def joined(a: dict, b: dict) -> dict:
     return out
 
 
-def _conditioning(prompt_cond: dict, batch_cond: dict, n: int) -> dict:
-    """UNet kwargs for the preservation prompts; SDXL keeps the batch images' size / crop micro-conditioning."""
+def _conditioning(prompt_cond: dict, batch_cond: dict, rows: list[int]) -> dict:
+    """UNet kwargs for the preservation prompts; SDXL keeps the batch images' (``rows``) size / crop
+    micro-conditioning."""
     if "added_cond_kwargs" not in batch_cond:
         return prompt_cond
-    time_ids = batch_cond["added_cond_kwargs"]["time_ids"][:n]
+    time_ids = batch_cond["added_cond_kwargs"]["time_ids"][rows]
     return {"encoder_hidden_states": prompt_cond["encoder_hidden_states"],
             "added_cond_kwargs": {"text_embeds": prompt_cond["text_embeds"], "time_ids": time_ids}}
 
@@ -172,5 +185,19 @@ def build(cfg: TrainConfig, model, trainable, captions: list[str]) -> Preserver 
     prompts += [""] * empty
     if scenes is not None:  # the empty prompt on scenes too: the unconditional answer along ordinary paths
         scenes = scenes + scenes[:empty]
+    words = swap_words(cfg, embedded) if cfg.preserve_swap else ()
     return Preserver(cfg.preserve, prompts, cfg.preserve_batch, trainable.modules["unet"],
-                     list(trainable.modules.values()), scenes, model.pipe.vae, cfg.resolution)
+                     list(trainable.modules.values()), scenes, model.pipe.vae, cfg.resolution, cfg.preserve_swap or 0,
+                     words, trigger_pattern(cfg.trigger) if words and cfg.trigger else None)
+
+
+def swap_words(cfg: TrainConfig, embedded: bool) -> tuple[str, ...]:
+    """The words a --preserve-swap row puts in the trigger's place: --class-word's, else the embedded model's
+    shapes."""
+    if cfg.class_word:
+        return tuple(w.strip() for w in cfg.class_word.split(",") if w.strip())
+    if embedded:
+        from ..shapes.vocab import Shape
+
+        return tuple(s.value for s in Shape)
+    raise ValueError("preserve_swap: on this model give --class-word (the words put in the trigger's place)")
