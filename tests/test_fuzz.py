@@ -1,5 +1,6 @@
 """Fuzz (hypothesis) over every public entry (issue 17): generation params, the train config, infotext, prompt
-weighting, model and LoRA ids, dataset file names, and /generate and /png_info of the running app.
+weighting, model and LoRA ids, dataset file names, /generate and /png_info of the running app, the Training tab's
+uploads and caption table, and the CLI's argv.
 
 The property everywhere: a value a user must change is a ValueError whose one-line message starts with the field's
 name ("steps: ..."); nothing else escapes (no TypeError, IndexError, KeyError, UnicodeError, OverflowError: those
@@ -14,7 +15,7 @@ from dataclasses import fields
 
 import pytest
 from gradio_client import Client, handle_file
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -364,3 +365,149 @@ def test_png_info_endpoint_reads_any_upload(client, tmp_path_factory, data):
 def test_app_still_serves_after_the_fuzz(client):
     gallery, *_ = client.predict(**SMALL, api_name="/generate")
     assert len(gallery) == 1
+
+
+# ---------------------------------------------------------------------------------------------- the Training tab's data
+
+def _zip_bytes(entries: list[tuple[str, bytes]]) -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+_ENTRY = st.text(st.sampled_from("ab./\\_-~:."), min_size=1, max_size=10)
+_UPLOAD = st.one_of(st.binary(max_size=64), st.just(b"PNG"), st.lists(st.tuples(_ENTRY, st.sampled_from(
+    [b"", b"x", b"a caption"])), max_size=4).map(_zip_bytes), st.lists(st.tuples(
+        _ENTRY.map(lambda s: s + ".png"), st.just(b"PNG")), min_size=1, max_size=3).map(_zip_bytes))
+
+
+@pytest.mark.filterwarnings("ignore:.*(skipped|upscaled).*:UserWarning")
+@fuzz(40)
+@given(st.lists(st.tuples(_STEM, st.sampled_from([b".png", b".zip", b".txt", b".jpg", b""]), _UPLOAD), min_size=1,
+                max_size=4))
+def test_training_uploads_any_files(tmp_path_factory, uploads):
+    """The Training tab's upload (engine.stage_training_data): files of any name and bytes, zips of any entries.
+    Everything staged stays inside the new folder; what is refused or skipped is said in one line; the images
+    found are the ones that are images."""
+    from sd_demo.train.staging import stage
+
+    src, dest = tmp_path_factory.mktemp("up"), tmp_path_factory.mktemp("staged") / "data"
+    paths = []
+    for i, (stem, suffix, data) in enumerate(uploads):
+        folder = os.path.join(os.fsencode(src), str(i).encode())
+        os.mkdir(folder)
+        path = os.path.join(folder, stem + suffix)
+        if os.path.basename(path) in (b".", b".."):
+            continue
+        with open(path, "wb") as f:
+            f.write(_png_bytes() if data == b"PNG" else data)
+        paths.append(os.fsdecode(path))
+    staged = field_error(lambda: stage(paths, dest, public=True), ["data", "uploads on this public app are limited"])
+    if staged is None:
+        return
+    inside = os.path.realpath(dest)
+    assert all(os.path.realpath(os.path.join(root, n)).startswith(inside + os.sep)
+               for root, dirs, files in os.walk(dest) for n in dirs + files)
+    assert all(Image.open(p).size == (8, 8) for p in staged.images)
+    assert "\n" not in staged.summary()
+
+
+_FILE = st.one_of(st.sampled_from(["a.png", "b.png", "../a.png", "/a.png", "a.txt"]), ANY)
+
+
+@fuzz(60)
+@given(st.lists(st.one_of(st.tuples(_FILE, ANY).map(list), st.lists(ANY, max_size=3)), max_size=4))
+def test_caption_table_any_rows(tmp_path_factory, table):
+    """The caption table as the browser may send it (any JSON in any row): captions are written for the folder's
+    own images only, read back as sent (whitespace collapsed), and nothing else escapes a one-line message."""
+    from sd_demo.train.staging import inventory, write_captions
+    from sd_demo.ui.train import _rows
+
+    folder = tmp_path_factory.mktemp("captions")
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(_png_bytes())
+    before = {p.name for p in folder.iterdir()}
+    rows = field_error(lambda: _rows(table), ["captions"])
+    staged = rows is not None and field_error(lambda: write_captions(folder, rows), ["captions"])
+    if not staged:
+        assert {p.name for p in folder.iterdir()} <= before | {"a.txt", "b.txt"}
+        return
+    sent = {r: " ".join((c or "").split()) for r, c in rows if r in ("a.png", "b.png")}
+    assert {p.name for p in folder.iterdir()} == before | {f"{r[0]}.txt" for r in sent}
+    assert {r: c for r, c in inventory(folder).rows if r in sent} == sent
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+class _Reached(Exception):
+    """The command got past every check to the slow part (a model load, training)."""
+
+
+def _flag_values(command: str):
+    """Lists of argv pieces for the command's flags: a switch alone, else the flag and a value (one of its choices,
+    a number as text, or any text)."""
+    from sd_demo.__main__ import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    text = st.one_of(_TRICKY, st.text(max_size=8), st.text(st.characters(categories=["Cs"]), min_size=1, max_size=2),
+                     st.integers(min_value=-2**70, max_value=2**70).map(str), st.floats().map(str))
+    pieces = []
+    for a in sub._actions:
+        flag = next((f for f in a.option_strings if f.startswith("--")), None)
+        if flag is None or flag == "--help":
+            continue
+        if a.nargs == 0:
+            pieces.append(st.just([flag]))
+        else:
+            values = st.one_of(st.sampled_from([str(c) for c in a.choices]), text) if a.choices else \
+                st.one_of(st.integers(-2, 4096).map(str), st.floats(-1, 1e4).map(str), text) if a.type in (int, float) \
+                else text
+            pieces.append(values.map(lambda v, f=flag: [f, v]))
+    return st.lists(st.one_of(pieces), max_size=5).map(lambda ps: [x for p in ps for x in p])
+
+
+@fuzz(100)
+@given(st.sampled_from(["generate", "train"]), st.data())
+def test_cli_any_argv(tmp_path_factory, monkeypatch_module, command, data):
+    """`python -m sd_demo generate|train` with any flags and values (lone surrogates are what a shell hands over
+    for bytes that are not UTF-8): argparse's usage error, or one line "error: ..." and exit status 2, or the
+    command reaches its slow part; never a traceback."""
+    import contextlib
+
+    from sd_demo.__main__ import main
+
+    out = tmp_path_factory.mktemp("cli")
+    argv = [command, "--out", str(out / ("x.png" if command == "generate" else "run"))]
+    argv += ["--data", str(out)] if command == "train" else ["--prompt", "x"]
+    argv += data.draw(_flag_values(command))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse: a usage line and the error
+            assert exc.code == 2 and "usage:" in err.getvalue()
+            return event("argparse")
+        except _Reached:
+            return event("reached")
+    event("error line")
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """The CLI stops where a model would load or training would start (the fuzz checks only what comes before)."""
+    from sd_demo.engine import Engine
+    from sd_demo.train import loop
+
+    def reached(*args, **kwargs):
+        raise _Reached
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Engine, "load", reached)
+        mp.setattr(loop, "train", reached)
+        yield mp

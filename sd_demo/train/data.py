@@ -441,7 +441,14 @@ def list_images(root: Path, max_pixels: int = DataConfig.max_pixels) -> tuple[di
     files = _list_files(root)
     meta = _read_metadata(root) if (root / METADATA_FILE).is_file() else {}
     images, sidecars, skipped = _classify(root, files, max_pixels)
-    captions = {p: _own_caption(p, sidecars, meta)[:MAX_CAPTION] for p in images}
+    captions = {}
+    for p in images:  # an unreadable caption file leaves its image uncaptioned (the table can fill it), not refused
+        try:
+            captions[p] = _own_caption(p, sidecars, meta)[:MAX_CAPTION]
+        except ValueError:  # (_read_caption's only refusal)
+            captions[p] = ""
+            skipped.append((sidecars[p.with_suffix("")].relative_to(root).as_posix(),
+                            "not UTF-8 text: its image is left uncaptioned, type the caption in the table"))
     return captions, skipped + _orphans(root, meta, files, sidecars)
 
 

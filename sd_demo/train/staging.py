@@ -86,11 +86,24 @@ def inventory(folder: Path, skipped: list[tuple[str, str]] | None = None) -> Sta
     return Staged(folder, rows, list(skipped or []) + more)
 
 
+def _caption(rel: str, cap) -> str:
+    """A table cell as a one-line caption (None or empty: none)."""
+    if cap is None:
+        return ""
+    if not isinstance(cap, str):
+        raise ValueError(f"captions: the caption of '{rel}' must be text, not {type(cap).__name__}")
+    try:
+        cap.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON carries it, no file can hold it
+        raise ValueError(f"captions: the caption of '{rel}' has a character that is not text; retype it") from None
+    return " ".join(cap.split())
+
+
 def write_captions(folder: Path, rows: list[tuple[str, str]]) -> Staged:
     """Write each row's caption beside its image (``name.txt``); rows naming no image of the folder are ignored.
     A metadata.jsonl takes precedence over sidecars when training reads the folder, so its rows are updated too."""
     known = {rel for rel, _ in inventory(folder).rows}
-    edits = {rel: " ".join(str(cap or "").split()) for rel, cap in rows if rel in known}
+    edits = {rel: _caption(rel, cap) for rel, cap in rows if rel in known}
     for rel, cap in edits.items():
         (folder / rel).with_suffix(".txt").write_text(cap + "\n", encoding="utf-8")
     meta = folder / METADATA_FILE

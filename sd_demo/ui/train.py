@@ -63,12 +63,16 @@ def _form_values(names: list[str], values: list) -> dict:
     return out
 
 
-def _rows(table) -> list[tuple[str, str]]:
-    """The caption table's rows as (file, caption), whatever form gradio hands it in (a DataFrame or lists)."""
+def _rows(table) -> list[tuple[str, object]]:
+    """The caption table's rows as (file, caption), whatever form gradio hands it in (a DataFrame, whose empty cells
+    are NaN, or lists); rows without a file name are dropped, the captions are checked by write_captions."""
     if table is None:
         return []
     data = table.values.tolist() if hasattr(table, "values") else table
-    return [(str(r[0]), "" if r[1] is None else str(r[1])) for r in data if r and r[0]]
+    if not isinstance(data, list):
+        raise ValueError("captions: the caption table must be rows of (file, caption)")
+    rows = [r for r in data if isinstance(r, (list, tuple)) and r and isinstance(r[0], str) and r[0]]
+    return [(r[0], r[1] if len(r) > 1 and r[1] == r[1] else None) for r in rows]  # (NaN != NaN)
 
 
 def _job_outputs(engine: Engine, job_id: str) -> tuple:
