@@ -14,6 +14,7 @@ from sd_demo.__main__ import add_runtime_flags
 from sd_demo.engine import IMAGES, Engine, EngineSettings
 from sd_demo.ui import generate as generate_tab
 from sd_demo.ui import info as info_tab
+from sd_demo.ui import models as models_tab
 from sd_demo.ui import train as train_tab
 
 log = logging.getLogger("sd_demo")
@@ -101,6 +102,8 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
             with gr.Tab("Train", id="train"):
                 train_tab.build(engine, gen, tabs, "generate", demo, train_data, public=public,
                                 allowed=args.allow_training)
+            with gr.Tab("Models", id="models"):
+                models_tab.build(engine, gen, public=public)
             with gr.Tab("PNG Info", id="info"):
                 info_tab.build(gen, tabs, "generate")
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)

@@ -142,6 +142,49 @@ class Engine:
         m = self.load(spec) if spec else self.cache.current
         return ModelDefaults(m.describe(), m.default_size, m.default_guidance, m.default_sampler, m.max_clip_skip)
 
+    # ------------------------------------------------------------------ the Hub and the cache (the Models tab)
+    def search_hub(self, text: str, kind: str = "model", sort: str = "downloads") -> list[hub.Found]:
+        """Hub pipelines, or LoRAs made for the loaded model (when it is a Hub model; else LoRAs of any base)."""
+        m = self.cache.current
+        return hub.search(text, kind, m.ref.hub_id if m and kind == "lora" else None, sort)
+
+    def download(self, spec: str, kind: str = "model", public: bool = False,
+                 on_progress: Callable[[int, int, float | None], None] | None = None) -> str:
+        """Fetch a Hub model (only the files one pipeline needs) or a LoRA / embedding repo into the HF cache;
+        returns what to use: the model's id, or the adapter's local .safetensors file for the LoRA list.
+        ``on_progress(done, total, bytes_per_s)`` follows the bytes."""
+        from .models import parse_model_ref
+
+        if public:  # a visitor's choice of repo would fill this machine's disk
+            raise ValueError("download: not offered on this public app; the owner downloads with --model or the "
+                             "Models tab of a private app (--auth, or no --share)")
+        ref = parse_model_ref(spec)
+        if ref.source != "hub":
+            raise ValueError(f"download: '{spec}' is not a Hub repo id; use 'org/name' or 'org/name@revision'")
+        bar = hub.progress_bar(on_progress) if on_progress else None
+        if kind == "model":
+            hub.fetch_model(ref.name, ref.revision, want_fp16=self._device() != "cpu",
+                            allow_pickle=self.settings.allow_pickle, tqdm_class=bar)
+            return ref.label
+        files = sorted(hub.fetch_adapter(ref.name, ref.revision, tqdm_class=bar).rglob("*.safetensors"))
+        named = [f for f in files if f.name == "pytorch_lora_weights.safetensors"]
+        return str((named or sorted(files, key=lambda f: -f.stat().st_size))[0])  # several: diffusers' name, else the largest
+
+    def cached_models(self) -> list[hub.CachedRepo]:
+        """The shipped embedded model and every repo of the HF cache."""
+        shipped = []
+        if (EMBEDDED_DIR / "model_index.json").exists():
+            size = sum(f.stat().st_size for f in EMBEDDED_DIR.rglob("*") if f.is_file())
+            shipped = [hub.CachedRepo("embedded", "pipeline (shipped)", size, EMBEDDED_DIR.stat().st_mtime)]
+        return shipped + hub.cached_repos()
+
+    def delete_cached(self, repo_id: str, public: bool = False) -> int:
+        if public:
+            raise ValueError("delete: not offered on this public app")
+        if repo_id == "embedded":
+            raise ValueError("delete: the embedded model is part of the app, not of the cache")
+        return hub.delete_cached(repo_id)
+
     # ------------------------------------------------------------------ training (jobs live in self.jobs)
     def stage_training_data(self, paths: list[str], public: bool = False):
         """Uploaded files -> a fresh dataset folder under outputs/train-data (kept: resuming a job needs it)."""

@@ -241,3 +241,121 @@ def push_folder(repo_id: str, folder: Path, files: list[Path], *, private: bool 
         raise ValueError(f"push: could not upload to '{repo_id}': {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     return str(url)
+
+
+# ---------------------------------------------------------------------------------------------- the Models tab
+
+KINDS = ("model", "lora")  # what a search looks for: diffusers text-to-image pipelines, or LoRAs for a base
+SORTS = ("downloads", "likes", "trending_score", "last_modified")
+
+
+@dataclass
+class Found:
+    repo_id: str
+    downloads: int
+    likes: int
+    gated: bool
+
+
+def search(text: str = "", kind: str = "model", base: str | None = None, sort: str = "downloads",
+           limit: int = 30) -> list[Found]:
+    """Hub repos for the Models tab: text-to-image diffusers pipelines, or LoRAs whose base model is ``base`` (the
+    loaded model's Hub id; any base when None). Offline: a ValueError saying so."""
+    if kind not in KINDS or sort not in SORTS:
+        raise ValueError(f"search: kind must be one of {', '.join(KINDS)} and sort one of {', '.join(SORTS)}")
+    if is_offline():
+        raise ValueError("search: the Hub is offline (HF_HUB_OFFLINE is set); the cached models are listed below")
+    tags = ["diffusers", "text-to-image"] if kind == "model" else ["lora"]
+    if kind == "lora" and base:
+        tags.append(f"base_model:adapter:{base}")
+    try:
+        found = HfApi(endpoint=hf_constants.ENDPOINT).list_models(search=(text or "").strip() or None, filter=tags,
+                                                                   sort=sort, limit=limit)
+        return [Found(m.id, m.downloads or 0, m.likes or 0, bool(m.gated)) for m in found]
+    except Exception as exc:
+        raise ValueError(f"search: the Hub did not answer ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); try again") from exc
+
+
+def progress_bar(on_progress):
+    """A tqdm class for snapshot_download that also reports (bytes done, bytes in all, bytes per second) of the
+    download to ``on_progress`` (the page's progress bar); on the terminal it draws as usual. huggingface_hub makes
+    several bars (bytes written, bytes transferred, files): the byte bars are summed over every file, and the one
+    furthest along is reported."""
+    from tqdm.auto import tqdm
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            out = super().update(n)
+            if self.unit == "B" and self.total:
+                on_progress(int(self.n), int(self.total), self.format_dict.get("rate"))
+            return out
+
+    return Bar
+
+
+@dataclass
+class CachedRepo:
+    repo_id: str
+    kind: str  # "pipeline", "LoRA", "embedding" or "other"
+    size: int  # bytes on disk, every revision together
+    last_used: float  # seconds since the epoch
+
+
+def _kind(snapshot: Path) -> str:
+    from .embeddings import is_embedding_file
+
+    if (snapshot / "model_index.json").exists():
+        return "pipeline"
+    weights = sorted(snapshot.rglob("*.safetensors"))
+    if not weights:
+        return "other"
+    try:
+        return "embedding" if all(is_embedding_file(w) for w in weights) else "LoRA"
+    except Exception:  # a damaged or unreadable file: still listed (and deletable)
+        return "other"
+
+
+def cached_repos() -> list[CachedRepo]:
+    """Every model repo in the local Hugging Face cache: what it is, its size, when it was last used."""
+    try:
+        info = scan_cache_dir(cache_dir())
+    except Exception:  # no cache folder yet
+        return []
+    out = []
+    for repo in info.repos:
+        if repo.repo_type != "model":
+            continue
+        newest = max(repo.revisions, key=lambda r: r.last_modified, default=None)
+        kind = _kind(Path(newest.snapshot_path)) if newest else "other"
+        out.append(CachedRepo(repo.repo_id, kind, repo.size_on_disk, repo.last_accessed))
+    return sorted(out, key=lambda r: -r.last_used)
+
+
+def delete_cached(repo_id: str) -> int:
+    """Delete every cached revision of a model repo; the bytes freed. Only repos of the cache are touched."""
+    info = scan_cache_dir(cache_dir())
+    repo = next((r for r in info.repos if r.repo_type == "model" and r.repo_id == repo_id), None)
+    if repo is None:
+        raise ValueError(f"delete: '{repo_id}' is not in the local Hugging Face cache")
+    strategy = info.delete_revisions(*(r.commit_hash for r in repo.revisions))
+    strategy.execute()
+    return strategy.expected_freed_size
+
+
+def fetch_adapter(repo_id: str, revision: str | None = None, tqdm_class=None) -> Path:
+    """A LoRA or embedding repo's safetensors files and card (never pickles); the local snapshot folder."""
+    if not REPO_ID.match(repo_id or ""):
+        raise ValueError(f"download: '{repo_id}' is not a Hub repo id; use 'org/name'")
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=["*.safetensors", "README.md"],
+                                   local_files_only=is_offline(), cache_dir=cache_dir(), tqdm_class=tqdm_class)
+    except Exception as exc:
+        raise hub_error(repo_id, revision, exc) from exc
+    if not any(Path(folder).rglob("*.safetensors")):
+        raise ValueError(f"download: '{repo_id}' has no .safetensors file (pickle weights are never fetched)")
+    return Path(folder)

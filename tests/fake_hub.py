@@ -3,7 +3,7 @@ downloads from it, so downloads, revisions and failures are tried without networ
 
 It serves model repos from local folders (each file under one commit per revision) with what the client asks for:
 ``/api/models/{repo}[/revision/{rev}]`` (info with the file list), ``/api/models/{repo}/tree/{rev}`` (listing) and
-``/{repo}/resolve/{rev}/{path}`` (HEAD and GET, with ``Range``). Faults on request: ``cut_after`` drops the
+``/{repo}/resolve/{rev}/{path}`` (HEAD and GET, with ``Range``), and ``/api/models?search=&filter=`` (search). Faults on request: ``cut_after`` drops the
 connection after that many bytes of a file (``cuts`` times per file, only files whose path ends with ``cut_only``;
 a GET that starts past the cut gets nothing), and ``gated`` repos answer 401/403 as the Hub does.
 Every request is recorded in ``requests`` (method, path, Range header).
@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 def _sha(text: str) -> str:
@@ -28,6 +28,9 @@ class Repo:
     folder: Path
     revisions: dict[str, str] = field(default_factory=dict)  # name -> commit sha
     gated: bool = False
+    tags: tuple[str, ...] = ("diffusers", "text-to-image")  # what /api/models?filter= matches
+    downloads: int = 0
+    likes: int = 0
 
     def files(self) -> list[str]:
         return sorted(p.relative_to(self.folder).as_posix() for p in self.folder.rglob("*") if p.is_file())
@@ -52,8 +55,10 @@ class FakeHub:
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def add(self, repo_id: str, folder: Path, *, gated: bool = False, revisions: tuple[str, ...] = ("main",)) -> Repo:
-        repo = Repo(Path(folder), {r: _sha(f"{repo_id}@{r}") for r in revisions}, gated)
+    def add(self, repo_id: str, folder: Path, *, gated: bool = False, revisions: tuple[str, ...] = ("main",),
+            **listing) -> Repo:
+        """Serve ``folder`` as ``repo_id``; ``listing``: tags, downloads, likes (what a search sees)."""
+        repo = Repo(Path(folder), {r: _sha(f"{repo_id}@{r}") for r in revisions}, gated, **listing)
         self.repos[repo_id] = repo
         return repo
 
@@ -115,11 +120,25 @@ def _handler(hub: FakeHub):
             path = unquote(urlsplit(self.path).path)
             hub.requests.append((self.command, path, self.headers.get("Range")))
             parts = path.strip("/").split("/")
+            if parts == ["api", "models"]:
+                return self._search(parse_qs(urlsplit(self.path).query))
             if parts[:2] == ["api", "models"]:
                 return self._api(parts[2:])
             if len(parts) >= 5 and parts[2] == "resolve":
                 return self._file("/".join(parts[:2]), parts[3], "/".join(parts[4:]))
             self._error(404, "EntryNotFound", f"no route {path}")
+
+        def _search(self, query: dict[str, list[str]]) -> None:
+            """``/api/models?search=&filter=&sort=&limit=``: the repos whose id holds the text and that carry
+            every filter tag, most first by the sort key."""
+            text = (query.get("search") or [""])[0].lower()
+            wanted = set(query.get("filter", []))
+            found = [(rid, r) for rid, r in hub.repos.items() if text in rid.lower() and wanted <= set(r.tags)]
+            key = (query.get("sort") or ["downloads"])[0]
+            found.sort(key=lambda item: -getattr(item[1], key, 0))
+            limit = int((query.get("limit") or [1000])[0])
+            self._json([{"id": rid, "modelId": rid, "downloads": r.downloads, "likes": r.likes, "tags": list(r.tags),
+                         "private": False, "gated": r.gated} for rid, r in found[:limit]])
 
         def _api(self, parts: list[str]) -> None:
             repo_id, rest = "/".join(parts[:2]), parts[2:]

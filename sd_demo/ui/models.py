@@ -1,0 +1,122 @@
+"""The Models tab: search the Hub, download a model or a LoRA with a progress bar, list and clean the local cache."""
+from __future__ import annotations
+
+import datetime as _dt
+
+import gradio as gr
+
+from .. import hub
+from ..engine import Engine
+from .generate import GenerateTab, add_lora
+
+KIND_CHOICES = [("Text-to-image models", "model"), ("LoRAs and embeddings", "lora")]
+SORT_CHOICES = [("Most downloads", "downloads"), ("Most likes", "likes"), ("Trending", "trending_score"),
+                ("Recently updated", "last_modified")]
+RESULT_HEADERS = ["Repo", "Downloads", "Likes", "Gated"]
+CACHE_HEADERS = ["Repo", "Kind", "Size", "Last used"]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def _when(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else ""
+
+
+def search_rows(engine: Engine, text: str, kind: str, sort: str) -> tuple[list[list], str]:
+    """(result rows, note) of a Hub search; offline or unreachable: no rows and the reason."""
+    try:
+        found = engine.search_hub(text, kind, sort)
+    except ValueError as exc:
+        return [], str(exc)
+    note = f"{len(found)} repo(s)" + ("; click one to download it" if found else "")
+    return [[f.repo_id, f.downloads, f.likes, "yes" if f.gated else ""] for f in found], note
+
+
+def cache_rows(engine: Engine) -> list[list]:
+    return [[r.repo_id, r.kind, _size(r.size), _when(r.last_used)] for r in engine.cached_models()]
+
+
+def progress_line(done: int, total: int, rate: float | None) -> str:
+    speed = f" · {rate / 2**20:.1f} MB/s" if rate else ""
+    return f"{_size(done)} of {_size(total)} ({100 * done / total:.0f} %){speed}"
+
+
+def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
+    offline = hub.is_offline()
+    notes = []
+    if offline:
+        notes.append("The Hub is offline (HF_HUB_OFFLINE): search and downloads are off; the cached models are "
+                     "listed below.")
+    if public:
+        notes.append("This app is public: downloads and deleting are off (the owner runs it privately for them).")
+    gr.Markdown(" ".join(notes) or "Search the Hub, download a model or a LoRA, and use it in the Generate tab.")
+    with gr.Group(visible=not offline):
+        with gr.Row():
+            query = gr.Textbox(label="Search the Hub", placeholder="e.g. stable-diffusion, sdxl, anime", scale=3,
+                               elem_id="hub-query")
+            kind = gr.Dropdown(KIND_CHOICES, value="model", label="Look for", scale=2)
+            sort = gr.Dropdown(SORT_CHOICES, value="downloads", label="Sort", scale=1)
+            search_btn = gr.Button("Search", scale=1)
+        results = gr.Dataframe(headers=RESULT_HEADERS, value=[], interactive=False, elem_id="hub-results")
+        search_note = gr.Markdown("")
+    with gr.Group(visible=not (offline or public)):
+        with gr.Row():
+            repo = gr.Textbox(label="Repo id (org/name, or org/name@revision)", scale=3, elem_id="download-repo")
+            dl_kind = gr.Dropdown(KIND_CHOICES, value="model", label="It is", scale=2)
+            dl_btn = gr.Button("Download", variant="primary", scale=1, elem_id="download-button")
+        dl_note = gr.Markdown("", elem_id="download-note")
+    gr.Markdown("### On this machine")
+    cache = gr.Dataframe(headers=CACHE_HEADERS, value=lambda: cache_rows(engine), interactive=False,
+                         elem_id="cache-table")
+    with gr.Row():
+        refresh_btn = gr.Button("Refresh", scale=1)
+        victim = gr.Textbox(label="Repo to delete from the cache", scale=3, visible=not public, elem_id="delete-repo")
+        delete_btn = gr.Button("Delete", variant="stop", scale=1, visible=not public, elem_id="delete-button")
+    cache_note = gr.Markdown("")
+
+    search_btn.click(lambda t, k, s: search_rows(engine, t, k, s), [query, kind, sort], [results, search_note],
+                     api_visibility="private")
+    query.submit(lambda t, k, s: search_rows(engine, t, k, s), [query, kind, sort], [results, search_note],
+                 api_visibility="private")
+
+    def pick(kind_now: str, evt: gr.SelectData):
+        row = evt.row_value or []
+        return (row[0] if row else gr.skip()), kind_now
+
+    results.select(pick, [kind], [repo, dl_kind], api_visibility="private")
+
+    def download(spec: str, what: str, loras: str, progress=gr.Progress()):
+        def on_progress(done, total, rate):
+            progress(done / total, desc=progress_line(done, total, rate))
+
+        try:
+            use = engine.download(spec, what, public, on_progress)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        rows = cache_rows(engine)
+        choices = gr.update(choices=engine.model_choices(public))
+        if what == "model":
+            return f"Downloaded {use}: pick it in the Generate tab's model list.", choices, gr.skip(), rows
+        return (f"Downloaded {spec.strip()}: added to the Generate tab's LoRA list.", choices,
+                add_lora(loras, use)[0], rows)
+
+    dl_btn.click(download, [repo, dl_kind, gen.loras], [dl_note, gen.model, gen.loras, cache],
+                 api_visibility="private")
+    refresh_btn.click(lambda: cache_rows(engine), None, cache, api_visibility="private")
+
+    def delete(repo_id: str):
+        try:
+            freed = engine.delete_cached((repo_id or "").strip(), public)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return f"Deleted {repo_id.strip()}: {_size(freed)} freed.", cache_rows(engine), \
+            gr.update(choices=engine.model_choices(public))
+
+    delete_btn.click(delete, victim, [cache_note, cache, gen.model], api_visibility="private")
+
+    def pick_cached(evt: gr.SelectData):
+        return (evt.row_value or [""])[0]
+
+    cache.select(pick_cached, None, victim, api_visibility="private")

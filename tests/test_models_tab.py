@@ -1,0 +1,110 @@
+"""The Models tab's backend (issue 18) against a local Hub (tests/fake_hub.py) through the real huggingface_hub
+client: search, a download with progress that is then run, a LoRA from a repo id used in a generation, the cache
+listed and cleaned, and what a public app refuses."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sd_demo import hub
+from sd_demo.engine import Engine, EngineSettings
+from sd_demo.generate import GenerationParams
+from sd_demo.ui import models as models_tab
+
+TINY = dict(prompt="a red circle", steps=2, width=64, height=64, seed=3)
+
+
+def _lora(model_dir, out) -> None:
+    """A LoRA for the tiny model whose weights are not zero (peft's default B = 0 would change nothing)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+
+
+@pytest.fixture
+def hub_repos(fake_hub, tiny_model_dirs, tmp_path):
+    source = tiny_model_dirs["sd15"]
+    fake_hub.add("acme/tiny-sd", source, downloads=10, likes=50)
+    fake_hub.add("acme/popular-sd", source, downloads=1000, likes=5)
+    _lora(source, tmp_path / "lora")
+    fake_hub.add("me/red-lora", tmp_path / "lora", tags=("lora", "base_model:adapter:acme/tiny-sd"), downloads=3)
+    fake_hub.add("me/other-lora", tmp_path / "lora", tags=("lora", "base_model:adapter:someone/else"), downloads=9)
+    return fake_hub
+
+
+@pytest.fixture
+def engine(tmp_path):
+    return Engine(EngineSettings(model="embedded", outputs=str(tmp_path / "out")))
+
+
+def _pixels(engine, **kw) -> np.ndarray:
+    result, _ = engine.generate(GenerationParams(**TINY), model="acme/tiny-sd", save=False, **kw)
+    return np.asarray(result.images[0], dtype=np.float32)
+
+
+def test_search_sorts_and_finds_loras_for_the_loaded_model(hub_repos, engine):
+    rows, note = models_tab.search_rows(engine, "sd", "model", "downloads")
+    assert [r[0] for r in rows] == ["acme/popular-sd", "acme/tiny-sd"] and note.startswith("2 repo(s)")
+    assert [r[0] for r in models_tab.search_rows(engine, "", "model", "likes")[0]] == ["acme/tiny-sd",
+                                                                                        "acme/popular-sd"]
+    engine.download("acme/tiny-sd")
+    engine.load("acme/tiny-sd")
+    assert [r[0] for r in models_tab.search_rows(engine, "", "lora", "downloads")[0]] == ["me/red-lora"]
+
+
+def test_a_download_shows_its_progress_then_runs_and_can_be_deleted(hub_repos, engine):
+    events = []
+    used = engine.download("acme/tiny-sd", "model", on_progress=lambda done, total, rate: events.append((done, total)))
+    assert used == "acme/tiny-sd" and events
+    done, total = zip(*events)
+    assert list(done) == sorted(done) and done[-1] == total[-1] > 100_000  # bytes, up to all of them
+    print(models_tab.progress_line(*events[-1], 2**20))
+    assert "acme/tiny-sd" in engine.model_choices()
+    listed = {r[0]: r for r in models_tab.cache_rows(engine)}
+    assert listed["acme/tiny-sd"][1] == "pipeline" and listed["embedded"][1] == "pipeline (shipped)"
+    assert _pixels(engine).std() > 1  # it runs: an image, not a blank
+
+    freed = engine.delete_cached("acme/tiny-sd")
+    assert freed > 100_000 and "acme/tiny-sd" not in {r[0] for r in models_tab.cache_rows(engine)}
+    assert "acme/tiny-sd" not in hub.cached_pipelines()  # (the loaded copy stays usable until another loads)
+
+
+def test_a_lora_from_a_repo_id_changes_the_image(hub_repos, engine):
+    engine.download("acme/tiny-sd")
+    source = engine.download("me/red-lora", "lora")
+    assert source.endswith("pytorch_lora_weights.safetensors")
+    assert {r[0]: r[1] for r in models_tab.cache_rows(engine)}["me/red-lora"] == "LoRA"
+    plain, with_lora = _pixels(engine), _pixels(engine, loras=[(source, 1.0)])
+    assert np.abs(plain - with_lora).mean() > 1
+
+
+def test_a_public_app_neither_downloads_nor_deletes(hub_repos, engine):
+    with pytest.raises(ValueError, match="download: not offered on this public app"):
+        engine.download("acme/tiny-sd", public=True)
+    with pytest.raises(ValueError, match="delete: not offered on this public app"):
+        engine.delete_cached("acme/tiny-sd", public=True)
+    assert not hub_repos.downloads("model_index.json")
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("./folder", "not a Hub repo id"),
+    ("embedded", "is not a Hub repo id"),
+    ("acme/missing", "no such repo on the Hub"),
+    ("acme/tiny-sd@v9", "has no revision 'v9'"),
+])
+def test_bad_downloads_are_one_line(hub_repos, engine, spec, needle):
+    with pytest.raises(ValueError, match=needle) as err:
+        engine.download(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_offline_search_says_so(engine, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows, note = models_tab.search_rows(engine, "sd", "model", "downloads")
+    assert rows == [] and "offline" in note
+    assert models_tab.cache_rows(engine)[0][0] == "embedded"
