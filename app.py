@@ -14,6 +14,7 @@ from sd_demo.__main__ import add_runtime_flags
 from sd_demo.engine import IMAGES, Engine, EngineSettings
 from sd_demo.ui import generate as generate_tab
 from sd_demo.ui import info as info_tab
+from sd_demo.ui import mcp as mcp_tools
 from sd_demo.ui import models as models_tab
 from sd_demo.ui import train as train_tab
 
@@ -39,6 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="folder for PNGs and training runs")
     p.add_argument("--allow-training", action="store_true", default=os.environ.get("SD_DEMO_ALLOW_TRAINING") == "1",
                    help="let visitors of a public app (share link without --auth, Space) train; uploads are capped")
+    p.add_argument("--mcp", action="store_true", default=os.environ.get("SD_DEMO_MCP") == "1",
+                   help="also serve the app as an MCP server (tools text_to_image, generate, png_info) at "
+                        "/gradio_api/mcp/")
     return p.parse_args(argv)
 
 
@@ -106,6 +110,8 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
                 models_tab.build(engine, gen, public=public)
             with gr.Tab("PNG Info", id="info"):
                 info_tab.build(gen, tabs, "generate")
+        if args.mcp:
+            mcp_tools.add_tools(engine, public)
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)
     demo.engine = engine  # for tests and scripts that drive the app in-process
     return demo
@@ -120,7 +126,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, **kw):
     # (staged uploads, training runs and their configs stay unreachable by URL).
     return demo.launch(server_name=bind_host(args), server_port=args.port, share=args.share,
                        auth=parse_auth(args.auth), allowed_paths=[os.path.abspath(os.path.join(args.outputs, IMAGES))],
-                       max_file_size=MAX_UPLOAD[is_public(args)], **kw)
+                       max_file_size=MAX_UPLOAD[is_public(args)], mcp_server=args.mcp, **kw)
 
 
 # Spaces and `gradio app.py` import this module and look for `demo`; flags only apply when run as a script.

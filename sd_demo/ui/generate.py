@@ -69,7 +69,24 @@ def make_generate_fn(engine: Engine, public: bool):
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
-        """Text to image. Yields live previews; the final yield holds the PNGs (with A1111 infotext)."""
+        """Text to image, as the Generate tab runs it: yields live previews; the final answer holds the PNGs (each
+        with its A1111 parameters) in a gallery, a preview, a status line and the parameters as text.
+
+        Args:
+            prompt: What the images show.
+            negative_prompt: What they should not show.
+            sampler: An A1111 sampler name ("Euler a", "DPM++ 2M", ...); empty for the model's recommended one.
+            schedule: The noise schedule ("Automatic", "Karras", "Exponential", ...).
+            steps: Denoising steps, 1 to 150.
+            guidance_scale: Classifier-free guidance scale; empty for the model's recommended one.
+            width: Width in pixels (multiple of 8, 64 to 2048); empty for the model's own size.
+            height: Height in pixels (multiple of 8, 64 to 2048); empty for the model's own size.
+            seed: Random seed; -1 for a random one. Image i of a batch uses seed + i.
+            batch_size: Images to make, 1 to 8.
+            clip_skip: Text-encoder layers to skip from the end (A1111's CLIP skip); 1 for none.
+            model: A model from the app's list; empty for the loaded one.
+            loras: LoRAs to apply, "path_or_repo[:scale], ..."; empty for none.
+        """
         try:
             model = engine.chosen_model(model, public)
             lora_list = parse_loras(loras)

@@ -33,7 +33,16 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str) -> None:
             text = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="png-info-text")
             send = gr.Button("Send to Generate", variant="primary")
             note = gr.Markdown("")
-    image.change(lambda p: read_parameters(p)[0], image, text, api_name="png_info")
+    def png_info(path: str | None) -> str:
+        """Read the generation parameters (prompt, negative prompt, steps, sampler, CFG scale, seed, size, model)
+        that A1111, ComfyUI or this app stored in an image.
+
+        Args:
+            path: The image (PNG, JPEG or WebP).
+        """
+        return read_parameters(path)[0]
+
+    image.change(png_info, image, text, api_name="png_info")
     image.change(lambda p: p, image, preview, api_visibility="private")  # the browser draws it; we never decode
 
     def send_to_generate(path: str | None):
