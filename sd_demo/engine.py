@@ -130,6 +130,16 @@ class Engine:
             raise ValueError(f"model: '{name}' is not offered on this public app; pick one from the list")
         return offered[name]
 
+    def family(self, spec: str | None = None) -> str:
+        """'embedded', 'sd1', 'sd2' or 'sdxl' of a model, from its config files (nothing is loaded); the loaded
+        model's for None; 'sdxl' (the largest) when it cannot be told yet."""
+        from .models import peek
+
+        m = self.cache.current
+        if spec is None and m is not None:
+            return "embedded" if m.ref.source == "embedded" else m.family
+        return (peek(spec or self.settings.model) or ("sdxl",))[0]
+
     def model_status(self) -> str:
         m = self.cache.current
         return m.describe() if m else "no model loaded"

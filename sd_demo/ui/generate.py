@@ -1,11 +1,13 @@
 """The Generate tab. Only widgets and wiring: every decision is made by sd_demo.engine / sd_demo.generate."""
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 
 import gradio as gr
 
+from .. import zerogpu
 from ..engine import Engine
 from ..generate import MAX_BATCH, MAX_CLIP_SKIP, MAX_SIDE, MAX_STEPS, GenerationParams
 from ..infotext import format_infotext
@@ -121,7 +123,21 @@ def make_generate_fn(engine: Engine, public: bool):
         except Exception as exc:
             raise user_error(exc) from None
 
-    return generate
+    signature = inspect.signature(generate)
+
+    def gpu_seconds(*args, **kwargs) -> int:
+        """The ZeroGPU time this request asks for (sd_demo.zerogpu); a request it cannot read fails fast anyway."""
+        try:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            v = bound.arguments
+            family = engine.family(engine.chosen_model(v["model"], public))
+            return zerogpu.generation_seconds(family, int(v["steps"]), int(v["width"] or 0), int(v["height"] or 0),
+                                              int(v["batch_size"]))
+        except (TypeError, ValueError, OverflowError):
+            return zerogpu.MIN_S
+
+    return zerogpu.on_gpu(generate, gpu_seconds)
 
 
 def add_lora(current: str, source: str | None, scale: float = 1.0):

@@ -1,0 +1,38 @@
+"""ZeroGPU (Hugging Face Spaces' shared GPUs): a handler runs under ``spaces.GPU`` with a duration computed from its
+request, so a visitor with little quota left is not refused for a flat 60 s that a small image never needs.
+
+Outside a ZeroGPU Space (``SPACES_ZERO_GPU`` unset), or without the ``spaces`` package, nothing changes: the handler
+is returned as it is. Inside one, the handler runs in a worker process that holds the GPU for the call.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+# Seconds per denoising step of one image at the family's native size, fp16, on the H200 slice ZeroGPU lends. An
+# assumption with headroom (about 1.5x diffusers' usual A100 throughput: SD 1.x ~20 it/s at 512 px, SD 2.x ~12 it/s at
+# 768 px, SDXL ~7 it/s at 1024 px), not measured on a ZeroGPU slice: benchmarks/gpu.py times the same requests on a
+# lent GPU and is where these should be checked.
+STEP_SECONDS = {"embedded": 0.02, "sd1": 0.075, "sd2": 0.125, "sdxl": 0.22}
+NATIVE = {"embedded": 128, "sd1": 512, "sd2": 768, "sdxl": 1024}
+OVERHEAD_S = 10  # the worker's start, moving the model to the GPU, text encoding, VAE decode
+MIN_S, MAX_S = 15, 300  # ZeroGPU's own floor and its longest slot for a signed-in visitor's call
+
+
+def generation_seconds(family: str, steps: int, width: int | None, height: int | None, batch: int) -> int:
+    """The GPU time one generation request asks for: steps x images x pixels relative to the family's native
+    size (attention grows faster than the pixel count; the headroom in STEP_SECONDS covers 2x the native side)."""
+    native = NATIVE.get(family, 512)
+    area = ((width or native) * (height or native)) / native**2
+    work = STEP_SECONDS.get(family, STEP_SECONDS["sdxl"]) * max(1, steps) * max(1, batch) * max(area, 0.25)
+    return int(min(MAX_S, max(MIN_S, math.ceil(OVERHEAD_S + work))))
+
+
+def on_gpu(fn: Callable, duration: Callable[..., int]) -> Callable:
+    """``fn`` under ``spaces.GPU(duration=duration)`` when the ``spaces`` package is here (it returns ``fn`` itself
+    outside ZeroGPU); else ``fn``. ``duration`` takes ``fn``'s arguments."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(fn, duration=duration)
