@@ -226,7 +226,7 @@ def check_push(repo_id: str) -> None:
         raise ValueError("push: no Hugging Face token; log in (`hf auth login`) or set HF_TOKEN")
 
 
-def push_folder(repo_id: str, folder: Path, files: list[Path], *, private: bool = False) -> str:
+def push_folder(repo_id: str, folder: Path, files: list[Path], *, private: bool = True) -> str:
     """Create (or reuse) a model repo and upload ``files`` (paths under ``folder``, uploaded at their place in it):
     only what a run wrote, never other files a user keeps in the same folder. The token comes from HF_TOKEN / the
     login; huggingface_hub reads it itself, and we never pass it around or log it."""

@@ -6,12 +6,18 @@ It serves model repos from local folders (each file under one commit per revisio
 ``/{repo}/resolve/{rev}/{path}`` (HEAD and GET, with ``Range``), and ``/api/models?search=&filter=`` (search). Faults on request: ``cut_after`` drops the
 connection after that many bytes of a file (``cuts`` times per file, only files whose path ends with ``cut_only``;
 a GET that starts past the cut gets nothing), and ``gated`` repos answer 401/403 as the Hub does.
+Pushes: ``POST /api/repos/create`` (a token is required, as on the Hub), ``/api/models/{repo}/preupload/{rev}``
+(every file goes as a regular blob, inline in the commit) and ``/api/models/{repo}/commit/{rev}`` (the NDJSON
+commit): the pushed files land in a new folder, served like any other repo; ``created`` keeps each new repo's
+visibility and ``tokens`` every bearer token the server was sent.
 Every request is recorded in ``requests`` (method, path, Range header).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +57,9 @@ class FakeHub:
         self.cuts = 0  # how many GETs of each file are cut (0: none)
         self.cut_only = ""  # only files whose path ends with this
         self.cut_count: dict[str, int] = {}
+        self.created: dict[str, str] = {}  # pushed repo id -> its visibility ("private" / "public")
+        self.tokens: set[str] = set()
+        self._push_root = Path(tempfile.mkdtemp(prefix="fake_hub_"))
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -115,6 +124,44 @@ def _handler(hub: FakeHub):
 
         def do_HEAD(self):
             self.do_GET()
+
+        def do_POST(self):
+            path = unquote(urlsplit(self.path).path)
+            hub.requests.append((self.command, path, None))
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            auth = self.headers.get("Authorization", "")
+            if auth.startswith("Bearer "):
+                hub.tokens.add(auth[7:])
+            else:
+                return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+            parts = path.strip("/").split("/")
+            if parts == ["api", "validate-yaml"]:  # the client checks a README's front matter before a commit
+                return self._json({"errors": [], "warnings": []})
+            if parts == ["api", "repos", "create"]:
+                req = json.loads(body)
+                repo_id = f"{req.get('organization') or 'me'}/{req['name']}"
+                if repo_id not in hub.repos:
+                    folder = hub._push_root / repo_id.replace("/", "--")
+                    folder.mkdir(parents=True)
+                    hub.add(repo_id, folder)
+                    hub.created[repo_id] = req.get("visibility") or ("private" if req.get("private") else "public")
+                return self._json({"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": _sha(repo_id)})
+            if parts[:2] == ["api", "models"] and len(parts) >= 5 and parts[4] in ("preupload", "commit"):
+                repo = hub.repos.get("/".join(parts[2:4]))
+                if repo is None:
+                    return self._error(404, "RepoNotFound", "Repository not found")
+                if parts[4] == "preupload":
+                    return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                 for f in json.loads(body)["files"]]})
+                for line in body.splitlines():
+                    item = json.loads(line)
+                    if item.get("key") == "file":
+                        dest = repo.folder / item["value"]["path"]
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        dest.write_bytes(base64.b64decode(item["value"]["content"]))
+                oid = _sha(f"{parts[2:4]}{len(repo.files())}")
+                return self._json({"commitUrl": f"{hub.url}/{'/'.join(parts[2:4])}/commit/{oid}", "commitOid": oid})
+            self._error(404, "EntryNotFound", f"no route {path}")
 
         def do_GET(self):
             path = unquote(urlsplit(self.path).path)

@@ -699,33 +699,36 @@ def test_dreambooth_needs_a_trigger_and_prior_needs_a_class_prompt(tiny_model_di
                      num_class_images=2))
 
 
-def test_push_to_hub_uploads_only_what_the_run_wrote(tiny_model_dirs, data_dir, tmp_path, monkeypatch):
-    """Not the checkpoints, not a file the user keeps in --out; the card names the base model without a path of
-    this machine."""
-    from sd_demo import hub
+def test_push_to_hub_uploads_only_what_the_run_wrote_and_never_the_token(tiny_model_dirs, data_dir, tmp_path,
+                                                                         fake_hub, monkeypatch, caplog, capfd):
+    """Through the real huggingface_hub client to a local Hub: a private repo with exactly the run's result files
+    (not the checkpoints, not a file the user keeps in --out) and its card, which names the base without a path
+    of this machine. The token (a marker in HF_TOKEN) reaches the Hub as a header, and nothing else: no file the
+    run or the CLI wrote, no log line, no output."""
+    import logging
 
-    calls = []
-
-    class FakeApi:
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create", repo_id, kw))
-            return f"https://hub.example/{repo_id}"
-
-        def create_commit(self, repo_id, operations, **kw):
-            calls.append(("commit", repo_id, sorted(op.path_in_repo for op in operations)))
-
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
-    monkeypatch.setattr(hub, "is_offline", lambda: False)
-    monkeypatch.setattr(hub, "get_token", lambda: "hf_test")
-    (tmp_path / "my-notes.txt").write_text("private")
-    train(config(tiny_model_dirs["sd15"], data_dir, tmp_path, steps=1, checkpoint_every=1, overwrite=True,
+    marker = "hf_MARKERdoNotLeak0123456789"
+    monkeypatch.setenv("HF_TOKEN", marker)
+    caplog.set_level(logging.DEBUG)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "my-notes.txt").write_text("private")
+    train(config(tiny_model_dirs["sd15"], data_dir, out, steps=1, checkpoint_every=1, overwrite=True,
                  push_to_hub="me/red-square-lora"))
-    (create, commit) = calls
-    assert create[1] == "me/red-square-lora" and create[2]["exist_ok"]
-    assert commit[2] == sorted(["README.md", "pytorch_lora_weights.safetensors", f"{tmp_path.name}.safetensors"])
-    card = (tmp_path / "README.md").read_text()
+    assert main(["generate", "--model", str(tiny_model_dirs["sd15"]), "--prompt", "x", "--steps", "1", "--width",
+                 "64", "--height", "64", "--lora", str(out), "--out", str(tmp_path / "img.png")]) == 0
+    assert fake_hub.created == {"me/red-square-lora": "private"} and fake_hub.tokens == {marker}
+    pushed = fake_hub.repos["me/red-square-lora"].folder
+    names = sorted(p.relative_to(pushed).as_posix() for p in pushed.rglob("*") if p.is_file())
+    assert names == sorted(["README.md", "pytorch_lora_weights.safetensors", "out.safetensors"])
+    assert all((pushed / n).read_bytes() == (out / n).read_bytes() for n in names)
+    card = (pushed / "README.md").read_text()
     assert str(tiny_model_dirs["sd15"]) not in card and "base_model:" not in card  # a local folder: no Hub link
     assert f"`{tiny_model_dirs['sd15'].name}`" in card
+    printed = capfd.readouterr()
+    assert marker not in printed.out + printed.err + caplog.text
+    leaks = [p for p in tmp_path.rglob("*") if p.is_file() and marker.encode() in p.read_bytes()]
+    assert not leaks, leaks
 
 
 @pytest.mark.parametrize("why,env,token", [("offline", {"HF_HUB_OFFLINE": "1"}, "hf_x"),

@@ -90,7 +90,8 @@ class TrainConfig:
     prior_loss_weight: float = _f(1.0, "DreamBooth: weight of the prior-preservation loss")
     dreambooth_full: bool = _f(False, "DreamBooth: fine-tune the whole UNet instead of a LoRA")
     overwrite: bool = _f(False, "write into a non-empty --out (never deletes files we did not write)")
-    push_to_hub: str | None = _f(None, "Hub repo id to push the result to")
+    push_to_hub: str | None = _f(None, "Hub repo id to push the result to (created private)")
+    public: bool = _f(False, "--push-to-hub: create the repo public instead of private")
     preserve: float | None = _f(None, "LoRA output preservation: weight of a loss keeping the adapter's answers to "
                                       "other prompts equal to the base model's, so only the trigger changes (0 = off)",
                                 type=float)

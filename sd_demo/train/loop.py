@@ -518,7 +518,7 @@ def _finish(run: Run) -> list[Path]:
     if cfg.push_to_hub:  # what this run wrote: not its checkpoints or class images, nor a user's files in --out
         from ..hub import push_folder
 
-        push_folder(cfg.push_to_hub, out, files + samples)
+        push_folder(cfg.push_to_hub, out, files + samples, private=not cfg.public)
     return files
 
 

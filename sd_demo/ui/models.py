@@ -1,6 +1,7 @@
 """The Models tab: search the Hub, download a model or a LoRA with a progress bar, list and clean the local cache."""
 from __future__ import annotations
 
+import contextvars
 import datetime as _dt
 
 import gradio as gr
@@ -17,7 +18,7 @@ CACHE_HEADERS = ["Repo", "Kind", "Size", "Last used"]
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} kB"
 
 
 def _when(ts: float) -> str:
@@ -40,7 +41,7 @@ def cache_rows(engine: Engine) -> list[list]:
 
 def progress_line(done: int, total: int, rate: float | None) -> str:
     speed = f" · {rate / 2**20:.1f} MB/s" if rate else ""
-    return f"{_size(done)} of {_size(total)} ({100 * done / total:.0f} %){speed}"
+    return f"{_size(done)} of {_size(total)}{speed}"  # (gradio adds the percentage)
 
 
 def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
@@ -88,8 +89,12 @@ def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
     results.select(pick, [kind], [repo, dl_kind], api_visibility="private")
 
     def download(spec: str, what: str, loras: str, progress=gr.Progress()):
+        # huggingface_hub reports from its download threads, where gradio's per-event context (which event the
+        # progress belongs to) is unset and progress() would do nothing: each report runs in a copy of this one's.
+        event = contextvars.copy_context()
+
         def on_progress(done, total, rate):
-            progress(done / total, desc=progress_line(done, total, rate))
+            event.copy().run(progress, done / total, desc=progress_line(done, total, rate))
 
         try:
             use = engine.download(spec, what, public, on_progress)

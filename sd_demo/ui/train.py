@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 AUTO = "Auto (for the model, device and method)"
 # Fields shown above the Advanced accordion, or owned by the job (paths on the server are not for the browser).
 _MAIN = ("method", "model", "preset", "trigger", "instance_prompt")
-_HIDDEN = ("data", "out", "resume", "overwrite", "push_to_hub", "class_data", "preserve_prompts")
+_HIDDEN = ("data", "out", "resume", "overwrite", "push_to_hub", "public", "class_data", "preserve_prompts")
 _TRI = {"preset": None, "on": True, "off": False}  # a yes/no option whose default comes from the preset
 POLL_S = 2.0
 DISABLED = ("Training is off on this public app. The owner turns it on with `python app.py --allow-training` "
