@@ -39,14 +39,15 @@ class EngineSettings:
 
 @dataclass
 class ModelDefaults:
-    """What the UI sets its controls to when a model loads: its native size, card CFG scale and sampler, and the
-    deepest clip skip its text encoder has layers for."""
+    """What the UI sets its controls to when a model loads: its native size, card CFG scale and sampler, the
+    deepest clip skip its text encoder has layers for, and the example prompts its card lists."""
 
     status: str
     size: int
     guidance: float
     sampler: str
     max_clip_skip: int
+    examples: tuple[str, ...] = ()
 
 
 @dataclass
@@ -150,7 +151,8 @@ class Engine:
         if spec is None and self.cache.current is None:
             raise ValueError("no model loaded")
         m = self.load(spec) if spec else self.cache.current
-        return ModelDefaults(m.describe(), m.default_size, m.default_guidance, m.default_sampler, m.max_clip_skip)
+        return ModelDefaults(m.describe(), m.default_size, m.default_guidance, m.default_sampler, m.max_clip_skip,
+                             m.examples)
 
     # ------------------------------------------------------------------ the Hub and the cache (the Models tab)
     def search_hub(self, text: str, kind: str = "model", sort: str = "downloads") -> list[hub.Found]:

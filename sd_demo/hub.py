@@ -106,6 +106,14 @@ def card_license(folder: Path) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+def card_examples(folder: Path, limit: int = 8) -> list[str]:
+    """Example prompts a model's card lists, in the Hub's widget convention (front matter ``widget: [{text: ...}]``):
+    what the Generate tab offers a new visitor to click."""
+    widget = card_metadata(folder).get("widget")
+    texts = [w.get("text") for w in widget if isinstance(w, dict)] if isinstance(widget, list) else []
+    return [" ".join(t.split())[:300] for t in texts if isinstance(t, str) and t.strip()][:limit]
+
+
 def recommended_sampler(folder: Path) -> str | None:
     """The sampler (A1111 name) a model's card recommends: front matter ``sd_demo: {sampler: "Euler a"}``, since
     the Hub's widget settings have no sampler field. None when absent or not a sampler this app has."""

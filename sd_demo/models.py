@@ -215,6 +215,7 @@ class LoadedModel:
     default_size: int  # native resolution in px
     default_guidance: float = DEFAULT_GUIDANCE  # CFG scale when a request names none (the model card's)
     default_sampler: str = DEFAULT_SAMPLER  # sampler when a request names none (the model card's)
+    examples: tuple[str, ...] = ()  # example prompts from the model card (its widget)
     base_scheduler_config: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per pipeline
     preview_map: Any = None  # (W, b) latent -> RGB, fitted lazily by preview.py
@@ -525,6 +526,7 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
         default_size=plan.size,
         default_guidance=DEFAULT_GUIDANCE if guidance is None else guidance,  # 0 is real (distilled models)
         default_sampler=sampler or DEFAULT_SAMPLER,
+        examples=tuple(hub.card_examples(plan.folder)),
         base_scheduler_config=dict(pipe.scheduler.config),
     )
 

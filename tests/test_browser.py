@@ -64,3 +64,33 @@ def test_png_info_sends_parameters_back(page, app_server, tmp_path):
     assert page.get_by_label("Seed (-1 = random)").input_value() == "123"
     assert page.get_by_label("number input for CFG scale").input_value() == "4.5"
     assert page.get_by_label("Sampling method").input_value() == "Euler a"
+
+
+def test_a_first_visitor_clicks_an_example_and_gets_it(tmp_path):
+    """On the embedded model the page offers its card's example prompts: one click fills the prompt, Generate
+    draws what it asks (the project's evaluator)."""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    from sd_demo.shapes.evaluate import evaluate
+    from tests.conftest import running_app
+
+    with running_app(["--model", "embedded", "--outputs", str(tmp_path)]) as (url, _), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(url)
+        first = page.locator("#examples button").first
+        example = first.inner_text().strip()
+        first.click()
+        prompt = page.get_by_label("Prompt", exact=True)
+        page.wait_for_function("t => document.querySelector('textarea').value === t", arg=example)
+        assert prompt.input_value() == example
+        page.get_by_label("Seed (-1 = random)").fill("11")  # (the evaluator's verdict must not depend on chance)
+        page.locator("#generate-btn").click()
+        page.wait_for_function("() => document.querySelector('#infotext textarea').value.includes('Seed:')",
+                               timeout=60_000)
+        page.screenshot(path=str(tmp_path / "example.png"))
+        browser.close()
+    image = Image.open(next((tmp_path / "txt2img-images").rglob("*.png")))
+    assert read_png(image.filename).prompt == example
+    assert evaluate(example, image).ok, evaluate(example, image).summary()

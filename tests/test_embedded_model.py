@@ -121,3 +121,20 @@ def test_app_starts_offline_on_the_embedded_model(monkeypatch, tmp_path):
     from sd_demo.shapes import evaluate
 
     assert evaluate("a red circle on a blue background", result.images[0]).matches["background"]
+
+
+def test_the_card_examples_are_drawn_as_asked():
+    """The Generate tab offers the card's example prompts to a new visitor (Hub widget): each one is drawn right, at
+    the card's defaults, by the project's evaluator (two seeds each; every attribute the prompt names)."""
+    from sd_demo.engine import Engine, EngineSettings
+    from sd_demo.generate import GenerationParams
+    from sd_demo.shapes.evaluate import evaluate
+
+    engine = Engine(EngineSettings(model="embedded"))
+    examples = engine.defaults("embedded").examples
+    assert len(examples) >= 4
+    wrong = []
+    for prompt in examples:
+        result, _ = engine.generate(GenerationParams(prompt=prompt, seed=11, batch_size=2), save=False)
+        wrong += [f"{prompt}: {r.summary()}" for r in (evaluate(prompt, im) for im in result.images) if not r.ok]
+    assert len(wrong) <= 1, wrong

@@ -169,7 +169,8 @@ def _load_model_fn(engine: Engine, public: bool):
         # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M);
         # the clip-skip slider ends at its text encoder's depth
         clip = gr.update(maximum=d.max_clip_skip, value=min(int(clip_skip or 1), d.max_clip_skip))
-        return d.status, d.size, d.size, d.guidance, d.sampler, clip
+        examples = gr.Dataset(samples=[[e] for e in d.examples], visible=bool(d.examples))
+        return d.status, d.size, d.size, d.guidance, d.sampler, clip, examples
 
     return load
 
@@ -178,9 +179,11 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     """Lay out the tab and wire its events; call inside a gr.Blocks context."""
     try:
         d = engine.defaults()
-        size, guidance, default_sampler, max_clip_skip = d.size, d.guidance, d.sampler, d.max_clip_skip
+        size, guidance, default_sampler, max_clip_skip, examples = (d.size, d.guidance, d.sampler, d.max_clip_skip,
+                                                                    d.examples)
     except ValueError:  # the start-up model failed to load (the notice says so): A1111's defaults
-        size, guidance, default_sampler, max_clip_skip = 512, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, MAX_CLIP_SKIP
+        size, guidance, default_sampler, max_clip_skip, examples = (512, DEFAULT_GUIDANCE, DEFAULT_SAMPLER,
+                                                                    MAX_CLIP_SKIP, ())
     with gr.Row():
         model = gr.Dropdown(engine.model_choices(public), value=engine.startup_choice(public), label="Model",
                             allow_custom_value=not public, scale=4,
@@ -190,6 +193,9 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     with gr.Row():
         with gr.Column(scale=5):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background")
+            # the model card's example prompts (Hub widget): a first image that the model understands, in one click
+            example_list = gr.Dataset(components=[prompt], samples=[[e] for e in examples], label="Examples",
+                                      visible=bool(examples), elem_id="examples")
             negative = gr.Textbox("", label="Negative prompt", lines=2)
             with gr.Row():
                 sampler = gr.Dropdown(sampler_choices(), value=default_sampler, label="Sampling method",
@@ -240,8 +246,9 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     stop_btn.click(stop, None, None, queue=False, api_visibility="private")
     for trigger in (load_btn.click, model.select):  # the Load button, or picking a model from the list
         trigger(_load_model_fn(engine, public), [model, clip_skip],
-                [model_status, width, height, cfg, sampler, clip_skip],
+                [model_status, width, height, cfg, sampler, clip_skip, example_list],
                 api_visibility="private", concurrency_id="device", concurrency_limit=1)
+    example_list.click(lambda sample: sample[0], example_list, prompt, api_visibility="private")
     random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")
     trained.focus(lambda: gr.update(choices=engine.trained_results()), None, trained, api_visibility="private")
     trained.select(add_lora, [lora, trained], [lora, trained], api_visibility="private")
