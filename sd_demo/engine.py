@@ -268,6 +268,22 @@ class Engine:
 
         return ("model" if method_spec(TrainConfig(**view.config)).is_model else "lora"), str(view.folder)
 
+    def push_result(self, job_id: str, repo_id: str, public: bool = False,
+                    visitor: tuple[str, str] | None = None) -> str:
+        """A finished run to a private Hub repo; its URL. A private app pushes with the owner's token (HF_TOKEN or
+        the login); a public one (a Space with training on) only with the visitor's own Hugging Face login
+        (``visitor``: user name, token) and only into the visitor's account."""
+        repo_id = (repo_id or "").strip()
+        if not public:
+            return self.jobs.push(job_id, repo_id)
+        if visitor is None:
+            raise ValueError("push: sign in with Hugging Face (the button above) to push to your own account")
+        user, token = visitor
+        repo_id = repo_id if "/" in repo_id else f"{user}/{repo_id}"
+        if repo_id.split("/")[0] != user:
+            raise ValueError(f"push: on this public app you push to your own account: '{user}/NAME'")
+        return self.jobs.push(job_id, repo_id, token=token)
+
     def training_note(self) -> str:
         """Empty, or how a running training job affects generation on this device."""
         job = self.jobs.running()

@@ -223,23 +223,24 @@ def cached_pipelines() -> list[str]:
     return sorted(out)
 
 
-def check_push(repo_id: str) -> None:
+def check_push(repo_id: str, token: str | None = None) -> None:
     """Refuse a push that cannot succeed before anything is trained: offline, no token, a malformed repo id.
     (Whether the token may write there only the upload can tell.)"""
     if not REPO_ID.match(repo_id or ""):
         raise ValueError(f"push: '{repo_id}' is not a Hub repo id; use 'your-name/model-name'")
     if is_offline():
         raise ValueError("push: the Hub is offline (HF_HUB_OFFLINE is set); push later with network")
-    if not get_token():
+    if not (token or get_token()):
         raise ValueError("push: no Hugging Face token; log in (`hf auth login`) or set HF_TOKEN")
 
 
-def push_folder(repo_id: str, folder: Path, files: list[Path], *, private: bool = True) -> str:
+def push_folder(repo_id: str, folder: Path, files: list[Path], *, private: bool = True,
+                token: str | None = None) -> str:
     """Create (or reuse) a model repo and upload ``files`` (paths under ``folder``, uploaded at their place in it):
-    only what a run wrote, never other files a user keeps in the same folder. The token comes from HF_TOKEN / the
-    login; huggingface_hub reads it itself, and we never pass it around or log it."""
-    check_push(repo_id)
-    api = HfApi()
+    only what a run wrote, never other files a user keeps in the same folder. The token: ``token`` (a Space
+    visitor's own login), else HF_TOKEN / the login, which huggingface_hub reads itself; never logged or stored."""
+    check_push(repo_id, token)
+    api = HfApi(token=token)
     ops = [CommitOperationAdd(path_in_repo=Path(f).relative_to(folder).as_posix(), path_or_fileobj=str(f))
            for f in files]
     try:

@@ -273,3 +273,25 @@ def test_a_client_killed_mid_run_frees_the_slot(app_server, app_url, monkeypatch
     assert results[0].interrupted_at is not None and results[0].interrupted_at < 150
     gallery, *_ = Client(app_url, verbose=False).predict(prompt="next visitor", steps=2, seed=1, api_name="/generate")
     assert len(gallery) == 1
+
+
+@pytest.mark.parametrize("space", [True, False])
+def test_a_public_app_pushes_only_on_a_space_with_the_visitors_login(tmp_path, monkeypatch, space):
+    """A Space (hf_oauth in the README) with training on shows "Sign in with Hugging Face" beside Push; a share
+    link without --auth shows neither (its visitors have no login to push with)."""
+    import app
+
+    import gradio.oauth
+
+    if space:  # what a Space with hf_oauth: true sets (gradio.oauth read its part at import)
+        oauth = dict(OAUTH_CLIENT_ID="id", OAUTH_CLIENT_SECRET="secret", OAUTH_SCOPES="openid profile write-repos",
+                     OPENID_PROVIDER_URL="http://127.0.0.1:9")
+        for k, v in dict(SYSTEM="spaces", SPACE_ID="me/sd", **oauth).items():
+            monkeypatch.setenv(k, v)
+        for k, v in oauth.items():
+            monkeypatch.setattr(gradio.oauth, k, v)
+    argv = ["--outputs", str(tmp_path), "--allow-training"] + ([] if space else ["--share"])
+    components = app.build_demo(app.parse_args(argv)).get_config_file()["components"]
+    shown = {str(c["props"].get("value")) for c in components if c["props"].get("visible", True) is not False}
+    assert ("Push to Hub (private)" in shown) == space
+    assert any("Sign in with Hugging Face" in v for v in shown) == space

@@ -192,3 +192,26 @@ def test_generation_waits_for_a_training_job_on_a_gpu_and_shares_a_cpu(tmp_path,
     assert "shares the CPU cores" in engine.training_note()
     updates = list(engine.run(GenerationParams(prompt="x", steps=1), poll=0))
     assert len(updates) == 1 and updates[0].result == "the result"
+
+
+def test_a_space_visitor_pushes_only_with_their_own_login_into_their_own_account(tiny_model_dirs, images, tmp_path,
+                                                                                fake_hub, monkeypatch):
+    """On a public app (a Space with training on) a push needs the visitor's Hugging Face login and goes into
+    their account with their token, never the owner's; a private app pushes with the owner's."""
+    from sd_demo.engine import Engine, EngineSettings
+
+    monkeypatch.setenv("HF_TOKEN", "hf_owner")
+    engine = Engine(EngineSettings(model=str(tiny_model_dirs["sd15"]), outputs=str(tmp_path)))
+    job = engine.jobs.start(_cfg(tiny_model_dirs["sd15"], images, steps=1, validation_every=0))
+    assert _wait(engine.jobs, job, {jobs.FINISHED, jobs.FAILED}) == jobs.FINISHED
+    with pytest.raises(ValueError, match="sign in with Hugging Face"):
+        engine.push_result(job, "my-lora", public=True)
+    with pytest.raises(ValueError, match="you push to your own account: 'alice/NAME'"):
+        engine.push_result(job, "bob/my-lora", public=True, visitor=("alice", "hf_alice"))
+    assert not fake_hub.tokens  # refused before any request
+    assert engine.push_result(job, "my-lora", public=True, visitor=("alice", "hf_alice")).endswith("/alice/my-lora")
+    assert fake_hub.tokens == {"hf_alice"} and fake_hub.created == {"alice/my-lora": "private"}
+    engine.push_result(job, "owner/run", public=False)
+    assert fake_hub.tokens == {"hf_alice", "hf_owner"}
+    pushed = sorted(p.name for p in fake_hub.repos["alice/my-lora"].folder.rglob("*") if p.is_file())
+    assert "pytorch_lora_weights.safetensors" in pushed and "README.md" in pushed

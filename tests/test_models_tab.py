@@ -91,6 +91,20 @@ def test_a_public_app_neither_downloads_nor_deletes(hub_repos, engine):
     assert not hub_repos.downloads("model_index.json")
 
 
+def test_a_pinned_revision_and_a_gated_repo(hub_repos, engine, tiny_model_dirs, monkeypatch):
+    hub_repos.add("acme/pinned", tiny_model_dirs["sd15"], revisions=("main", "v1"))
+    hub_repos.add("acme/gated", tiny_model_dirs["sd15"], gated=True)
+    assert engine.download("acme/pinned@v1") == "acme/pinned@v1"
+    commit = hub_repos.repos["acme/pinned"].revisions["v1"]
+    assert any(f"/acme/pinned/resolve/{commit}/" in path or "/acme/pinned/resolve/v1/" in path
+               for _, path, _ in hub_repos.requests)
+    for token in (None, "hf_someone"):  # no token: 401; a token without access: 403
+        if token:
+            monkeypatch.setenv("HF_TOKEN", token)
+        with pytest.raises(ValueError, match="'acme/gated' is gated: accept its license on the Hub and log in"):
+            engine.download("acme/gated")
+
+
 @pytest.mark.parametrize("spec, needle", [
     ("./folder", "not a Hub repo id"),
     ("embedded", "is not a Hub repo id"),

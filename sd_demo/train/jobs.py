@@ -247,13 +247,13 @@ class JobManager:
         os.replace(tmp, dest)
         return dest
 
-    def push(self, job_id: str, repo_id: str, private: bool = True) -> str:
+    def push(self, job_id: str, repo_id: str, private: bool = True, token: str | None = None) -> str:
         """Upload a finished run's results to a Hub model repo (private unless asked); returns its URL."""
         from ..hub import push_folder
 
         if self.state(job_id) != FINISHED:
             raise ValueError("only a finished run can be pushed")
-        return push_folder(repo_id, self.folder(job_id), self.result_files(job_id), private=private)
+        return push_folder(repo_id, self.folder(job_id), self.result_files(job_id), private=private, token=token)
 
     # ---------------------------------------------------------------- internals
     def _refuse_if_busy(self) -> None:

@@ -4,6 +4,7 @@ and every value here is plain (paths, numbers, text)."""
 from __future__ import annotations
 
 import logging
+import os
 
 import gradio as gr
 
@@ -175,8 +176,13 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
     with gr.Row():
         use_btn = gr.Button("Use in Generate", variant="primary", elem_id="train-use")
         zip_btn = gr.Button("Download (.zip)", elem_id="train-download")
-        repo = gr.Textbox(label="Hub repo", placeholder="your-name/my-lora", visible=not public, scale=2)
-        push_btn = gr.Button("Push to Hub (private)", visible=not public)
+        # A Space's visitors push into their own account, signed in with Hugging Face (hf_oauth in the README's
+        # front matter); other public apps do not push at all.
+        pushes = not public or bool(os.environ.get("SPACE_ID"))
+        if public and pushes:
+            gr.LoginButton(scale=1)
+        repo = gr.Textbox(label="Hub repo", placeholder="your-name/my-lora", visible=pushes, scale=2)
+        push_btn = gr.Button("Push to Hub (private)", visible=pushes)
     zip_file = gr.File(label="Download", interactive=False, elem_id="train-zip")
     result_note = gr.Markdown("", elem_id="train-result-note")
 
@@ -314,9 +320,11 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
 
     zip_btn.click(make_zip, job, [zip_file, result_note], api_visibility="private")
 
-    def push(job_id: str, repo_id: str):
+    def push(job_id: str, repo_id: str, profile: gr.OAuthProfile | None = None,
+             oauth_token: gr.OAuthToken | None = None):
+        visitor = (profile.username, oauth_token.token) if profile and oauth_token else None
         try:
-            return f"Pushed to {engine.jobs.push(job_id, repo_id)} (private)"
+            return f"Pushed to {engine.push_result(job_id, repo_id, public, visitor)} (private)"
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
 
