@@ -182,6 +182,16 @@ class Engine:
         named = [f for f in files if f.name == "pytorch_lora_weights.safetensors"]
         return str((named or sorted(files, key=lambda f: -f.stat().st_size))[0])  # several: diffusers' name, else the largest
 
+    def locate_model(self, name: str | None, public: bool = False) -> tuple[str | None, str | None]:
+        """The model an image's parameters name: (selector value when it is here, Hub id to offer downloading when
+        it is not); (None, None) when neither (a public app downloads nothing)."""
+        name = (name or "").strip()
+        if not name:
+            return None, None
+        if name in self._offered(public):
+            return name, None
+        return None, (name if not public and hub.REPO_ID.match(name.split("@")[0]) else None)
+
     def cached_models(self) -> list[hub.CachedRepo]:
         """The shipped embedded model and every repo of the HF cache."""
         shipped = []

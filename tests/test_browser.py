@@ -16,16 +16,21 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @pytest.fixture(scope="module")
-def page(app_server, tmp_path_factory):
+def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(app_server[0])
-        page.get_by_label("Prompt", exact=True).wait_for()
-        yield page
-        browser.close()
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_server):
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(app_server[0])
+    page.get_by_label("Prompt", exact=True).wait_for()
+    return page
 
 
 def test_type_prompt_generate_and_read_parameters(page, tmp_path):
@@ -66,22 +71,20 @@ def test_png_info_sends_parameters_back(page, app_server, tmp_path):
     assert page.get_by_label("Sampling method").input_value() == "Euler a"
 
 
-def test_a_first_visitor_clicks_an_example_and_gets_it(tmp_path):
+def test_a_first_visitor_clicks_an_example_and_gets_it(browser, tmp_path, tiny_model_dirs):
     """On the embedded model the page offers its card's example prompts: one click fills the prompt, Generate
-    draws what it asks (the project's evaluator)."""
+    draws what it asks (the project's evaluator). A model whose card lists none hides them; back on the embedded
+    model they return."""
     from PIL import Image
-    from playwright.sync_api import sync_playwright
 
     from sd_demo.shapes.evaluate import evaluate
     from tests.conftest import running_app
 
-    with running_app(["--model", "embedded", "--outputs", str(tmp_path)]) as (url, _), sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    with running_app(["--model", "embedded", "--outputs", str(tmp_path)]) as (url, engine):
+        example = engine.defaults().examples[0]  # the card's first
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(url)
-        first = page.locator("#examples button").first
-        example = first.inner_text().strip()
-        first.click()
+        page.locator("#examples button", has_text=example).click()
         prompt = page.get_by_label("Prompt", exact=True)
         page.wait_for_function("t => document.querySelector('textarea').value === t", arg=example)
         assert prompt.input_value() == example
@@ -90,7 +93,16 @@ def test_a_first_visitor_clicks_an_example_and_gets_it(tmp_path):
         page.wait_for_function("() => document.querySelector('#infotext textarea').value.includes('Seed:')",
                                timeout=60_000)
         page.screenshot(path=str(tmp_path / "example.png"))
-        browser.close()
+        for model, shown in ((str(tiny_model_dirs["sd15"]), False), ("embedded", True)):
+            box = page.get_by_label("Model", exact=True)
+            box.fill(model)
+            box.press("Enter")  # a custom value (a folder) is taken on Enter
+            page.get_by_role("button", name="Load", exact=True).click()
+            page.wait_for_function("m => document.querySelector('#model-status').innerText.includes(m)",
+                                   arg=model.rsplit("/", 1)[-1], timeout=60_000)
+            page.locator("#examples").wait_for(state="visible" if shown else "hidden")
+        assert page.locator("#examples button").first.inner_text().strip() == example
+        page.close()
     image = Image.open(next((tmp_path / "txt2img-images").rglob("*.png")))
     assert read_png(image.filename).prompt == example
     assert evaluate(example, image).ok, evaluate(example, image).summary()

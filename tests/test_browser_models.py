@@ -192,3 +192,28 @@ def test_a_public_app_offers_no_download_or_delete(browser, fake_hub, tiny_model
         page.close()
     finally:
         demo.close()
+
+
+def test_png_info_offers_the_model_an_image_names(hub_models, page_of, tmp_path):
+    """An image made with a Hub model that is not here: Send to Generate says so and offers it; one click
+    downloads it and puts it in the Generate tab's model box."""
+    from PIL import Image
+
+    from sd_demo.infotext import Infotext, write_png
+
+    png = tmp_path / "theirs.png"
+    write_png(Image.new("RGB", (64, 64)), png, Infotext("a red circle", "", {"Steps": 3, "Seed": 5,
+                                                                            "Model": "acme/tiny-sd"}))
+    page = page_of()
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("input[type=file]").last.set_input_files(str(png))
+    page.wait_for_function("() => document.querySelector('#png-info-text textarea').value.includes('Seed: 5')")
+    page.get_by_role("button", name="Send to Generate").click()
+    page.locator("#png-info-fetch").wait_for(timeout=WAIT)
+    assert page.locator("#png-info-fetch").inner_text().strip() == "Download acme/tiny-sd"
+    _shot(page, tmp_path / "png-info-offer.png")
+    page.locator("#png-info-fetch").click()
+    page.wait_for_function("() => [...document.querySelectorAll('input')].some(i => i.value === 'acme/tiny-sd')",
+                           timeout=WAIT)
+    assert page.get_by_label("Model", exact=True).input_value() == "acme/tiny-sd"
+    assert hub_models.downloads(HELD)

@@ -169,7 +169,8 @@ def _load_model_fn(engine: Engine, public: bool):
         # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M);
         # the clip-skip slider ends at its text encoder's depth
         clip = gr.update(maximum=d.max_clip_skip, value=min(int(clip_skip or 1), d.max_clip_skip))
-        examples = gr.Dataset(samples=[[e] for e in d.examples], visible=bool(d.examples))
+        # (an update as gr.Dataset(samples=...) would lose them: gradio keeps its samples as processed without components)
+        examples = gr.update(samples=[[e] for e in d.examples], visible=bool(d.examples))
         return d.status, d.size, d.size, d.guidance, d.sampler, clip, examples
 
     return load

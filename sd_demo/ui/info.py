@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..engine import Engine
 from ..generate import params_from_infotext
 from ..infotext import Infotext, format_infotext, read_png
 from .generate import GenerateTab
+from .models import download_progress
 
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp"]  # what A1111 and ComfyUI save; gradio refuses others by name
 
@@ -22,7 +24,7 @@ def read_parameters(path: str | None) -> tuple[str, Infotext | None]:
     return format_infotext(info), info
 
 
-def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str) -> None:
+def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engine, public: bool = False) -> None:
     with gr.Row():
         with gr.Column():
             # A file box, not gr.Image: gr.Image opens every upload with PIL first, so a non-image or a huge PNG
@@ -33,6 +35,8 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str) -> None:
             text = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="png-info-text")
             send = gr.Button("Send to Generate", variant="primary")
             note = gr.Markdown("")
+            fetch = gr.Button("Download the model", visible=False, elem_id="png-info-fetch")
+            wanted = gr.State(None)  # the Hub id the image names, when it is not on this machine
     def png_info(path: str | None) -> str:
         """Read the generation parameters (prompt, negative prompt, steps, sampler, CFG scale, seed, size, model)
         that A1111, ComfyUI or this app stored in an image.
@@ -55,6 +59,21 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str) -> None:
                   params.width or gr.skip(), params.height or gr.skip(), params.seed, params.batch_size,
                   params.clip_skip]
         msg = f"Not applied: {', '.join(ignored)}" if ignored else ""
-        return [*values, msg, gr.Tabs(selected=generate_tab_id)]
+        here, hub_id = engine.locate_model(info.params.get("Model"), public)
+        if hub_id:  # stay on this tab: the model must come first
+            return [*values, f"This image was made with {hub_id}, which is not here yet: download it below. {msg}",
+                    gr.skip(), gr.skip(), gr.update(visible=True, value=f"Download {hub_id}"), hub_id]
+        return [*values, msg, here or gr.skip(), gr.Tabs(selected=generate_tab_id), gr.update(visible=False), None]
 
-    send.click(send_to_generate, image, [*target.param_components(), note, tabs], api_visibility="private")
+    send.click(send_to_generate, image, [*target.param_components(), note, target.model, tabs, fetch, wanted],
+               api_visibility="private")
+
+    def download(hub_id: str, progress=gr.Progress()):
+        try:
+            engine.download(hub_id, "model", public, download_progress(progress))
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return (f"Downloaded {hub_id}.", gr.update(choices=engine.model_choices(public), value=hub_id),
+                gr.Tabs(selected=generate_tab_id), gr.update(visible=False))
+
+    fetch.click(download, wanted, [note, target.model, tabs, fetch], api_visibility="private")

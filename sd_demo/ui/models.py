@@ -44,6 +44,18 @@ def progress_line(done: int, total: int, rate: float | None) -> str:
     return f"{_size(done)} of {_size(total)}{speed}"  # (gradio adds the percentage)
 
 
+def download_progress(progress: gr.Progress):
+    """An ``on_progress(done, total, rate)`` for Engine.download that moves the page's progress bar.
+    huggingface_hub reports from its download threads, where gradio's per-event context (which event the progress
+    belongs to) is unset and progress() would do nothing: each report runs in a copy of the caller's context."""
+    event = contextvars.copy_context()
+
+    def on_progress(done: int, total: int, rate: float | None) -> None:
+        event.copy().run(progress, done / total, desc=progress_line(done, total, rate))
+
+    return on_progress
+
+
 def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
     offline = hub.is_offline()
     notes = []
@@ -89,15 +101,8 @@ def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
     results.select(pick, [kind], [repo, dl_kind], api_visibility="private")
 
     def download(spec: str, what: str, loras: str, progress=gr.Progress()):
-        # huggingface_hub reports from its download threads, where gradio's per-event context (which event the
-        # progress belongs to) is unset and progress() would do nothing: each report runs in a copy of this one's.
-        event = contextvars.copy_context()
-
-        def on_progress(done, total, rate):
-            event.copy().run(progress, done / total, desc=progress_line(done, total, rate))
-
         try:
-            use = engine.download(spec, what, public, on_progress)
+            use = engine.download(spec, what, public, download_progress(progress))
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
         rows = cache_rows(engine)
