@@ -70,28 +70,16 @@ def test_killed_job_is_interrupted_and_resumes_exactly(tiny_model_dirs, images, 
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def _push(manager, job, monkeypatch) -> list[str]:
-    """Push a result through a stand-in for the Hub API; the paths it would upload."""
-    from sd_demo import hub
-
-    uploaded = []
-
-    class FakeApi:
-        def create_repo(self, repo_id, private, **kw):
-            assert private, "a push is private unless asked"
-            return f"https://hub.example/{repo_id}"
-
-        def create_commit(self, repo_id, operations, **kw):
-            uploaded.extend(op.path_in_repo for op in operations)
-
-    monkeypatch.setattr(hub, "HfApi", FakeApi)
-    monkeypatch.setattr(hub, "is_offline", lambda: False)
-    monkeypatch.setattr(hub, "get_token", lambda: "hf_test")
-    assert manager.push(job, "me/result") == "https://hub.example/me/result"
-    return sorted(uploaded)
+def _push(manager, job, hub, monkeypatch) -> list[str]:
+    """Push a result to the local Hub (tests/fake_hub.py); the paths it received."""
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    assert manager.push(job, "me/result").endswith("/me/result")
+    assert hub.created == {"me/result": "private"}, "a push is private unless asked"
+    folder = hub.repos["me/result"].folder
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
-def test_stop_then_more_steps_and_the_result_zip(tiny_model_dirs, images, tmp_path, monkeypatch):
+def test_stop_then_more_steps_and_the_result_zip(tiny_model_dirs, images, tmp_path, monkeypatch, fake_hub):
     manager = jobs.JobManager(tmp_path / "train")
     job = manager.start(_cfg(tiny_model_dirs["sd15"], images, steps=400))
     folder = manager.folder(job)
@@ -118,7 +106,7 @@ def test_stop_then_more_steps_and_the_result_zip(tiny_model_dirs, images, tmp_pa
     assert f"{job}/pytorch_lora_weights.safetensors" in names and f"{job}/README.md" in names
     assert f"{job}/{job}.safetensors" in names  # the kohya file for A1111 / ComfyUI
     assert not [n for n in names if "checkpoints" in n or n.endswith((".jsonl", "job.json", "train.log"))]
-    pushed = _push(manager, job, monkeypatch)  # the Hub gets what the zip holds
+    pushed = _push(manager, job, fake_hub, monkeypatch)  # the Hub gets what the zip holds
     assert pushed == sorted(n.split("/", 1)[1] for n in names)
     log = manager.log_tail(job, lines=200)  # what the tab shows: the skip as one line, no path or code of ours
     assert "UserWarning: skipped 1 file(s): notes.png (not an image" in log and ".py:" not in log
