@@ -43,7 +43,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mcp", action="store_true", default=os.environ.get("SD_DEMO_MCP") == "1",
                    help="also serve the app as an MCP server (tools text_to_image, generate, png_info) at "
                         "/gradio_api/mcp/")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.mcp and args.auth:  # gradio serves its MCP endpoint outside the login
+        p.error("--mcp cannot be combined with --auth: the MCP endpoint does not check logins; run MCP on an app "
+                "of its own without --auth (loopback only, or public with its public limits)")
+    return args
 
 
 def parse_auth(text: str | None) -> list[tuple[str, str]] | None:

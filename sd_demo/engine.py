@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 from . import hub
 from .generate import GenerationParams, GenerationResult, StepEvent, generate
 from .infotext import format_infotext, write_png
-from .models import EMBEDDED_DIR, LoadedModel, PipelineCache, public_name
+from .models import EMBEDDED_DIR, LoadedModel, PipelineCache, parse_model_ref, public_name
 
 log = logging.getLogger(__name__)
 
@@ -155,18 +155,19 @@ class Engine:
                              m.examples)
 
     # ------------------------------------------------------------------ the Hub and the cache (the Models tab)
-    def search_hub(self, text: str, kind: str = "model", sort: str = "downloads") -> list[hub.Found]:
+    def search_hub(self, text: str, kind: str = "model", sort: str = "downloads",
+                   public: bool = False) -> list[hub.Found]:
         """Hub pipelines, or LoRAs made for the loaded model (when it is a Hub model; else LoRAs of any base)."""
         m = self.cache.current
-        return hub.search(text, kind, m.ref.hub_id if m and kind == "lora" else None, sort)
+        return hub.search(text, kind, m.ref.hub_id if m and kind == "lora" else None, sort, public=public)
 
     def download(self, spec: str, kind: str = "model", public: bool = False,
-                 on_progress: Callable[[int, int, float | None], None] | None = None) -> str:
+                 on_progress: Callable[[int, int, float | None], None] | None = None,
+                 allow_pickle: bool | None = None) -> str:
         """Fetch a Hub model (only the files one pipeline needs) or a LoRA / embedding repo into the HF cache;
         returns what to use: the model's id, or the adapter's local .safetensors file for the LoRA list.
-        ``on_progress(done, total, bytes_per_s)`` follows the bytes."""
-        from .models import parse_model_ref
-
+        ``on_progress(done, total, bytes_per_s)`` follows the bytes. ``allow_pickle``: the app's --allow-pickle
+        unless told (a download a stranger's PNG asked for never takes pickles)."""
         if public:  # a visitor's choice of repo would fill this machine's disk
             raise ValueError("download: not offered on this public app; the owner downloads with --model or the "
                              "Models tab of a private app (--auth, or no --share)")
@@ -175,12 +176,11 @@ class Engine:
             raise ValueError(f"download: '{spec}' is not a Hub repo id; use 'org/name' or 'org/name@revision'")
         bar = hub.progress_bar(on_progress) if on_progress else None
         if kind == "model":
-            hub.fetch_model(ref.name, ref.revision, want_fp16=self._device() != "cpu",
-                            allow_pickle=self.settings.allow_pickle, tqdm_class=bar)
+            pickle = self.settings.allow_pickle if allow_pickle is None else allow_pickle
+            hub.fetch_model(ref.name, ref.revision, want_fp16=self._device() != "cpu", allow_pickle=pickle,
+                            tqdm_class=bar)
             return ref.label
-        files = sorted(hub.fetch_adapter(ref.name, ref.revision, tqdm_class=bar).rglob("*.safetensors"))
-        named = [f for f in files if f.name == "pytorch_lora_weights.safetensors"]
-        return str((named or sorted(files, key=lambda f: -f.stat().st_size))[0])  # several: diffusers' name, else the largest
+        return str(hub.fetch_adapter(ref.name, ref.revision, tqdm_class=bar))
 
     def locate_model(self, name: str | None, public: bool = False) -> tuple[str | None, str | None]:
         """The model an image's parameters name: (selector value when it is here, Hub id to offer downloading when
@@ -190,7 +190,12 @@ class Engine:
             return None, None
         if name in self._offered(public):
             return name, None
-        return None, (name if not public and hub.REPO_ID.match(name.split("@")[0]) else None)
+        try:
+            ref = parse_model_ref(name)
+        except ValueError:
+            return None, None
+        return None, (ref.label if not public and ref.source == "hub" and hub.REVISION.match(ref.revision or "main")
+                      else None)
 
     def cached_models(self) -> list[hub.CachedRepo]:
         """The shipped embedded model and every repo of the HF cache."""
@@ -205,6 +210,11 @@ class Engine:
             raise ValueError("delete: not offered on this public app")
         if repo_id == "embedded":
             raise ValueError("delete: the embedded model is part of the app, not of the cache")
+        m, running = self.cache.current, self.jobs.running()
+        if m is not None and m.ref.hub_id == repo_id:
+            raise ValueError(f"delete: '{repo_id}' is the loaded model; load another one first")
+        if running and self.jobs.view(running).config.get("model", "").split("@")[0] == repo_id:
+            raise ValueError(f"delete: '{repo_id}' is the base of the training run in progress")
         return hub.delete_cached(repo_id)
 
     # ------------------------------------------------------------------ training (jobs live in self.jobs)

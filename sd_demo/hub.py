@@ -6,10 +6,12 @@ needs, so a 2 GB fp16 load never pulls the 10 GB repo.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,9 @@ import httpx2  # huggingface_hub's HTTP client (its dependency): what a dropped 
 from huggingface_hub import CommitOperationAdd, HfApi, get_token, scan_cache_dir, snapshot_download
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
+    CacheNotFound,
     GatedRepoError,
+    HfHubHTTPError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -33,6 +37,7 @@ CONFIG_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/*.model", "READ
 # Components whose weights we load; other folders (safety_checker, feature_extractor) are never fetched.
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}/[\w.\-]{1,96}$")  # org/name; the Hub allows 96 characters a part
+REVISION = re.compile(r"^[\w.\-/]{1,100}$")  # a branch, tag or commit: no spaces, brackets or markup
 
 
 def is_offline() -> bool:
@@ -59,7 +64,13 @@ def hub_error(repo_id: str, revision: str | None, exc: Exception) -> ValueError:
             "(download it once with network, or pass a local folder)"
         )
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, (httpx2.TransportError, OSError)):  # dropped or timed out mid-file, after the client's retries
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return ValueError(f"the download of '{repo_id}{rev}' stopped: the disk is full ({cache_dir()}); free space "
+                          "or delete models in the Models tab, then try again")
+    if isinstance(exc, HfHubHTTPError):  # (an OSError too) the Hub answered, with an error
+        status = exc.response.status_code if exc.response is not None else "an error"
+        return ValueError(f"could not download '{repo_id}{rev}': the Hub answered {status} ({first})")
+    if isinstance(exc, (httpx2.TransportError, ConnectionError, TimeoutError)):  # dropped or timed out mid-file
         # (within one call huggingface_hub resumes a dropped file with Range; across calls it keeps whole files only)
         return ValueError(f"the download of '{repo_id}{rev}' was interrupted ({first}); try again: the files already "
                           "downloaded are kept")
@@ -245,7 +256,13 @@ def push_folder(repo_id: str, folder: Path, files: list[Path], *, private: bool 
            for f in files]
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        # an existing repo keeps its visibility: a "private" push must not land in a public one
+        if private and not api.repo_info(repo_id).private:
+            raise ValueError(f"push: '{repo_id}' already exists and is public; push to a new name, or make it "
+                             "private on the Hub first")
         api.create_commit(repo_id=repo_id, operations=ops, commit_message="Upload from sd_demo")
+    except ValueError:
+        raise
     except Exception as exc:  # auth, permissions, network: one line, never the token
         raise ValueError(f"push: could not upload to '{repo_id}': {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
@@ -267,9 +284,10 @@ class Found:
 
 
 def search(text: str = "", kind: str = "model", base: str | None = None, sort: str = "downloads",
-           limit: int = 30) -> list[Found]:
+           limit: int = 30, public: bool = False) -> list[Found]:
     """Hub repos for the Models tab: text-to-image diffusers pipelines, or LoRAs whose base model is ``base`` (the
-    loaded model's Hub id; any base when None). Offline: a ValueError saying so."""
+    loaded model's Hub id; any base when None). A public app searches without the owner's token (which would also
+    list the owner's private repos to strangers). Offline: a ValueError saying so."""
     if kind not in KINDS or sort not in SORTS:
         raise ValueError(f"search: kind must be one of {', '.join(KINDS)} and sort one of {', '.join(SORTS)}")
     if is_offline():
@@ -278,8 +296,9 @@ def search(text: str = "", kind: str = "model", base: str | None = None, sort: s
     if kind == "lora" and base:
         tags.append(f"base_model:adapter:{base}")
     try:
-        found = HfApi(endpoint=hf_constants.ENDPOINT).list_models(search=(text or "").strip() or None, filter=tags,
-                                                                   sort=sort, limit=limit)
+        api = HfApi(endpoint=hf_constants.ENDPOINT, token=False if public else None)
+        found = api.list_models(search=(text or "").strip() or None, filter=tags, sort=sort, limit=limit,
+                                expand=["downloads", "likes", "gated"])
         return [Found(m.id, m.downloads or 0, m.likes or 0, bool(m.gated)) for m in found]
     except Exception as exc:
         raise ValueError(f"search: the Hub did not answer ({type(exc).__name__}: "
@@ -289,18 +308,21 @@ def search(text: str = "", kind: str = "model", base: str | None = None, sort: s
 def progress_bar(on_progress):
     """A tqdm class for snapshot_download that also reports (bytes done, bytes in all, bytes per second) of the
     download to ``on_progress`` (the page's progress bar); on the terminal it draws as usual. huggingface_hub makes
-    several bars (bytes written, bytes transferred, files): the byte bars are summed over every file, and the one
-    furthest along is reported."""
+    several bars (bytes written, bytes transferred, files): those counted in bytes, summed over every file, are
+    reported."""
     from tqdm.auto import tqdm
 
     class Bar(tqdm):
         def __init__(self, *args, **kwargs):
             kwargs.pop("name", None)
             super().__init__(*args, **kwargs)
+            self._reported = 0.0
 
         def update(self, n=1):
             out = super().update(n)
-            if self.unit == "B" and self.total:
+            now = time.monotonic()  # a report at most every 0.25 s: a 7 GB model is ~700 000 chunks of 10 kB
+            if self.unit == "B" and self.total and (now - self._reported >= 0.25 or self.n >= self.total):
+                self._reported = now
                 on_progress(int(self.n), int(self.total), self.format_dict.get("rate"))
             return out
 
@@ -347,24 +369,40 @@ def cached_repos() -> list[CachedRepo]:
 
 def delete_cached(repo_id: str) -> int:
     """Delete every cached revision of a model repo; the bytes freed. Only repos of the cache are touched."""
-    info = scan_cache_dir(cache_dir())
-    repo = next((r for r in info.repos if r.repo_type == "model" and r.repo_id == repo_id), None)
-    if repo is None:
-        raise ValueError(f"delete: '{repo_id}' is not in the local Hugging Face cache")
-    strategy = info.delete_revisions(*(r.commit_hash for r in repo.revisions))
-    strategy.execute()
+    try:
+        info = scan_cache_dir(cache_dir())
+        repo = next((r for r in info.repos if r.repo_type == "model" and r.repo_id == repo_id), None)
+        if repo is None:
+            raise ValueError(f"delete: '{repo_id}' is not in the local Hugging Face cache")
+        strategy = info.delete_revisions(*(r.commit_hash for r in repo.revisions))
+        strategy.execute()
+    except (CacheNotFound, OSError) as exc:
+        raise ValueError(f"delete: '{repo_id}' could not be deleted ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     return strategy.expected_freed_size
 
 
 def fetch_adapter(repo_id: str, revision: str | None = None, tqdm_class=None) -> Path:
-    """A LoRA or embedding repo's safetensors files and card (never pickles); the local snapshot folder."""
+    """The one LoRA or embedding file of a repo (diffusers' ``pytorch_lora_weights.safetensors``, else its largest
+    .safetensors; never a pickle, never the other files: a repo that keeps every epoch is gigabytes); its path."""
     if not REPO_ID.match(repo_id or ""):
         raise ValueError(f"download: '{repo_id}' is not a Hub repo id; use 'org/name'")
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=["*.safetensors", "README.md"],
-                                   local_files_only=is_offline(), cache_dir=cache_dir(), tqdm_class=tqdm_class)
+        if is_offline():
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.safetensors"],
+                                            local_files_only=True, cache_dir=cache_dir()))
+            sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*.safetensors")}
+        else:
+            info = HfApi(endpoint=hf_constants.ENDPOINT).model_info(repo_id, revision=revision, files_metadata=True)
+            sizes = {s.rfilename: s.size or 0 for s in info.siblings or [] if s.rfilename.endswith(".safetensors")}
+        if not sizes:
+            raise ValueError(f"download: '{repo_id}' has no .safetensors file (pickle weights are never fetched)")
+        name = "pytorch_lora_weights.safetensors"
+        name = name if name in sizes else max(sizes, key=sizes.get)
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=[name], local_files_only=is_offline(),
+                                   cache_dir=cache_dir(), tqdm_class=tqdm_class)
+    except ValueError:
+        raise
     except Exception as exc:
         raise hub_error(repo_id, revision, exc) from exc
-    if not any(Path(folder).rglob("*.safetensors")):
-        raise ValueError(f"download: '{repo_id}' has no .safetensors file (pickle weights are never fetched)")
-    return Path(folder)
+    return Path(folder) / name

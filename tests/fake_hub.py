@@ -166,6 +166,8 @@ def _handler(hub: FakeHub):
         def do_GET(self):
             path = unquote(urlsplit(self.path).path)
             hub.requests.append((self.command, path, self.headers.get("Range")))
+            if self.headers.get("Authorization", "").startswith("Bearer "):
+                hub.tokens.add(self.headers["Authorization"][7:])
             parts = path.strip("/").split("/")
             if parts == ["api", "models"]:
                 return self._search(parse_qs(urlsplit(self.path).query))
@@ -197,7 +199,8 @@ def _handler(hub: FakeHub):
             if rest[:1] == ["tree"]:
                 return self._json([{"type": "file", "path": f, "size": (repo.folder / f).stat().st_size,
                                     "oid": _sha(f)} for f in repo.files()])
-            self._json({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False, "gated": repo.gated,
+            self._json({"id": repo_id, "modelId": repo_id, "sha": commit, "gated": repo.gated,
+                        "private": hub.created.get(repo_id, "public") == "private",
                         "siblings": [{"rfilename": f, "size": (repo.folder / f).stat().st_size}
                                      for f in repo.files()], "tags": ["diffusers"]})
 

@@ -255,16 +255,20 @@ def test_a_client_killed_mid_run_frees_the_slot(app_server, app_url, monkeypatch
         return out
 
     monkeypatch.setattr(engine, "generate", recording)
-    script = ("import sys; from gradio_client import Client; c = Client(sys.argv[1], verbose=False); "
+    # the client prints once the run streams to it (its first update came), then waits: the kill cuts a live stream
+    script = ("import sys, time; from gradio_client import Client; c = Client(sys.argv[1], verbose=False); "
               "print(c.session_hash, flush=True); "
-              "c.predict(prompt='long', steps=150, width=1024, height=1024, seed=4, api_name='/generate')")
+              "job = c.submit(prompt='long', steps=150, width=1024, height=1024, seed=4, api_name='/generate')\n"
+              "while not job.outputs(): time.sleep(0.02)\n"
+              "print('streaming', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", script, app_url], stdout=subprocess.PIPE, text=True)
     try:
         session = proc.stdout.readline().strip()
+        assert proc.stdout.readline().strip() == "streaming"
         deadline = time.time() + 120
         while not engine.generating(session):
-            assert proc.poll() is None and time.time() < deadline, "job never started"
-            time.sleep(0.05)
+            assert time.time() < deadline and not results, "the run never started, or ended before the kill"
+            time.sleep(0.02)
     finally:
         proc.kill()
         proc.wait()

@@ -57,3 +57,12 @@ def test_without_the_flag_there_is_no_mcp_server(tmp_path):
 
     with running_app(["--model", "embedded", "--outputs", str(tmp_path)]) as (url, _):
         assert httpx.post(url + "gradio_api/mcp/", json={}).status_code == 404
+
+
+def test_mcp_is_refused_beside_a_login():
+    """gradio serves the MCP endpoint outside --auth's login: the two together would open the app's tools."""
+    import app
+
+    with pytest.raises(SystemExit) as exit_:
+        app.parse_args(["--mcp", "--auth", "ann:pw"])
+    assert exit_.value.code == 2

@@ -57,6 +57,28 @@ def test_search_sorts_and_finds_loras_for_the_loaded_model(hub_repos, engine):
     assert [r[0] for r in models_tab.search_rows(engine, "", "lora", "downloads")[0]] == ["me/red-lora"]
 
 
+def test_a_public_app_searches_without_the_owners_token(hub_repos, engine, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_owner")
+    assert models_tab.search_rows(engine, "sd", "model", "downloads", public=True)[0]
+    assert not hub_repos.tokens  # the owner's private repos stay out of strangers' results
+    assert models_tab.search_rows(engine, "sd", "model", "downloads", public=False)[0]
+    assert hub_repos.tokens == {"hf_owner"}
+
+
+def test_a_private_push_never_lands_in_a_public_repo(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    (tmp_path / "theirs").mkdir()
+    fake_hub.add("me/public-one", tmp_path / "theirs")  # exists, public
+    (tmp_path / "run").mkdir()
+    weights = tmp_path / "run" / "w.safetensors"
+    weights.write_bytes(b"x")
+    with pytest.raises(ValueError, match="'me/public-one' already exists and is public"):
+        hub.push_folder("me/public-one", tmp_path / "run", [weights])
+    assert not (tmp_path / "theirs" / "w.safetensors").exists()
+    hub.push_folder("me/public-one", tmp_path / "run", [weights], private=False)  # asked for public: pushed
+    assert (tmp_path / "theirs" / "w.safetensors").read_bytes() == b"x"
+
+
 def test_a_download_shows_its_progress_then_runs_and_can_be_deleted(hub_repos, engine):
     events = []
     used = engine.download("acme/tiny-sd", "model", on_progress=lambda done, total, rate: events.append((done, total)))
@@ -69,9 +91,12 @@ def test_a_download_shows_its_progress_then_runs_and_can_be_deleted(hub_repos, e
     assert listed["acme/tiny-sd"][1] == "pipeline" and listed["embedded"][1] == "pipeline (shipped)"
     assert _pixels(engine).std() > 1  # it runs: an image, not a blank
 
+    with pytest.raises(ValueError, match="'acme/tiny-sd' is the loaded model; load another one first"):
+        engine.delete_cached("acme/tiny-sd")
+    engine.load("embedded")
     freed = engine.delete_cached("acme/tiny-sd")
     assert freed > 100_000 and "acme/tiny-sd" not in {r[0] for r in models_tab.cache_rows(engine)}
-    assert "acme/tiny-sd" not in hub.cached_pipelines()  # (the loaded copy stays usable until another loads)
+    assert "acme/tiny-sd" not in engine.model_choices()
 
 
 def test_a_lora_from_a_repo_id_changes_the_image(hub_repos, engine):

@@ -124,6 +124,9 @@ def test_swap_rows_ask_the_instance_latents_under_another_word():
     assert torch.equal(x, noisy[[0, 0, 1]]) and tt.tolist() == [10, 10, 500]
     assert asked[0] == "other" and cond["encoder_hidden_states"].shape[0] == 3
     assert asked[1] in ("circle, a red bar", "star, a red bar") and asked[2] in ("a circle on blue", "a star on blue")
+    asked.clear()  # a caption without the trigger (or dropped to "") gets no swap row: it would pull the concept back
+    x, tt, _ = p.inputs(torch.Generator().manual_seed(0), noisy, t, {}, text, captions=["sks bar", "", "sks"])
+    assert torch.equal(x, noisy[[0, 0]]) and tt.tolist() == [10, 10] and len(asked) == 2
 
 
 def test_swap_rows_need_words_to_swap_in(tiny_model_dirs, data_dir, tmp_path):
@@ -136,3 +139,8 @@ def test_swap_rows_need_words_to_swap_in(tiny_model_dirs, data_dir, tmp_path):
         swap_words(config(model, data_dir, tmp_path), embedded=False)
     with pytest.raises(ValueError, match="preserve_swap: 3 must be between 0 and --batch"):
         config(model, data_dir, tmp_path, preserve_swap=3).validate()
+    with pytest.raises(ValueError, match="preserve_swap: on this model give --class-word"):
+        config(model, data_dir, tmp_path, preserve_swap=1).validate()  # before the model loads
+    with pytest.raises(ValueError, match="preserve_swap: needs --preserve > 0"):
+        config(model, data_dir, tmp_path, preserve_swap=1, preserve=0.0, preserve_prompts=None,
+               class_word="cat", trigger="sks").validate()

@@ -749,6 +749,21 @@ def test_a_push_that_cannot_succeed_is_refused_before_training(tiny_model_dirs, 
     assert not out.exists(), "refused before anything was written"
 
 
+def test_the_card_shows_its_samples_on_the_hub_page(tmp_path):
+    import yaml
+
+    from sd_demo.models import ModelRef
+    from sd_demo.train.card import write_card
+
+    cfg = TrainConfig(method="lora", steps=1, lr=1e-4, rank=4, alpha=4.0, resolution=64, batch=1, trigger="zq",
+                      validation_prompt="a zq bottle")
+    samples = [tmp_path / "samples" / f"sample-{i}.png" for i in range(2)]
+    meta = yaml.safe_load(write_card(tmp_path, cfg, ModelRef("hub", "org/base"), samples, 0.1).read_text()
+                          .split("---")[1])
+    assert meta["widget"] == [{"text": "a zq bottle", "output": {"url": f"samples/sample-{i}.png"}} for i in range(2)]
+    assert meta["instance_prompt"] == "zq" and meta["base_model"] == "org/base" and "lora" in meta["tags"]
+
+
 def test_the_card_links_a_hub_base_also_from_the_hf_cache(tmp_path):
     from sd_demo.models import ModelRef
     from sd_demo.train.card import write_card

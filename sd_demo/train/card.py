@@ -37,6 +37,9 @@ def write_card(out: Path, cfg: TrainConfig, base: ModelRef, samples: list[Path],
     }
     if cfg.trigger:
         meta["instance_prompt"] = cfg.trigger
+    if samples and cfg.validation_prompt:  # the Hub shows them on the model page (its widget convention)
+        meta["widget"] = [{"text": cfg.validation_prompt, "output": {"url": p.relative_to(out).as_posix()}}
+                          for p in samples]
     hp, skip = asdict(cfg), spec.card_skips()
     from_preset = preset.from_preset if preset else {}
     rows = "\n".join(f"| {k} | {hp[k]} |{' preset' if k in from_preset else ''} |" for k in _HPARAMS if k not in skip)

@@ -175,6 +175,10 @@ class TrainConfig:
         if self.preserve_swap is not None and (self.preserve_swap < 0 or (self.batch is not None
                                                                         and self.preserve_swap > self.batch)):
             bad("preserve_swap", f"{self.preserve_swap} must be between 0 and --batch")
+        if self.preserve_swap and self.preserve is not None and self.preserve == 0:
+            bad("preserve_swap", "needs --preserve > 0 (the weight of output preservation)")
+        if self.preserve_swap and not self.class_word and self.model != "embedded":
+            bad("preserve_swap", "on this model give --class-word (the words put in the trigger's place)")
         return self
 
     def _check_values(self, bad) -> None:

@@ -131,11 +131,16 @@ class Preserver:
                 x = noise_sched.add_noise(x0, noise[:n], tt)
         prompts = [self.prompts[i] for i in picks]
         k = min(self.swap, noisy.shape[0]) if captions and self.trigger is not None else 0
+        rows = []
         if k:  # the instance images' own noisy latents under another word: the concept's look must not follow it
             words = torch.randint(len(self.swap_words), (k,), generator=g).tolist()
-            prompts += [self.trigger.sub(self.swap_words[w], c) for w, c in zip(words, captions[:k])]
-            x, tt = torch.cat([x, noisy[:k]]), torch.cat([tt, t[:k]])
-        return x, tt, _conditioning(text(prompts), cond, list(range(n)) + list(range(k)))
+            for i, (w, c) in enumerate(zip(words, captions[:k])):
+                swapped, found = self.trigger.subn(self.swap_words[w], c)
+                if found:  # a caption without the trigger (or dropped to "") would pull the concept itself back
+                    prompts.append(swapped)
+                    rows.append(i)
+            x, tt = torch.cat([x, noisy[rows]]), torch.cat([tt, t[rows]])
+        return x, tt, _conditioning(text(prompts), cond, list(range(n)) + rows)
 
     @torch.no_grad()
     def base(self, x: torch.Tensor, t: torch.Tensor, cond: dict, accelerator) -> torch.Tensor:
@@ -185,6 +190,8 @@ def build(cfg: TrainConfig, model, trainable, captions: list[str]) -> Preserver 
     prompts += [""] * empty
     if scenes is not None:  # the empty prompt on scenes too: the unconditional answer along ordinary paths
         scenes = scenes + scenes[:empty]
+    if cfg.preserve_swap and not cfg.trigger:
+        raise ValueError("preserve_swap: needs a trigger word (--trigger, or a made-up word the captions share)")
     words = swap_words(cfg, embedded) if cfg.preserve_swap else ()
     return Preserver(cfg.preserve, prompts, cfg.preserve_batch, trainable.modules["unet"],
                      list(trainable.modules.values()), scenes, model.pipe.vae, cfg.resolution, cfg.preserve_swap or 0,

@@ -61,7 +61,7 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engi
         msg = f"Not applied: {', '.join(ignored)}" if ignored else ""
         here, hub_id = engine.locate_model(info.params.get("Model"), public)
         if hub_id:  # stay on this tab: the model must come first
-            return [*values, f"This image was made with {hub_id}, which is not here yet: download it below. {msg}",
+            return [*values, f"This image was made with `{hub_id}`, which is not here yet: download it below. {msg}",
                     gr.skip(), gr.skip(), gr.update(visible=True, value=f"Download {hub_id}"), hub_id]
         return [*values, msg, here or gr.skip(), gr.Tabs(selected=generate_tab_id), gr.update(visible=False), None]
 
@@ -70,10 +70,11 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engi
 
     def download(hub_id: str, progress=gr.Progress()):
         try:
-            engine.download(hub_id, "model", public, download_progress(progress))
+            # a stranger's PNG named it: never pickle weights, whatever --allow-pickle says
+            engine.download(hub_id, "model", public, download_progress(progress), allow_pickle=False)
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
-        return (f"Downloaded {hub_id}.", gr.update(choices=engine.model_choices(public), value=hub_id),
+        return (f"Downloaded `{hub_id}`.", gr.update(choices=engine.model_choices(public), value=hub_id),
                 gr.Tabs(selected=generate_tab_id), gr.update(visible=False))
 
     fetch.click(download, wanted, [note, target.model, tabs, fetch], api_visibility="private")

@@ -6,6 +6,7 @@ a client only as text)."""
 import gradio as gr
 from gradio.data_classes import FileData
 
+from .. import zerogpu
 from ..engine import Engine
 from ..generate import GenerationParams
 from .generate import user_error
@@ -37,9 +38,21 @@ def add_tools(engine: Engine, public: bool) -> None:
                                       steps=steps or GenerationParams.steps, width=width or None,
                                       height=height or None, guidance_scale=guidance_scale or None,
                                       sampler=sampler or None, seed=seed, batch_size=1).validate()
-            _, paths = engine.generate(params, model=engine.chosen_model(model or None, public), job="mcp")
+            # as the Generate tab runs: waits while training holds the GPU; the result is the last update
+            *_, done = engine.run(params, model=engine.chosen_model(model or None, public), job="mcp")
         except Exception as exc:
             raise user_error(exc) from None
-        return FileData(path=str(paths[0]), mime_type="image/png")
+        return FileData(path=str(done.paths[0]), mime_type="image/png")
 
-    gr.api(text_to_image, api_name="text_to_image")
+    def gpu_seconds(prompt: str, negative_prompt: str = "", steps: int = 0, width: int = 0, height: int = 0,
+                    guidance_scale: float = 0.0, sampler: str = "", seed: int = -1, model: str = "") -> int:
+        """ZeroGPU time of a call (spaces.GPU calls it with the tool's own arguments)."""
+        try:
+            family = engine.family(engine.chosen_model(model or None, public))
+            return zerogpu.generation_seconds(family, int(steps) or GenerationParams.steps, int(width), int(height), 1)
+        except (TypeError, ValueError, OverflowError):
+            return zerogpu.MIN_S
+
+    # one job at a time on the device, with the Generate tab's runs (its concurrency group)
+    gr.api(zerogpu.on_gpu(text_to_image, gpu_seconds), api_name="text_to_image", concurrency_id="device",
+           concurrency_limit=1)

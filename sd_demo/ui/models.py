@@ -10,9 +10,10 @@ from .. import hub
 from ..engine import Engine
 from .generate import GenerateTab, add_lora
 
-KIND_CHOICES = [("Text-to-image models", "model"), ("LoRAs and embeddings", "lora")]
-SORT_CHOICES = [("Most downloads", "downloads"), ("Most likes", "likes"), ("Trending", "trending_score"),
-                ("Recently updated", "last_modified")]
+_LABELS = {"model": "Text-to-image models", "lora": "LoRAs and embeddings", "downloads": "Most downloads",
+           "likes": "Most likes", "trending_score": "Trending", "last_modified": "Recently updated"}
+KIND_CHOICES = [(_LABELS[k], k) for k in hub.KINDS]  # (label, value): the values are hub's, which checks them
+SORT_CHOICES = [(_LABELS[k], k) for k in hub.SORTS]
 RESULT_HEADERS = ["Repo", "Downloads", "Likes", "Gated"]
 CACHE_HEADERS = ["Repo", "Kind", "Size", "Last used"]
 
@@ -25,13 +26,13 @@ def _when(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else ""
 
 
-def search_rows(engine: Engine, text: str, kind: str, sort: str) -> tuple[list[list], str]:
+def search_rows(engine: Engine, text: str, kind: str, sort: str, public: bool = False) -> tuple[list[list], str]:
     """(result rows, note) of a Hub search; offline or unreachable: no rows and the reason."""
     try:
-        found = engine.search_hub(text, kind, sort)
+        found = engine.search_hub(text, kind, sort, public)
     except ValueError as exc:
         return [], str(exc)
-    note = f"{len(found)} repo(s)" + ("; click one to download it" if found else "")
+    note = f"{len(found)} repo(s)" + ("; click one to download it" if found and not public else "")
     return [[f.repo_id, f.downloads, f.likes, "yes" if f.gated else ""] for f in found], note
 
 
@@ -63,7 +64,7 @@ def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
         notes.append("The Hub is offline (HF_HUB_OFFLINE): search and downloads are off; the cached models are "
                      "listed below.")
     if public:
-        notes.append("This app is public: downloads and deleting are off (the owner runs it privately for them).")
+        notes.append("This app is public: search only; downloads and the cache are the owner's (on a private app).")
     gr.Markdown(" ".join(notes) or "Search the Hub, download a model or a LoRA, and use it in the Generate tab.")
     with gr.Group(visible=not offline):
         with gr.Row():
@@ -80,19 +81,19 @@ def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
             dl_kind = gr.Dropdown(KIND_CHOICES, value="model", label="It is", scale=2)
             dl_btn = gr.Button("Download", variant="primary", scale=1, elem_id="download-button")
         dl_note = gr.Markdown("", elem_id="download-note")
-    gr.Markdown("### On this machine")
-    cache = gr.Dataframe(headers=CACHE_HEADERS, value=lambda: cache_rows(engine), interactive=False,
-                         elem_id="cache-table")
-    with gr.Row():
+    # A public app does not show the owner's cache (private or gated repos may be in it).
+    gr.Markdown("### On this machine", visible=not public)
+    cache = gr.Dataframe(headers=CACHE_HEADERS, value=None if public else lambda: cache_rows(engine),
+                         interactive=False, elem_id="cache-table", visible=not public)
+    with gr.Row(visible=not public):
         refresh_btn = gr.Button("Refresh", scale=1)
         victim = gr.Textbox(label="Repo to delete from the cache", scale=3, visible=not public, elem_id="delete-repo")
         delete_btn = gr.Button("Delete", variant="stop", scale=1, visible=not public, elem_id="delete-button")
     cache_note = gr.Markdown("")
 
-    search_btn.click(lambda t, k, s: search_rows(engine, t, k, s), [query, kind, sort], [results, search_note],
-                     api_visibility="private")
-    query.submit(lambda t, k, s: search_rows(engine, t, k, s), [query, kind, sort], [results, search_note],
-                 api_visibility="private")
+    for trigger in (search_btn.click, query.submit):
+        trigger(lambda t, k, s: search_rows(engine, t, k, s, public), [query, kind, sort], [results, search_note],
+                api_visibility="private")
 
     def pick(kind_now: str, evt: gr.SelectData):
         row = evt.row_value or []
