@@ -7,6 +7,7 @@ is returned as it is. Inside one, the handler runs in a worker process that hold
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 # Seconds per denoising step of one image at the family's native size, fp16, on the H200 slice ZeroGPU lends. An
@@ -17,6 +18,11 @@ STEP_SECONDS = {"embedded": 0.02, "sd1": 0.075, "sd2": 0.125, "sdxl": 0.22}
 NATIVE = {"embedded": 128, "sd1": 512, "sd2": 768, "sdxl": 1024}
 OVERHEAD_S = 10  # the worker's start, moving the model to the GPU, text encoding, VAE decode
 MIN_S, MAX_S = 15, 300  # ZeroGPU's own floor and its longest slot for a signed-in visitor's call
+
+
+def active() -> bool:
+    """On a ZeroGPU Space (the variable the ``spaces`` package reads)."""
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
 
 
 def generation_seconds(family: str, steps: int, width: int | None, height: int | None, batch: int) -> int:

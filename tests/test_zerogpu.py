@@ -48,3 +48,13 @@ def test_the_generate_handler_asks_for_its_own_duration(monkeypatch, tiny_model_
     assert seconds("a cat", steps=150, width=None, height=None, batch_size=1) == \
         zerogpu.generation_seconds("sd1", 150, None, None, 1) > zerogpu.MIN_S
     assert seconds("a cat", steps="many") == zerogpu.MIN_S  # refused by the handler itself, at once
+
+
+def test_training_is_refused_on_zerogpu(monkeypatch, tmp_path):
+    from sd_demo.train import jobs
+    from sd_demo.train.config import TrainConfig
+
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    with pytest.raises(ValueError, match="ZeroGPU lends its GPU only inside a request"):
+        jobs.JobManager(tmp_path).start(TrainConfig(method="lora", model="embedded", data=str(tmp_path)))
+    assert not any(tmp_path.iterdir())  # nothing was started or written

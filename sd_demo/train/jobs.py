@@ -121,6 +121,11 @@ class JobManager:
     # ---------------------------------------------------------------- start / control
     def start(self, cfg: TrainConfig, name: str | None = None) -> str:
         """A new job folder for ``cfg`` (its ``out`` is set to the folder) and its process; returns the job id."""
+        from .. import zerogpu
+
+        if zerogpu.active():  # the job's own process would train on the CPU of a machine rented for its GPU
+            raise ValueError("train: ZeroGPU lends its GPU only inside a request, not to a training process; "
+                             "train on a Space with a dedicated GPU, or on your own machine")
         with self._lock:
             self._refuse_if_busy()
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
