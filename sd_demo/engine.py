@@ -292,13 +292,15 @@ class Engine:
                     visitor: tuple[str, str] | None = None) -> str:
         """A finished run to a private Hub repo; its URL. A private app pushes with the owner's token (HF_TOKEN or
         the login); a public one (a Space with training on) only with the visitor's own Hugging Face login
-        (``visitor``: user name, token) and only into the visitor's account."""
+        (``visitor``: user name, token), only a run that visitor started, and only into the visitor's account."""
         repo_id = (repo_id or "").strip()
         if not public:
             return self.jobs.push(job_id, repo_id)
         if visitor is None:
             raise ValueError("push: sign in with Hugging Face (the button above) to push to your own account")
         user, token = visitor
+        if self.jobs.owner(job_id) != user:  # runs are listed to every visitor; their images are their own
+            raise ValueError("push: only the visitor who trained a run can push it (sign in before you train)")
         repo_id = repo_id if "/" in repo_id else f"{user}/{repo_id}"
         if repo_id.split("/")[0] != user:
             raise ValueError(f"push: on this public app you push to your own account: '{user}/NAME'")

@@ -184,14 +184,17 @@ def test_generation_waits_for_a_training_job_on_a_gpu_and_shares_a_cpu(tmp_path,
 
 def test_a_space_visitor_pushes_only_with_their_own_login_into_their_own_account(tiny_model_dirs, images, tmp_path,
                                                                                 fake_hub, monkeypatch):
-    """On a public app (a Space with training on) a push needs the visitor's Hugging Face login and goes into
-    their account with their token, never the owner's; a private app pushes with the owner's."""
+    """On a public app (a Space with training on) a push needs the visitor's Hugging Face login, only of a run that
+    visitor started, and goes into their account with their token, never the owner's; a private app pushes with
+    the owner's."""
     from sd_demo.engine import Engine, EngineSettings
 
     monkeypatch.setenv("HF_TOKEN", "hf_owner")
     engine = Engine(EngineSettings(model=str(tiny_model_dirs["sd15"]), outputs=str(tmp_path)))
-    job = engine.jobs.start(_cfg(tiny_model_dirs["sd15"], images, steps=1, validation_every=0))
+    job = engine.jobs.start(_cfg(tiny_model_dirs["sd15"], images, steps=1, validation_every=0), owner="alice")
     assert _wait(engine.jobs, job, {jobs.FINISHED, jobs.FAILED}) == jobs.FINISHED
+    with pytest.raises(ValueError, match="only the visitor who trained a run can push it"):
+        engine.push_result(job, "my-lora", public=True, visitor=("bob", "hf_bob"))  # runs are listed to all
     with pytest.raises(ValueError, match="sign in with Hugging Face"):
         engine.push_result(job, "my-lora", public=True)
     with pytest.raises(ValueError, match="you push to your own account: 'alice/NAME'"):

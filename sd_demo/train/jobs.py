@@ -119,8 +119,9 @@ class JobManager:
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- start / control
-    def start(self, cfg: TrainConfig, name: str | None = None) -> str:
-        """A new job folder for ``cfg`` (its ``out`` is set to the folder) and its process; returns the job id."""
+    def start(self, cfg: TrainConfig, name: str | None = None, owner: str | None = None) -> str:
+        """A new job folder for ``cfg`` (its ``out`` is set to the folder) and its process; returns the job id.
+        ``owner``: the signed-in visitor who started it (a Space), the only one who may push it."""
         from .. import zerogpu
 
         if zerogpu.active():  # the job's own process would train on the CPU of a machine rented for its GPU
@@ -134,7 +135,7 @@ class JobManager:
             folder.mkdir(parents=True, exist_ok=False)
             cfg.out, cfg.overwrite, cfg.resume = str(folder.resolve()), True, None  # the folder holds our files
             cfg.validate()
-            _write_json(folder / JOB, {"config": asdict(cfg), "created": stamp})
+            _write_json(folder / JOB, {"config": asdict(cfg), "created": stamp, "owner": owner})
             self._spawn(job_id)
             return job_id
 
@@ -179,6 +180,9 @@ class JobManager:
         if folder.parent != self.root.resolve() or not (folder / JOB).is_file():
             raise ValueError(f"no training job '{job_id}'")
         return folder
+
+    def owner(self, job_id: str) -> str | None:
+        return _read_json(self.folder(job_id) / JOB).get("owner")
 
     def jobs(self) -> list[str]:
         """Job ids, newest first."""

@@ -246,11 +246,18 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
                   "preset": None if pre == AUTO else pre, **_form_values(adv_names, list(adv))}
         return from_values(values)
 
-    form = [data_dir, captions, trigger, instance_prompt, method, model, preset, *advanced.values()]
+    # who trains (a Space visitor signed in with Hugging Face; None elsewhere): only they may push the run
+    visitor = gr.State(None)
+
+    def signed_in(profile: gr.OAuthProfile | None = None):
+        return profile.username if profile else None
+
+    page.load(signed_in, None, visitor, api_visibility="private")
+    form = [data_dir, captions, trigger, instance_prompt, method, model, preset, *advanced.values(), visitor]
 
     def start(*values):
         try:
-            job_id = engine.jobs.start(form_config(*values))
+            job_id = engine.jobs.start(form_config(*values[:-1]), owner=values[-1])
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
         return _job_outputs(engine, job_id)
