@@ -205,6 +205,20 @@ class Engine:
             shipped = [hub.CachedRepo("embedded", "pipeline (shipped)", size, EMBEDDED_DIR.stat().st_mtime)]
         return shipped + hub.cached_repos()
 
+    def use_cached(self, repo_id: str, public: bool = False) -> tuple[str, str]:
+        """('model', its id) for a cached pipeline, ('lora', its file) for a cached LoRA or embedding: what the
+        Generate tab's model box or LoRA list takes."""
+        if public:
+            raise ValueError("use: the cache is not offered on this public app")
+        kind = next((r.kind for r in self.cached_models() if r.repo_id == repo_id), None)
+        if kind is None:
+            raise ValueError(f"use: '{repo_id}' is not on this machine; download it first")
+        if kind.startswith("pipeline"):
+            return "model", repo_id
+        if kind not in ("LoRA", "embedding"):
+            raise ValueError(f"use: '{repo_id}' is neither a model nor a LoRA or embedding")
+        return "lora", str(hub.fetch_adapter(repo_id, cached_only=True))
+
     def delete_cached(self, repo_id: str, public: bool = False) -> int:
         if public:
             raise ValueError("delete: not offered on this public app")

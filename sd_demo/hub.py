@@ -382,13 +382,15 @@ def delete_cached(repo_id: str) -> int:
     return strategy.expected_freed_size
 
 
-def fetch_adapter(repo_id: str, revision: str | None = None, tqdm_class=None) -> Path:
+def fetch_adapter(repo_id: str, revision: str | None = None, tqdm_class=None, cached_only: bool = False) -> Path:
     """The one LoRA or embedding file of a repo (diffusers' ``pytorch_lora_weights.safetensors``, else its largest
-    .safetensors; never a pickle, never the other files: a repo that keeps every epoch is gigabytes); its path."""
+    .safetensors; never a pickle, never the other files: a repo that keeps every epoch is gigabytes); its path.
+    ``cached_only`` (or offline): the one already in the local cache."""
     if not REPO_ID.match(repo_id or ""):
         raise ValueError(f"download: '{repo_id}' is not a Hub repo id; use 'org/name'")
+    local = cached_only or is_offline()
     try:
-        if is_offline():
+        if local:
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.safetensors"],
                                             local_files_only=True, cache_dir=cache_dir()))
             sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*.safetensors")}
@@ -399,7 +401,7 @@ def fetch_adapter(repo_id: str, revision: str | None = None, tqdm_class=None) ->
             raise ValueError(f"download: '{repo_id}' has no .safetensors file (pickle weights are never fetched)")
         name = "pytorch_lora_weights.safetensors"
         name = name if name in sizes else max(sizes, key=sizes.get)
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=[name], local_files_only=is_offline(),
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=[name], local_files_only=local,
                                    cache_dir=cache_dir(), tqdm_class=tqdm_class)
     except ValueError:
         raise

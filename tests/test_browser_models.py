@@ -130,6 +130,10 @@ def test_search_download_use_and_delete(hub_models, page_of, tiny_model_dirs, tm
     page.get_by_role("tab", name="Models").click()
     _click_row(page, "#cache-table", "acme/tiny-sd")
     _value_is(page, "#delete-repo textarea", "acme/tiny-sd")
+    page.locator("#use-cached").click()  # a cached model into the Generate tab's model box
+    page.wait_for_function("() => document.body.innerText.includes(\"is in the Generate tab's model box\")",
+                           timeout=WAIT)
+    assert page.get_by_label("Model", exact=True).input_value() == "acme/tiny-sd"
     page.locator("#delete-button").click()
     page.wait_for_function("() => document.body.innerText.includes('Deleted acme/tiny-sd: ')", timeout=WAIT)
     _has_text(page, "#cache-table", "acme/tiny-sd", present=False)

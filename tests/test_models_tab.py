@@ -108,6 +108,18 @@ def test_a_lora_from_a_repo_id_changes_the_image(hub_repos, engine):
     assert np.abs(plain - with_lora).mean() > 1
 
 
+def test_what_is_cached_is_used_in_generate_also_offline(hub_repos, engine, monkeypatch):
+    engine.download("acme/tiny-sd")
+    downloaded = engine.download("me/red-lora", "lora")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a later session, without network
+    assert engine.use_cached("acme/tiny-sd") == ("model", "acme/tiny-sd")
+    assert engine.use_cached("me/red-lora") == ("lora", downloaded)
+    with pytest.raises(ValueError, match="'acme/popular-sd' is not on this machine; download it first"):
+        engine.use_cached("acme/popular-sd")
+    with pytest.raises(ValueError, match="not offered on this public app"):
+        engine.use_cached("me/red-lora", public=True)
+
+
 def test_a_public_app_neither_downloads_nor_deletes(hub_repos, engine):
     with pytest.raises(ValueError, match="download: not offered on this public app"):
         engine.download("acme/tiny-sd", public=True)

@@ -87,8 +87,9 @@ def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
                          interactive=False, elem_id="cache-table", visible=not public)
     with gr.Row(visible=not public):
         refresh_btn = gr.Button("Refresh", scale=1)
-        victim = gr.Textbox(label="Repo to delete from the cache", scale=3, visible=not public, elem_id="delete-repo")
-        delete_btn = gr.Button("Delete", variant="stop", scale=1, visible=not public, elem_id="delete-button")
+        victim = gr.Textbox(label="Repo (click a row)", scale=3, elem_id="delete-repo")
+        use_btn = gr.Button("Use in Generate", variant="primary", scale=1, elem_id="use-cached")
+        delete_btn = gr.Button("Delete", variant="stop", scale=1, elem_id="delete-button")
     cache_note = gr.Markdown("")
 
     for trigger in (search_btn.click, query.submit):
@@ -126,6 +127,18 @@ def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
             gr.update(choices=engine.model_choices(public))
 
     delete_btn.click(delete, victim, [cache_note, cache, gen.model], api_visibility="private")
+
+    def use(repo_id: str, loras: str):
+        try:
+            kind, source = engine.use_cached((repo_id or "").strip(), public)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        if kind == "model":
+            return (f"`{source}` is in the Generate tab's model box.",
+                    gr.update(choices=engine.model_choices(public), value=source), gr.skip())
+        return f"`{repo_id.strip()}` is in the Generate tab's LoRA list.", gr.skip(), add_lora(loras, source)[0]
+
+    use_btn.click(use, [victim, gen.loras], [cache_note, gen.model, gen.loras], api_visibility="private")
 
     def pick_cached(evt: gr.SelectData):
         return (evt.row_value or [""])[0]
