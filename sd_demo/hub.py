@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # huggingface_hub's HTTP client (its dependency): what a dropped download raises
-from huggingface_hub import CommitOperationAdd, HfApi, get_token, scan_cache_dir, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    HfApi,
+    get_token,
+    scan_cache_dir,
+    snapshot_download,
+    try_to_load_from_cache,
+)
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
     CacheNotFound,
@@ -79,12 +86,19 @@ def hub_error(repo_id: str, revision: str | None, exc: Exception) -> ValueError:
 
 def list_repo_files(repo_id: str, revision: str | None = None) -> list[str]:
     """Files of a model repo: from the Hub, or from the cached snapshot when offline."""
+    return sorted(repo_file_sizes(repo_id, revision))
+
+
+def repo_file_sizes(repo_id: str, revision: str | None = None) -> dict[str, int]:
+    """{path: bytes} of a model repo's files: from the Hub, or from the cached snapshot when offline."""
+    from huggingface_hub.hf_api import RepoFile
+
     try:
         if is_offline():
-            folder = snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=cache_dir())
-            root = Path(folder)
-            return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-        return HfApi().list_repo_files(repo_id, revision=revision)
+            root = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=cache_dir()))
+            return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+        tree = HfApi().list_repo_tree(repo_id, revision=revision, recursive=True)
+        return {f.path: f.size for f in tree if isinstance(f, RepoFile)}
     except Exception as exc:  # every hub failure becomes one actionable line
         raise hub_error(repo_id, revision, exc) from exc
 
@@ -204,7 +218,11 @@ def fetch_model(
 ) -> tuple[Path, WeightPlan]:
     """Download (or find in the cache) what a pipeline needs from a Hub repo; returns the local snapshot folder."""
     label = f"{repo_id}@{revision}" if revision else repo_id
-    plan = plan_download(list_repo_files(repo_id, revision), label, want_fp16=want_fp16, allow_pickle=allow_pickle)
+    sizes = repo_file_sizes(repo_id, revision)
+    plan = plan_download(sorted(sizes), label, want_fp16=want_fp16, allow_pickle=allow_pickle)
+    if hasattr(tqdm_class, "planned"):  # progress_bar's: the bytes still to come, known before the first file
+        tqdm_class.planned = sum(sizes[f] for f in plan.files if not isinstance(
+            try_to_load_from_cache(repo_id, f, cache_dir=cache_dir(), revision=revision), str))
     try:
         folder = snapshot_download(
             repo_id,
@@ -313,6 +331,8 @@ def progress_bar(on_progress):
     from tqdm.auto import tqdm
 
     class Bar(tqdm):
+        planned = 0  # bytes the download will bring, when the caller knows them (fetch_model does)
+
         def __init__(self, *args, **kwargs):
             kwargs.pop("name", None)
             super().__init__(*args, **kwargs)
@@ -322,8 +342,8 @@ def progress_bar(on_progress):
             out = super().update(n)
             now = time.monotonic()  # a report at most every 0.25 s: a 7 GB model is ~700 000 chunks of 10 kB
             if self.unit == "B" and self.total and (now - self._reported >= 0.25 or self.n >= self.total):
-                self._reported = now
-                on_progress(int(self.n), int(self.total), self.format_dict.get("rate"))
+                self._reported = now  # (huggingface_hub's total grows file by file; the plan knows it first)
+                on_progress(int(self.n), int(max(self.total, Bar.planned)), self.format_dict.get("rate"))
             return out
 
     return Bar

@@ -85,6 +85,7 @@ def test_a_download_shows_its_progress_then_runs_and_can_be_deleted(hub_repos, e
     assert used == "acme/tiny-sd" and events
     done, total = zip(*events)
     assert list(done) == sorted(done) and done[-1] == total[-1] > 100_000  # bytes, up to all of them
+    assert set(total) == {total[-1]}  # the whole size is known from the first report on (the plan's sizes)
     print(models_tab.progress_line(*events[-1], 2**20))
     assert "acme/tiny-sd" in engine.model_choices()
     listed = {r[0]: r for r in models_tab.cache_rows(engine)}
