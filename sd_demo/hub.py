@@ -237,19 +237,19 @@ def fetch_model(
     return Path(folder), plan
 
 
-def cached_pipelines() -> list[str]:
-    """Repo ids in the local HF cache that look like diffusers pipelines (offered in the model selector)."""
+def _cached_model_repos() -> list:
+    """huggingface_hub's CachedRepoInfo of every model repo in the local cache ([] before the first download)."""
     try:
         info = scan_cache_dir(cache_dir())
     except Exception:  # no cache folder yet
         return []
-    out = []
-    for repo in info.repos:
-        if repo.repo_type != "model":
-            continue
-        if any((Path(rev.snapshot_path) / "model_index.json").exists() for rev in repo.revisions):
-            out.append(repo.repo_id)
-    return sorted(out)
+    return [repo for repo in info.repos if repo.repo_type == "model"]
+
+
+def cached_pipelines() -> list[str]:
+    """Repo ids in the local HF cache that look like diffusers pipelines (offered in the model selector)."""
+    return sorted(repo.repo_id for repo in _cached_model_repos()
+                  if any((Path(rev.snapshot_path) / "model_index.json").exists() for rev in repo.revisions))
 
 
 def check_push(repo_id: str, token: str | None = None) -> None:
@@ -373,14 +373,8 @@ def _kind(snapshot: Path) -> str:
 
 def cached_repos() -> list[CachedRepo]:
     """Every model repo in the local Hugging Face cache: what it is, its size, when it was last used."""
-    try:
-        info = scan_cache_dir(cache_dir())
-    except Exception:  # no cache folder yet
-        return []
     out = []
-    for repo in info.repos:
-        if repo.repo_type != "model":
-            continue
+    for repo in _cached_model_repos():
         newest = max(repo.revisions, key=lambda r: r.last_modified, default=None)
         kind = _kind(Path(newest.snapshot_path)) if newest else "other"
         out.append(CachedRepo(repo.repo_id, kind, repo.size_on_disk, repo.last_accessed))

@@ -2,13 +2,13 @@
 request, so a visitor with little quota left is not refused for a flat 60 s that a small image never needs.
 
 Outside a ZeroGPU Space (``SPACES_ZERO_GPU`` unset), or without the ``spaces`` package, nothing changes: the handler
-is returned as it is. Inside one, the handler runs in a worker process that holds the GPU for the call.
+is returned as it is. Inside one, the handler runs in a worker process that holds the GPU for the call. The
+decorating is the UI's (``sd_demo.ui.generate.on_gpu``: ``spaces`` imports gradio); the durations are here.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Callable
 
 # Seconds per denoising step of one image at the family's native size, fp16, on the H200 slice ZeroGPU lends. An
 # assumption with headroom (about 1.5x diffusers' usual A100 throughput: SD 1.x ~20 it/s at 512 px, SD 2.x ~12 it/s at
@@ -32,13 +32,3 @@ def generation_seconds(family: str, steps: int, width: int | None, height: int |
     area = ((width or native) * (height or native)) / native**2
     work = STEP_SECONDS.get(family, STEP_SECONDS["sdxl"]) * max(1, steps) * max(1, batch) * max(area, 0.25)
     return int(min(MAX_S, max(MIN_S, math.ceil(OVERHEAD_S + work))))
-
-
-def on_gpu(fn: Callable, duration: Callable[..., int]) -> Callable:
-    """``fn`` under ``spaces.GPU(duration=duration)`` when the ``spaces`` package is here (it returns ``fn`` itself
-    outside ZeroGPU); else ``fn``. ``duration`` takes ``fn``'s arguments."""
-    try:
-        import spaces
-    except ImportError:
-        return fn
-    return spaces.GPU(fn, duration=duration)

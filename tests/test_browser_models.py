@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.conftest import _free_port, running_app
-from tests.test_browser import CHROMIUM, FLAGS
+from tests.test_browser import CHROMIUM, browser  # noqa: F401 (browser: the module's Chromium, a fixture)
 from tests.test_models_tab import _lora
 
 pytestmark = [
@@ -23,16 +23,6 @@ pytestmark = [
 ]
 WAIT = 60_000  # ms
 HELD = "unet/diffusion_pytorch_model.safetensors"  # the file the local Hub holds back while a download is watched
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ import pytest
 
 from sd_demo import zerogpu
 from sd_demo.engine import Engine, EngineSettings
-from sd_demo.ui.generate import make_generate_fn
+from sd_demo.generate import GenerationParams
+from sd_demo.ui.generate import make_generate_fn, on_gpu
 
 spaces = pytest.importorskip("spaces")
 
@@ -28,7 +29,7 @@ def test_off_zerogpu_the_handler_is_unchanged(monkeypatch):
     def handler():
         return 1
 
-    assert zerogpu.on_gpu(handler, lambda: 1) is handler
+    assert on_gpu(None, False, handler) is handler
 
 
 def test_the_generate_handler_asks_for_its_own_duration(monkeypatch, tiny_model_dirs, tmp_path):
@@ -48,6 +49,16 @@ def test_the_generate_handler_asks_for_its_own_duration(monkeypatch, tiny_model_
     assert seconds("a cat", steps=150, width=None, height=None, batch_size=1) == \
         zerogpu.generation_seconds("sd1", 150, None, None, 1) > zerogpu.MIN_S
     assert seconds("a cat", steps="many") == zerogpu.MIN_S  # refused by the handler itself, at once
+
+    import gradio as gr
+
+    from sd_demo.ui.mcp import add_tools
+
+    with gr.Blocks():
+        add_tools(engine, public=False)  # the MCP tool, read by the same rule (one image; steps 0: the default)
+    tool = asked["duration"]
+    assert tool("a cat", "", 100, 1024, 512) == zerogpu.generation_seconds("sd1", 100, 1024, 512, 1) > zerogpu.MIN_S
+    assert tool("a cat") == zerogpu.generation_seconds("sd1", GenerationParams.steps, None, None, 1)
 
 
 def test_training_is_refused_on_zerogpu(monkeypatch, tmp_path):

@@ -123,21 +123,32 @@ def make_generate_fn(engine: Engine, public: bool):
         except Exception as exc:
             raise user_error(exc) from None
 
-    signature = inspect.signature(generate)
+    return on_gpu(engine, public, generate)
+
+
+def on_gpu(engine: Engine, public: bool, handler):
+    """``handler`` under ``spaces.GPU`` when the ``spaces`` package is here (it returns ``handler`` itself off
+    ZeroGPU), else ``handler``. The duration is read from the handler's own arguments ``model``, ``steps`` (0: the
+    default), ``width``, ``height`` and ``batch_size`` (absent: 1) by sd_demo.zerogpu's rule; a request it cannot
+    read gets the floor, and the handler refuses it at once anyway."""
+    try:
+        import spaces
+    except ImportError:
+        return handler
+    signature = inspect.signature(handler)
 
     def gpu_seconds(*args, **kwargs) -> int:
-        """The ZeroGPU time this request asks for (sd_demo.zerogpu); a request it cannot read fails fast anyway."""
         try:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             v = bound.arguments
-            family = engine.family(engine.chosen_model(v["model"], public))
-            return zerogpu.generation_seconds(family, int(v["steps"]), int(v["width"] or 0), int(v["height"] or 0),
-                                              int(v["batch_size"]))
+            family = engine.family(engine.chosen_model(v["model"] or None, public))
+            return zerogpu.generation_seconds(family, int(v["steps"] or GenerationParams.steps), int(v["width"] or 0),
+                                              int(v["height"] or 0), int(v.get("batch_size", 1)))
         except (TypeError, ValueError, OverflowError):
             return zerogpu.MIN_S
 
-    return zerogpu.on_gpu(generate, gpu_seconds)
+    return spaces.GPU(handler, duration=gpu_seconds)
 
 
 def add_lora(current: str, source: str | None, scale: float = 1.0):
@@ -169,7 +180,8 @@ def _load_model_fn(engine: Engine, public: bool):
         # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M);
         # the clip-skip slider ends at its text encoder's depth
         clip = gr.update(maximum=d.max_clip_skip, value=min(int(clip_skip or 1), d.max_clip_skip))
-        # (an update as gr.Dataset(samples=...) would lose them: gradio keeps its samples as processed without components)
+        # (an update as gr.Dataset(samples=...) would lose them: gradio keeps its samples processed without
+        # components)
         examples = gr.update(samples=[[e] for e in d.examples], visible=bool(d.examples))
         return d.status, d.size, d.size, d.guidance, d.sampler, clip, examples
 

@@ -6,10 +6,9 @@ a client only as text)."""
 import gradio as gr
 from gradio.data_classes import FileData
 
-from .. import zerogpu
 from ..engine import Engine
 from ..generate import GenerationParams
-from .generate import user_error
+from .generate import on_gpu, user_error
 
 
 def add_tools(engine: Engine, public: bool) -> None:
@@ -44,15 +43,6 @@ def add_tools(engine: Engine, public: bool) -> None:
             raise user_error(exc) from None
         return FileData(path=str(done.paths[0]), mime_type="image/png")
 
-    def gpu_seconds(prompt: str, negative_prompt: str = "", steps: int = 0, width: int = 0, height: int = 0,
-                    guidance_scale: float = 0.0, sampler: str = "", seed: int = -1, model: str = "") -> int:
-        """ZeroGPU time of a call (spaces.GPU calls it with the tool's own arguments)."""
-        try:
-            family = engine.family(engine.chosen_model(model or None, public))
-            return zerogpu.generation_seconds(family, int(steps) or GenerationParams.steps, int(width), int(height), 1)
-        except (TypeError, ValueError, OverflowError):
-            return zerogpu.MIN_S
-
     # one job at a time on the device, with the Generate tab's runs (its concurrency group)
-    gr.api(zerogpu.on_gpu(text_to_image, gpu_seconds), api_name="text_to_image", concurrency_id="device",
+    gr.api(on_gpu(engine, public, text_to_image), api_name="text_to_image", concurrency_id="device",
            concurrency_limit=1)
