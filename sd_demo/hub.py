@@ -84,11 +84,6 @@ def hub_error(repo_id: str, revision: str | None, exc: Exception) -> ValueError:
     return ValueError(f"could not reach the Hub for '{repo_id}{rev}': {first}")
 
 
-def list_repo_files(repo_id: str, revision: str | None = None) -> list[str]:
-    """Files of a model repo: from the Hub, or from the cached snapshot when offline."""
-    return sorted(repo_file_sizes(repo_id, revision))
-
-
 def repo_file_sizes(repo_id: str, revision: str | None = None) -> dict[str, int]:
     """{path: bytes} of a model repo's files: from the Hub, or from the cached snapshot when offline."""
     from huggingface_hub.hf_api import RepoFile
