@@ -102,13 +102,13 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
     public = is_public(args)
     with gr.Blocks(title="sd_demo", delete_cache=CACHE_SWEEP) as demo:
         gr.Markdown("# sd_demo · Stable Diffusion")
-        train_data = train_tab.data_state()
+        train_data, visitor = train_tab.data_state(), train_tab.visitor_state(demo)
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 gen = generate_tab.build(engine, public=public, notice=notice,
-                                         allow_loras=not public or args.allow_training)
+                                         allow_loras=not public or args.allow_training, visitor=visitor)
             with gr.Tab("Train", id="train"):
-                train_tab.build(engine, gen, tabs, "generate", demo, train_data, public=public,
+                train_tab.build(engine, gen, tabs, "generate", demo, train_data, visitor, public=public,
                                 allowed=args.allow_training)
             with gr.Tab("Models", id="models"):
                 models_tab.build(engine, gen, public=public)

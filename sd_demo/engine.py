@@ -272,22 +272,48 @@ class Engine:
         device = "cpu" if self.jobs.running() else self._device()
         return caption_folder(self._staged(folder), model_id, trigger, overwrite, device)
 
-    def is_training_result(self, source: str) -> bool:
-        """Is ``source`` the output folder of one of this app's training jobs? (Public apps allow only those.)"""
+    # On a public app (share link, Space) each visitor sees and controls only their own training runs: their
+    # images, samples and weights are theirs. ``visitor`` is a Space visitor's Hugging Face name when signed in,
+    # else a random id that their browser keeps (sd_demo.ui.train.visitor_state); a private app shows every run.
+    def visible_jobs(self, public: bool = False, visitor: str | None = None) -> list[str]:
+        """Job ids this visitor may see, newest first."""
+        jobs = self.jobs.jobs()
+        return jobs if not public else [j for j in jobs if visitor and self.jobs.owner(j) == visitor]
+
+    def own_job(self, job_id: str, public: bool = False, visitor: str | None = None) -> str:
+        """``job_id`` if this visitor may see and control it, else the ValueError of a job that is not there
+        (another visitor's run is not even named)."""
+        if not job_id:
+            raise ValueError("no training job selected")
+        if public and (not visitor or self.jobs.owner(job_id) != visitor):
+            raise ValueError(f"no training job '{job_id}'")
+        return job_id
+
+    def running_job(self, public: bool = False, visitor: str | None = None) -> str | None:
+        """The running job, if this visitor may see it (a page reload re-attaches to it)."""
+        job = self.jobs.running()
+        return job if job and (not public or (visitor and self.jobs.owner(job) == visitor)) else None
+
+    def is_training_result(self, source: str, public: bool = False, visitor: str | None = None) -> bool:
+        """Is ``source`` the output folder of one of this app's training jobs that this visitor may use? (Public
+        apps allow only those as LoRAs.)"""
         try:
-            return Path(source).resolve().parent == self.jobs.root.resolve() and bool(self.jobs.folder(Path(source).name))
+            folder = Path(source).resolve()
+            return folder.parent == self.jobs.root.resolve() and bool(self.own_job(folder.name, public, visitor))
         except ValueError:
             return False
 
-    def trained_results(self) -> list[tuple[str, str]]:
-        """(label, folder) of finished adapter / embedding runs, newest first: the Generate tab's list."""
+    def trained_results(self, public: bool = False, visitor: str | None = None) -> list[tuple[str, str]]:
+        """(label, folder) of finished adapter / embedding runs this visitor may use, newest first: the Generate
+        tab's list."""
         from .train.jobs import FINISHED
 
         out = []
-        for job in self.jobs.jobs():
+        for job in self.visible_jobs(public, visitor):
             view = self.jobs.summary(job)
             if view.state == FINISHED and self.use_training_result(job)[0] == "lora":
-                out.append((f"{job} ({view.config.get('method')}, {view.config.get('model')})", str(view.folder)))
+                base = public_name(view.config.get("model", ""))
+                out.append((f"{job} ({view.config.get('method')}, {base})", str(view.folder)))
         return out
 
     def use_training_result(self, job_id: str) -> tuple[str, str]:
@@ -313,7 +339,7 @@ class Engine:
         if visitor is None:
             raise ValueError("push: sign in with Hugging Face (the button above) to push to your own account")
         user, token = visitor
-        if self.jobs.owner(job_id) != user:  # runs are listed to every visitor; their images are their own
+        if self.jobs.owner(job_id) != user:  # signed in when it started: a run kept by a browser id is not
             raise ValueError("push: only the visitor who trained a run can push it (sign in before you train)")
         repo_id = repo_id if "/" in repo_id else f"{user}/{repo_id}"
         if repo_id.split("/")[0] != user:

@@ -301,3 +301,69 @@ def test_a_public_app_pushes_only_on_a_space_with_the_visitors_login(tmp_path, m
     shown = {str(c["props"].get("value")) for c in components if c["props"].get("visible", True) is not False}
     assert ("Push to Hub (private)" in shown) == space
     assert any("Sign in with Hugging Face" in v for v in shown) == space
+
+
+def _finished_run(engine, name: str, owner: str, model: str):
+    """A finished LoRA run's folder, as a job leaves it, started by ``owner``."""
+    import json
+    from dataclasses import asdict
+
+    from sd_demo.train import jobs
+    from sd_demo.train.config import TrainConfig
+
+    folder = engine.jobs.root / name
+    folder.mkdir(parents=True)
+    (folder / jobs.JOB).write_text(json.dumps({"config": asdict(TrainConfig(model=model)), "owner": owner}))
+    (folder / jobs.STATUS).write_text(json.dumps({"state": jobs.FINISHED}))
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def _handler(demo, name: str):
+    return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__qualname__", "").endswith(name))
+
+
+@pytest.mark.parametrize("public", [True, False])
+def test_on_a_public_app_each_visitor_sees_and_controls_only_their_own_runs(tiny_model_dirs, tmp_path, public):
+    """Two visitors of a public app with training on (each browser keeps its own id): the Train tab's runs table,
+    re-attaching after a reload, Stop, Download, Use in Generate, the Generate tab's list of trained results and its
+    LoRA field each show or take only the visitor's own runs; another's run is refused as if it were not there. A
+    private app shows every run to its owner."""
+    from contextlib import nullcontext
+
+    import gradio as gr
+
+    import app
+    from sd_demo.train import jobs
+
+    model = str(tiny_model_dirs["sd15"])
+    flags = ["--share", "--allow-training"] if public else []
+    demo = app.build_demo(app.parse_args(["--model", model, "--outputs", str(tmp_path), *flags]))
+    engine = demo.engine
+    ann = _finished_run(engine, "20260101-000000-ann", "~ann", model)
+    bob = _finished_run(engine, "20260101-000001-bob", "~bob", model)
+
+    refresh, stop, zip_, use = (_handler(demo, n) for n in ("refresh", "control.<locals>.handler", "make_zip", "use"))
+    job_id, *_, runs, drawn = refresh("", "", "~ann")  # a reload: no job shown yet
+    assert job_id == (ann.name if public else bob.name)  # the newest run this visitor may see
+    assert [r[0] for r in runs] == ([ann.name] if public else [bob.name, ann.name])
+    assert refresh("", "", None)[0] == (gr.skip() if public else bob.name)  # before the page has said who it is
+    if public:
+        for handler, args in ((stop, (bob.name, "~ann")), (zip_, (bob.name, "~ann")), (use, (bob.name, "~ann", ""))):
+            with pytest.raises(gr.Error, match=f"no training job '{bob.name}'"):
+                handler(*args)
+        assert not (bob / jobs.STOP).exists()
+    stop(ann.name, "~ann")
+    assert (ann / jobs.STOP).exists()
+    assert zip_(ann.name, "~ann")[0].endswith(f"{ann.name}.zip")
+    assert use(ann.name, "~ann", "")[0] == f"{ann}:1"
+
+    assert [f for _, f in engine.trained_results(public, "~ann")] == ([str(ann)] if public else [str(bob), str(ann)])
+    generate = _handler(demo, "generate_gallery")
+    with pytest.raises(gr.Error, match="only your own training results") if public else nullcontext():
+        next(generate("x", steps=1, loras=str(bob), visitor="~ann"))
+    identify = _handler(demo, "identify")
+    browser, who = identify("")
+    assert who == f"~{browser}" and len(browser) == 32 and identify(browser) == (browser, who)  # kept across reloads
+    assert identify("")[0] != browser  # another browser, another visitor
+

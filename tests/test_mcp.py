@@ -1,5 +1,5 @@
 """--mcp (issue 18): an MCP client (the `mcp` package) lists the app's tools and draws an image through
-text_to_image, on the embedded model: the answer is the image, and a link to the PNG whose stored parameters are
+its `generate` tool, on the embedded model: the answer is the image, and a link to the PNG whose stored parameters are
 the call's (the image inline is re-encoded by gradio, without them)."""
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ async def _session(url: str, work):
 def test_an_mcp_client_lists_the_tools_and_draws_an_image(tmp_path):
     async def work(session):
         tools = {t.name: t for t in (await session.list_tools()).tools}
-        answer = await session.call_tool("text_to_image", {"prompt": "a red circle on a blue background",
+        answer = await session.call_tool("generate", {"prompt": "a red circle on a blue background",
                                                            "steps": 8, "seed": 7})
         return tools, answer
 
@@ -40,8 +40,8 @@ def test_an_mcp_client_lists_the_tools_and_draws_an_image(tmp_path):
         tools, answer = asyncio.run(_session(url, work))
         link = next(c.text for c in answer.content if c.type == "text").split("Image URL: ")[1].strip()
         served = httpx.get(link).content
-    assert {"text_to_image", "generate", "png_info"} <= set(tools)
-    schema = tools["text_to_image"].inputSchema["properties"]
+    assert {"generate", "generate_gallery", "png_info"} <= set(tools)
+    schema = tools["generate"].inputSchema["properties"]
     assert all(schema[name].get("description") for name in ("prompt", "steps", "width", "seed", "sampler"))
     assert not answer.isError, answer
     image = next(c for c in answer.content if c.type == "image")

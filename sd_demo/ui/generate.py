@@ -54,7 +54,9 @@ def user_error(exc: Exception) -> gr.Error:
 
 
 def make_generate_fn(engine: Engine, public: bool):
-    def generate(
+    # Named for the MCP tool list (gradio names a tool after its function): `generate` is ui.mcp's, which answers
+    # with the PNG itself; this one answers with a gallery, which reaches an MCP client as text.
+    def generate_gallery(
         prompt: str,
         negative_prompt: str = "",
         sampler: str | None = None,  # None (API callers): the model's recommended sampler
@@ -68,6 +70,7 @@ def make_generate_fn(engine: Engine, public: bool):
         clip_skip: int = 1,
         model: str | None = None,
         loras: str = "",
+        visitor: str | None = None,  # a gr.State (not an API argument): whose training results are usable
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
@@ -92,8 +95,8 @@ def make_generate_fn(engine: Engine, public: bool):
         try:
             model = engine.chosen_model(model, public)
             lora_list = parse_loras(loras)
-            if public and not all(engine.is_training_result(src) for src, _ in lora_list):
-                raise ValueError("lora: only this app's own training results can be used on a public app")
+            if public and not all(engine.is_training_result(src, public, visitor) for src, _ in lora_list):
+                raise ValueError("lora: on a public app only your own training results (Train tab) can be used")
             # raw values: validate() converts them and names the field of one it cannot use (width='abc')
             params = GenerationParams(
                 prompt=prompt or "", negative_prompt=negative_prompt or "", steps=steps, guidance_scale=guidance_scale,
@@ -123,7 +126,7 @@ def make_generate_fn(engine: Engine, public: bool):
         except Exception as exc:
             raise user_error(exc) from None
 
-    return on_gpu(engine, public, generate)
+    return on_gpu(engine, public, generate_gallery)
 
 
 def on_gpu(engine: Engine, public: bool, handler):
@@ -188,8 +191,11 @@ def _load_model_fn(engine: Engine, public: bool):
     return load
 
 
-def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: bool | None = None) -> GenerateTab:
-    """Lay out the tab and wire its events; call inside a gr.Blocks context."""
+def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: bool | None = None,
+          visitor: gr.State | None = None) -> GenerateTab:
+    """Lay out the tab and wire its events; call inside a gr.Blocks context. ``visitor`` (ui.train.visitor_state):
+    whose training results a public app lets this browser use."""
+    visitor = visitor if visitor is not None else gr.State(None)
     try:
         d = engine.defaults()
         size, guidance, default_sampler, max_clip_skip, examples = (d.size, d.guidance, d.sampler, d.max_clip_skip,
@@ -229,7 +235,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
             with gr.Row(visible=not public if allow_loras is None else allow_loras):
                 lora = gr.Textbox("", label="LoRA", scale=3, elem_id="lora",
                                   placeholder="training output folder, .safetensors or Hub repo[:scale], comma-separated")
-                trained = gr.Dropdown(engine.trained_results(), value=None, label="Add a trained result", scale=2,
+                trained = gr.Dropdown([] if public else engine.trained_results(), value=None, label="Add a trained result", scale=2,
                                       elem_id="trained-results", info="finished runs of the Train tab")
             with gr.Accordion("Advanced", open=False):
                 clip_skip = gr.Slider(1, max_clip_skip, value=1, step=1, label="Clip skip")
@@ -245,7 +251,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip, lora,
                       model)
 
-    inputs = tab.param_components() + [model, lora]
+    inputs = tab.param_components() + [model, lora, visitor]
     outputs = [gallery, preview, status, infotext, infos]
     # One job at a time on the device; preprocess=False so that our validation (which names the field) sees the
     # raw values instead of gradio's range checks ("Value 0 is less than minimum value 1.").
@@ -263,7 +269,8 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                 api_visibility="private", concurrency_id="device", concurrency_limit=1)
     example_list.click(lambda sample: sample[0], example_list, prompt, api_visibility="private")
     random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")
-    trained.focus(lambda: gr.update(choices=engine.trained_results()), None, trained, api_visibility="private")
+    trained.focus(lambda who: gr.update(choices=engine.trained_results(public, who)), visitor, trained,
+                  api_visibility="private")
     trained.select(add_lora, [lora, trained], [lora, trained], api_visibility="private")
 
     def last_seed(texts: list[str]):

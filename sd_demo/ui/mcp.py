@@ -1,6 +1,6 @@
-"""Tools for LLM clients (`--mcp`): Gradio's MCP server offers every public endpoint; this adds ``text_to_image``,
-whose answer an MCP client shows as an image (the Generate tab's own endpoint answers with a gallery, which reaches
-a client only as text)."""
+"""Tools for LLM clients (`--mcp`): Gradio's MCP server offers every public endpoint; this adds the ``generate``
+tool (HTTP API: /text_to_image), whose answer an MCP client shows as an image (the Generate tab's own endpoint,
+the tool ``generate_gallery``, answers with a gallery, which reaches a client only as text)."""
 # No `from __future__ import annotations`: gr.api reads the type hints as objects. One output: gradio 6.31's MCP
 # server hands a queued tool's several outputs to the client as one text.
 import gradio as gr
@@ -14,7 +14,7 @@ from .generate import on_gpu, user_error
 def add_tools(engine: Engine, public: bool) -> None:
     """Register the tools in the Blocks being built."""
 
-    def text_to_image(prompt: str, negative_prompt: str = "", steps: int = 0, width: int = 0, height: int = 0,
+    def generate(prompt: str, negative_prompt: str = "", steps: int = 0, width: int = 0, height: int = 0,
                       guidance_scale: float = 0.0, sampler: str = "", seed: int = -1,
                       model: str = "") -> FileData:
         """Draw one image from a text prompt with the app's Stable Diffusion model; returns the PNG, which holds
@@ -44,5 +44,5 @@ def add_tools(engine: Engine, public: bool) -> None:
         return FileData(path=str(done.paths[0]), mime_type="image/png")
 
     # one job at a time on the device, with the Generate tab's runs (its concurrency group)
-    gr.api(on_gpu(engine, public, text_to_image), api_name="text_to_image", concurrency_id="device",
+    gr.api(on_gpu(engine, public, generate), api_name="text_to_image", concurrency_id="device",
            concurrency_limit=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 
 import gradio as gr
 
@@ -76,16 +77,17 @@ def _rows(table) -> list[tuple[str, object]]:
     return [(r[0], r[1] if len(r) > 1 and r[1] == r[1] else None) for r in rows]  # (NaN != NaN)
 
 
-def _job_outputs(engine: Engine, job_id: str) -> tuple:
-    """(job id, progress markdown, loss plot rows, sample images, log tail, runs table) of one job."""
+def _job_outputs(engine: Engine, job_id: str, public: bool, visitor: str | None) -> tuple:
+    """(job id, progress markdown, loss plot rows, sample images, log tail, runs table) of one job this visitor
+    may see (a ValueError otherwise)."""
     import pandas as pd
 
-    view = engine.jobs.view(job_id)
+    view = engine.jobs.view(engine.own_job(job_id, public, visitor))
     notes = "\n".join(f"- {m}" for m in view.messages[-6:])
     status = f"{view.progress_line()} · `{job_id}`\n\n{notes}"
     plot = pd.DataFrame(view.loss_rows(), columns=["step", "loss", "series"])
     samples = [(str(p), f"step {view.sample_step}") for p in view.samples]
-    return job_id, status, plot, samples, engine.jobs.log_tail(job_id), _runs_table(engine)
+    return job_id, status, plot, samples, engine.jobs.log_tail(job_id), _runs_table(engine, public, visitor)
 
 
 def _preset_note(meth: str, base: str, pre: str, trig: str = "", table=None, prompt: str = "") -> str:
@@ -101,9 +103,9 @@ def _preset_note(meth: str, base: str, pre: str, trig: str = "", table=None, pro
         return f"⚠️ {exc}"
 
 
-def _runs_table(engine: Engine) -> list[list]:
+def _runs_table(engine: Engine, public: bool, visitor: str | None) -> list[list]:
     rows = []
-    for job in engine.jobs.jobs()[:50]:
+    for job in engine.visible_jobs(public, visitor)[:50]:
         v = engine.jobs.summary(job)
         loss = f"{v.final_loss:.4f}" if v.final_loss is not None else ""
         rows.append([job, v.state, v.config.get("method", ""), public_name(v.config.get("model", "")),
@@ -118,9 +120,25 @@ def data_state() -> gr.BrowserState:
     return gr.BrowserState("", storage_key="sd-demo-train-data")
 
 
+def visitor_state(page: gr.Blocks) -> gr.State:
+    """Who this browser is, for the training runs a public app shows it (Engine.visible_jobs): a Space visitor's
+    Hugging Face name when signed in, else a random id this browser keeps across reloads (in its local storage,
+    encrypted by gradio); ``~`` marks the latter, as no Hub name has one. Call at the top of ``page``."""
+    browser = gr.BrowserState("", storage_key="sd-demo-visitor")
+    who = gr.State(None)
+
+    def identify(browser_id: str, profile: gr.OAuthProfile | None = None):
+        browser_id = browser_id or secrets.token_hex(16)
+        return browser_id, profile.username if profile else f"~{browser_id}"
+
+    page.load(identify, browser, [browser, who], api_visibility="private")
+    return who
+
+
 def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, page: gr.Blocks,
-          data_dir: gr.BrowserState, public: bool = False, allowed: bool = True) -> None:
-    """Lay out the tab and wire its events; call inside ``page``'s context; ``data_dir`` from ``data_state()``."""
+          data_dir: gr.BrowserState, visitor: gr.State, public: bool = False, allowed: bool = True) -> None:
+    """Lay out the tab and wire its events; call inside ``page``'s context; ``data_dir`` from ``data_state()``,
+    ``visitor`` from ``visitor_state()``."""
     if public and not allowed:
         gr.Markdown(DISABLED, elem_id="train-disabled")
         return
@@ -246,21 +264,14 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
                   "preset": None if pre == AUTO else pre, **_form_values(adv_names, list(adv))}
         return from_values(values)
 
-    # who trains (a Space visitor signed in with Hugging Face; None elsewhere): only they may push the run
-    visitor = gr.State(None)
-
-    def signed_in(profile: gr.OAuthProfile | None = None):
-        return profile.username if profile else None
-
-    page.load(signed_in, None, visitor, api_visibility="private")
     form = [data_dir, captions, trigger, instance_prompt, method, model, preset, *advanced.values(), visitor]
 
     def start(*values):
         try:
             job_id = engine.jobs.start(form_config(*values[:-1]), owner=values[-1])
+            return _job_outputs(engine, job_id, public, values[-1])
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
-        return _job_outputs(engine, job_id)
 
     train_btn.click(start, form, job_view, api_visibility="private")
 
@@ -270,68 +281,71 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
 
     drawn = gr.State("")  # what the plot and the samples show now: unchanged ones are not sent again
 
-    def refresh(job_id: str, drawn_key: str):
-        job_id = job_id or engine.jobs.running() or next(iter(engine.jobs.jobs()), "")  # a reload re-attaches
+    def refresh(job_id: str, drawn_key: str, who: str | None):
+        # a reload re-attaches to this visitor's running job, else shows their newest
+        job_id = job_id or engine.running_job(public, who) or next(iter(engine.visible_jobs(public, who)), "")
         if not job_id:
             return (gr.skip(),) * (len(job_view) + 1)
-        out = _job_outputs(engine, job_id)
+        out = _job_outputs(engine, job_id, public, who)
         key = f"{job_id}:{len(out[2])}:{out[3]}"
         if key == drawn_key:  # re-sending redraws the plot at every tick (it flickered) for nothing
             out = (*out[:2], gr.skip(), gr.skip(), *out[4:])
         return (*out, key)
 
     timer = gr.Timer(POLL_S)
-    timer.tick(refresh, [job, drawn], [*job_view, drawn], api_visibility="private", concurrency_limit=None,
+    timer.tick(refresh, [job, drawn, visitor], [*job_view, drawn], api_visibility="private", concurrency_limit=None,
                show_progress="hidden")
 
     def control(action):
-        def handler(job_id: str, n=None):
+        """A handler for a button on the shown job: ``action(job_id, number)`` once the job is the visitor's."""
+        def handler(job_id: str, who: str | None, n=None):
             try:
-                if not job_id:
-                    raise ValueError("no training job selected")
-                action(job_id, n)
+                action(engine.own_job(job_id, public, who), n)
+                return _job_outputs(engine, job_id, public, who)
             except Exception as exc:
                 raise user_error(exc) from None
-            return _job_outputs(engine, job_id)
         return handler
 
-    stop_btn.click(control(lambda j, n: engine.jobs.stop(j)), job, job_view, api_visibility="private")
-    cancel_btn.click(control(lambda j, n: engine.jobs.cancel(j)), job, job_view, api_visibility="private")
-    resume_btn.click(control(lambda j, n: engine.jobs.resume(j)), job, job_view, api_visibility="private")
-    more_btn.click(control(lambda j, n: engine.jobs.resume(j, int(n or 0))), [job, more], job_view,
+    stop_btn.click(control(lambda j, n: engine.jobs.stop(j)), [job, visitor], job_view, api_visibility="private")
+    cancel_btn.click(control(lambda j, n: engine.jobs.cancel(j)), [job, visitor], job_view, api_visibility="private")
+    resume_btn.click(control(lambda j, n: engine.jobs.resume(j)), [job, visitor], job_view, api_visibility="private")
+    more_btn.click(control(lambda j, n: engine.jobs.resume(j, int(n or 0))), [job, visitor, more], job_view,
                    api_visibility="private")
 
-    def select_run(table, evt: gr.SelectData):
+    def select_run(table, who: str | None, evt: gr.SelectData):
         rows = table.values.tolist() if hasattr(table, "values") else table
-        return _job_outputs(engine, rows[evt.index[0]][0])
+        try:
+            return _job_outputs(engine, rows[evt.index[0]][0], public, who)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
 
-    runs.select(select_run, runs, job_view, api_visibility="private")
+    runs.select(select_run, [runs, visitor], job_view, api_visibility="private")
 
-    def use(job_id: str, current: str):
+    def use(job_id: str, who: str | None, current: str):
         """An adapter joins the Generate tab's LoRA list at strength 1 (several stack); a full fine-tune is a model."""
         try:
-            kind, source = engine.use_training_result(job_id)
+            kind, source = engine.use_training_result(engine.own_job(job_id, public, who))
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
         if kind == "model":
             return gr.skip(), gr.update(value=source), gr.Tabs(selected=generate_tab_id)
         return add_lora(current, source)[0], gr.skip(), gr.Tabs(selected=generate_tab_id)
 
-    use_btn.click(use, [job, gen.loras], [gen.loras, gen.model, tabs], api_visibility="private")
+    use_btn.click(use, [job, visitor, gen.loras], [gen.loras, gen.model, tabs], api_visibility="private")
 
-    def make_zip(job_id: str):
+    def make_zip(job_id: str, who: str | None):
         try:
-            return str(engine.jobs.zip_result(job_id)), ""
+            return str(engine.jobs.zip_result(engine.own_job(job_id, public, who))), ""
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
 
-    zip_btn.click(make_zip, job, [zip_file, result_note], api_visibility="private")
+    zip_btn.click(make_zip, [job, visitor], [zip_file, result_note], api_visibility="private")
 
     def push(job_id: str, repo_id: str, profile: gr.OAuthProfile | None = None,
              oauth_token: gr.OAuthToken | None = None):
-        visitor = (profile.username, oauth_token.token) if profile and oauth_token else None
+        login = (profile.username, oauth_token.token) if profile and oauth_token else None
         try:
-            return f"Pushed to {engine.push_result(job_id, repo_id, public, visitor)} (private)"
+            return f"Pushed to {engine.push_result(job_id, repo_id, public, login)} (private)"
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
 
