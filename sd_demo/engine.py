@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 from . import hub
 from .generate import GenerationParams, GenerationResult, StepEvent, generate
 from .infotext import format_infotext, write_png
-from .models import EMBEDDED_DIR, LoadedModel, PipelineCache, parse_model_ref, public_name
+from .models import DEFAULT_STEPS, EMBEDDED_DIR, LoadedModel, PipelineCache, parse_model_ref, public_name
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class EngineSettings:
 
 @dataclass
 class ModelDefaults:
-    """What the UI sets its controls to when a model loads: its native size, card CFG scale and sampler, the
+    """What the UI sets its controls to when a model loads: its native size, card CFG scale, sampler and steps, the
     deepest clip skip its text encoder has layers for, and the example prompts its card lists."""
 
     status: str
@@ -48,6 +48,7 @@ class ModelDefaults:
     sampler: str
     max_clip_skip: int
     examples: tuple[str, ...] = ()
+    steps: int = DEFAULT_STEPS
 
 
 @dataclass
@@ -141,6 +142,13 @@ class Engine:
             return "embedded" if m.ref.source == "embedded" else m.family
         return (peek(spec or self.settings.model) or ("sdxl",))[0]
 
+    def default_steps(self, spec: str | None = None) -> int:
+        """The steps a request that names none gets: the loaded model's for None, else read from the card."""
+        from .models import peek_steps
+
+        m = self.cache.current
+        return m.default_steps if spec is None and m is not None else peek_steps(spec or self.settings.model)
+
     def model_status(self) -> str:
         m = self.cache.current
         return m.describe() if m else "no model loaded"
@@ -152,7 +160,7 @@ class Engine:
             raise ValueError("no model loaded")
         m = self.load(spec) if spec else self.cache.current
         return ModelDefaults(m.describe(), m.default_size, m.default_guidance, m.default_sampler, m.max_clip_skip,
-                             m.examples)
+                             m.examples, m.default_steps)
 
     # ------------------------------------------------------------------ the Hub and the cache (the Models tab)
     def search_hub(self, text: str, kind: str = "model", sort: str = "downloads",

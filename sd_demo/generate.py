@@ -43,7 +43,8 @@ def _f(default, help: str, flag: str | None = None, **kw):
 class GenerationParams:
     prompt: str = _f("", "what to draw")
     negative_prompt: str = _f("", "what to avoid")
-    steps: int = _f(20, f"denoising steps, 1-{MAX_STEPS} (20 is A1111's default)")
+    steps: int | None = _f(None, f"denoising steps, 1-{MAX_STEPS} (default: what the model card recommends, else "
+                                 f"A1111's 20)", type=int)
     guidance_scale: float | None = _f(None, "CFG scale: how strongly to follow the prompt (0 = ignore it; default: "
                                          "what the model card recommends, else 7)", flag="--guidance", type=float)
     width: int | None = _f(None, "image width in px, multiple of 8 (default: the model's native size)")
@@ -63,12 +64,12 @@ class GenerationParams:
 
         _check_text("prompt", self.prompt)
         _check_text("negative_prompt", self.negative_prompt)
-        p = replace(self, steps=_whole("steps", self.steps), seed=_whole("seed", self.seed),
+        p = replace(self, steps=_whole("steps", self.steps, optional=True), seed=_whole("seed", self.seed),
                     width=_whole("width", self.width, optional=True),
                     height=_whole("height", self.height, optional=True),
                     guidance_scale=_number("guidance_scale", self.guidance_scale, optional=True),
                     batch_size=_whole("batch_size", self.batch_size), clip_skip=_whole("clip_skip", self.clip_skip))
-        if not 1 <= p.steps <= MAX_STEPS:
+        if p.steps is not None and not 1 <= p.steps <= MAX_STEPS:
             bad("steps", f"{p.steps} is out of range; use 1 to {MAX_STEPS}")
         if p.guidance_scale is not None and not 0 <= p.guidance_scale <= 50:
             bad("guidance_scale", f"{p.guidance_scale:g} is out of range; use 0 to 50")
@@ -182,6 +183,7 @@ def check_inputs(model: LoadedModel, params: GenerationParams) -> GenerationPara
         width=p.width or size,
         height=p.height or size,
         seed=resolve_seed(p.seed),
+        steps=p.steps or model.default_steps,
         guidance_scale=model.default_guidance if p.guidance_scale is None else p.guidance_scale,
         sampler=p.sampler or model.default_sampler,
     )

@@ -149,24 +149,36 @@ def recommended_sampler(folder: Path) -> str | None:
     return value
 
 
-def recommended_guidance(folder: Path) -> float | None:
-    """The CFG scale a model's card recommends, in the Hub's convention for widget settings: README.md front matter
-    ``inference: {parameters: {guidance_scale: X}}``. None when the card says nothing usable."""
-    card = Path(folder) / "README.md"
-    meta = card_metadata(folder)
-    inference = meta.get("inference")
+def _card_parameter(folder: Path, name: str, kind: type, low: float, high: float):
+    """One generation setting a model's card recommends, in the Hub's convention for widget settings: README.md
+    front matter ``inference: {parameters: {NAME: X}}``. None when the card says nothing usable."""
+    inference = card_metadata(folder).get("inference")
     params = inference.get("parameters") if isinstance(inference, dict) else None
-    value = params.get("guidance_scale") if isinstance(params, dict) else None
+    value = params.get(name) if isinstance(params, dict) else None
     if value is None:
         return None
     try:
-        guidance = float(value)
+        number = kind(value)
     except (TypeError, ValueError):
-        guidance = None
-    if guidance is None or not 0 <= guidance <= 50:
-        log.warning("%s: guidance_scale %r is not a number from 0 to 50; using the default", card, value)
+        number = None
+    if number is None or number != float(value) or not low <= number <= high:
+        log.warning("%s: %s %r is not a number from %g to %g; using the default", Path(folder) / "README.md", name,
+                    value, low, high)
         return None
-    return guidance
+    return number
+
+
+def recommended_guidance(folder: Path) -> float | None:
+    """The CFG scale a model's card recommends (``inference.parameters.guidance_scale``), or None."""
+    return _card_parameter(folder, "guidance_scale", float, 0, 50)
+
+
+def recommended_steps(folder: Path) -> int | None:
+    """The step count a model's card recommends (``inference.parameters.num_inference_steps``: a distilled model's
+    1-8), or None."""
+    from .generate import MAX_STEPS  # (generate imports this module)
+
+    return _card_parameter(folder, "num_inference_steps", int, 1, MAX_STEPS)
 
 
 def plan_download(files: list[str], repo_label: str, *, want_fp16: bool, allow_pickle: bool) -> WeightPlan:

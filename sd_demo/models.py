@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_DIR = ASSETS / "shapes-sd"
 DEFAULT_GUIDANCE = 7.0  # A1111's CFG scale, for models whose card recommends none
+DEFAULT_STEPS = 20  # A1111's step count, likewise
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("auto", "sdpa", "xformers")
@@ -215,6 +216,7 @@ class LoadedModel:
     default_size: int  # native resolution in px
     default_guidance: float = DEFAULT_GUIDANCE  # CFG scale when a request names none (the model card's)
     default_sampler: str = DEFAULT_SAMPLER  # sampler when a request names none (the model card's)
+    default_steps: int = DEFAULT_STEPS  # steps when a request names none (the model card's: distilled models 1-8)
     examples: tuple[str, ...] = ()  # example prompts from the model card (its widget)
     base_scheduler_config: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per pipeline
@@ -385,6 +387,12 @@ def peek(spec: str) -> tuple[str, int] | None:
         return None
 
 
+def peek_steps(spec: str) -> int:
+    """The steps a request that names none gets from a model (its card's, else A1111's 20), without loading it."""
+    folder = _local_files(spec, ["README.md"])
+    return (hub.recommended_steps(folder) if folder else None) or DEFAULT_STEPS
+
+
 def peek_tokenizer(spec: str) -> CLIPTokenizer | None:
     """A model's (first) tokenizer when its files are on this machine, without loading the model: what the
     Training tab needs to name the trigger it will find before a run starts. None when not here (not remembered,
@@ -514,6 +522,7 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
              dtype_name(plan.dtype), plan.attention_reason)
     guidance = hub.recommended_guidance(plan.folder)
     sampler = hub.recommended_sampler(plan.folder)
+    steps = hub.recommended_steps(plan.folder)
     return LoadedModel(
         pipe=pipe,
         ref=plan.ref,
@@ -526,6 +535,7 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
         default_size=plan.size,
         default_guidance=DEFAULT_GUIDANCE if guidance is None else guidance,  # 0 is real (distilled models)
         default_sampler=sampler or DEFAULT_SAMPLER,
+        default_steps=steps or DEFAULT_STEPS,
         examples=tuple(hub.card_examples(plan.folder)),
         base_scheduler_config=dict(pipe.scheduler.config),
     )

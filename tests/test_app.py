@@ -76,8 +76,9 @@ def test_missing_lora_is_named(client):
     assert "lora: '/no/such/lora' not found" in str(err.value)
 
 
-def test_loading_a_model_sets_its_native_size_and_recommended_cfg_and_sampler():
-    """The Load button moves the sliders to the new model's native size and its card's CFG scale and sampler."""
+def test_loading_a_model_sets_its_native_size_and_recommended_cfg_sampler_and_steps():
+    """The Load button moves the sliders to the new model's native size and its card's CFG scale, sampler and
+    steps."""
     import types
 
     from sd_demo.ui.generate import _load_model_fn
@@ -85,13 +86,14 @@ def test_loading_a_model_sets_its_native_size_and_recommended_cfg_and_sampler():
     from sd_demo.engine import Engine
 
     loaded = types.SimpleNamespace(describe=lambda: "**m** loaded", default_size=768, default_guidance=4.5,
-                                   default_sampler="Euler a", max_clip_skip=3, examples=("a red circle",))
+                                   default_sampler="Euler a", max_clip_skip=3, examples=("a red circle",),
+                                   default_steps=4)
     engine = types.SimpleNamespace(load=lambda name: loaded, cache=types.SimpleNamespace(current=None))
     engine.defaults = lambda name: Engine.defaults(engine, name)  # the engine's rule, over a stub model
     engine.chosen_model = lambda name, public: name
-    status, width, height, cfg, sampler, clip, examples = _load_model_fn(engine, False)(
+    status, width, height, cfg, sampler, steps, clip, examples = _load_model_fn(engine, False)(
         "m", 5, progress=lambda *a, **k: None)
-    assert (status, width, height, cfg, sampler) == ("**m** loaded", 768, 768, 4.5, "Euler a")
+    assert (status, width, height, cfg, sampler, steps) == ("**m** loaded", 768, 768, 4.5, "Euler a", 4)
     assert (clip["maximum"], clip["value"]) == (3, 3)  # the clip-skip slider ends at the model's depth
     assert examples["samples"] == [["a red circle"]]  # the card's example prompts
 

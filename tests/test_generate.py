@@ -242,7 +242,7 @@ def test_latent_samplers_do_not_clip_x0_to_the_pixel_range(sampler):
 
 
 @pytest.mark.parametrize("field,value,match", [
-    ("width", "abc", "width: 'abc' is not a number"), ("steps", None, "steps: missing"),
+    ("width", "abc", "width: 'abc' is not a number"), ("batch_size", None, "batch_size: missing"),
     ("width", 64.5, "width: 64.5 is not a whole number"), ("seed", 1.5, "seed: 1.5 is not a whole number"),
     ("guidance_scale", "lots", "guidance_scale: 'lots' is not a number"),
     ("guidance_scale", float("nan"), "guidance_scale: nan is not a number"),

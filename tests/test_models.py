@@ -159,6 +159,27 @@ def test_model_card_recommends_the_default_cfg_scale(tiny_model_dirs, tmp_path, 
         assert named.images[0].tobytes() != run.images[0].tobytes()
 
 
+@pytest.mark.parametrize("value, expected", [(4, 4), ("2", 2), (0, 20), (2.5, 20), ("many", 20), (None, 20)])
+def test_model_card_recommends_the_default_steps(tiny_model_dirs, tmp_path, value, expected):
+    """A distilled model's card says how few steps it needs (inference.parameters.num_inference_steps): a request
+    that names none gets that many (unusable values: A1111's 20); a named count wins."""
+    import shutil
+
+    from sd_demo.generate import GenerationParams, generate
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dirs["sd15"], folder)
+    params = "" if value is None else f"inference:\n  parameters:\n    num_inference_steps: {value}\n"
+    (folder / "README.md").write_text(f"---\nlicense: mit\n{params}---\n# A model\n")
+    model = load_model(str(folder))
+    assert model.default_steps == expected
+    seen = []
+    run = generate(model, GenerationParams(prompt="a red circle", seed=1), on_step=seen.append)
+    assert run.infotexts[0].params["Steps"] == expected and len(seen) == expected
+    named = generate(model, GenerationParams(prompt="a red circle", seed=1, steps=3))
+    assert named.infotexts[0].params["Steps"] == 3
+
+
 def test_download_plan_brings_the_model_card():
     files = ["model_index.json", "README.md", "docs/README.md", "unet/config.json",
              "unet/diffusion_pytorch_model.safetensors"]

@@ -28,7 +28,7 @@ def test_clip_skip_slider_ends_at_the_loaded_models_depth(engine, tiny_model_dir
 
 
 @pytest.mark.parametrize("kw,message", [
-    ({"width": "abc"}, "width: 'abc' is not a number"), ({"steps": None}, "steps: missing"),
+    ({"width": "abc"}, "width: 'abc' is not a number"), ({"batch_size": None}, "batch_size: missing"),
     ({"seed": 1.5}, "seed: 1.5 is not a whole number"), ({"height": 64.5}, "height: 64.5 is not a whole number"),
     ({"clip_skip": 3}, "clip_skip: 3 is out of range for this model"),
 ])

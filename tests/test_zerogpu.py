@@ -5,7 +5,6 @@ import pytest
 
 from sd_demo import zerogpu
 from sd_demo.engine import Engine, EngineSettings
-from sd_demo.generate import GenerationParams
 from sd_demo.ui.generate import make_generate_fn, on_gpu
 
 spaces = pytest.importorskip("spaces")
@@ -58,7 +57,7 @@ def test_the_generate_handler_asks_for_its_own_duration(monkeypatch, tiny_model_
         add_tools(engine, public=False)  # the MCP tool, read by the same rule (one image; steps 0: the default)
     tool = asked["duration"]
     assert tool("a cat", "", 100, 1024, 512) == zerogpu.generation_seconds("sd1", 100, 1024, 512, 1) > zerogpu.MIN_S
-    assert tool("a cat") == zerogpu.generation_seconds("sd1", GenerationParams.steps, None, None, 1)
+    assert tool("a cat") == zerogpu.generation_seconds("sd1", 20, None, None, 1)  # the card names no steps
 
 
 def test_training_is_refused_on_zerogpu(monkeypatch, tmp_path):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from .. import zerogpu
-from ..engine import Engine
+from ..engine import Engine, ModelDefaults
 from ..generate import MAX_BATCH, MAX_CLIP_SKIP, MAX_SIDE, MAX_STEPS, GenerationParams
 from ..infotext import format_infotext
 from ..models import DEFAULT_GUIDANCE, parse_lora, parse_loras
@@ -61,7 +61,7 @@ def make_generate_fn(engine: Engine, public: bool):
         negative_prompt: str = "",
         sampler: str | None = None,  # None (API callers): the model's recommended sampler
         schedule: str = GenerationParams.schedule,
-        steps: int = GenerationParams.steps,
+        steps: int | None = None,  # None (API callers): the model's recommended steps
         guidance_scale: float | None = None,  # None (API callers): the model's recommended CFG scale
         width: int | None = None,
         height: int | None = None,
@@ -82,7 +82,7 @@ def make_generate_fn(engine: Engine, public: bool):
             negative_prompt: What they should not show.
             sampler: An A1111 sampler name ("Euler a", "DPM++ 2M", ...); empty for the model's recommended one.
             schedule: The noise schedule ("Automatic", "Karras", "Exponential", ...).
-            steps: Denoising steps, 1 to 150.
+            steps: Denoising steps, 1 to 150; empty for the model's recommended count.
             guidance_scale: Classifier-free guidance scale; empty for the model's recommended one.
             width: Width in pixels (multiple of 8, 64 to 2048); empty for the model's own size.
             height: Height in pixels (multiple of 8, 64 to 2048); empty for the model's own size.
@@ -145,9 +145,9 @@ def on_gpu(engine: Engine, public: bool, handler):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             v = bound.arguments
-            family = engine.family(engine.chosen_model(v["model"] or None, public))
-            return zerogpu.generation_seconds(family, int(v["steps"] or GenerationParams.steps), int(v["width"] or 0),
-                                              int(v["height"] or 0), int(v.get("batch_size", 1)))
+            model = engine.chosen_model(v["model"] or None, public)
+            return zerogpu.generation_seconds(engine.family(model), int(v["steps"] or engine.default_steps(model)),
+                                              int(v["width"] or 0), int(v["height"] or 0), int(v.get("batch_size", 1)))
         except (TypeError, ValueError, OverflowError):
             return zerogpu.MIN_S
 
@@ -186,7 +186,7 @@ def _load_model_fn(engine: Engine, public: bool):
         # (an update as gr.Dataset(samples=...) would lose them: gradio keeps its samples processed without
         # components)
         examples = gr.update(samples=[[e] for e in d.examples], visible=bool(d.examples))
-        return d.status, d.size, d.size, d.guidance, d.sampler, clip, examples
+        return d.status, d.size, d.size, d.guidance, d.sampler, d.steps, clip, examples
 
     return load
 
@@ -198,11 +198,8 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     visitor = visitor if visitor is not None else gr.State(None)
     try:
         d = engine.defaults()
-        size, guidance, default_sampler, max_clip_skip, examples = (d.size, d.guidance, d.sampler, d.max_clip_skip,
-                                                                    d.examples)
     except ValueError:  # the start-up model failed to load (the notice says so): A1111's defaults
-        size, guidance, default_sampler, max_clip_skip, examples = (512, DEFAULT_GUIDANCE, DEFAULT_SAMPLER,
-                                                                    MAX_CLIP_SKIP, ())
+        d = ModelDefaults("", 512, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, MAX_CLIP_SKIP)
     with gr.Row():
         model = gr.Dropdown(engine.model_choices(public), value=engine.startup_choice(public), label="Model",
                             allow_custom_value=not public, scale=4,
@@ -213,20 +210,20 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
         with gr.Column(scale=5):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background")
             # the model card's example prompts (Hub widget): a first image that the model understands, in one click
-            example_list = gr.Dataset(components=[prompt], samples=[[e] for e in examples], label="Examples",
-                                      visible=bool(examples), elem_id="examples")
+            example_list = gr.Dataset(components=[prompt], samples=[[e] for e in d.examples], label="Examples",
+                                      visible=bool(d.examples), elem_id="examples")
             negative = gr.Textbox("", label="Negative prompt", lines=2)
             with gr.Row():
-                sampler = gr.Dropdown(sampler_choices(), value=default_sampler, label="Sampling method",
+                sampler = gr.Dropdown(sampler_choices(), value=d.sampler, label="Sampling method",
                                       info="★ = written in this project")
                 schedule = gr.Dropdown(list(SCHEDULES), value=GenerationParams.schedule, label="Schedule type")
-            steps = gr.Slider(1, MAX_STEPS, value=GenerationParams.steps, step=1, label="Sampling steps")
+            steps = gr.Slider(1, MAX_STEPS, value=d.steps, step=1, label="Sampling steps")
             with gr.Row():
-                width = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Width")
-                height = gr.Slider(64, MAX_SIDE, value=size, step=8, label="Height")
+                width = gr.Slider(64, MAX_SIDE, value=d.size, step=8, label="Width")
+                height = gr.Slider(64, MAX_SIDE, value=d.size, step=8, label="Height")
             with gr.Row():
                 batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
-                cfg = gr.Slider(0, 30, value=guidance, step=0.5, label="CFG scale")
+                cfg = gr.Slider(0, 30, value=d.guidance, step=0.5, label="CFG scale")
             with gr.Row():
                 seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=4)
                 random_btn = gr.Button("🎲", scale=1, min_width=40)
@@ -238,7 +235,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                 trained = gr.Dropdown([] if public else engine.trained_results(), value=None, label="Add a trained result", scale=2,
                                       elem_id="trained-results", info="finished runs of the Train tab")
             with gr.Accordion("Advanced", open=False):
-                clip_skip = gr.Slider(1, max_clip_skip, value=1, step=1, label="Clip skip")
+                clip_skip = gr.Slider(1, d.max_clip_skip, value=1, step=1, label="Clip skip")
         with gr.Column(scale=6):
             with gr.Row():
                 run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
@@ -265,7 +262,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     stop_btn.click(stop, None, None, queue=False, api_visibility="private")
     for trigger in (load_btn.click, model.select):  # the Load button, or picking a model from the list
         trigger(_load_model_fn(engine, public), [model, clip_skip],
-                [model_status, width, height, cfg, sampler, clip_skip, example_list],
+                [model_status, width, height, cfg, sampler, steps, clip_skip, example_list],
                 api_visibility="private", concurrency_id="device", concurrency_limit=1)
     example_list.click(lambda sample: sample[0], example_list, prompt, api_visibility="private")
     random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")

@@ -23,7 +23,7 @@ def add_tools(engine: Engine, public: bool) -> None:
         Args:
             prompt: What the image shows, in plain words (e.g. "a red circle on a blue background").
             negative_prompt: What the image should not show; empty for nothing.
-            steps: Denoising steps, 1 to 150; 0 for the app's default (more is slower, finer).
+            steps: Denoising steps, 1 to 150; 0 for the model's recommended count (more is slower, finer).
             width: Width in pixels, a multiple of 8 from 64 to 2048; 0 for the model's own size.
             height: Height in pixels, a multiple of 8 from 64 to 2048; 0 for the model's own size.
             guidance_scale: How strictly the prompt is followed (classifier-free guidance, 1 to 30); 0 for the
@@ -34,7 +34,7 @@ def add_tools(engine: Engine, public: bool) -> None:
         """
         try:
             params = GenerationParams(prompt=prompt or "", negative_prompt=negative_prompt or "",
-                                      steps=steps or GenerationParams.steps, width=width or None,
+                                      steps=steps or None, width=width or None,
                                       height=height or None, guidance_scale=guidance_scale or None,
                                       sampler=sampler or None, seed=seed, batch_size=1).validate()
             # as the Generate tab runs: waits while training holds the GPU; the result is the last update
