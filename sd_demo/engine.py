@@ -6,6 +6,7 @@ values and gets plain values back (images, paths, text), and never imports torch
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import os
 import queue
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import hub
+from . import hub, zerogpu
 from .generate import GenerationParams, GenerationResult, StepEvent, generate
 from .infotext import format_infotext, write_png
 from .models import DEFAULT_STEPS, EMBEDDED_DIR, LoadedModel, PipelineCache, parse_model_ref, public_name
@@ -49,6 +50,17 @@ class ModelDefaults:
     max_clip_skip: int
     examples: tuple[str, ...] = ()
     steps: int = DEFAULT_STEPS
+
+
+class _Stop(threading.Event):
+    """A run's Stop flag: set in this process, or (ZeroGPU) by another process through the file ``marker``."""
+
+    def __init__(self, marker: Path | None = None):
+        super().__init__()
+        self.marker = marker
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self.marker is not None and self.marker.exists())
 
 
 @dataclass
@@ -375,13 +387,22 @@ class Engine:
     def cancel(self, job: str = "default") -> bool:
         """Ask ``job`` to stop after its current step (the Stop button); False when it is not running.
 
-        Keyed per job so that on a shared link one visitor's Stop never stops another visitor's image.
+        Keyed per job so that on a shared link one visitor's Stop never stops another visitor's image. On ZeroGPU
+        the run is in the worker process ZeroGPU forked for the request, which sees a file, not this process's flag.
         """
         with self._jobs_lock:
             event = self._jobs.get(job)
         if event is not None:
             event.set()
+        elif zerogpu.active():
+            marker = self._stop_marker(job)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            return True
         return event is not None
+
+    def _stop_marker(self, job: str) -> Path:
+        return Path(self.settings.outputs) / ".stop" / hashlib.sha256(job.encode()).hexdigest()[:32]
 
     def generating(self, job: str = "default") -> bool:
         with self._jobs_lock:
@@ -400,7 +421,10 @@ class Engine:
         loaded = self.load(model)
         with loaded.lock:
             loaded.set_loras(loras or [])
-        cancel = threading.Event()
+        marker = self._stop_marker(job) if zerogpu.active() else None
+        if marker is not None:
+            marker.unlink(missing_ok=True)  # a Stop pressed after the last run ended
+        cancel = _Stop(marker)
         with self._jobs_lock:
             self._jobs[job] = cancel
         try:
@@ -408,6 +432,8 @@ class Engine:
         finally:
             with self._jobs_lock:
                 self._jobs.pop(job, None)
+            if marker is not None:
+                marker.unlink(missing_ok=True)
         if loras:  # infotext names them (A1111 puts <lora:name:scale> in the prompt; we keep the prompt as typed)
             for info in result.infotexts:
                 version = info.params.pop("Version", None)

@@ -20,6 +20,12 @@ OVERHEAD_S = 10  # the worker's start, moving the model to the GPU, text encodin
 MIN_S, MAX_S = 15, 300  # ZeroGPU's own floor and its longest slot for a signed-in visitor's call
 
 
+# A training job trains in slices of one GPU call each (sd_demo.train.jobs.run_slice): the call asks for SLICE_S, of
+# which the last SLICE_END_S are kept for the checkpoint after the step in flight (loading the model and caching the
+# data fall inside the slice, so a longer slice wastes less of the visitor's quota on them).
+SLICE_S, SLICE_END_S = 120, 30
+
+
 def active() -> bool:
     """On a ZeroGPU Space (the variable the ``spaces`` package reads)."""
     return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")

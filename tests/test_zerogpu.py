@@ -60,11 +60,88 @@ def test_the_generate_handler_asks_for_its_own_duration(monkeypatch, tiny_model_
     assert tool("a cat") == zerogpu.generation_seconds("sd1", 20, None, None, 1)  # the card names no steps
 
 
-def test_training_is_refused_on_zerogpu(monkeypatch, tmp_path):
+def test_on_zerogpu_a_job_trains_in_gpu_slices_and_ends_as_an_unsliced_run_does(monkeypatch, tiny_model_dirs,
+                                                                                 tmp_path):
+    """ZeroGPU lends its GPU only inside a request: a job trains in slices of one GPU call each, every slice ending
+    with a checkpoint and the job paused, and the last ends where one uninterrupted run ends. In the Training tab the
+    slices run one after another while the page is open, each under spaces.GPU with the slice's duration, and the job
+    shows as running meanwhile; another visitor of the public app cannot drive them."""
+    import gradio as gr
+    from safetensors.torch import load_file
+
+    import app
     from sd_demo.train import jobs
-    from sd_demo.train.config import TrainConfig
+    from tests.test_jobs import _cfg
 
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    with pytest.raises(ValueError, match="ZeroGPU lends its GPU only inside a request"):
-        jobs.JobManager(tmp_path).start(TrainConfig(method="lora", model="embedded", data=str(tmp_path)))
-    assert not any(tmp_path.iterdir())  # nothing was started or written
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        from PIL import Image
+
+        Image.new("RGB", (64, 64), (40 * i, 120, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a blue zq square {i}")
+    model = tiny_model_dirs["sd15"]
+    manager = jobs.JobManager(tmp_path / "train")
+    whole = manager.start(_cfg(model, data, steps=4, checkpoint_every=0, validation_every=0))
+    assert manager.state(whole) == jobs.PAUSED  # nothing runs outside a request
+    assert manager.run_slice(whole, 10**6) == jobs.FINISHED  # one long slice: the whole run
+
+    asked, seen = [], []
+
+    def gpu(fn=None, duration=None):  # spaces.GPU's stand-in for the slices: what a ZeroGPU Space would be told
+        def decorate(f):
+            if f.__name__ != "gpu_slice":  # the Generate tab's handlers
+                return f
+
+            def call(job_id):
+                seen.append(demo.engine.jobs.state(job_id))
+                return f(job_id)
+            asked.append(duration)
+            return call
+        return decorate(fn) if fn else decorate
+
+    monkeypatch.setattr(spaces, "GPU", gpu)
+    monkeypatch.setattr(zerogpu, "SLICE_END_S", zerogpu.SLICE_S)  # a slice of no time: one step each
+    demo = app.build_demo(app.parse_args(["--model", str(model), "--outputs", str(tmp_path / "out"), "--share",
+                                          "--allow-training"]))
+    train_slices = next(f.fn for f in demo.fns.values() if f.fn.__qualname__.endswith("train_slices"))
+    job = demo.engine.jobs.start(_cfg(model, data, steps=4, checkpoint_every=0, validation_every=0), owner="~ann")
+    with pytest.raises(gr.Error, match="no training job"):
+        next(train_slices(job, "~bob"))
+    shown = list(train_slices(job, "~ann"))
+    assert asked == [zerogpu.SLICE_S] and seen == [jobs.RUNNING] * 4  # 4 slices of 1 step, each shown running
+    assert [s[1].split("**")[1] for s in shown] == [jobs.PAUSED] * 3 + [jobs.FINISHED]
+    assert "paused at step 1" in shown[0][1]
+    a, b = (load_file(str(f / "pytorch_lora_weights.safetensors"))
+            for f in (demo.engine.jobs.folder(job), manager.folder(whole)))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_on_zerogpu_stop_reaches_the_run_in_zerogpus_worker_process(monkeypatch, tiny_model_dirs, tmp_path):
+    """On ZeroGPU a generation runs in a worker process that ZeroGPU forks for the request: its memory is a copy,
+    so the Stop button (handled in the app's own process) reaches it through the outputs folder. Two engines over
+    one folder stand in for the two processes."""
+    import threading
+
+    from sd_demo.generate import GenerationParams
+
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    settings = EngineSettings(model=str(tiny_model_dirs["sd15"]), outputs=str(tmp_path))
+    app_side, worker = Engine(settings), Engine(settings)
+    stepping, out = threading.Event(), {}
+
+    def run():
+        out["result"], _ = worker.generate(GenerationParams(prompt="x", steps=150, seed=1), job="visitor-1",
+                                           on_step=lambda ev: stepping.set())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert stepping.wait(120)
+    assert not app_side.generating("visitor-1")  # the run is not in this process
+    assert app_side.cancel("visitor-1")
+    thread.join(120)
+    assert 0 < out["result"].interrupted_at < 150
+    assert not any((tmp_path / ".stop").iterdir())  # the marker went with the run: the next one is not stopped
+    monkeypatch.delenv("SPACES_ZERO_GPU")
+    assert not app_side.cancel("visitor-1")  # off ZeroGPU a run elsewhere is not this engine's to stop

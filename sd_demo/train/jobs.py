@@ -7,9 +7,15 @@ restarted server reads the folder again, and a job whose process is gone without
 A crash in training (even out of memory) takes down only its own process.
 
 ``python -m sd_demo.train.jobs DIR`` is the process: it trains the folder's config and writes the files.
+
+On ZeroGPU (sd_demo.zerogpu) a GPU is lent only inside a request, to a process ZeroGPU forks for it: a job there
+trains in slices (``run_slice``), each one such call that ends with a checkpoint when its time is up, and waits
+"paused" in between; the Training tab calls the next slice while the visitor's page is open, and Resume goes on
+after they leave.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -29,12 +35,12 @@ from .config import TrainConfig
 log = logging.getLogger(__name__)
 
 JOB, EVENTS, STATUS, LOG, STOP = "job.json", "events.jsonl", "status.json", "train.log", "STOP"
-RUNNING, FINISHED, STOPPED, FAILED, CANCELLED, INTERRUPTED = (
-    "running", "finished", "stopped", "failed", "cancelled", "interrupted")
+RUNNING, FINISHED, STOPPED, FAILED, CANCELLED, INTERRUPTED, PAUSED = (
+    "running", "finished", "stopped", "failed", "cancelled", "interrupted", "paused")
 # Working files of a run, never published or downloaded: checkpoints, generated class images, the job's own files.
 NOT_PUBLISHED = ("checkpoints/*", "checkpoints-earlier-*/*", "class_images/*", ".tmp-*", JOB, EVENTS, STATUS, LOG,
                  STOP)
-RESUMABLE = (STOPPED, INTERRUPTED, FAILED)  # a checkpoint may exist: Resume continues from the latest one
+RESUMABLE = (STOPPED, INTERRUPTED, FAILED, PAUSED)  # a checkpoint may exist: Resume continues from the latest one
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -116,17 +122,14 @@ class JobManager:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self._procs: dict[str, subprocess.Popen] = {}  # reaped on poll, so a finished child is no zombie
+        self._slicing: set[str] = set()  # jobs whose slice runs in a request now (ZeroGPU's process for it)
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- start / control
     def start(self, cfg: TrainConfig, name: str | None = None, owner: str | None = None) -> str:
         """A new job folder for ``cfg`` (its ``out`` is set to the folder) and its process; returns the job id.
-        ``owner``: the signed-in visitor who started it (a Space), the only one who may push it."""
-        from .. import zerogpu
-
-        if zerogpu.active():  # the job's own process would train on the CPU of a machine rented for its GPU
-            raise ValueError("train: ZeroGPU lends its GPU only inside a request, not to a training process; "
-                             "train on a Space with a dedicated GPU, or on your own machine")
+        ``owner``: who started it (ui.train.visitor_state), on a public app the only one who may see it. On ZeroGPU
+        the job is left paused for ``run_slice``."""
         with self._lock:
             self._refuse_if_busy()
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -136,7 +139,7 @@ class JobManager:
             cfg.out, cfg.overwrite, cfg.resume = str(folder.resolve()), True, None  # the folder holds our files
             cfg.validate()
             _write_json(folder / JOB, {"config": asdict(cfg), "created": stamp, "owner": owner})
-            self._spawn(job_id)
+            self._launch(job_id)
             return job_id
 
     def resume(self, job_id: str, more_steps: int = 0) -> None:
@@ -147,7 +150,7 @@ class JobManager:
             if not view.resumable:
                 raise ValueError(f"job {job_id} is {view.state}; only stopped, interrupted or finished jobs resume")
             folder = self.folder(job_id)
-            if not any((folder / "checkpoints").glob("step-*/state.json")):
+            if not _has_checkpoint(folder) and view.state != PAUSED:  # a paused job's first slice may not have run
                 raise ValueError("this job has no checkpoint yet; start it again instead")
             job = _read_json(folder / JOB)
             cfg = job["config"]
@@ -158,7 +161,30 @@ class JobManager:
             cfg.update(resume="latest", overwrite=False)
             _write_json(folder / JOB, job)
             (folder / STOP).unlink(missing_ok=True)
-            self._spawn(job_id)
+            self._launch(job_id)
+
+    def run_slice(self, job_id: str, seconds: float) -> str:
+        """Train a paused job in this process (ZeroGPU's, inside a GPU call) until ``seconds`` are up: it then
+        checkpoints after its current step (one step at least) and is paused again, unless it finished or was
+        stopped. Returns its state."""
+        folder = self.folder(job_id)
+        if _read_json(folder / STATUS).get("state") != PAUSED:
+            return self.state(job_id)
+        job = _read_json(folder / JOB)  # a later slice goes on from where the last one ended
+        resume = _has_checkpoint(folder)
+        job["config"].update(resume="latest" if resume else None, overwrite=not resume)
+        _write_json(folder / JOB, job)
+        run_job(folder, deadline=time.monotonic() + seconds)
+        return self.state(job_id)
+
+    @contextlib.contextmanager
+    def slicing(self, job_id: str):
+        """Around a ``run_slice`` call made elsewhere (ZeroGPU's process): the job shows as running meanwhile."""
+        self._slicing.add(job_id)
+        try:
+            yield
+        finally:
+            self._slicing.discard(job_id)
 
     def stop(self, job_id: str) -> None:
         """Ask the job to checkpoint and stop after its current step."""
@@ -166,6 +192,8 @@ class JobManager:
 
     def cancel(self, job_id: str) -> None:
         """End the job now, without a checkpoint; its folder and earlier checkpoints stay."""
+        if job_id in self._slicing:  # a slice runs in a process we did not start: it stops at its next step
+            (self.folder(job_id) / STOP).touch()
         status = _read_json(self.folder(job_id) / STATUS)
         pid = status.get("pid")
         if pid and _alive(pid, self.folder(job_id)):
@@ -198,6 +226,8 @@ class JobManager:
         self._reap(job_id)
         status = _read_json(folder / STATUS)
         state = status.get("state", RUNNING)
+        if job_id in self._slicing and state in (RUNNING, PAUSED):
+            return RUNNING
         if state == RUNNING and not (status.get("pid") and _alive(status["pid"], folder)):
             # starting up (no status yet) for a few seconds, else its process is gone without a word
             started = job_started(folder)
@@ -270,6 +300,15 @@ class JobManager:
         if busy:
             raise ValueError(f"training job {busy} is running; one job at a time per device: stop it first")
 
+    def _launch(self, job_id: str) -> None:
+        """Its own process, or on ZeroGPU paused for its first slice."""
+        from .. import zerogpu
+
+        if zerogpu.active():
+            _write_json(self.folder(job_id) / STATUS, {"state": PAUSED})
+        else:
+            self._spawn(job_id)
+
     def _spawn(self, job_id: str) -> None:
         folder = self.folder(job_id)
         (folder / STATUS).unlink(missing_ok=True)
@@ -282,6 +321,10 @@ class JobManager:
         proc = self._procs.get(job_id)
         if proc is not None and (proc.wait(30) if wait else proc.poll()) is not None:
             self._procs.pop(job_id, None)
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return any((folder / "checkpoints").glob("step-*/state.json"))
 
 
 def job_started(folder: Path) -> float:
@@ -322,21 +365,25 @@ def _apply_event(view: JobView, ev: dict) -> None:
 
 
 # -------------------------------------------------------------------- the job's own process
-def _watch_stop(folder: Path, cancel: threading.Event) -> None:
+def _watch_stop(folder: Path, cancel: threading.Event, deadline: float | None, timed_out: threading.Event) -> None:
     while not cancel.is_set():
         if (folder / STOP).exists():
+            cancel.set()
+        elif deadline is not None and time.monotonic() >= deadline:
+            timed_out.set()
             cancel.set()
         time.sleep(0.5)
 
 
-def run_job(folder: Path) -> int:
-    """Train ``folder``'s config, appending events and writing the final status."""
+def run_job(folder: Path, deadline: float | None = None) -> int:
+    """Train ``folder``'s config, appending events and writing the final status. ``deadline`` (time.monotonic):
+    a slice's end, after which it checkpoints and pauses."""
     from .loop import train
 
     cfg = TrainConfig(**_read_json(folder / JOB)["config"])
     _write_json(folder / STATUS, {"state": RUNNING, "pid": os.getpid()})
-    cancel = threading.Event()
-    threading.Thread(target=_watch_stop, args=(folder, cancel), daemon=True).start()
+    cancel, timed_out = threading.Event(), threading.Event()
+    threading.Thread(target=_watch_stop, args=(folder, cancel, deadline, timed_out), daemon=True).start()
     events = open(folder / EVENTS, "a")
 
     def on_event(ev) -> None:
@@ -367,9 +414,15 @@ def run_job(folder: Path) -> int:
         cancel.set()
         events.close()
     state = STOPPED if result.steps < result.preset.cfg.steps else FINISHED
-    with open(folder / EVENTS, "a") as f:  # skipped files, upscaled images, "stopped": shown with the job
-        f.writelines(json.dumps({"step": result.steps, "total": result.preset.cfg.steps, "message": f"warning: {w}"})
-                     + "\n" for w in result.warnings)
+    messages = [f"warning: {w}" for w in result.warnings]  # skipped files, upscaled images, "stopped"
+    if state == STOPPED and timed_out.is_set() and not (folder / STOP).exists():
+        state, messages = PAUSED, [f"paused at step {result.steps} (GPU slice over): the next slice goes on"]
+    if _read_json(folder / STATUS).get("state") == CANCELLED:  # cancelled during a slice: it stays so
+        (folder / STOP).unlink(missing_ok=True)
+        return 0
+    with open(folder / EVENTS, "a") as f:  # shown with the job
+        f.writelines(json.dumps({"step": result.steps, "total": result.preset.cfg.steps, "message": m}) + "\n"
+                     for m in messages)
     _write_json(folder / STATUS, {"state": state, "files": [str(Path(f).relative_to(folder)) for f in result.files
                                                             if Path(f).is_relative_to(folder)]})
     (folder / STOP).unlink(missing_ok=True)

@@ -9,10 +9,12 @@ import secrets
 
 import gradio as gr
 
+from .. import zerogpu
 from ..engine import Engine
 from ..models import public_name
 from ..train.config import Method, config_fields, from_values
 from ..train.autocaption import DEFAULT_CAPTIONER
+from ..train.jobs import PAUSED
 from ..train.presets import PRESETS
 from .generate import GenerateTab, add_lora, user_error
 
@@ -111,6 +113,29 @@ def _runs_table(engine: Engine, public: bool, visitor: str | None) -> list[list]
         rows.append([job, v.state, v.config.get("method", ""), public_name(v.config.get("model", "")),
                      f"{v.step}/{v.total}", loss])
     return rows
+
+
+def _slices(engine: Engine, public: bool):
+    """ZeroGPU: a handler that trains the shown job slice by slice, each slice one GPU call (``spaces.GPU`` lends
+    the GPU to a process it forks for the call), showing the job after each; it ends when the job is no longer
+    paused (finished, stopped, failed), or when the visitor leaves (gradio closes it; Resume goes on later)."""
+    import spaces
+
+    @spaces.GPU(duration=zerogpu.SLICE_S)
+    def gpu_slice(job_id: str) -> str:
+        return engine.jobs.run_slice(job_id, zerogpu.SLICE_S - zerogpu.SLICE_END_S)
+
+    def train_slices(job_id: str, who: str | None):
+        try:
+            engine.own_job(job_id, public, who)
+            while engine.jobs.state(job_id) == PAUSED:
+                with engine.jobs.slicing(job_id):
+                    gpu_slice(job_id)
+                yield _job_outputs(engine, job_id, public, who)
+        except Exception as exc:
+            raise user_error(exc) from None
+
+    return train_slices
 
 
 def data_state() -> gr.BrowserState:
@@ -273,7 +298,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
 
-    train_btn.click(start, form, job_view, api_visibility="private")
+    started = train_btn.click(start, form, job_view, api_visibility="private")
 
     for trigger_event in (method.change, model.change, preset.change, trigger.blur, instance_prompt.blur,
                           captions.input):  # text boxes on blur, not at every keystroke
@@ -308,9 +333,15 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
 
     stop_btn.click(control(lambda j, n: engine.jobs.stop(j)), [job, visitor], job_view, api_visibility="private")
     cancel_btn.click(control(lambda j, n: engine.jobs.cancel(j)), [job, visitor], job_view, api_visibility="private")
-    resume_btn.click(control(lambda j, n: engine.jobs.resume(j)), [job, visitor], job_view, api_visibility="private")
-    more_btn.click(control(lambda j, n: engine.jobs.resume(j, int(n or 0))), [job, visitor, more], job_view,
-                   api_visibility="private")
+    resumed = resume_btn.click(control(lambda j, n: engine.jobs.resume(j)), [job, visitor], job_view,
+                               api_visibility="private")
+    more_steps = more_btn.click(control(lambda j, n: engine.jobs.resume(j, int(n or 0))), [job, visitor, more],
+                                job_view, api_visibility="private")
+    if zerogpu.active():  # the job trains in GPU slices of this visitor's requests, while the page is open
+        slices = _slices(engine, public)
+        for event in (started, resumed, more_steps):
+            event.success(slices, [job, visitor], job_view, api_visibility="private", concurrency_limit=None,
+                          show_progress="hidden")
 
     def select_run(table, who: str | None, evt: gr.SelectData):
         rows = table.values.tolist() if hasattr(table, "values") else table
