@@ -113,7 +113,7 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
             with gr.Tab("Models", id="models"):
                 models_tab.build(engine, gen, public=public)
             with gr.Tab("PNG Info", id="info"):
-                info_tab.build(gen, tabs, "generate", engine, public=public)
+                info_tab.build(gen, tabs, "generate", engine, public=public, visitor=visitor)
         if args.mcp:
             mcp_tools.add_tools(engine, public)
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)

@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 from . import hub, zerogpu
 from .generate import GenerationParams, GenerationResult, StepEvent, generate
 from .infotext import format_infotext, write_png
-from .models import DEFAULT_STEPS, EMBEDDED_DIR, LoadedModel, PipelineCache, parse_model_ref, public_name
+from .models import (DEFAULT_STEPS, EMBEDDED_DIR, LoadedModel, PipelineCache, parse_loras, parse_model_ref,
+                     public_name)
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,26 @@ class Engine:
             return None, None
         return None, (ref.label if not public and ref.source == "hub" and hub.REVISION.match(ref.revision or "main")
                       else None)
+
+    def locate_loras(self, text: str | None, public: bool = False, visitor: str | None = None
+                     ) -> tuple[list[str], list[str], list[str]]:
+        """The LoRAs an image's parameters name ("name:scale, ..."): (entries for the LoRA list, for those here: a
+        Hub LoRA in the cache or a training run of this app; "hub_id:scale" of those to offer downloading; names
+        not found). A public app offers no downloads, and only the visitor's own runs."""
+        here, fetch, unknown = [], [], []
+        runs = {Path(folder).name: folder for _, folder in self.trained_results(public, visitor)}
+        for name, scale in parse_loras(text):
+            if name in runs:
+                here.append(f"{runs[name]}:{scale:g}")
+                continue
+            if hub.REPO_ID.match(name) and not public:
+                try:
+                    here.append(f"{hub.fetch_adapter(name, cached_only=True)}:{scale:g}")
+                except ValueError:
+                    fetch.append(f"{name}:{scale:g}")
+                continue
+            unknown.append(name)
+        return here, fetch, unknown
 
     def cached_models(self) -> list[hub.CachedRepo]:
         """The shipped embedded model and every repo of the HF cache."""
@@ -437,7 +458,7 @@ class Engine:
         if loras:  # infotext names them (A1111 puts <lora:name:scale> in the prompt; we keep the prompt as typed)
             for info in result.infotexts:
                 version = info.params.pop("Version", None)
-                info.params["Lora"] = ", ".join(f"{Path(src).name}:{scale:g}" for src, scale in loras)
+                info.params["Lora"] = ", ".join(f"{hub.adapter_name(src)}:{scale:g}" for src, scale in loras)
                 if version:
                     info.params["Version"] = version
         paths: list[Path] = []

@@ -340,7 +340,7 @@ def params_from_infotext(info: Infotext) -> tuple[GenerationParams, list[str]]:
                 ignored.append(key)
         elif key == "Size" and info.size:
             values["width"], values["height"] = info.size
-        elif key not in ("Model", "Model hash", "Version"):
+        elif key not in ("Model", "Model hash", "Version", "Lora"):  # the model and LoRAs: engine.locate_*
             ignored.append(key)
     sampler = values.get("sampler")
     if sampler is not None and sampler not in SAMPLERS:

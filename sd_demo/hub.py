@@ -403,6 +403,21 @@ def delete_cached(repo_id: str) -> int:
     return strategy.expected_freed_size
 
 
+def adapter_name(source: str) -> str:
+    """How an image's parameters name a LoRA or embedding: its Hub id when it is a repo id or a file of the HF cache
+    (``models--org--name/snapshots/REV/...``), so that PNG Info elsewhere can fetch it; else its file's or folder's
+    name (never a path of this machine)."""
+    if REPO_ID.match(source) and not Path(source).exists():
+        return source
+    parts = Path(os.path.abspath(source)).parts  # not resolve(): a snapshot file links into blobs/
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            repo_id = part[len("models--"):].replace("--", "/", 1)
+            if REPO_ID.match(repo_id):
+                return repo_id
+    return Path(source).name
+
+
 def fetch_adapter(repo_id: str, revision: str | None = None, tqdm_class=None, cached_only: bool = False) -> Path:
     """The one LoRA or embedding file of a repo (diffusers' ``pytorch_lora_weights.safetensors``, else its largest
     .safetensors; never a pickle, never the other files: a repo that keeps every epoch is gigabytes); its path.

@@ -188,26 +188,31 @@ def test_a_public_app_offers_no_download_or_delete(browser, fake_hub, tiny_model
         demo.close()
 
 
-def test_png_info_offers_the_model_an_image_names(hub_models, page_of, tmp_path):
-    """An image made with a Hub model that is not here: Send to Generate says so and offers it; one click
-    downloads it and puts it in the Generate tab's model box."""
+def test_png_info_offers_the_model_and_lora_an_image_names(hub_models, page_of, tiny_model_dirs, tmp_path):
+    """An image made with a Hub model and a Hub LoRA that are not here: Send to Generate says so and offers them;
+    one click downloads both, puts the model in the Generate tab's model box and the LoRA, at the image's strength,
+    in its LoRA list."""
     from PIL import Image
 
     from sd_demo.infotext import Infotext, write_png
 
+    _lora(tiny_model_dirs["sd15"], tmp_path / "lora")
+    hub_models.add("me/red-lora", tmp_path / "lora", tags=("lora",))
     png = tmp_path / "theirs.png"
-    write_png(Image.new("RGB", (64, 64)), png, Infotext("a red circle", "", {"Steps": 3, "Seed": 5,
-                                                                            "Model": "acme/tiny-sd"}))
+    write_png(Image.new("RGB", (64, 64)), png, Infotext("a red circle", "", {
+        "Steps": 3, "Seed": 5, "Model": "acme/tiny-sd", "Lora": "me/red-lora:0.7"}))
     page = page_of()
     page.get_by_role("tab", name="PNG Info").click()
     page.locator("input[type=file]").last.set_input_files(str(png))
     page.wait_for_function("() => document.querySelector('#png-info-text textarea').value.includes('Seed: 5')")
     page.get_by_role("button", name="Send to Generate").click()
     page.locator("#png-info-fetch").wait_for(timeout=WAIT)
-    assert page.locator("#png-info-fetch").inner_text().strip() == "Download acme/tiny-sd"
+    assert page.locator("#png-info-fetch").inner_text().strip() == "Download acme/tiny-sd, me/red-lora"
     _shot(page, tmp_path / "png-info-offer.png")
     page.locator("#png-info-fetch").click()
     page.wait_for_function("() => [...document.querySelectorAll('input')].some(i => i.value === 'acme/tiny-sd')",
                            timeout=WAIT)
     assert page.get_by_label("Model", exact=True).input_value() == "acme/tiny-sd"
     assert hub_models.downloads(HELD)
+    lora, scale = page.locator("#lora textarea").input_value().rsplit(":", 1)
+    assert scale == "0.7" and Path(lora).is_file() and Path(lora).is_relative_to(tmp_path / "hf_cache")

@@ -109,6 +109,20 @@ def test_a_lora_from_a_repo_id_changes_the_image(hub_repos, engine):
     assert np.abs(plain - with_lora).mean() > 1
 
 
+def test_an_images_loras_are_named_by_hub_id_and_found_again(hub_repos, engine, tmp_path):
+    """A LoRA fetched from the Hub is named by its repo id in the image's parameters (not by the cached file's name,
+    which says nothing elsewhere); PNG Info finds it in the cache, offers to download what is missing (not on a
+    public app), and names what it cannot find."""
+    engine.download("acme/tiny-sd")
+    source = engine.download("me/red-lora", "lora")
+    result, _ = engine.generate(GenerationParams(**TINY), model="acme/tiny-sd", save=False, loras=[(source, 0.5)])
+    named = result.infotexts[0].params["Lora"]
+    assert named == "me/red-lora:0.5"
+    here, fetch, unknown = engine.locate_loras(f"{named}, me/other-lora:0.8, my-old-file.safetensors")
+    assert here == [f"{source}:0.5"] and fetch == ["me/other-lora:0.8"] and unknown == ["my-old-file.safetensors"]
+    assert engine.locate_loras("me/other-lora", public=True) == ([], [], ["me/other-lora"])
+
+
 def test_what_is_cached_is_used_in_generate_also_offline(hub_repos, engine, monkeypatch):
     engine.download("acme/tiny-sd")
     downloaded = engine.download("me/red-lora", "lora")

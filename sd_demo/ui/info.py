@@ -6,7 +6,8 @@ import gradio as gr
 from ..engine import Engine
 from ..generate import params_from_infotext
 from ..infotext import Infotext, format_infotext, read_png
-from .generate import GenerateTab
+from ..models import parse_lora
+from .generate import GenerateTab, add_lora
 from .models import download_progress
 
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp"]  # what A1111 and ComfyUI save; gradio refuses others by name
@@ -24,7 +25,17 @@ def read_parameters(path: str | None) -> tuple[str, Infotext | None]:
     return format_infotext(info), info
 
 
-def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engine, public: bool = False) -> None:
+def _names(wanted: dict, quote: str = "") -> str:
+    """The Hub ids of what an image needs and this machine lacks, for a message or a button."""
+    ids = [wanted.get("model"), *(parse_lora(e)[0] for e in wanted.get("loras", []))]
+    return ", ".join(f"{quote}{x}{quote}" for x in ids if x)
+
+
+def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engine, public: bool = False,
+          visitor: gr.State | None = None) -> None:
+    """Lay out the tab and wire its events. ``visitor`` (ui.train.visitor_state): whose training runs an image's
+    LoRAs may name on a public app."""
+    visitor = visitor if visitor is not None else gr.State(None)
     with gr.Row():
         with gr.Column():
             # A file box, not gr.Image: gr.Image opens every upload with PIL first, so a non-image or a huge PNG
@@ -35,8 +46,8 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engi
             text = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="png-info-text")
             send = gr.Button("Send to Generate", variant="primary")
             note = gr.Markdown("")
-            fetch = gr.Button("Download the model", visible=False, elem_id="png-info-fetch")
-            wanted = gr.State(None)  # the Hub id the image names, when it is not on this machine
+            fetch = gr.Button("Download", visible=False, elem_id="png-info-fetch")
+            wanted = gr.State(None)  # {"model": Hub id, "loras": ["id:scale"]} the image names and this machine lacks
     def png_info(path: str | None) -> str:
         """Read the generation parameters (prompt, negative prompt, steps, sampler, CFG scale, seed, size, model)
         that A1111, ComfyUI or this app stored in an image.
@@ -49,7 +60,7 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engi
     image.change(png_info, image, text, api_name="png_info")
     image.change(lambda p: p, image, preview, api_visibility="private")  # the browser draws it; we never decode
 
-    def send_to_generate(path: str | None):
+    def send_to_generate(path: str | None, who: str | None):
         _, info = read_parameters(path)
         if info is None:
             raise gr.Error("drop a PNG with generation parameters first")
@@ -58,23 +69,39 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engi
         values = [params.prompt, params.negative_prompt, params.sampler, params.schedule, params.steps, cfg,
                   params.width or gr.skip(), params.height or gr.skip(), params.seed, params.batch_size,
                   params.clip_skip]
-        msg = f"Not applied: {', '.join(ignored)}" if ignored else ""
         here, hub_id = engine.locate_model(info.params.get("Model"), public)
-        if hub_id:  # stay on this tab: the model must come first
-            return [*values, f"This image was made with `{hub_id}`, which is not here yet: download it below. {msg}",
-                    gr.skip(), gr.skip(), gr.update(visible=True, value=f"Download {hub_id}"), hub_id]
-        return [*values, msg, here or gr.skip(), gr.Tabs(selected=generate_tab_id), gr.update(visible=False), None]
+        loras, fetch_loras, unknown = engine.locate_loras(info.params.get("Lora"), public, who)
+        ignored += [f"LoRA {name} (not here)" for name in unknown]
+        msg = f"Not applied: {', '.join(ignored)}" if ignored else ""
+        lora_text = ", ".join(loras)
+        if hub_id or fetch_loras:  # stay on this tab: they must come first
+            wanted = {"model": hub_id, "loras": fetch_loras}
+            return [*values, f"This image was made with {_names(wanted, '`')}, not here yet: download below. {msg}",
+                    lora_text, gr.skip(), gr.skip(), gr.update(visible=True, value=f"Download {_names(wanted)}"),
+                    wanted]
+        return [*values, msg, lora_text, here or gr.skip(), gr.Tabs(selected=generate_tab_id),
+                gr.update(visible=False), None]
 
-    send.click(send_to_generate, image, [*target.param_components(), note, target.model, tabs, fetch, wanted],
+    send.click(send_to_generate, [image, visitor],
+               [*target.param_components(), note, target.loras, target.model, tabs, fetch, wanted],
                api_visibility="private")
 
-    def download(hub_id: str, progress=gr.Progress()):
+    def download(wanted: dict | None, current: str, progress=gr.Progress()):
+        wanted = wanted or {}
         try:
-            # a stranger's PNG named it: never pickle weights, whatever --allow-pickle says
-            engine.download(hub_id, "model", public, download_progress(progress), allow_pickle=False)
+            # a stranger's PNG named them: never pickle weights, whatever --allow-pickle says
+            if wanted.get("model"):
+                engine.download(wanted["model"], "model", public, download_progress(progress), allow_pickle=False)
+            for entry in wanted.get("loras", []):
+                repo_id, scale = parse_lora(entry)
+                current = add_lora(current, engine.download(repo_id, "lora", public, download_progress(progress)),
+                                   scale)[0]
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
-        return (f"Downloaded `{hub_id}`.", gr.update(choices=engine.model_choices(public), value=hub_id),
-                gr.Tabs(selected=generate_tab_id), gr.update(visible=False))
+        model = (gr.update(choices=engine.model_choices(public), value=wanted["model"]) if wanted.get("model")
+                 else gr.skip())
+        return (f"Downloaded {_names(wanted, '`')}.", current, model, gr.Tabs(selected=generate_tab_id),
+                gr.update(visible=False))
 
-    fetch.click(download, wanted, [note, target.model, tabs, fetch], api_visibility="private")
+    fetch.click(download, [wanted, target.loras], [note, target.loras, target.model, tabs, fetch],
+                api_visibility="private")
