@@ -6,6 +6,7 @@ values and gets plain values back (images, paths, text), and never imports torch
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import logging
 import os
@@ -13,6 +14,7 @@ import queue
 import secrets
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -96,6 +98,48 @@ def save_result(result: GenerationResult, folder: Path) -> list[Path]:
     return paths
 
 
+class DeviceThread:
+    """The one OS thread that runs this process's torch work (loading, generating, captioning).
+
+    PyTorch's CPU ops run on an OpenMP thread team per calling thread, and while a second live thread has a team
+    (the main thread that loaded the model, gradio's long-lived handler threads) both run at about half speed on
+    a 2-core machine: 0.83 s an image on the embedded model becomes 1.55 s (BENCHMARKS.md, issue 19). A process
+    forked later (ZeroGPU's worker) starts a thread of its own: the parent's is not copied into it."""
+
+    def __init__(self):
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._here = threading.local()
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="sd_demo-device", initializer=self._mark)
+            return self._pool.submit(fn, *args, **kwargs)
+
+    def call(self, fn, *args, **kwargs):
+        """``fn(...)`` on the device thread (directly when already on it), its result or exception here."""
+        if getattr(self._here, "pid", None) == os.getpid():
+            return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
+
+    def _mark(self) -> None:
+        self._here.pid = os.getpid()
+
+
+DEVICE = DeviceThread()
+
+
+def on_device(method):
+    """Run an Engine method on the device thread (DeviceThread)."""
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        return DEVICE.call(method, *args, **kwargs)
+    return call
+
+
 class Engine:
     def __init__(self, settings: EngineSettings | None = None):
         from .train.jobs import JobManager
@@ -107,6 +151,7 @@ class Engine:
         self._jobs_lock = threading.Lock()
 
     # ------------------------------------------------------------------ models
+    @on_device
     def load(self, spec: str | None = None, tqdm_class=None) -> LoadedModel:
         s = self.settings
         return self.cache.get(
@@ -300,6 +345,7 @@ class Engine:
 
         return staging.write_captions(self._staged(folder), rows)
 
+    @on_device
     def auto_caption(self, folder: str, model_id: str, trigger: str | None = None, overwrite: bool = False,
                      public: bool = False):
         """Caption a staged folder's images with an image-to-text model (see train.autocaption): (inventory,
@@ -429,6 +475,7 @@ class Engine:
         with self._jobs_lock:
             return job in self._jobs
 
+    @on_device
     def generate(
         self,
         params: GenerationParams,
@@ -479,26 +526,22 @@ class Engine:
             yield RunUpdate(waiting=self.training_note())
             time.sleep(poll)
         events: queue.Queue = queue.Queue()
-        box: dict = {}
+        gone = threading.Event()  # the caller left before the run started: it does not start
 
         def work():
             try:
-                box["out"] = self.generate(params, model=model, on_step=events.put, job=job, loras=loras)
-            except Exception as exc:  # handed to the caller's thread below
-                box["err"] = exc
+                return None if gone.is_set() else self.generate(params, model=model, on_step=events.put, job=job,
+                                                                loras=loras)
             finally:
                 events.put(None)
 
-        worker = threading.Thread(target=work, daemon=True, name="sd_demo-generate")
-        worker.start()
+        done = DEVICE.submit(work)
         try:
             while (ev := events.get()) is not None:
                 yield RunUpdate(step=ev)
         finally:
-            if worker.is_alive():
+            gone.set()
+            if not done.done():
                 self.cancel(job)
-        worker.join()
-        if "err" in box:
-            raise box["err"]
-        result, paths = box["out"]
+        result, paths = done.result()  # its exception, if it failed, is raised here
         yield RunUpdate(result=result, paths=paths)

@@ -292,3 +292,35 @@ def test_clip_skip_is_checked_against_the_text_encoder(loaded_models, kind, deep
     for beyond in (deepest + 1, 12):
         with pytest.raises(ValueError, match=f"clip_skip: {beyond} is out of range for this model.*use 1 to {deepest}"):
             run(m, clip_skip=beyond)
+
+
+def test_all_torch_work_runs_on_one_device_thread(tiny_model_dirs, tmp_path, monkeypatch):
+    """PyTorch's CPU ops run on an OpenMP team per calling thread, and a second live team halves the speed of both
+    on a 2-core machine (issue 19: 0.83 -> 1.55 s an image). So loading and generating, called from any thread
+    (the main one, gradio's handlers, a stream's consumer), run on the one device thread."""
+    import threading
+
+    from sd_demo import engine as engine_module
+    from sd_demo import models
+
+    seen = []
+
+    def recorded(fn):
+        def call(*args, **kwargs):
+            seen.append((fn.__name__, threading.get_ident()))
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(engine_module, "generate", recorded(engine_module.generate))
+    monkeypatch.setattr(models, "load_planned", recorded(models.load_planned))
+    engine = engine_module.Engine(engine_module.EngineSettings(model=str(tiny_model_dirs["sd15"]), outputs=str(tmp_path)))
+    params = GenerationParams(prompt="x", steps=2, seed=1)
+    engine.load()
+    engine.generate(params)
+    elsewhere = threading.Thread(target=lambda: engine.generate(params))
+    elsewhere.start()
+    elsewhere.join()
+    assert list(engine.run(params))[-1].result.images
+    assert [name for name, _ in seen] == ["load_planned"] + ["generate"] * 3
+    threads = {ident for _, ident in seen}
+    assert len(threads) == 1 and not threads & {threading.get_ident(), elsewhere.ident}
