@@ -1,0 +1,280 @@
+"""Issue 19's suite: every row is ours against stock diffusers (or the in-process call), measured alternately in one
+run on the same machine, with the ratio, each side's peak RSS and how far the outputs differ.
+
+    python -m benchmarks [--runs 3] [--sd15-sizes 256,512] [--sd15-steps 4] [--skip-sd15] [--skip-app]
+
+Rows:
+1. the embedded model (128 px, 20 steps, its card's sampler and CFG): stock ``StableDiffusionPipeline`` vs
+   ``Engine.generate``; and the app end to end (gradio_client against ``python app.py`` in a child process) vs
+   ``Engine.generate`` in this process.
+2. SD 1.5's architecture with random weights (``benchmarks/sd15.py``, no download), per size: stock vs ours in fp32
+   (the exact path: max pixel difference) and ours in bf16 (``--dtype bf16``, an approximate path: PSNR against the
+   exact image; fast where the CPU has AMX / AVX-512 BF16, slow elsewhere).
+5. cold start: process start to the first image (the CLI vs a stock script), and peak RSS while loading.
+
+Then the achieved GFLOP/s of one SD 1.5 UNet call against this machine's fp32 matrix-multiply rate (a large sgemm),
+so the table says how far from the limit a step is. Timings are medians of --runs after one warm-up; sides
+alternate so both see the same machine load. Peak RSS comes from each side alone in a child process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PROMPT = "a red circle on a blue background"
+SEED = 7
+
+
+def runner(side: str, model: str, size: int | None, steps: int):
+    """A function producing one image (an HxWx3 uint8 array) for a side: 'stock', 'ours' or 'ours-bf16'."""
+    import torch
+
+    from sd_demo.engine import Engine, EngineSettings
+    from sd_demo.generate import GenerationParams
+
+    from sd_demo import hub
+    from sd_demo.models import DEFAULT_GUIDANCE, EMBEDDED_DIR, peek
+    from sd_demo.sampling.registry import DEFAULT_SAMPLER
+
+    # the settings our side takes from the model card, read without loading anything (stock's RSS is its own)
+    folder = EMBEDDED_DIR if model == "embedded" else Path(model)
+    size = size or peek(model)[1]
+    cfg = hub.recommended_guidance(folder)
+    cfg = DEFAULT_GUIDANCE if cfg is None else cfg
+    sampler = hub.recommended_sampler(folder) or DEFAULT_SAMPLER
+    if side == "stock":
+        from diffusers import StableDiffusionPipeline
+
+        from sd_demo.sampling.registry import make_scheduler
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
+                                                       requires_safety_checker=False)
+        pipe.scheduler = make_scheduler(sampler, "Automatic", dict(pipe.scheduler.config))
+        pipe.set_progress_bar_config(disable=True)
+
+        def once():
+            g = torch.Generator("cpu").manual_seed(SEED)
+            return np.asarray(pipe(PROMPT, num_inference_steps=steps, guidance_scale=cfg, generator=g, height=size,
+                                   width=size).images[0])
+        return once
+    engine = Engine(EngineSettings(model=model, dtype="bf16" if side == "ours-bf16" else "auto"))
+    engine.load()
+    params = GenerationParams(prompt=PROMPT, steps=steps, seed=SEED, width=size, height=size)
+    return lambda: np.asarray(engine.generate(params, save=False)[0].images[0])
+
+
+def child(side: str, model: str, size: int | None, steps: int, out: Path) -> None:
+    t0 = time.perf_counter()
+    once = runner(side, model, size, steps)
+    load_s = time.perf_counter() - t0
+    image = once()
+    np.save(out.with_suffix(".npy"), image)
+    out.write_text(json.dumps({"load_s": load_s, "first_image_s": time.perf_counter() - t0,
+                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def alone(side: str, model: str, size: int | None, steps: int) -> tuple[dict, np.ndarray]:
+    """(load s, first image s, peak RSS) and the image of one side, alone in a fresh process."""
+    out = Path(tempfile.mkdtemp()) / f"{side}.json"
+    cmd = [sys.executable, "-m", "benchmarks.run", "--child", side, "--model", model, "--steps", str(steps),
+           "--size", str(size or 0), "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads(out.read_text()), np.load(out.with_suffix(".npy"))
+
+
+def alternate(fns: dict, runs: int) -> dict[str, float]:
+    """Median seconds of each function, alternating. Each runs on the engine's device thread, stock too: torch work
+    on two live threads halves both on a small CPU (sd_demo.engine.DeviceThread), and a stock script has one."""
+    from sd_demo.engine import DEVICE
+
+    for f in fns.values():
+        DEVICE.call(f)  # warm-up
+    times = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            DEVICE.call(f)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def compare(model: str, size: int | None, steps: int, sides: list[str], runs: int, label: str) -> list[dict]:
+    """Rows of ``sides[1:]`` against ``sides[0]`` on one workload."""
+    solo = {s: alone(s, model, size, steps) for s in sides}
+    from sd_demo.engine import DEVICE
+
+    speed = alternate({s: DEVICE.call(runner, s, model, size, steps) for s in sides}, runs)
+    base, ref = sides[0], solo[sides[0]][1].astype(int)
+    exact = solo.get("ours", solo[base])[1]
+    rows = []
+    for s in sides[1:]:
+        img = solo[s][1]
+        diff = (f"max pixel Δ {int(np.abs(img.astype(int) - ref).max())}" if s != "ours-bf16"
+                else f"PSNR {psnr(img, exact):.1f} dB vs exact")
+        rows.append({"workload": label, "ours": s, "vs": base, "ours_s": speed[s], "vs_s": speed[base],
+                     "speedup": speed[base] / speed[s], "ours_rss": solo[s][0]["peak_rss_mb"],
+                     "vs_rss": solo[base][0]["peak_rss_mb"], "output": diff})
+    return rows
+
+
+def app_row(runs: int) -> dict:
+    """The embedded model through the launched app (gradio_client) vs the same call in this process."""
+    from gradio_client import Client
+
+    from sd_demo.engine import Engine, EngineSettings
+    from sd_demo.generate import GenerationParams
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tempfile.mkdtemp()
+    app = subprocess.Popen([sys.executable, "app.py", "--model", "embedded", "--port", str(port), "--outputs", out],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        engine = Engine(EngineSettings(model="embedded", outputs=out))
+        params = GenerationParams(prompt=PROMPT, seed=SEED)
+        speed = alternate({"in-process": lambda: engine.generate(params, save=True),
+                           "app": lambda: client.predict(prompt=PROMPT, seed=SEED, api_name="/generate")}, runs)
+    finally:
+        app.terminate()
+    return {"workload": "embedded 128 px, 20 steps", "ours": "app (gradio_client)", "vs": "in-process",
+            "ours_s": speed["app"], "vs_s": speed["in-process"], "speedup": speed["in-process"] / speed["app"],
+            "ours_rss": None, "vs_rss": None, "output": "same call"}
+
+
+def cold_start() -> dict:
+    """Process start to the first image on the embedded model: the CLI vs a stock diffusers script."""
+    stock = ("import sys, torch; from diffusers import StableDiffusionPipeline as P; "
+             "from sd_demo.models import EMBEDDED_DIR; from sd_demo.sampling.registry import make_scheduler; "
+             "p = P.from_pretrained(str(EMBEDDED_DIR), safety_checker=None, requires_safety_checker=False); "
+             "p.scheduler = make_scheduler('Euler a', 'Automatic', dict(p.scheduler.config)); "
+             f"p({PROMPT!r}, num_inference_steps=20, guidance_scale=2.5, height=128, width=128, "
+             f"generator=torch.Generator().manual_seed({SEED})).images[0].save(sys.argv[1])")
+    out = tempfile.mkdtemp()
+    cmds = {"CLI": [sys.executable, "-m", "sd_demo", "generate", "--model", "embedded", "--prompt", PROMPT,
+                    "--seed", str(SEED), "--out", f"{out}/ours.png"],
+            "stock": [sys.executable, "-c", stock, f"{out}/stock.png"]}
+    res = {}
+    for name, cmd in cmds.items():
+        t0 = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-2000:])
+        res[name] = (time.perf_counter() - t0, int(proc.stderr.strip().splitlines()[-1]) / 1024)
+    return {"workload": "cold start, embedded, 1 image", "ours": "CLI", "vs": "stock script",
+            "ours_s": res["CLI"][0], "vs_s": res["stock"][0], "speedup": res["stock"][0] / res["CLI"][0],
+            "ours_rss": res["CLI"][1], "vs_rss": res["stock"][1], "output": "process start to PNG"}
+
+
+def gflops(model: str, size: int) -> str:
+    """Achieved GFLOP/s of one UNet call (CFG batch of 2) against a large fp32 sgemm on this machine."""
+    from sd_demo.engine import DEVICE
+
+    return DEVICE.call(_gflops, model, size)
+
+
+def _gflops(model: str, size: int) -> str:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sd_demo.models import load_model
+
+    unet = load_model(model).pipe.unet
+    x, t, ctx = torch.randn(2, 4, size // 8, size // 8), torch.tensor(500), torch.randn(2, 77, 768)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            unet(x, t, encoder_hidden_states=ctx)
+        flops = counter.get_total_flops()
+        unet_s = min(_timed(lambda: unet(x, t, encoder_hidden_states=ctx)) for _ in range(2))
+        a = torch.randn(4096, 4096)
+        gemm_s = min(_timed(lambda: a @ a) for _ in range(3))
+    achieved, peak = flops / unet_s / 1e9, 2 * 4096**3 / gemm_s / 1e9
+    return (f"SD 1.5 UNet at {size} px (batch 2): {flops / 1e9:.0f} GFLOP in {unet_s:.2f} s = {achieved:.0f} GFLOP/s; "
+            f"this CPU's fp32 sgemm: {peak:.0f} GFLOP/s ({achieved / peak:.0%} of it)")
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| workload | ours | vs | ours s | vs s | speed-up | ours peak RSS MB | vs peak RSS MB | output |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        rss = [f"{r[k]:.0f}" if r[k] else "" for k in ("ours_rss", "vs_rss")]
+        lines.append(f"| {r['workload']} | {r['ours']} | {r['vs']} | {r['ours_s']:.3f} | {r['vs_s']:.3f} | "
+                     f"{r['speedup']:.2f}x | {rss[0]} | {rss[1]} | {r['output']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sd15-sizes", default="256,512")
+    ap.add_argument("--sd15-steps", type=int, default=4, help="steps per SD 1.5 image (each costs seconds on a CPU)")
+    ap.add_argument("--skip-sd15", action="store_true")
+    ap.add_argument("--skip-app", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        return child(a.child, a.model, a.size or None, a.steps, Path(a.out))
+    import torch
+
+    print(f"# {time.strftime('%Y-%m-%d')} · torch {torch.__version__} · {os.cpu_count()} CPU threads · "
+          f"runs {a.runs} (median, alternating)\n", flush=True)
+    rows = compare("embedded", None, 20, ["stock", "ours"], a.runs, "embedded 128 px, 20 steps")
+    if not a.skip_app:
+        rows.append(app_row(a.runs))
+    notes = []
+    if not a.skip_sd15:
+        from benchmarks.sd15 import build_sd15
+
+        sd15 = build_sd15(Path(tempfile.mkdtemp()))
+        for size in (int(s) for s in a.sd15_sizes.split(",")):
+            rows += compare(sd15, size, a.sd15_steps, ["stock", "ours", "ours-bf16"], a.runs,
+                            f"SD 1.5 arch {size} px, {a.sd15_steps} steps")
+        notes.append(gflops(sd15, 512))
+    rows.append(cold_start())
+    print(table(rows))
+    for n in notes:
+        print(f"\n{n}")
+
+
+if __name__ == "__main__":
+    main()
