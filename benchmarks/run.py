@@ -62,7 +62,7 @@ def runner(side: str, model: str, size: int | None, steps: int):
         from sd_demo.sampling.registry import make_scheduler
 
         pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
-                                                       requires_safety_checker=False)
+                                                       requires_safety_checker=False, dtype=torch.float32)
         pipe.scheduler = make_scheduler(sampler, "Automatic", dict(pipe.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
 
@@ -175,7 +175,7 @@ def cold_start() -> dict:
     """Process start to the first image on the embedded model: the CLI vs a stock diffusers script."""
     stock = ("import sys, torch; from diffusers import StableDiffusionPipeline as P; "
              "from sd_demo.models import EMBEDDED_DIR; from sd_demo.sampling.registry import make_scheduler; "
-             "p = P.from_pretrained(str(EMBEDDED_DIR), safety_checker=None, requires_safety_checker=False); "
+             "p = P.from_pretrained(str(EMBEDDED_DIR), safety_checker=None, requires_safety_checker=False, dtype=torch.float32); "
              "p.scheduler = make_scheduler('Euler a', 'Automatic', dict(p.scheduler.config)); "
              f"p({PROMPT!r}, num_inference_steps=20, guidance_scale=2.5, height=128, width=128, "
              f"generator=torch.Generator().manual_seed({SEED})).images[0].save(sys.argv[1])")
