@@ -5,6 +5,7 @@ values and gets plain values back (images, paths, text), and never imports torch
 """
 from __future__ import annotations
 
+import contextvars
 import datetime as _dt
 import functools
 import hashlib
@@ -113,11 +114,12 @@ class DeviceThread:
         self._here = threading.local()
 
     def submit(self, fn, *args, **kwargs) -> Future:
+        """``fn(...)`` queued for the device thread, in the caller's context (gradio's progress tracking is one)."""
         with self._lock:
             if self._pool is None or self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="sd_demo-device", initializer=self._mark)
-            return self._pool.submit(fn, *args, **kwargs)
+            return self._pool.submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
     def call(self, fn, *args, **kwargs):
         """``fn(...)`` on the device thread (directly when already on it), its result or exception here."""

@@ -187,8 +187,12 @@ class JobManager:
             self._slicing.discard(job_id)
 
     def stop(self, job_id: str) -> None:
-        """Ask the job to checkpoint and stop after its current step."""
-        (self.folder(job_id) / STOP).touch()
+        """Ask the job to checkpoint and stop after its current step (a job paused between slices stops now)."""
+        folder = self.folder(job_id)
+        if job_id not in self._slicing and _read_json(folder / STATUS).get("state") == PAUSED:
+            _write_json(folder / STATUS, {"state": STOPPED})
+            return
+        (folder / STOP).touch()
 
     def cancel(self, job_id: str) -> None:
         """End the job now, without a checkpoint; its folder and earlier checkpoints stay."""
