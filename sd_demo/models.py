@@ -88,6 +88,15 @@ def public_name(spec: str) -> str:
         return Path(str(spec)).name
 
 
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"()\[\],;:]+/)+([^\s/'\"()\[\],;:]*)")
+
+
+def public_text(text: str) -> str:
+    """Free text (a job's log) as a public page may show it: each absolute path of this machine cut to its last
+    part, as ``public_name`` does for a model."""
+    return _ABS_PATH.sub(lambda m: m.group(1) or m.group(0).rstrip("/").rsplit("/", 1)[-1], text)
+
+
 def parse_model_ref(spec: str) -> ModelRef:
     """'embedded' | existing folder | 'org/name[@rev]' -> ModelRef, or ValueError saying what is accepted."""
     if spec is not None and not isinstance(spec, str):

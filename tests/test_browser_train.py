@@ -132,3 +132,48 @@ def test_train_stop_resume_reload_kill_finish_and_use(app_server, upload_files, 
         assert f'Lora: "{job}:1"' in page.locator("#infotext textarea").input_value()  # A1111 quotes a value with ':'
         shot(page, "6-generated")
         browser.close()
+
+
+def test_on_a_public_app_each_browser_sees_only_its_own_runs(tiny_model_dirs, upload_files, tmp_path):
+    """A public app (bound to every interface, no --auth) with training on: one visitor trains; a second browser
+    (another visitor) sees no run of theirs, while the first, after a reload, is shown their run again."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import running_app
+
+    argv = ["--model", str(tiny_model_dirs["sd15"]), "--outputs", str(tmp_path / "out"), "--host", "0.0.0.0",
+            "--allow-training"]
+    with running_app(argv) as (url, engine), sync_playwright() as pw:
+        url = url.replace("0.0.0.0", "127.0.0.1")
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        ann, bob = (browser.new_context(viewport={"width": 1400, "height": 1200}).new_page() for _ in range(2))
+        ann.goto(url)
+        _open_train_tab(ann)
+        ann.locator("#train-files input[type=file]").set_input_files(upload_files)
+        ann.wait_for_function("() => document.querySelector('#train-data-note').innerText.includes('6 image')",
+                              timeout=WAIT)
+        ann.locator("#train-advanced").get_by_text("Advanced").click()
+        ann.locator("#train-steps textarea").fill("3")
+        ann.locator("#train-btn").click()
+        _state_is(ann, "finished")
+        job = engine.jobs.jobs()[0]
+        assert job in ann.locator("#train-runs").inner_text()
+
+        bob.goto(url)
+        _open_train_tab(bob)
+        bob.wait_for_timeout(5000)  # two polls of the tab
+        assert job not in bob.locator("body").inner_text()
+        assert "No training job yet." in bob.locator("#train-status").inner_text()
+        bob.locator("#train-stop").click()  # nothing of theirs to stop: the other run is untouched
+        bob.wait_for_timeout(1000)
+        assert not (engine.jobs.folder(job) / "STOP").exists()
+
+        ann.reload()
+        _open_train_tab(ann)
+        _status_has(ann, job)
+        assert job in ann.locator("#train-runs").inner_text()
+        shown = ann.locator("body").inner_text() + ann.locator("#train-log textarea").input_value()
+        assert "loaded sd15" in shown and str(tiny_model_dirs["sd15"]) not in shown and str(tmp_path) not in shown
+        ann.screenshot(path=str(tmp_path / "ann.png"), full_page=True)
+        bob.screenshot(path=str(tmp_path / "bob.png"), full_page=True)
+        browser.close()

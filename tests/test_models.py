@@ -180,6 +180,18 @@ def test_model_card_recommends_the_default_steps(tiny_model_dirs, tmp_path, valu
     assert named.infotexts[0].params["Steps"] == 3
 
 
+@pytest.mark.parametrize("text, shown", [
+    ("loaded /tmp/x/tiny_models0/sd15 (sd1) on cpu", "loaded sd15 (sd1) on cpu"),
+    ("out /srv/runs/2026-lora/ done", "out 2026-lora done"),
+    ("skipped '/data/in/img.png': bad", "skipped 'img.png': bad"),
+    ("see http://127.0.0.1:7860/x and a/b, 1/2", "see http://127.0.0.1:7860/x and a/b, 1/2"),
+])
+def test_public_text_hides_the_paths_of_this_machine(text, shown):
+    from sd_demo.models import public_text
+
+    assert public_text(text) == shown
+
+
 def test_download_plan_brings_the_model_card():
     files = ["model_index.json", "README.md", "docs/README.md", "unet/config.json",
              "unet/diffusion_pytorch_model.safetensors"]

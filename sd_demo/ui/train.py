@@ -11,7 +11,7 @@ import gradio as gr
 
 from .. import zerogpu
 from ..engine import Engine
-from ..models import public_name
+from ..models import public_name, public_text
 from ..train.config import Method, config_fields, from_values
 from ..train.autocaption import DEFAULT_CAPTIONER
 from ..train.jobs import PAUSED
@@ -89,7 +89,10 @@ def _job_outputs(engine: Engine, job_id: str, public: bool, visitor: str | None)
     status = f"{view.progress_line()} · `{job_id}`\n\n{notes}"
     plot = pd.DataFrame(view.loss_rows(), columns=["step", "loss", "series"])
     samples = [(str(p), f"step {view.sample_step}") for p in view.samples]
-    return job_id, status, plot, samples, engine.jobs.log_tail(job_id), _runs_table(engine, public, visitor)
+    log = engine.jobs.log_tail(job_id)
+    if public:  # the job's messages and log name the model's folder and the job's own: no paths of this machine
+        status, log = public_text(status), public_text(log)
+    return job_id, status, plot, samples, log, _runs_table(engine, public, visitor)
 
 
 def _preset_note(meth: str, base: str, pre: str, trig: str = "", table=None, prompt: str = "") -> str:
