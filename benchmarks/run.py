@@ -8,8 +8,9 @@ Rows:
    ``Engine.generate``; and the app end to end (gradio_client against ``python app.py`` in a child process) vs
    ``Engine.generate`` in this process.
 2. SD 1.5's architecture with random weights (``benchmarks/sd15.py``, no download), per size: stock vs ours in fp32
-   (the exact path: max pixel difference) and ours in bf16 (``--dtype bf16``, an approximate path: PSNR against the
-   exact image; fast where the CPU has AMX / AVX-512 BF16, slow elsewhere).
+   (the exact path: max pixel difference) and the approximate switches, each alone and then together (PSNR against
+   the exact image): bf16 (``--dtype bf16``; fast where the CPU has AMX / AVX-512 BF16, slow elsewhere) and
+   ``cfg_cutoff`` 0.6 (the negative prompt's pass dropped for the last 40 % of the steps).
 5. cold start: process start to the first image (the CLI vs a stock script), and peak RSS while loading.
 
 Then the achieved GFLOP/s of one SD 1.5 UNet call against this machine's fp32 matrix-multiply rate (a large sgemm),
@@ -39,8 +40,12 @@ PROMPT = "a red circle on a blue background"
 SEED = 7
 
 
+# Our sides: (dtype, cfg_cutoff). "fast" is every approximate switch at once.
+OURS = {"ours": ("auto", 1.0), "ours-bf16": ("bf16", 1.0), "ours-cutoff": ("auto", 0.6), "ours-fast": ("bf16", 0.6)}
+
+
 def runner(side: str, model: str, size: int | None, steps: int):
-    """A function producing one image (an HxWx3 uint8 array) for a side: 'stock', 'ours' or 'ours-bf16'."""
+    """A function producing one image (an HxWx3 uint8 array) for a side: 'stock' or one of OURS."""
     import torch
 
     from sd_demo.engine import Engine, EngineSettings
@@ -71,9 +76,10 @@ def runner(side: str, model: str, size: int | None, steps: int):
             return np.asarray(pipe(PROMPT, num_inference_steps=steps, guidance_scale=cfg, generator=g, height=size,
                                    width=size).images[0])
         return once
-    engine = Engine(EngineSettings(model=model, dtype="bf16" if side == "ours-bf16" else "auto"))
+    dtype, cutoff = OURS[side]
+    engine = Engine(EngineSettings(model=model, dtype=dtype))
     engine.load()
-    params = GenerationParams(prompt=PROMPT, steps=steps, seed=SEED, width=size, height=size)
+    params = GenerationParams(prompt=PROMPT, steps=steps, seed=SEED, width=size, height=size, cfg_cutoff=cutoff)
     return lambda: np.asarray(engine.generate(params, save=False)[0].images[0])
 
 
@@ -128,7 +134,7 @@ def compare(model: str, size: int | None, steps: int, sides: list[str], runs: in
     rows = []
     for s in sides[1:]:
         img = solo[s][1]
-        diff = (f"max pixel Δ {int(np.abs(img.astype(int) - ref).max())}" if s != "ours-bf16"
+        diff = (f"max pixel Δ {int(np.abs(img.astype(int) - ref).max())}" if s == "ours"
                 else f"PSNR {psnr(img, exact):.1f} dB vs exact")
         rows.append({"workload": label, "ours": s, "vs": base, "ours_s": speed[s], "vs_s": speed[base],
                      "speedup": speed[base] / speed[s], "ours_rss": solo[s][0]["peak_rss_mb"],
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sd15-sizes", default="256,512")
-    ap.add_argument("--sd15-steps", type=int, default=4, help="steps per SD 1.5 image (each costs seconds on a CPU)")
+    ap.add_argument("--sd15-steps", type=int, default=5, help="steps per SD 1.5 image (each costs seconds on a CPU)")
     ap.add_argument("--skip-sd15", action="store_true")
     ap.add_argument("--skip-app", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
 
         sd15 = build_sd15(Path(tempfile.mkdtemp()))
         for size in (int(s) for s in a.sd15_sizes.split(",")):
-            rows += compare(sd15, size, a.sd15_steps, ["stock", "ours", "ours-bf16"], a.runs,
+            rows += compare(sd15, size, a.sd15_steps, ["stock", *OURS], a.runs,
                             f"SD 1.5 arch {size} px, {a.sd15_steps} steps")
         notes.append(gflops(sd15, 512))
     rows.append(cold_start())

@@ -324,3 +324,29 @@ def test_all_torch_work_runs_on_one_device_thread(tiny_model_dirs, tmp_path, mon
     assert [name for name, _ in seen] == ["load_planned"] + ["generate"] * 3
     threads = {ident for _, ident in seen}
     assert len(threads) == 1 and not threads & {threading.get_ident(), elsewhere.ident}
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_cfg_cutoff_drops_the_negative_pass_for_the_last_steps(tiny_model_dirs, family):
+    """The fast switch: after cfg_cutoff of the steps each step runs the UNet once (the prompt's half), not twice;
+    the steps before are those of the full run (the same latents there), and the parameters record it."""
+    from sd_demo.models import load_model
+
+    model = load_model(str(tiny_model_dirs[family]))
+    batches, seen = [], []
+    hook = model.pipe.unet.register_forward_pre_hook(lambda mod, args, kw: batches.append(
+        (kw.get("sample") if kw.get("sample") is not None else args[0]).shape[0]), with_kwargs=True)
+    try:
+        full = generate(model, GenerationParams(prompt="a red circle", steps=4, seed=1, guidance_scale=7.0))
+        batches_full, batches[:] = list(batches), []
+        cut = generate(model, GenerationParams(prompt="a red circle", steps=4, seed=1, guidance_scale=7.0,
+                                               cfg_cutoff=0.5))
+    finally:
+        hook.remove()
+    assert batches_full == [2, 2, 2, 2] and batches == [2, 2, 1, 1]
+    assert cut.infotexts[0].params["CFG cutoff"] == 0.5 and "CFG cutoff" not in full.infotexts[0].params
+    assert np.asarray(cut.images[0]).tobytes() != np.asarray(full.images[0]).tobytes()
+    params, ignored = params_from_infotext(cut.infotexts[0])
+    assert params.cfg_cutoff == 0.5 and not ignored
+    with pytest.raises(ValueError, match="cfg_cutoff: 1.5 is out of range"):
+        GenerationParams(prompt="x", cfg_cutoff=1.5).validate()

@@ -68,7 +68,7 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engi
         cfg = gr.skip() if params.guidance_scale is None else params.guidance_scale  # absent: keep the slider's
         values = [params.prompt, params.negative_prompt, params.sampler, params.schedule, params.steps, cfg,
                   params.width or gr.skip(), params.height or gr.skip(), params.seed, params.batch_size,
-                  params.clip_skip]
+                  params.clip_skip, params.cfg_cutoff]
         here, hub_id = engine.locate_model(info.params.get("Model"), public)
         loras, fetch_loras, unknown = engine.locate_loras(info.params.get("Lora"), public, who)
         ignored += [f"LoRA {name} (not here)" for name in unknown]
@@ -83,7 +83,7 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engi
                 gr.update(visible=False), None]
 
     send.click(send_to_generate, [image, visitor],
-               [*target.param_components(), note, target.loras, target.model, tabs, fetch, wanted],
+               [*target.param_components(), target.cfg_cutoff, note, target.loras, target.model, tabs, fetch, wanted],
                api_visibility="private")
 
     def download(wanted: dict | None, current: str, progress=gr.Progress()):
