@@ -70,11 +70,12 @@ GEN_FIELDS = [f.name for f in fields(GenerationParams)]
 def test_generation_params_one_bad_field_is_named(name, value):
     p = field_error(lambda: GenerationParams(**{name: value}).validate(), {name})
     if p is not None:  # accepted: the numbers now have their field's type, and validating again changes nothing
-        for n in ("steps", "seed", "batch_size", "clip_skip"):
+        for n in ("seed", "batch_size", "clip_skip"):
             assert type(getattr(p, n)) is int
-        for n in ("width", "height"):
+        for n in ("steps", "width", "height"):  # None: the model's own
             assert getattr(p, n) is None or type(getattr(p, n)) is int
         assert p.guidance_scale is None or (type(p.guidance_scale) is float and math.isfinite(p.guidance_scale))
+        assert type(p.cfg_cutoff) is float and 0 <= p.cfg_cutoff <= 1
         assert p.validate() == p
 
 
