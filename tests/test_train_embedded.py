@@ -187,6 +187,7 @@ def _red_star_prompts(token: str) -> list[str]:
     return [caption(s, "canonical").replace("red star", token) for s in _red_stars(N_TRIGGER, seed=77)]
 
 
+@pytest.mark.slow  # about 3 minutes on 2 cores; .ci/run runs it (the default run keeps under 15 minutes)
 def test_textual_inversion_learns_one_token_for_a_red_star(base, tmp_path_factory, tmp_path):
     """Only the new token's embedding trains, so the UNet must already be able to draw the concept. Pink could not
     be reached: the embedding snapped to a palette colour (yellow, 0/16 pink after 300 steps at lr 0.1). So the
