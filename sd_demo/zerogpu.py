@@ -24,6 +24,16 @@ MIN_S, MAX_S = 15, 300  # ZeroGPU's own floor and its longest slot for a signed-
 # which the last SLICE_END_S are kept for the checkpoint after the step in flight (loading the model and caching the
 # data fall inside the slice, so a longer slice wastes less of the visitor's quota on them).
 SLICE_S, SLICE_END_S = 120, 30
+SLICE_MIN_S = SLICE_END_S + 15  # room for one step after the load
+
+
+def slice_seconds(steps_left: int, sec_per_step: float) -> int:
+    """The GPU time a training slice asks for: SLICE_S, or less when the job's measured pace says it ends sooner
+    (its last slice, a short job), so a visitor with little quota left is not refused for time it never uses."""
+    if not sec_per_step:  # the first slice: no pace yet
+        return SLICE_S
+    need = SLICE_END_S + 1.5 * max(1, steps_left) * sec_per_step  # headroom: a slice that falls short pauses
+    return int(min(SLICE_S, max(SLICE_MIN_S, math.ceil(need))))
 
 
 def active() -> bool:

@@ -94,10 +94,10 @@ def test_on_zerogpu_a_job_trains_in_gpu_slices_and_ends_as_an_unsliced_run_does(
             if f.__name__ != "gpu_slice":  # the Generate tab's handlers
                 return f
 
-            def call(job_id):
-                seen.append(demo.engine.jobs.state(job_id))
-                return f(job_id)
-            asked.append(duration)
+            def call(*args):
+                seen.append(demo.engine.jobs.state(args[0]))
+                asked.append(duration(*args))
+                return f(*args)
             return call
         return decorate(fn) if fn else decorate
 
@@ -110,12 +110,23 @@ def test_on_zerogpu_a_job_trains_in_gpu_slices_and_ends_as_an_unsliced_run_does(
     with pytest.raises(gr.Error, match="no training job"):
         next(train_slices(job, "~bob"))
     shown = list(train_slices(job, "~ann"))
-    assert asked == [zerogpu.SLICE_S] and seen == [jobs.RUNNING] * 4  # 4 slices of 1 step, each shown running
+    assert asked == [zerogpu.SLICE_S] * 4 and seen == [jobs.RUNNING] * 4  # 4 slices of 1 step, shown running
     assert [s[1].split("**")[1] for s in shown] == [jobs.PAUSED] * 3 + [jobs.FINISHED]
     assert "paused at step 1" in shown[0][1]
     a, b = (load_file(str(f / "pytorch_lora_weights.safetensors"))
             for f in (demo.engine.jobs.folder(job), manager.folder(whole)))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_a_slice_asks_for_no_more_gpu_time_than_the_job_needs():
+    """The first slice (no pace yet) asks for a whole slice; later ones for what the steps left need at the
+    measured pace, with room for the load and the checkpoint, never less than one step's room nor more than a
+    slice: a visitor with little quota left is not refused for time the job would not use."""
+    assert zerogpu.slice_seconds(500, 0.0) == zerogpu.SLICE_S
+    assert zerogpu.slice_seconds(500, 0.5) == zerogpu.SLICE_S
+    assert zerogpu.slice_seconds(20, 0.5) == zerogpu.SLICE_END_S + 15 == zerogpu.SLICE_MIN_S  # 15 s of steps
+    assert zerogpu.SLICE_MIN_S < zerogpu.slice_seconds(40, 0.5) < zerogpu.SLICE_S
+    assert zerogpu.slice_seconds(0, 0.5) == zerogpu.SLICE_MIN_S
 
 
 def test_on_zerogpu_stop_reaches_the_run_in_zerogpus_worker_process(monkeypatch, tiny_model_dirs, tmp_path):

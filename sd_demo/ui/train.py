@@ -124,16 +124,18 @@ def _slices(engine: Engine, public: bool):
     paused (finished, stopped, failed), or when the visitor leaves (gradio closes it; Resume goes on later)."""
     import spaces
 
-    @spaces.GPU(duration=zerogpu.SLICE_S)
-    def gpu_slice(job_id: str) -> str:
-        return engine.jobs.run_slice(job_id, zerogpu.SLICE_S - zerogpu.SLICE_END_S)
+    def gpu_slice(job_id: str, seconds: int) -> str:
+        return engine.jobs.run_slice(job_id, seconds - zerogpu.SLICE_END_S)
+
+    gpu_slice = spaces.GPU(gpu_slice, duration=lambda job_id, seconds: seconds)
 
     def train_slices(job_id: str, who: str | None):
         try:
             engine.own_job(job_id, public, who)
             while engine.jobs.state(job_id) == PAUSED:
+                view = engine.jobs.summary(job_id)
                 with engine.jobs.slicing(job_id):
-                    gpu_slice(job_id)
+                    gpu_slice(job_id, zerogpu.slice_seconds(view.total - view.step, view.sec_per_step))
                 yield _job_outputs(engine, job_id, public, who)
         except Exception as exc:
             raise user_error(exc) from None
