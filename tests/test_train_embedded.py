@@ -127,6 +127,7 @@ def test_base_model_never_draws_the_new_concepts(base):
     assert not any(object_is_pink(im) for im in pink)
 
 
+@pytest.mark.slow  # about 4 minutes on 2 cores; .ci/run runs it (the default run keeps under 15 minutes)
 def test_lora_with_only_the_required_options_learns_a_new_shape(base, bar_data, tmp_path):
     """What a user gets from `train --method lora --model embedded --data DIR --out OUT`: the preset finds the
     trigger (the made-up word every caption shares), trains it as a new token beside the LoRA and keeps the
