@@ -51,16 +51,12 @@ def runner(side: str, model: str, size: int | None, steps: int):
     from sd_demo.engine import Engine, EngineSettings
     from sd_demo.generate import GenerationParams
 
-    from sd_demo import hub
-    from sd_demo.models import DEFAULT_GUIDANCE, EMBEDDED_DIR, peek
-    from sd_demo.sampling.registry import DEFAULT_SAMPLER
+    from sd_demo.models import EMBEDDED_DIR, card_settings, peek
 
     # the settings our side takes from the model card, read without loading anything (stock's RSS is its own)
     folder = EMBEDDED_DIR if model == "embedded" else Path(model)
     size = size or peek(model)[1]
-    cfg = hub.recommended_guidance(folder)
-    cfg = DEFAULT_GUIDANCE if cfg is None else cfg
-    sampler = hub.recommended_sampler(folder) or DEFAULT_SAMPLER
+    cfg, sampler, _ = card_settings(folder)
     if side == "stock":
         from diffusers import StableDiffusionPipeline
 

@@ -203,6 +203,10 @@ def make_generators(seed: int, n: int) -> list[torch.Generator]:
 _CFG_TENSORS = {"sdxl": ["prompt_embeds", "add_text_embeds", "add_time_ids"]}
 
 
+def _cfg_tensors(family: str) -> list[str]:
+    return _CFG_TENSORS.get(family, ["prompt_embeds"])
+
+
 def _step_callback(model: LoadedModel, on_step, cancel, preview_every: int, state: dict, cfg_until: int | None):
     t0 = time.perf_counter()
 
@@ -211,7 +215,7 @@ def _step_callback(model: LoadedModel, on_step, cancel, preview_every: int, stat
             # A1111's "negative guidance minimum sigma" by step count (diffusers' dynamic-CFG recipe): the rest of
             # the steps run the prompt's half alone, at one pass a step instead of two
             pipe._guidance_scale = 0.0
-            for name in _CFG_TENSORS.get(model.family, ["prompt_embeds"]):
+            for name in _cfg_tensors(model.family):
                 kwargs[name] = kwargs[name].chunk(2)[-1]
         if on_step is not None:
             total = len(pipe.scheduler.timesteps)
@@ -243,8 +247,7 @@ def denoise(model: LoadedModel, p: GenerationParams, pos: WeightedPrompt, neg: W
         generator=generators,
         output_type="latent",
         callback_on_step_end=callback,
-        callback_on_step_end_tensor_inputs=["latents"] + (_CFG_TENSORS.get(model.family, ["prompt_embeds"])
-                                                          if p.cfg_cutoff < 1 else []),
+        callback_on_step_end_tensor_inputs=["latents"] + (_cfg_tensors(model.family) if p.cfg_cutoff < 1 else []),
     )
     sdxl = model.family == "sdxl"
     if needs_encoding([pos, neg], model.pipe.tokenizer, p.clip_skip, sdxl):

@@ -396,10 +396,17 @@ def peek(spec: str) -> tuple[str, int] | None:
         return None
 
 
+def card_settings(folder: Path) -> tuple[float, str, int]:
+    """(CFG scale, sampler, steps) that a request naming none gets from a model: its card's, else A1111's."""
+    guidance = hub.recommended_guidance(folder)
+    return (DEFAULT_GUIDANCE if guidance is None else guidance,  # 0 is real (distilled models)
+            hub.recommended_sampler(folder) or DEFAULT_SAMPLER, hub.recommended_steps(folder) or DEFAULT_STEPS)
+
+
 def peek_steps(spec: str) -> int:
     """The steps a request that names none gets from a model (its card's, else A1111's 20), without loading it."""
     folder = _local_files(spec, ["README.md"])
-    return (hub.recommended_steps(folder) if folder else None) or DEFAULT_STEPS
+    return card_settings(folder)[2] if folder else DEFAULT_STEPS
 
 
 def peek_tokenizer(spec: str) -> CLIPTokenizer | None:
@@ -529,9 +536,7 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
     apply_attention(pipe, plan.attention)
     log.info("loaded %s (%s) on %s %s; attention: %s", plan.ref.label, plan.family, plan.device,
              dtype_name(plan.dtype), plan.attention_reason)
-    guidance = hub.recommended_guidance(plan.folder)
-    sampler = hub.recommended_sampler(plan.folder)
-    steps = hub.recommended_steps(plan.folder)
+    guidance, sampler, steps = card_settings(plan.folder)
     return LoadedModel(
         pipe=pipe,
         ref=plan.ref,
@@ -542,9 +547,9 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
         attention_reason=plan.attention_reason,
         folder=plan.folder,
         default_size=plan.size,
-        default_guidance=DEFAULT_GUIDANCE if guidance is None else guidance,  # 0 is real (distilled models)
-        default_sampler=sampler or DEFAULT_SAMPLER,
-        default_steps=steps or DEFAULT_STEPS,
+        default_guidance=guidance,
+        default_sampler=sampler,
+        default_steps=steps,
         examples=tuple(hub.card_examples(plan.folder)),
         base_scheduler_config=dict(pipe.scheduler.config),
     )
