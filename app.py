@@ -11,8 +11,9 @@ import gradio as gr
 
 from sd_demo import setup_logging
 from sd_demo.__main__ import add_runtime_flags
-from sd_demo.engine import IMAGES, Engine, EngineSettings
+from sd_demo.engine import IMAGE_FOLDERS, Engine, EngineSettings
 from sd_demo.ui import generate as generate_tab
+from sd_demo.ui import img2img as img2img_tab
 from sd_demo.ui import info as info_tab
 from sd_demo.ui import mcp as mcp_tools
 from sd_demo.ui import models as models_tab
@@ -107,6 +108,8 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
             with gr.Tab("Generate", id="generate"):
                 gen = generate_tab.build(engine, public=public, notice=notice,
                                          allow_loras=not public or args.allow_training, visitor=visitor)
+            with gr.Tab("img2img", id="img2img"):
+                img2img_tab.build(engine, gen, tabs, "img2img", public=public, visitor=visitor)
             with gr.Tab("Train", id="train"):
                 train_tab.build(engine, gen, tabs, "generate", demo, train_data, visitor, public=public,
                                 allowed=args.allow_training)
@@ -129,7 +132,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, **kw):
     # allowed_paths: --outputs may be elsewhere, so its generated images are allowed, and nothing else under it
     # (staged uploads, training runs and their configs stay unreachable by URL).
     return demo.launch(server_name=bind_host(args), server_port=args.port, share=args.share,
-                       auth=parse_auth(args.auth), allowed_paths=[os.path.abspath(os.path.join(args.outputs, IMAGES))],
+                       auth=parse_auth(args.auth), allowed_paths=[os.path.abspath(os.path.join(args.outputs, f)) for f in IMAGE_FOLDERS],
                        max_file_size=MAX_UPLOAD[is_public(args)], mcp_server=args.mcp, **kw)
 
 

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_field_flags(gen, param_fields(), none_type=int)  # width/height: None = the model's size
     gen.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO[:SCALE]",
                      help="apply a LoRA (a training --out folder, a .safetensors file or a Hub repo); repeatable")
+    gen.add_argument("--init-image", metavar="FILE", help="image to image: start from this picture (see --strength, "
+                     "--resize-mode)")
+    gen.add_argument("--mask", metavar="FILE", help="inpainting: redraw where this picture is white (with --init-image)")
     gen.add_argument("--out", required=True, help="FILE.png, or a folder (A1111-style numbered names)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     tr = sub.add_parser("train", help="fine-tune a model (LoRA, DreamBooth, textual inversion, full)")
@@ -57,6 +60,22 @@ def output_paths(out: str, seeds: list[int], overwrite: bool) -> list[Path] | No
     return paths
 
 
+def read_image(path: str | None, flag: str):
+    """The picture at ``path`` (fully read), None for None; ValueError naming the flag when it is not one."""
+    if path is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise ValueError(f"{flag}: '{path}' does not exist") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"{flag}: '{path}' is not a readable image ({exc})") from None
+
+
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
@@ -66,6 +85,7 @@ def cmd_generate(args) -> int:
     params = GenerationParams(**{name: getattr(args, name) for name, _, _ in param_fields()}).validate()
     seeds_hint = [0] * params.batch_size
     paths = output_paths(args.out, seeds_hint, args.overwrite)  # refuse before the slow part
+    init, mask = read_image(args.init_image, "--init-image"), read_image(args.mask, "--mask")
     engine = Engine(EngineSettings(args.model, args.device, args.dtype, args.attention, args.allow_pickle))
     from .models import parse_lora
 
@@ -80,7 +100,7 @@ def cmd_generate(args) -> int:
         bar.total = ev.total
         bar.update(ev.step - bar.n)
 
-    result, _ = engine.generate(params, on_step=on_step, save=False, loras=loras)
+    result, _ = engine.generate(params, on_step=on_step, save=False, loras=loras, init_image=init, mask=mask)
     bar.close()
     if paths is None:
         written = save_result(result, Path(args.out))

@@ -29,7 +29,10 @@ from .models import (DEFAULT_STEPS, EMBEDDED_DIR, LoadedModel, PipelineCache, pa
 log = logging.getLogger(__name__)
 
 
-IMAGES = "txt2img-images"  # under --outputs: the generated images, the only files a page serves from there
+# under --outputs: the generated images (A1111's folders), the only files a page serves from there
+IMAGES = "txt2img-images"
+IMG2IMG_IMAGES = "img2img-images"
+IMAGE_FOLDERS = (IMAGES, IMG2IMG_IMAGES)
 
 
 @dataclass
@@ -486,7 +489,11 @@ class Engine:
         save: bool = True,
         job: str = "default",
         loras: list[tuple[str, float]] | None = None,
+        init_image=None,
+        mask=None,
     ) -> tuple[GenerationResult, list[Path]]:
+        """``generate.generate`` on the loaded (or named) model with these LoRAs; saved under --outputs unless
+        ``save`` is off. ``init_image`` (PIL): image to image; with ``mask`` (white = redraw): inpainting."""
         params.validate()  # fail on bad input before a possibly slow model load
         loaded = self.load(model)
         with loaded.lock:
@@ -498,7 +505,7 @@ class Engine:
         with self._jobs_lock:
             self._jobs[job] = cancel
         try:
-            result = generate(loaded, params, on_step=on_step, cancel=cancel)
+            result = generate(loaded, params, init_image=init_image, mask=mask, on_step=on_step, cancel=cancel)
         finally:
             with self._jobs_lock:
                 self._jobs.pop(job, None)
@@ -513,13 +520,15 @@ class Engine:
         paths: list[Path] = []
         if save:
             day = _dt.date.today().isoformat()
-            paths = save_result(result, Path(self.settings.outputs) / IMAGES / day)
+            folder = IMAGES if init_image is None else IMG2IMG_IMAGES
+            paths = save_result(result, Path(self.settings.outputs) / folder / day)
         for info in result.infotexts:
             log.info("generated: %s", format_infotext(info).replace("\n", " | "))
         return result, paths
 
     def run(self, params: GenerationParams, model: str | None = None, job: str = "default",
-            loras: list[tuple[str, float]] | None = None, poll: float = 2.0) -> Iterator[RunUpdate]:
+            loras: list[tuple[str, float]] | None = None, poll: float = 2.0, init_image=None,
+            mask=None) -> Iterator[RunUpdate]:
         """``generate`` in a worker thread, as a stream of updates: waits while a training job holds the GPU
         (never an out-of-memory crash), then each denoising step, then the result. Closing the stream early (the
         client went away) stops the run after its current step."""
@@ -533,7 +542,7 @@ class Engine:
         def work():
             try:
                 return None if gone.is_set() else self.generate(params, model=model, on_step=events.put, job=job,
-                                                                loras=loras)
+                                                                loras=loras, init_image=init_image, mask=mask)
             finally:
                 events.put(None)
 

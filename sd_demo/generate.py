@@ -5,6 +5,8 @@ Stages: check_inputs -> seeds/generators -> scheduler -> denoise (the diffusers 
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import random
@@ -16,7 +18,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from . import __version__
+from . import __version__, img2img
+from .img2img import HIRES_UPSCALERS, MASKED_CONTENT, RESIZE_MODES
 from .infotext import Infotext
 from .models import LoadedModel
 from .prompts import PromptEncoder, WeightedPrompt, needs_encoding, parse_attention
@@ -30,6 +33,10 @@ MAX_SIDE = 2048
 MAX_STEPS = 150
 MAX_BATCH = 8
 MAX_CLIP_SKIP = 12  # A1111's slider; the loaded model's text encoder may allow fewer (check_inputs)
+DEFAULT_STRENGTH = 0.75  # A1111's img2img denoising strength
+DEFAULT_HIRES_STRENGTH = 0.7  # A1111's hires fix denoising strength
+MAX_MASK_BLUR = 64  # A1111's slider
+MAX_HIRES_SCALE = 4.0  # A1111's slider
 # A1111 sets no limit and real prompts stay under a few thousand characters; 100 000 held the slot for a minute.
 MAX_PROMPT = 8000
 
@@ -57,6 +64,23 @@ class GenerationParams:
     clip_skip: int = _f(1, "use the text encoder's N-th last layer (1 = last, A1111 numbering)")
     cfg_cutoff: float = _f(1.0, "fast: after this fraction of the steps, drop the negative prompt's pass (CFG then "
                                 "ends); 1 = never; 0.6 saves about a fifth of the time", type=float)
+    # Image to image, inpainting (with an init image) and hires fix (without one): A1111's controls and names.
+    strength: float | None = _f(None, "denoising strength: how much of the init image (or of the hires fix's first "
+                                      "pass) is redrawn, 0-1 (default: A1111's 0.75 for an init image, 0.7 for "
+                                      "hires fix)", type=float)
+    resize_mode: str = _f("Just resize", "how the init image is fitted to width x height", choices=list(RESIZE_MODES))
+    mask_blur: int = _f(4, f"inpainting: blur of the mask's edge in px, 0-{MAX_MASK_BLUR}")
+    masked_content: str = _f("original", "inpainting: what the masked area starts from",
+                             choices=list(MASKED_CONTENT))
+    only_masked: bool = _f(False, "inpainting: redraw only the masked area (plus padding) at width x height, then "
+                                  "paste it back into the whole image (A1111 'Inpaint area: Only masked')")
+    only_masked_padding: int = _f(32, "inpainting, only masked: px of context kept around the mask")
+    hires_scale: float = _f(1.0, "hires fix: upscale the first pass by this factor and redraw it (1 = off)",
+                            flag="--hires", type=float)
+    hires_width: int = _f(0, "hires fix: target width in px instead of a factor (0 = from --hires or the height)")
+    hires_height: int = _f(0, "hires fix: target height in px instead of a factor (0 = from --hires or the width)")
+    hires_steps: int = _f(0, "hires fix: steps of the second pass (0 = as many as the first)")
+    hires_upscaler: str = _f("Latent", "hires fix: how the first pass is enlarged", choices=list(HIRES_UPSCALERS))
 
     def validate(self) -> "GenerationParams":
         """Raise ValueError naming the field for anything a user must change; return a copy whose numbers have
@@ -72,6 +96,10 @@ class GenerationParams:
                     guidance_scale=_number("guidance_scale", self.guidance_scale, optional=True),
                     batch_size=_whole("batch_size", self.batch_size), clip_skip=_whole("clip_skip", self.clip_skip),
                     cfg_cutoff=_number("cfg_cutoff", self.cfg_cutoff))
+        p = replace(p, strength=_number("strength", p.strength, optional=True), mask_blur=_whole("mask_blur", p.mask_blur),
+                    only_masked_padding=_whole("only_masked_padding", p.only_masked_padding),
+                    hires_scale=_number("hires_scale", p.hires_scale), hires_steps=_whole("hires_steps", p.hires_steps),
+                    hires_width=_whole("hires_width", p.hires_width), hires_height=_whole("hires_height", p.hires_height))
         if p.steps is not None and not 1 <= p.steps <= MAX_STEPS:
             bad("steps", f"{p.steps} is out of range; use 1 to {MAX_STEPS}")
         if not 0 <= p.cfg_cutoff <= 1:
@@ -88,14 +116,32 @@ class GenerationParams:
             bad("batch_size", f"{p.batch_size} is out of range; use 1 to {MAX_BATCH}")
         if not 1 <= p.clip_skip <= MAX_CLIP_SKIP:
             bad("clip_skip", f"{p.clip_skip} is out of range; use 1 to {MAX_CLIP_SKIP}")
-        for name, names in (("sampler", SAMPLERS), ("schedule", SCHEDULES)):
+        if p.strength is not None and not 0 <= p.strength <= 1:
+            bad("strength", f"{p.strength:g} is out of range; use 0 to 1")
+        if not 0 <= p.mask_blur <= MAX_MASK_BLUR:
+            bad("mask_blur", f"{p.mask_blur} is out of range; use 0 to {MAX_MASK_BLUR}")
+        if not 0 <= p.only_masked_padding <= MAX_SIDE:
+            bad("only_masked_padding", f"{p.only_masked_padding} is out of range; use 0 to {MAX_SIDE}")
+        if not 1 <= p.hires_scale <= MAX_HIRES_SCALE:
+            bad("hires_scale", f"{p.hires_scale:g} is out of range; use 1 (off) to {MAX_HIRES_SCALE}")
+        if not 0 <= p.hires_steps <= MAX_STEPS:
+            bad("hires_steps", f"{p.hires_steps} is out of range; use 0 (as many as the first pass) to {MAX_STEPS}")
+        for name in ("hires_width", "hires_height"):
+            v = getattr(p, name)
+            if v and (v < 0 or v > MAX_SIDE or v % 8):
+                bad(name, f"{v} px is not allowed; use 0 or a multiple of 8 up to {MAX_SIDE}")
+        for name, names in (("sampler", SAMPLERS), ("schedule", SCHEDULES), ("resize_mode", RESIZE_MODES),
+                            ("masked_content", MASKED_CONTENT), ("hires_upscaler", HIRES_UPSCALERS)):
             value = getattr(p, name)
             if value is not None and not isinstance(value, str):
                 bad(name, "must be text (a name from the list)")
-            if value and value not in names:  # checked here to quote it on one line, short (a pasted page was not)
+            if (value or name in _STRICT) and value not in names:  # checked here to quote it on one line, short (a pasted page was not)
                 bad(name, f"unknown {_shown(value)}; choose one of {', '.join(names)}")
         resolve_schedule(p.sampler or DEFAULT_SAMPLER, p.schedule)  # a None schedule -> ValueError naming it
         return p
+
+
+_STRICT = ("resize_mode", "masked_content", "hires_upscaler")  # no "" = default for these
 
 
 def _check_text(name: str, value) -> None:
@@ -176,27 +222,38 @@ def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_SEED) if int(seed) == -1 else int(seed)
 
 
-def check_inputs(model: LoadedModel, params: GenerationParams) -> GenerationParams:
-    """Validated params with the model's defaults filled in; clip skip is checked against this model's depth."""
+def check_inputs(model: LoadedModel, params: GenerationParams,
+                 source: tuple[int, int] | None = None) -> GenerationParams:
+    """Validated params with the model's defaults filled in; clip skip is checked against this model's depth.
+    ``source``: the init image's size, which sets the output's aspect (img2img.output_size)."""
     p = params.validate()
     if p.clip_skip > model.max_clip_skip:
         raise ValueError(f"clip_skip: {p.clip_skip} is out of range for this model (its text encoder is shallower); "
                          f"use 1 to {model.max_clip_skip}")
     size = model.default_size
+    width, height = img2img.output_size(source, size, p.width, p.height) if source else (p.width, p.height)
     return replace(
         p,
-        width=p.width or size,
-        height=p.height or size,
+        width=width or size,
+        height=height or size,
         seed=resolve_seed(p.seed),
         steps=p.steps or model.default_steps,
         guidance_scale=model.default_guidance if p.guidance_scale is None else p.guidance_scale,
         sampler=p.sampler or model.default_sampler,
+        strength=(DEFAULT_STRENGTH if source else DEFAULT_HIRES_STRENGTH) if p.strength is None else p.strength,
     )
 
 
 def make_generators(seed: int, n: int) -> list[torch.Generator]:
     # CPU generators: the same seed gives the same noise, hence the same image, on CPU, CUDA and MPS.
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]
+
+
+def noise_draws(seed: int, shape: tuple[int, ...], n: int) -> list[torch.Tensor]:
+    """The first ``n`` noise tensors (B, C, h, w) that the generators of ``make_generators(seed, B)`` give, in
+    order: the first is the noise diffusers' img2img start draws from them."""
+    gens = make_generators(seed, shape[0])
+    return [torch.stack([torch.randn(shape[1:], generator=g) for g in gens]) for _ in range(n)]
 
 
 # The pipeline's tensors that carry CFG's two halves (negative first), per family: halved when CFG ends early.
@@ -207,35 +264,70 @@ def _cfg_tensors(family: str) -> list[str]:
     return _CFG_TENSORS.get(family, ["prompt_embeds"])
 
 
-def _step_callback(model: LoadedModel, on_step, cancel, preview_every: int, state: dict, cfg_until: int | None):
-    t0 = time.perf_counter()
+@dataclass
+class _Progress:
+    """How a denoising pass reports: steps of earlier passes (hires fix) and of passes still to come."""
 
-    def callback(pipe, i, t, kwargs):
-        if cfg_until is not None and i + 1 == cfg_until and pipe.do_classifier_free_guidance:
-            # A1111's "negative guidance minimum sigma" by step count (diffusers' dynamic-CFG recipe): the rest of
-            # the steps run the prompt's half alone, at one pass a step instead of two
-            pipe._guidance_scale = 0.0
-            for name in _cfg_tensors(model.family):
-                kwargs[name] = kwargs[name].chunk(2)[-1]
-        if on_step is not None:
-            total = len(pipe.scheduler.timesteps)
-            previews = None
-            if preview_every and ((i + 1) % preview_every == 0) and i + 1 < total:
-                if model.preview_map is None:
-                    model.preview_map = fit_preview_map(pipe.vae)
-                previews = latents_to_preview(kwargs["latents"], model.preview_map)
-            on_step(StepEvent(i + 1, total, time.perf_counter() - t0, previews))
-        if cancel is not None and cancel.is_set() and state.get("interrupted_at") is None:
-            state["interrupted_at"] = i + 1
-            pipe._interrupt = True  # diffusers skips the remaining steps and returns the current latents
-        return kwargs
+    on_step: Callable[[StepEvent], None] | None
+    cancel: threading.Event | None
+    preview_every: int
+    state: dict
+    t0: float = field(default_factory=time.perf_counter)
 
-    return callback
+    def callback(self, model: LoadedModel, cfg_cutoff: float, before: int = 0, after: int = 0, blend=None):
+        """diffusers' step-end callback: ``blend(pipe, i, latents)`` (inpainting) first, then CFG's end, the
+        step event, and Stop."""
+        def step_end(pipe, i, t, kwargs):
+            run = pipe.num_timesteps  # the steps this pass runs (img2img: a share of the schedule)
+            self.state["steps_done"] = before + i + 1
+            if blend is not None:
+                kwargs["latents"] = blend(pipe, i, kwargs["latents"])
+            if cfg_cutoff < 1 and i + 1 == max(1, round(run * cfg_cutoff)) and pipe.do_classifier_free_guidance:
+                # A1111's "negative guidance minimum sigma" by step count (diffusers' dynamic-CFG recipe): the
+                # rest of the steps run the prompt's half alone, at one pass a step instead of two
+                pipe._guidance_scale = 0.0
+                for name in _cfg_tensors(model.family):
+                    kwargs[name] = kwargs[name].chunk(2)[-1]
+            if self.on_step is not None:
+                previews = None
+                if self.preview_every and ((i + 1) % self.preview_every == 0) and i + 1 < run:
+                    if model.preview_map is None:
+                        model.preview_map = fit_preview_map(pipe.vae)
+                    previews = latents_to_preview(kwargs["latents"], model.preview_map)
+                self.on_step(StepEvent(before + i + 1, before + run + after, time.perf_counter() - self.t0,
+                                       previews))
+            if self.stopped(i + 1 + before):
+                pipe._interrupt = True  # diffusers skips the remaining steps and returns the current latents
+            return kwargs
+
+        return step_end
+
+    def stopped(self, step: int | None = None) -> bool:
+        """Has Stop arrived (recording the step it arrived at)?"""
+        if self.state.get("interrupted_at") is None and self.cancel is not None and self.cancel.is_set():
+            self.state["interrupted_at"] = step or 0
+        return self.state.get("interrupted_at") is not None
+
+
+def variant(model: LoadedModel, kind: str):
+    """The loaded pipeline as diffusers' ``img2img`` or ``inpaint`` pipeline: ``from_pipe`` shares its modules (no
+    second copy of the weights; LoRAs and embeddings apply to both), made once per model."""
+    import diffusers
+
+    if kind not in model.variants:
+        auto = {"img2img": diffusers.AutoPipelineForImage2Image, "inpaint": diffusers.AutoPipelineForInpainting}
+        model.variants[kind] = auto[kind].from_pipe(model.pipe)
+        model.variants[kind].set_progress_bar_config(disable=True)  # steps are reported through the callback
+    pipe = model.variants[kind]
+    pipe.scheduler = model.pipe.scheduler  # the sampler this run chose
+    return pipe
 
 
 def denoise(model: LoadedModel, p: GenerationParams, pos: WeightedPrompt, neg: WeightedPrompt, generators,
-            callback) -> torch.Tensor:
-    """Run the diffusers pipeline's loop and return latents (B, 4, H/8, W/8)."""
+            callback, pipe=None, **extra) -> torch.Tensor:
+    """Run a diffusers pipeline's loop (``model.pipe``, or an img2img / inpaint variant with its ``extra``
+    arguments) and return latents (B, 4, H/8, W/8)."""
+    pipe = pipe or model.pipe
     kwargs = dict(
         prompt=p.prompt,
         negative_prompt=p.negative_prompt or None,
@@ -248,7 +340,10 @@ def denoise(model: LoadedModel, p: GenerationParams, pos: WeightedPrompt, neg: W
         output_type="latent",
         callback_on_step_end=callback,
         callback_on_step_end_tensor_inputs=["latents"] + (_cfg_tensors(model.family) if p.cfg_cutoff < 1 else []),
+        **extra,
     )
+    if "width" not in inspect.signature(pipe.__call__).parameters:  # img2img: the start's size is the size
+        del kwargs["width"], kwargs["height"]
     sdxl = model.family == "sdxl"
     if needs_encoding([pos, neg], model.pipe.tokenizer, p.clip_skip, sdxl):
         # Weights, long prompts, SD clip skip: compel-based encoding (prompts.py) hands the pipeline embeddings.
@@ -263,7 +358,21 @@ def denoise(model: LoadedModel, p: GenerationParams, pos: WeightedPrompt, neg: W
         kwargs["negative_prompt"] = "".join(t for t, _ in neg.chunks[0]) or None
         if p.clip_skip > 1:  # only SDXL gets here: its diffusers clip-skip path works with transformers 5
             kwargs["clip_skip"] = p.clip_skip - 1  # A1111 counts the last layer as 1; diffusers counts skipped ones
-    return model.pipe(**kwargs).images
+    return pipe(**kwargs).images
+
+
+@torch.no_grad()
+def encode(model: LoadedModel, images: list[Image.Image]) -> torch.Tensor:
+    """PIL images (one size) -> VAE latents (B, 4, h, w), the distribution's mean (no draw from any generator), in
+    the scaled space the UNet works in (decode's inverse)."""
+    vae = model.pipe.vae
+    x = model.pipe.image_processor.preprocess(images).to(vae.device, vae.dtype)  # (B, 3, H, W) in [-1, 1]
+    latents = vae.encode(x).latent_dist.mean.float()
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, latents.shape[1], 1, 1)
+        return (latents - torch.tensor(mean).view(shape)) * vae.config.scaling_factor / torch.tensor(std).view(shape)
+    return latents * vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -287,7 +396,80 @@ def decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
     return model.pipe.image_processor.postprocess(image, output_type="pil")
 
 
-def make_infotext(model: LoadedModel, p: GenerationParams, seed: int) -> Infotext:
+def _txt2img(model: LoadedModel, p: GenerationParams, pos, neg, progress: _Progress) -> list[Image.Image]:
+    """Text to image, and the hires fix's second pass when it is on (A1111's order: generate, enlarge, redraw)."""
+    hires = p.hires_scale > 1 or bool(p.hires_width or p.hires_height)
+    later = (p.hires_steps or p.steps) if hires and p.strength > 0 else 0
+    latents = denoise(model, p, pos, neg, make_generators(p.seed, p.batch_size),
+                      progress.callback(model, p.cfg_cutoff, after=later))
+    if not hires or progress.stopped():
+        return decode(model, latents)
+    width, height = img2img.hires_size(p.width, p.height, p.hires_scale, p.hires_width, p.hires_height)
+    f = model.pipe.vae_scale_factor
+    if img2img.is_latent_upscaler(p.hires_upscaler):
+        start = img2img.upscale_latents(latents, (height // f, width // f), p.hires_upscaler)
+    else:
+        resample = img2img.HIRES_UPSCALERS[p.hires_upscaler]
+        start = encode(model, [im.resize((width, height), resample) for im in decode(model, latents)])
+    if not later:
+        return decode(model, start)
+    # A1111 runs the hires steps in full: a schedule stretched so that 'strength' of it is that many steps
+    steps = math.ceil(later / min(p.strength, 0.999))
+    second = replace(p, width=width, height=height, steps=steps)
+    before = progress.state.get("steps_done", p.steps)
+    latents = denoise(model, second, pos, neg, make_generators(p.seed, p.batch_size),
+                      progress.callback(model, p.cfg_cutoff, before=before), pipe=variant(model, "img2img"),
+                      image=start, strength=p.strength)
+    return decode(model, latents)
+
+
+def _keep_unmasked(source: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor):
+    """A step-end hook that puts the source's latents back where the mask keeps them, noised to the level of the
+    next step (the start's noise, so the kept area follows the path the sampler started on)."""
+    def blend(pipe, i, latents):
+        run = pipe.scheduler.timesteps[-pipe.num_timesteps:]  # the steps this pass runs
+        ref = source if i + 1 >= len(run) else pipe.scheduler.add_noise(source, noise, run[i + 1:i + 2].repeat(len(source)))
+        return keep * ref.to(latents) + (1 - keep) * latents
+    return blend
+
+
+def _img2img(model: LoadedModel, p: GenerationParams, pos, neg, init: Image.Image, mask: Image.Image | None,
+             progress: _Progress) -> list[Image.Image]:
+    """Image to image and inpainting: prepare (img2img.prepare), encode, denoise from ``strength``, decode, paste
+    back. An ordinary checkpoint inpaints by putting the unmasked latents back at each step's noise level (what
+    diffusers' inpaint pipeline does for 4-channel UNets); an inpainting checkpoint (9-channel UNet) runs diffusers'
+    inpaint pipeline."""
+    nine = model.pipe.unet.config.in_channels == 9
+    if nine and mask is None:
+        raise ValueError("mask: this is an inpainting checkpoint; give a mask (or load an ordinary checkpoint for "
+                         "image to image)")
+    if nine and p.masked_content.startswith("latent"):
+        raise ValueError(f"masked_content: '{p.masked_content}' needs an ordinary checkpoint; on this inpainting "
+                         "checkpoint use original or fill")
+    prepared = img2img.prepare(model.pipe.image_processor, init, mask, p.width, p.height, p.resize_mode, p.mask_blur,
+                               p.masked_content, p.only_masked, p.only_masked_padding)
+    generators = make_generators(p.seed, p.batch_size)
+    callback = functools.partial(progress.callback, model, p.cfg_cutoff)
+    if nine:
+        latents = denoise(model, p, pos, neg, generators, callback(), pipe=variant(model, "inpaint"),
+                          image=prepared.image, mask_image=prepared.mask, strength=max(p.strength, 1e-3))
+        return img2img.paste_back(prepared, decode(model, latents))
+    start = encode(model, [prepared.image]).repeat(p.batch_size, 1, 1, 1)  # (B, 4, h, w)
+    blend = None
+    if prepared.mask is not None:
+        keep = img2img.latent_keep(prepared.mask, start.shape[-2:]).to(start)  # (1, 1, h, w)
+        noise, fill_noise = noise_draws(p.seed, tuple(start.shape), 2)
+        blend = _keep_unmasked(start, keep, noise.to(start))
+        start = img2img.start_latents(start, keep, p.masked_content, fill_noise)
+    if p.strength == 0:  # nothing redrawn: the source after the VAE's round trip
+        return img2img.paste_back(prepared, decode(model, start))
+    latents = denoise(model, p, pos, neg, generators, callback(blend=blend), pipe=variant(model, "img2img"),
+                      image=start, strength=p.strength)
+    return img2img.paste_back(prepared, decode(model, latents))
+
+
+def make_infotext(model: LoadedModel, p: GenerationParams, seed: int, source: tuple[int, int] | None = None,
+                  masked: bool = False) -> Infotext:
     params = {
         "Steps": p.steps,
         "Sampler": p.sampler,
@@ -297,6 +479,25 @@ def make_infotext(model: LoadedModel, p: GenerationParams, seed: int) -> Infotex
         "Size": f"{p.width}x{p.height}",
         "Model": model.ref.public_name,
     }
+    if source:
+        params["Denoising strength"] = p.strength
+        params["Init image size"] = f"{source[0]}x{source[1]}"
+        if p.resize_mode != "Just resize":
+            params["Resize mode"] = p.resize_mode
+    if masked:
+        params.update({"Mask blur": p.mask_blur, "Masked content": p.masked_content})
+        if p.only_masked:
+            params.update({"Inpaint area": "Only masked", "Masked area padding": p.only_masked_padding})
+    if not source and (p.hires_scale > 1 or p.hires_width or p.hires_height):
+        params["Denoising strength"] = p.strength
+        if p.hires_width or p.hires_height:
+            params["Hires resize"] = "x".join(map(str, img2img.hires_size(p.width, p.height, p.hires_scale,
+                                                                          p.hires_width, p.hires_height)))
+        else:
+            params["Hires upscale"] = p.hires_scale
+        if p.hires_steps:
+            params["Hires steps"] = p.hires_steps
+        params["Hires upscaler"] = p.hires_upscaler
     if p.clip_skip > 1:
         params["Clip skip"] = p.clip_skip
     if p.cfg_cutoff < 1:
@@ -309,30 +510,36 @@ def generate(
     model: LoadedModel,
     params: GenerationParams,
     *,
+    init_image: Image.Image | None = None,
+    mask: Image.Image | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
     cancel: threading.Event | None = None,
     preview_every: int = 5,
 ) -> GenerationResult:
-    """Generate ``params.batch_size`` images; image i uses seed+i. Stop via ``cancel`` returns what was reached."""
-    p = check_inputs(model, params)
+    """Generate ``params.batch_size`` images; image i uses seed+i. With ``init_image``: image to image, and with
+    ``mask`` (white = redraw) inpainting. Stop via ``cancel`` returns what was reached."""
+    if mask is not None and init_image is None:
+        raise ValueError("mask: give the image it belongs to as well (init_image)")
+    init = img2img.check_source(init_image) if init_image is not None else None
+    mask = img2img.check_mask(mask, init.size) if mask is not None else None
+    p = check_inputs(model, params, init.size if init else None)
     t0 = time.perf_counter()
-    state: dict = {}
+    progress = _Progress(on_step, cancel, preview_every, {})
     with model.lock:  # one job at a time per pipeline: the scheduler below is pipeline state
         key = (p.sampler, p.schedule)
         if key not in model.schedulers:  # built once per pair; set_timesteps resets its state each run
             model.schedulers[key] = make_scheduler(p.sampler, p.schedule, model.base_scheduler_config)
         model.pipe.scheduler = model.schedulers[key]
-        cfg_until = max(1, round(p.steps * p.cfg_cutoff)) if p.cfg_cutoff < 1 else None
-        callback = _step_callback(model, on_step, cancel, preview_every, state, cfg_until)
         pos, neg = parse_attention(p.prompt), parse_attention(p.negative_prompt)
-        latents = denoise(model, p, pos, neg, make_generators(p.seed, p.batch_size), callback)
-        images = decode(model, latents)
+        images = (_img2img(model, p, pos, neg, init, mask, progress) if init is not None
+                  else _txt2img(model, p, pos, neg, progress))
     seeds = [p.seed + i for i in range(p.batch_size)]
+    source = init.size if init else None
     return GenerationResult(
         images=images,
-        infotexts=[make_infotext(model, p, s) for s in seeds],
+        infotexts=[make_infotext(model, p, s, source, mask is not None) for s in seeds],
         seeds=seeds,
-        interrupted_at=state.get("interrupted_at"),
+        interrupted_at=progress.state.get("interrupted_at"),
         warnings=[f"prompt: {w}" for w in pos.warnings] + [f"negative prompt: {w}" for w in neg.warnings],
         seconds=time.perf_counter() - t0,
     )
@@ -347,7 +554,20 @@ _INFOTEXT_FIELDS = {
     "Seed": ("seed", int),
     "Clip skip": ("clip_skip", int),
     "CFG cutoff": ("cfg_cutoff", float),
+    "Denoising strength": ("strength", float),
+    "Resize mode": ("resize_mode", str),
+    "Mask blur": ("mask_blur", int),
+    "Masked content": ("masked_content", str),
+    "Masked area padding": ("only_masked_padding", int),
+    "Hires upscale": ("hires_scale", float),
+    "Hires steps": ("hires_steps", int),
+    "Hires upscaler": ("hires_upscaler", str),
 }
+
+
+def _size(text: str) -> tuple[int, int] | None:
+    w, sep, h = str(text).partition("x")
+    return (int(w), int(h)) if sep and w.isdigit() and h.isdigit() else None
 
 
 def params_from_infotext(info: Infotext) -> tuple[GenerationParams, list[str]]:
@@ -363,7 +583,12 @@ def params_from_infotext(info: Infotext) -> tuple[GenerationParams, list[str]]:
                 ignored.append(key)
         elif key == "Size" and info.size:
             values["width"], values["height"] = info.size
-        elif key not in ("Model", "Model hash", "Version", "Lora"):  # the model and LoRAs: engine.locate_*
+        elif key == "Hires resize" and _size(value):
+            values["hires_width"], values["hires_height"] = _size(value)
+        elif key == "Inpaint area":
+            values["only_masked"] = value == "Only masked"
+        # the model and LoRAs: engine.locate_*; the source picture's size: the PNG does not hold the source
+        elif key not in ("Model", "Model hash", "Version", "Lora", "Init image size"):
             ignored.append(key)
     sampler = values.get("sampler")
     if sampler is not None and sampler not in SAMPLERS:
@@ -373,6 +598,10 @@ def params_from_infotext(info: Infotext) -> tuple[GenerationParams, list[str]]:
             values["sampler"], values["schedule"] = base, sched
         else:
             ignored.append(f"Sampler ({values.pop('sampler')})")
-    if values.get("schedule") not in SCHEDULES and "schedule" in values:
-        ignored.append(f"Schedule type ({values.pop('schedule')})")
+    for key, name, names in (("Schedule type", "schedule", SCHEDULES), ("Hires upscaler", "hires_upscaler",
+                                                                          HIRES_UPSCALERS),
+                             ("Resize mode", "resize_mode", RESIZE_MODES), ("Masked content", "masked_content",
+                                                                           MASKED_CONTENT)):
+        if name in values and values[name] not in names:  # A1111's ESRGAN upscalers, say
+            ignored.append(f"{key} ({values.pop(name)})")
     return GenerationParams(**values), ignored

@@ -231,6 +231,7 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per pipeline
     preview_map: Any = None  # (W, b) latent -> RGB, fitted lazily by preview.py
     schedulers: dict = field(default_factory=dict)  # (sampler, schedule) -> scheduler, built on first use
+    variants: dict = field(default_factory=dict)  # "img2img" / "inpaint" -> the same modules as that pipeline
     prompt_encoders: dict = field(default_factory=dict)  # clip skip -> prompts.PromptEncoder, built on first use
     loras: tuple = ()  # ((path or repo id, scale), ...) currently applied
     embedding_tokens: list = field(default_factory=list)  # textual-inversion tokens those brought in

@@ -10,7 +10,9 @@ import gradio as gr
 
 from .. import zerogpu
 from ..engine import Engine, ModelDefaults
-from ..generate import MAX_BATCH, MAX_CLIP_SKIP, MAX_SIDE, MAX_STEPS, GenerationParams
+from ..generate import (DEFAULT_HIRES_STRENGTH, MAX_BATCH, MAX_CLIP_SKIP, MAX_HIRES_SCALE, MAX_SIDE, MAX_STEPS,
+                        GenerationParams)
+from ..img2img import HIRES_UPSCALERS
 from ..infotext import format_infotext
 from ..models import DEFAULT_GUIDANCE, parse_lora, parse_loras
 from ..sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
@@ -36,6 +38,9 @@ class GenerateTab:
     loras: gr.Textbox  # "path_or_repo[:scale], ..." (the Training tab's "Use in Generate" adds to it)
     model: gr.Dropdown  # the Training tab's "Use in Generate" puts a full fine-tune here
     cfg_cutoff: gr.Slider  # an input after model and loras (the API's positions before it stay as they were)
+    hires: list  # [on, scale, steps, strength, upscaler, width, height]: the Hires. fix accordion, API order
+    send_img2img: gr.Button  # "Send to img2img" under the gallery (wired by ui.img2img)
+    picked: gr.State  # [image path, its infotext] of the gallery's selected image
 
     def param_components(self) -> list:
         return [self.prompt, self.negative_prompt, self.sampler, self.schedule, self.steps, self.guidance_scale,
@@ -60,6 +65,52 @@ def user_error(exc: Exception) -> gr.Error:
     return gr.Error(f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
+def checked(engine: Engine, public: bool, visitor: str | None, model: str | None, loras: str, **values):
+    """(model spec, LoRA list, validated GenerationParams) of a request's raw values, or gr.Error naming the field
+    to change."""
+    try:
+        model = engine.chosen_model(model, public)
+        lora_list = parse_loras(loras)
+        if public and not all(engine.is_training_result(src, public, visitor) for src, _ in lora_list):
+            raise ValueError("lora: on a public app only your own training results (Train tab) can be used")
+        # raw values: validate() converts them and names the field of one it cannot use (width='abc')
+        values.update(width=values.get("width") or None, height=values.get("height") or None,
+                      seed=-1 if values.get("seed") is None else values["seed"])
+        return model or None, lora_list, GenerationParams(**values).validate()
+    except (ValueError, TypeError) as exc:
+        raise gr.Error(str(exc)) from None
+
+
+def stream(engine: Engine, params: GenerationParams, model: str | None, loras: list, request, progress,
+           init_image=None, mask=None):
+    """A run's page updates (gallery, preview, status, parameters, all parameters): a first one at once, the
+    steps at most every UPDATE_S, then the result."""
+    job = getattr(request, "session_hash", None) or "api"
+    progress(0, desc="starting")
+    note = engine.training_note()
+    # Yield before any work: gradio keeps a run's iterator (and so can close it when its client goes away) only
+    # from its first yield on; a client that left before then left a run nobody could stop holding the slot.
+    yield gr.skip(), gr.skip(), "starting" + (f" · {note}" if note else ""), gr.skip(), gr.skip()
+    shown = 0.0  # when the page last got a step
+    try:
+        for update in engine.run(params, model=model, job=job, loras=loras, init_image=init_image, mask=mask):
+            if update.waiting:
+                yield gr.skip(), gr.skip(), update.waiting, gr.skip(), gr.skip()
+            elif update.step:
+                ev = update.step
+                if time.monotonic() - shown < UPDATE_S:
+                    continue
+                shown = time.monotonic()
+                progress((ev.step, ev.total), desc="denoising", unit="steps")
+                rate = ev.step / ev.elapsed if ev.elapsed else 0
+                status = f"step {ev.step}/{ev.total} · {rate:.2f} it/s" + (f" · {note}" if note else "")
+                yield gr.skip(), (ev.previews[0] if ev.previews else gr.skip()), status, gr.skip(), gr.skip()
+            else:
+                yield _finished(engine, update.result, update.paths, note)
+    except Exception as exc:
+        raise user_error(exc) from None
+
+
 def make_generate_fn(engine: Engine, public: bool):
     # Named for the MCP tool list (gradio names a tool after its function): `generate` is ui.mcp's, which answers
     # with the PNG itself; this one answers with a gallery, which reaches an MCP client as text.
@@ -78,6 +129,13 @@ def make_generate_fn(engine: Engine, public: bool):
         model: str | None = None,
         loras: str = "",
         cfg_cutoff: float = GenerationParams.cfg_cutoff,
+        hires: bool = False,
+        hires_scale: float = 2.0,
+        hires_steps: int = GenerationParams.hires_steps,
+        strength: float | None = None,
+        hires_upscaler: str = GenerationParams.hires_upscaler,
+        hires_width: int = GenerationParams.hires_width,
+        hires_height: int = GenerationParams.hires_height,
         visitor: str | None = None,  # a gr.State (not an API argument): whose training results are usable
         request: gr.Request = None,
         progress=gr.Progress(),
@@ -101,44 +159,22 @@ def make_generate_fn(engine: Engine, public: bool):
             loras: LoRAs to apply, "path_or_repo[:scale], ..."; empty for none.
             cfg_cutoff: Fast: after this fraction of the steps the negative prompt's pass is dropped (CFG ends);
                 1 for never, 0.6 saves about a fifth of the time.
+            hires: Hires fix: generate, enlarge, then redraw at the larger size (A1111's "Hires. fix").
+            hires_scale: Hires fix: enlargement factor, 1 to 4.
+            hires_steps: Hires fix: steps of the second pass; 0 for as many as the first.
+            strength: Hires fix: denoising strength of the second pass, 0 to 1; empty for 0.7.
+            hires_upscaler: Hires fix: "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (nearest)",
+                "Lanczos" or "Nearest".
+            hires_width: Hires fix: target width instead of the factor; 0 for none.
+            hires_height: Hires fix: target height instead of the factor; 0 for none.
         """
-        try:
-            model = engine.chosen_model(model, public)
-            lora_list = parse_loras(loras)
-            if public and not all(engine.is_training_result(src, public, visitor) for src, _ in lora_list):
-                raise ValueError("lora: on a public app only your own training results (Train tab) can be used")
-            # raw values: validate() converts them and names the field of one it cannot use (width='abc')
-            params = GenerationParams(
-                prompt=prompt or "", negative_prompt=negative_prompt or "", steps=steps, guidance_scale=guidance_scale,
-                width=width or None, height=height or None, seed=-1 if seed is None else seed, sampler=sampler,
-                schedule=schedule, batch_size=batch_size, clip_skip=clip_skip, cfg_cutoff=cfg_cutoff,
-            ).validate()
-        except (ValueError, TypeError) as exc:
-            raise gr.Error(str(exc)) from None
-        job = getattr(request, "session_hash", None) or "api"
-        progress(0, desc="starting")
-        note = engine.training_note()
-        # Yield before any work: gradio keeps a run's iterator (and so can close it when its client goes away) only
-        # from its first yield on; a client that left before then left a run nobody could stop holding the slot.
-        yield gr.skip(), gr.skip(), "starting" + (f" · {note}" if note else ""), gr.skip(), gr.skip()
-        shown = 0.0  # when the page last got a step
-        try:
-            for update in engine.run(params, model=model or None, job=job, loras=lora_list):
-                if update.waiting:
-                    yield gr.skip(), gr.skip(), update.waiting, gr.skip(), gr.skip()
-                elif update.step:
-                    ev = update.step
-                    if time.monotonic() - shown < UPDATE_S:
-                        continue
-                    shown = time.monotonic()
-                    progress((ev.step, ev.total), desc="denoising", unit="steps")
-                    rate = ev.step / ev.elapsed if ev.elapsed else 0
-                    status = f"step {ev.step}/{ev.total} · {rate:.2f} it/s" + (f" · {note}" if note else "")
-                    yield gr.skip(), (ev.previews[0] if ev.previews else gr.skip()), status, gr.skip(), gr.skip()
-                else:
-                    yield _finished(engine, update.result, update.paths, note)
-        except Exception as exc:
-            raise user_error(exc) from None
+        on = dict(hires_scale=hires_scale, hires_steps=hires_steps, strength=strength, hires_upscaler=hires_upscaler,
+                  hires_width=hires_width, hires_height=hires_height) if hires else {}
+        model, lora_list, params = checked(
+            engine, public, visitor, model, loras, prompt=prompt or "", negative_prompt=negative_prompt or "",
+            steps=steps, guidance_scale=guidance_scale, width=width, height=height, seed=seed, sampler=sampler,
+            schedule=schedule, batch_size=batch_size, clip_skip=clip_skip, cfg_cutoff=cfg_cutoff, **on)
+        yield from stream(engine, params, model, lora_list, request, progress)
 
     return on_gpu(engine, public, generate_gallery)
 
@@ -160,8 +196,14 @@ def on_gpu(engine: Engine, public: bool, handler):
             bound.apply_defaults()
             v = bound.arguments
             model = engine.chosen_model(v["model"] or None, public)
-            return zerogpu.generation_seconds(engine.family(model), int(v["steps"] or engine.default_steps(model)),
-                                              int(v["width"] or 0), int(v["height"] or 0), int(v.get("batch_size", 1)))
+            family, steps = engine.family(model), int(v["steps"] or engine.default_steps(model))
+            w, h, n = int(v["width"] or 0), int(v["height"] or 0), int(v.get("batch_size", 1))
+            seconds = zerogpu.generation_seconds(family, steps, w, h, n)
+            if v.get("hires"):  # the second pass, at the enlarged size (a native-size guess when the size is unset)
+                scale = float(v["hires_scale"])
+                seconds += zerogpu.generation_seconds(family, int(v["hires_steps"] or steps), int(w * scale),
+                                                      int(h * scale), n)
+            return seconds
         except (TypeError, ValueError, OverflowError):
             return zerogpu.MIN_S
 
@@ -205,6 +247,53 @@ def _load_model_fn(engine: Engine, public: bool):
     return load
 
 
+def _path(item) -> str | None:
+    """A gallery item's file (gradio gives (image, caption) pairs, or their dicts)."""
+    image = item[0] if isinstance(item, (tuple, list)) else item
+    if isinstance(image, dict):
+        image = image.get("image", image)
+        image = image.get("path") if isinstance(image, dict) else image
+    return str(image) if image else None
+
+
+@dataclass
+class SamplingControls:
+    """The controls that the Generate and img2img tabs share, laid out the same in both."""
+
+    sampler: gr.Dropdown
+    schedule: gr.Dropdown
+    steps: gr.Slider
+    width: gr.Slider
+    height: gr.Slider
+    batch: gr.Slider
+    cfg: gr.Slider
+    seed: gr.Number
+    random_btn: gr.Button
+    reuse_btn: gr.Button
+
+
+def sampling_controls(d: ModelDefaults, size_info: str | None = None) -> SamplingControls:
+    """Sampler, schedule, steps, size, batch, CFG and seed at the model's defaults (call inside a layout)."""
+    with gr.Row():
+        sampler = gr.Dropdown(sampler_choices(), value=d.sampler, label="Sampling method",
+                              info="★ = written in this project")
+        schedule = gr.Dropdown(list(SCHEDULES), value=GenerationParams.schedule, label="Schedule type")
+    steps = gr.Slider(1, MAX_STEPS, value=d.steps, step=1, label="Sampling steps")
+    with gr.Row():
+        width = gr.Slider(0 if size_info else 64, MAX_SIDE, value=0 if size_info else d.size, step=8, label="Width",
+                          info=size_info)
+        height = gr.Slider(0 if size_info else 64, MAX_SIDE, value=0 if size_info else d.size, step=8,
+                           label="Height")
+    with gr.Row():
+        batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
+        cfg = gr.Slider(0, 30, value=d.guidance, step=0.5, label="CFG scale")
+    with gr.Row():
+        seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=4)
+        random_btn = gr.Button("🎲", scale=1, min_width=40)
+        reuse_btn = gr.Button("♻️", scale=1, min_width=40)
+    return SamplingControls(sampler, schedule, steps, width, height, batch, cfg, seed, random_btn, reuse_btn)
+
+
 def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: bool | None = None,
           visitor: gr.State | None = None) -> GenerateTab:
     """Lay out the tab and wire its events; call inside a gr.Blocks context. ``visitor`` (ui.train.visitor_state):
@@ -227,21 +316,26 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
             example_list = gr.Dataset(components=[prompt], samples=[[e] for e in d.examples], label="Examples",
                                       visible=bool(d.examples), elem_id="examples")
             negative = gr.Textbox("", label="Negative prompt", lines=2)
-            with gr.Row():
-                sampler = gr.Dropdown(sampler_choices(), value=d.sampler, label="Sampling method",
-                                      info="★ = written in this project")
-                schedule = gr.Dropdown(list(SCHEDULES), value=GenerationParams.schedule, label="Schedule type")
-            steps = gr.Slider(1, MAX_STEPS, value=d.steps, step=1, label="Sampling steps")
-            with gr.Row():
-                width = gr.Slider(64, MAX_SIDE, value=d.size, step=8, label="Width")
-                height = gr.Slider(64, MAX_SIDE, value=d.size, step=8, label="Height")
-            with gr.Row():
-                batch = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch size")
-                cfg = gr.Slider(0, 30, value=d.guidance, step=0.5, label="CFG scale")
-            with gr.Row():
-                seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=4)
-                random_btn = gr.Button("🎲", scale=1, min_width=40)
-                reuse_btn = gr.Button("♻️", scale=1, min_width=40)
+            c = sampling_controls(d)
+            sampler, schedule, steps, width, height, batch, cfg, seed = (c.sampler, c.schedule, c.steps, c.width,
+                                                                         c.height, c.batch, c.cfg, c.seed)
+            with gr.Accordion("Hires. fix", open=False, elem_id="hires"):
+                hires_on = gr.Checkbox(False, label="Hires. fix: generate, enlarge, redraw at the larger size",
+                                       elem_id="hires-on")
+                with gr.Row():
+                    hires_upscaler = gr.Dropdown(list(HIRES_UPSCALERS), value=GenerationParams.hires_upscaler,
+                                                 label="Upscaler")
+                    hires_steps = gr.Slider(0, MAX_STEPS, value=0, step=1, label="Hires steps",
+                                            info="0 = as many as the first pass")
+                with gr.Row():
+                    hires_strength = gr.Slider(0, 1, value=DEFAULT_HIRES_STRENGTH, step=0.01,
+                                               label="Denoising strength")
+                    hires_scale = gr.Slider(1, MAX_HIRES_SCALE, value=2, step=0.05, label="Upscale by",
+                                            elem_id="hires-scale")
+                with gr.Row():
+                    hires_width = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Resize width to",
+                                            info="0 = by the factor")
+                    hires_height = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Resize height to")
             # a public app shows LoRAs only when training is on (and then takes only its own results)
             with gr.Row(visible=not public if allow_loras is None else allow_loras):
                 lora = gr.Textbox("", label="LoRA", scale=3, elem_id="lora",
@@ -259,14 +353,17 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                 run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
             gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
+            send_img2img = gr.Button("Send to img2img", size="sm", elem_id="send-img2img")
             preview = gr.Image(label="Live preview", interactive=False, height=160)
             status = gr.Markdown("", elem_id="run-status")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="infotext")
     infos = gr.State([])
+    picked = gr.State(None)
+    hires = [hires_on, hires_scale, hires_steps, hires_strength, hires_upscaler, hires_width, hires_height]
     tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip, lora,
-                      model, cfg_cutoff)
+                      model, cfg_cutoff, hires, send_img2img, picked)
 
-    inputs = tab.param_components() + [model, lora, cfg_cutoff, visitor]
+    inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, visitor]
     outputs = [gallery, preview, status, infotext, infos]
     # One job at a time on the device; preprocess=False so that our validation (which names the field) sees the
     # raw values instead of gradio's range checks ("Value 0 is less than minimum value 1.").
@@ -283,7 +380,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                 [model_status, width, height, cfg, sampler, steps, clip_skip, example_list],
                 api_visibility="private", concurrency_id="device", concurrency_limit=1)
     example_list.click(lambda sample: sample[0], example_list, prompt, api_visibility="private")
-    random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")
+    c.random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")
     trained.focus(lambda who: gr.update(choices=engine.trained_results(public, who)), visitor, trained,
                   api_visibility="private")
     trained.select(add_lora, [lora, trained], [lora, trained], api_visibility="private")
@@ -293,10 +390,16 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
 
         return parse_infotext(texts[0]).params.get("Seed", -1) if texts else -1
 
-    reuse_btn.click(last_seed, infos, seed, queue=False, api_visibility="private")
+    c.reuse_btn.click(last_seed, infos, seed, queue=False, api_visibility="private")
 
-    def show_info(texts: list[str], evt: gr.SelectData):
-        return texts[evt.index] if texts and evt.index < len(texts) else ""
+    def show_info(texts: list[str], images: list, evt: gr.SelectData):
+        """The selected image's parameters, and [its file, its parameters] for "Send to img2img"."""
+        if not texts or evt.index >= len(texts):
+            return "", None
+        return texts[evt.index], [_path(images[evt.index]), texts[evt.index]]
 
-    gallery.select(show_info, infos, infotext, queue=False, api_visibility="private")
+    gallery.select(show_info, [infos, gallery], [infotext, picked], queue=False, api_visibility="private")
+    # a new result: the first image is the one "Send to img2img" sends until another is picked
+    gallery.change(lambda images, texts: [_path(images[0]), texts[0]] if images and texts else None,
+                   [gallery, infos], picked, queue=False, api_visibility="private")
     return tab

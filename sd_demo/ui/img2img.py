@@ -1,0 +1,186 @@
+"""The img2img tab: image to image, and inpainting where the picture is painted over. Only widgets and wiring: the
+work is sd_demo.generate's (through the engine), the mask is read by sd_demo.img2img."""
+from __future__ import annotations
+
+import gradio as gr
+from PIL import Image
+
+from ..engine import Engine, ModelDefaults
+from ..generate import DEFAULT_STRENGTH, MAX_MASK_BLUR, GenerationParams
+from ..img2img import MASKED_CONTENT, RESIZE_MODES, mask_from_layers
+from ..infotext import parse_infotext
+from ..models import DEFAULT_GUIDANCE
+from ..sampling.registry import DEFAULT_SAMPLER
+from .generate import GenerateTab, checked, on_gpu, sampling_controls, stream
+
+INPAINT_AREAS = ("Whole picture", "Only masked")  # A1111's "Inpaint area"
+
+
+def _preprocessed(component, raw):
+    """A component's value from the raw payload a ``preprocess=False`` handler gets (gradio has already moved and
+    checked its files), or gr.Error when it is not an image."""
+    if not raw:
+        return None
+    try:
+        return component.preprocess(component.data_model.model_validate(raw))
+    except Exception as exc:  # pydantic's ValidationError, PIL's UnidentifiedImageError, a decompression bomb
+        raise gr.Error(f"{'mask' if isinstance(component, gr.Image) else 'init_image'}: not a readable image "
+                       f"({type(exc).__name__})") from None
+
+
+def _pictures(editor: gr.ImageEditor, upload: gr.Image, raw_editor, raw_mask) -> tuple:
+    """(init image, mask) from the editor's raw payload (its background; strokes painted on it are the mask) and
+    an uploaded mask, which wins over strokes; gr.Error when there is no picture."""
+    value = _preprocessed(editor, raw_editor)
+    init = value.get("background") if value else None
+    if init is None:
+        raise gr.Error("init_image: upload or paste a picture first")
+    mask = _preprocessed(upload, raw_mask)
+    if mask is None:
+        mask = mask_from_layers(value.get("layers") or [])
+    return init, mask
+
+
+def make_img2img_fn(engine: Engine, public: bool, editor: gr.ImageEditor, upload: gr.Image):
+    def img2img(
+        image,
+        mask=None,
+        prompt: str = "",
+        negative_prompt: str = "",
+        sampler: str | None = None,
+        schedule: str = GenerationParams.schedule,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int = -1,
+        batch_size: int = 1,
+        strength: float | None = DEFAULT_STRENGTH,
+        resize_mode: str = GenerationParams.resize_mode,
+        mask_blur: int = GenerationParams.mask_blur,
+        masked_content: str = GenerationParams.masked_content,
+        inpaint_area: str = INPAINT_AREAS[0],
+        only_masked_padding: int = GenerationParams.only_masked_padding,
+        model: str | None = None,
+        loras: str = "",
+        visitor: str | None = None,  # a gr.State (not an API argument): whose training results are usable
+        request: gr.Request = None,
+        progress=gr.Progress(),
+    ):
+        """Image to image, and inpainting with a mask: redraws a picture after the prompt; yields live previews,
+        then the PNGs (each with its A1111 parameters) in a gallery, a preview, a status line and the parameters.
+
+        Args:
+            image: The picture to start from (an image editor's value: its background; strokes are a mask).
+            mask: Inpainting: where to redraw, white on black; empty for image to image (or the strokes).
+            prompt: What the result shows.
+            negative_prompt: What it should not show.
+            sampler: An A1111 sampler name; empty for the model's recommended one.
+            schedule: The noise schedule ("Automatic", "Karras", ...).
+            steps: Denoising steps of a whole schedule (strength 0.75 runs three quarters of them); empty for the
+                model's count.
+            guidance_scale: Classifier-free guidance scale; empty for the model's recommended one.
+            width: Output width (multiple of 8); 0 or empty for the model's size at the picture's aspect.
+            height: Output height (multiple of 8); 0 or empty for the model's size at the picture's aspect.
+            seed: Random seed; -1 for a random one. Image i of a batch uses seed + i.
+            batch_size: Images to make, 1 to 8.
+            strength: Denoising strength, 0 (the picture as it is) to 1 (ignore it).
+            resize_mode: "Just resize", "Crop and resize" or "Resize and fill".
+            mask_blur: Inpainting: blur of the mask's edge in pixels.
+            masked_content: Inpainting: "original", "fill", "latent noise" or "latent nothing".
+            inpaint_area: Inpainting: "Whole picture", or "Only masked" (redrawn at width x height, pasted back).
+            only_masked_padding: Inpainting, only masked: pixels of context around the mask.
+            model: A model from the app's list; empty for the loaded one.
+            loras: LoRAs to apply, "path_or_repo[:scale], ..."; empty for none.
+        """
+        init, mask_image = _pictures(editor, upload, image, mask)
+        model, lora_list, params = checked(
+            engine, public, visitor, model, loras, prompt=prompt or "", negative_prompt=negative_prompt or "",
+            steps=steps, guidance_scale=guidance_scale, width=width, height=height, seed=seed, sampler=sampler,
+            schedule=schedule, batch_size=batch_size, strength=strength, resize_mode=resize_mode,
+            mask_blur=mask_blur, masked_content=masked_content, only_masked=inpaint_area == INPAINT_AREAS[1],
+            only_masked_padding=only_masked_padding)
+        yield from stream(engine, params, model, lora_list, request, progress, init_image=init, mask=mask_image)
+
+    return on_gpu(engine, public, img2img)
+
+
+def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: bool = False,
+          visitor: gr.State | None = None) -> None:
+    """Lay out the tab and wire its events (and the Generate tab's "Send to img2img"); call inside gr.Blocks."""
+    visitor = visitor if visitor is not None else gr.State(None)
+    try:
+        d = engine.defaults()
+    except ValueError:
+        d = ModelDefaults("", 512, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, 1)
+    with gr.Row():
+        with gr.Column(scale=5):
+            editor = gr.ImageEditor(label="Image: paint over what to redraw (inpainting), or leave it as it is",
+                                    type="pil", sources=["upload", "clipboard"], layers=False,
+                                    brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), height=420,
+                                    elem_id="img2img-image")
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="img2img-prompt")
+            negative = gr.Textbox("", label="Negative prompt", lines=1)
+            with gr.Row():
+                strength = gr.Slider(0, 1, value=DEFAULT_STRENGTH, step=0.01, label="Denoising strength",
+                                     info="0 = the picture as it is, 1 = ignore it", elem_id="img2img-strength")
+                resize_mode = gr.Radio(list(RESIZE_MODES), value=GenerationParams.resize_mode, label="Resize mode")
+            c = sampling_controls(d, size_info="0 = the model's size at the picture's aspect")
+            with gr.Accordion("Inpainting", open=False):
+                mask = gr.Image(label="Mask (optional): white = redraw; replaces the strokes", type="pil",
+                                image_mode="L", sources=["upload"], height=160, elem_id="img2img-mask")
+                with gr.Row():
+                    mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=GenerationParams.mask_blur, step=1,
+                                          label="Mask blur")
+                    masked_content = gr.Radio(list(MASKED_CONTENT), value=GenerationParams.masked_content,
+                                              label="Masked content")
+                with gr.Row():
+                    area = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], label="Inpaint area")
+                    padding = gr.Slider(0, 256, value=GenerationParams.only_masked_padding, step=4,
+                                        label="Only masked padding, pixels")
+        with gr.Column(scale=6):
+            with gr.Row():
+                run_btn = gr.Button("Generate", variant="primary", elem_id="img2img-btn")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="img2img-stop")
+            gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="img2img-gallery")
+            preview = gr.Image(label="Live preview", interactive=False, height=160)
+            status = gr.Markdown("", elem_id="img2img-status")
+            infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
+                                  elem_id="img2img-infotext")
+    infos = gr.State([])
+    inputs = [editor, mask, prompt, negative, c.sampler, c.schedule, c.steps, c.cfg, c.width, c.height, c.seed,
+              c.batch, strength, resize_mode, mask_blur, masked_content, area, padding, gen.model, gen.loras, visitor]
+    outputs = [gallery, preview, status, infotext, infos]
+    handler = make_img2img_fn(engine, public, editor, mask)
+    # as the Generate tab: one job at a time on the device, raw values (our validation names the field)
+    run = dict(concurrency_id="device", concurrency_limit=1, preprocess=False)
+    run_btn.click(handler, inputs, outputs, api_name="img2img", **run)
+    prompt.submit(handler, inputs, outputs, api_visibility="private", **run)
+    def stop(request: gr.Request):
+        engine.cancel(request.session_hash)
+
+    def show_info(texts: list[str], evt: gr.SelectData):
+        return texts[evt.index] if texts and evt.index < len(texts) else ""
+
+    stop_btn.click(stop, None, None, queue=False, api_visibility="private")
+    gallery.select(show_info, infos, infotext, queue=False, api_visibility="private")
+    c.random_btn.click(lambda: -1, None, c.seed, queue=False, api_visibility="private")
+    c.reuse_btn.click(lambda texts: parse_infotext(texts[0]).params.get("Seed", -1) if texts else -1, infos, c.seed,
+                      queue=False, api_visibility="private")
+
+    def send(picked):
+        """The Generate tab's picked image and its prompt, negative prompt, sampler, CFG and seed, here."""
+        if not picked or not picked[0]:
+            raise gr.Error("generate an image first (or pick one in the gallery)")
+        path, text = picked
+        info = parse_infotext(text)
+        p = info.params
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        editor_value = {"background": image, "layers": [], "composite": image}
+        return (editor_value, info.prompt, info.negative_prompt, p.get("Sampler", gr.skip()),
+                p.get("CFG scale", gr.skip()), p.get("Seed", gr.skip()), gr.Tabs(selected=tab_id))
+
+    gen.send_img2img.click(send, gen.picked, [editor, prompt, negative, c.sampler, c.cfg, c.seed, tabs],
+                           api_visibility="private")
+
