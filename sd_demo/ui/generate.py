@@ -40,7 +40,9 @@ class GenerateTab:
     cfg_cutoff: gr.Slider  # an input after model and loras (the API's positions before it stay as they were)
     hires: list  # [on, scale, steps, strength, upscaler, width, height]: the Hires. fix accordion, API order
     send_img2img: gr.Button  # "Send to img2img" under the gallery (wired by ui.img2img)
-    picked: gr.State  # [image path, its infotext] of the gallery's selected image
+    gallery: gr.Gallery
+    infos: gr.State  # the gallery's images' parameters (A1111 text), in order
+    picked: gr.State  # the index of the gallery's selected image
 
     def param_components(self) -> list:
         return [self.prompt, self.negative_prompt, self.sampler, self.schedule, self.steps, self.guidance_scale,
@@ -247,6 +249,14 @@ def _load_model_fn(engine: Engine, public: bool):
     return load
 
 
+def gallery_item(images: list | None, texts: list[str] | None, index: int) -> tuple[str, str]:
+    """(file, parameters) of a gallery's image ``index`` (its first when the index is stale), or gr.Error."""
+    if not images or not texts:
+        raise gr.Error("generate an image first")
+    index = index if 0 <= (index or 0) < min(len(images), len(texts)) else 0
+    return _path(images[index]), texts[index]
+
+
 def _path(item) -> str | None:
     """A gallery item's file (gradio gives (image, caption) pairs, or their dicts)."""
     image = item[0] if isinstance(item, (tuple, list)) else item
@@ -358,10 +368,10 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
             status = gr.Markdown("", elem_id="run-status")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="infotext")
     infos = gr.State([])
-    picked = gr.State(None)
+    picked = gr.State(0)  # the gallery's selected image (a new result selects none: its first is sent)
     hires = [hires_on, hires_scale, hires_steps, hires_strength, hires_upscaler, hires_width, hires_height]
     tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip, lora,
-                      model, cfg_cutoff, hires, send_img2img, picked)
+                      model, cfg_cutoff, hires, send_img2img, gallery, infos, picked)
 
     inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, visitor]
     outputs = [gallery, preview, status, infotext, infos]
@@ -392,14 +402,9 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
 
     c.reuse_btn.click(last_seed, infos, seed, queue=False, api_visibility="private")
 
-    def show_info(texts: list[str], images: list, evt: gr.SelectData):
-        """The selected image's parameters, and [its file, its parameters] for "Send to img2img"."""
-        if not texts or evt.index >= len(texts):
-            return "", None
-        return texts[evt.index], [_path(images[evt.index]), texts[evt.index]]
+    def show_info(texts: list[str], evt: gr.SelectData):
+        """The selected image's parameters, and its index for "Send to img2img"."""
+        return (texts[evt.index], evt.index) if texts and evt.index < len(texts) else ("", 0)
 
-    gallery.select(show_info, [infos, gallery], [infotext, picked], queue=False, api_visibility="private")
-    # a new result: the first image is the one "Send to img2img" sends until another is picked
-    gallery.change(lambda images, texts: [_path(images[0]), texts[0]] if images and texts else None,
-                   [gallery, infos], picked, queue=False, api_visibility="private")
+    gallery.select(show_info, infos, [infotext, picked], queue=False, api_visibility="private")
     return tab

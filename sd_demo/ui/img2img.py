@@ -11,7 +11,7 @@ from ..img2img import MASKED_CONTENT, RESIZE_MODES, mask_from_layers
 from ..infotext import parse_infotext
 from ..models import DEFAULT_GUIDANCE
 from ..sampling.registry import DEFAULT_SAMPLER
-from .generate import GenerateTab, checked, on_gpu, sampling_controls, stream
+from .generate import GenerateTab, checked, gallery_item, on_gpu, sampling_controls, stream
 
 INPAINT_AREAS = ("Whole picture", "Only masked")  # A1111's "Inpaint area"
 
@@ -116,7 +116,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
     with gr.Row():
         with gr.Column(scale=5):
             editor = gr.ImageEditor(label="Image: paint over what to redraw (inpainting), or leave it as it is",
-                                    type="pil", sources=["upload", "clipboard"], layers=False,
+                                    type="pil", sources=["upload", "clipboard"], layers=False, format="png",
                                     brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), height=420,
                                     elem_id="img2img-image")
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="img2img-prompt")
@@ -168,11 +168,9 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
     c.reuse_btn.click(lambda texts: parse_infotext(texts[0]).params.get("Seed", -1) if texts else -1, infos, c.seed,
                       queue=False, api_visibility="private")
 
-    def send(picked):
-        """The Generate tab's picked image and its prompt, negative prompt, sampler, CFG and seed, here."""
-        if not picked or not picked[0]:
-            raise gr.Error("generate an image first (or pick one in the gallery)")
-        path, text = picked
+    def send(images: list, texts: list[str], index: int):
+        """The Generate tab's picked image with its prompt, negative prompt, sampler, CFG and seed, here."""
+        path, text = gallery_item(images, texts, index)
         info = parse_infotext(text)
         p = info.params
         with Image.open(path) as im:
@@ -181,6 +179,5 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
         return (editor_value, info.prompt, info.negative_prompt, p.get("Sampler", gr.skip()),
                 p.get("CFG scale", gr.skip()), p.get("Seed", gr.skip()), gr.Tabs(selected=tab_id))
 
-    gen.send_img2img.click(send, gen.picked, [editor, prompt, negative, c.sampler, c.cfg, c.seed, tabs],
-                           api_visibility="private")
-
+    gen.send_img2img.click(send, [gen.gallery, gen.infos, gen.picked],
+                           [editor, prompt, negative, c.sampler, c.cfg, c.seed, tabs], api_visibility="private")
