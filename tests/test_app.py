@@ -369,3 +369,39 @@ def test_on_a_public_app_each_visitor_sees_and_controls_only_their_own_runs(tiny
     assert who == f"~{browser}" and len(browser) == 32 and identify(browser) == (browser, who)  # kept across reloads
     assert identify("")[0] != browser  # another browser, another visitor
 
+
+
+def test_img2img_endpoint_inpaints_and_refuses_what_is_not_a_picture(client, tmp_path):
+    """/img2img as a script uses it: a picture (an image editor's value) and a mask file; the unmasked pixels come
+    back as they went in, the parameters say what was done. A text file named .png is one clear line."""
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "src.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src)
+    mask = tmp_path / "mask.png"
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (40, 0, 64, 64))
+    m.save(mask)
+    picture = {"background": handle_file(str(src)), "layers": [], "composite": None}
+    gallery, _, status, text = client.predict(picture, handle_file(str(mask)), "a red square", steps=4, seed=3,
+                                              strength=0.8, api_name="/img2img")
+    out = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
+    assert (out[:, :30] == np.asarray(Image.open(src))[:, :30]).all()
+    info = read_png(gallery[0]["image"]).params
+    assert (info["Denoising strength"], info["Mask blur"], info["Init image size"]) == (0.8, 4, "64x64")
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    with pytest.raises(Exception) as err:
+        client.predict({"background": handle_file(str(bad)), "layers": [], "composite": None}, None, "x", steps=2,
+                       api_name="/img2img")
+    assert "init_image: not a readable image" in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_hires_fix_through_the_generate_endpoint(client):
+    gallery, _, _, text = client.predict(prompt="a red circle", steps=2, seed=4, width=64, height=64, hires=True,
+                                         hires_scale=1.5, hires_steps=2, api_name="/generate")
+    from PIL import Image
+
+    assert Image.open(gallery[0]["image"]).size == (96, 96)
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent" in text

@@ -87,3 +87,27 @@ def test_a_truncated_text_encoder_is_one_line(tiny_model_dirs, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert err[0].startswith(f"error: model '{folder}': text_encoder could not be loaded (")
+
+
+def test_generate_from_an_init_image_and_a_mask(tiny_model_dirs, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from sd_demo.infotext import read_png
+
+    src, mask, out = tmp_path / "src.png", tmp_path / "mask.png", tmp_path / "out.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src)
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (0, 32, 64, 64))
+    m.save(mask)
+    rc = main(["generate", "--model", str(tiny_model_dirs["sd15"]), "--prompt", "a red star", "--steps", "3",
+               "--init-image", str(src), "--mask", str(mask), "--strength", "0.6", "--out", str(out)])
+    assert rc == 0
+    assert (np.asarray(Image.open(out).convert("RGB"))[:20] == np.asarray(Image.open(src))[:20]).all()
+    assert read_png(out).params["Denoising strength"] == 0.6
+    (tmp_path / "notes.png").write_text("not a picture")
+    rc = main(["generate", "--model", str(tiny_model_dirs["sd15"]), "--prompt", "x", "--init-image",
+               str(tmp_path / "notes.png"), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --init-image:" in err and "is not a readable image" in err
+    assert not (tmp_path / "x.png").exists()

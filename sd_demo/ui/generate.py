@@ -43,6 +43,7 @@ class GenerateTab:
     gallery: gr.Gallery
     infos: gr.State  # the gallery's images' parameters (A1111 text), in order
     picked: gr.State  # the index of the gallery's selected image
+    model_status: gr.Markdown  # changes when a model has loaded (the img2img tab then takes its defaults)
 
     def param_components(self) -> list:
         return [self.prompt, self.negative_prompt, self.sampler, self.schedule, self.steps, self.guidance_scale,
@@ -371,7 +372,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     picked = gr.State(0)  # the gallery's selected image (a new result selects none: its first is sent)
     hires = [hires_on, hires_scale, hires_steps, hires_strength, hires_upscaler, hires_width, hires_height]
     tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip, lora,
-                      model, cfg_cutoff, hires, send_img2img, gallery, infos, picked)
+                      model, cfg_cutoff, hires, send_img2img, gallery, infos, picked, model_status)
 
     inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, visitor]
     outputs = [gallery, preview, status, infotext, infos]

@@ -168,6 +168,16 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
     c.reuse_btn.click(lambda texts: parse_infotext(texts[0]).params.get("Seed", -1) if texts else -1, infos, c.seed,
                       queue=False, api_visibility="private")
 
+    def model_defaults():
+        """The sampler, steps and CFG scale of the model the Generate tab has just loaded."""
+        try:
+            d = engine.defaults()
+        except ValueError:
+            return gr.skip(), gr.skip(), gr.skip()
+        return d.sampler, d.steps, d.guidance
+
+    gen.model_status.change(model_defaults, None, [c.sampler, c.steps, c.cfg], api_visibility="private")
+
     def send(images: list, texts: list[str], index: int):
         """The Generate tab's picked image with its prompt, negative prompt, sampler, CFG and seed, here."""
         path, text = gallery_item(images, texts, index)
