@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 # under --outputs: the generated images (A1111's folders), the only files a page serves from there
 IMAGES = "txt2img-images"
 IMG2IMG_IMAGES = "img2img-images"
-IMAGE_FOLDERS = (IMAGES, IMG2IMG_IMAGES)
+GRIDS = "txt2img-grids"  # X/Y/Z plots (A1111's folder); their cells go to IMAGES
+IMAGE_FOLDERS = (IMAGES, IMG2IMG_IMAGES, GRIDS)
 
 
 @dataclass
@@ -556,3 +557,43 @@ class Engine:
                 self.cancel(job)
         result, paths = done.result()  # its exception, if it failed, is raised here
         yield RunUpdate(result=result, paths=paths)
+
+    def run_xyz(self, params: GenerationParams, axes: list[tuple[str, str]], model: str | None = None,
+                job: str = "default", loras: list[tuple[str, float]] | None = None,
+                public: bool = False) -> Iterator[RunUpdate]:
+        """An X/Y/Z plot (sd_demo.xyz) as one run: each cell is ``run`` (saved as an ordinary image), the steps
+        counted over all cells; the result holds the labelled grid (saved under txt2img-grids) and then every cell.
+        A Stop ends the plot after the current cell's step. A Checkpoint axis names models as the selector does
+        (a public app: only those it offers)."""
+        from . import xyz
+
+        parsed = [xyz.parse_axis(name, values) for name, values in axes]
+        plan = xyz.cells(params, parsed, model, list(loras or []))
+        named = any(a.name == "Checkpoint" for a in parsed)  # its values are selector names; an unknown one fails
+        specs = {c.model: self.chosen_model(c.model, public) if named else c.model for c in plan}  # before any image
+        results, paths = [], []
+        for k, cell in enumerate(plan):
+            for update in self.run(cell.params, model=specs[cell.model], job=job, loras=list(cell.loras)):
+                if update.step:
+                    ev = update.step
+                    yield RunUpdate(step=StepEvent(k * ev.total + ev.step, len(plan) * ev.total, ev.elapsed,
+                                                   ev.previews))
+                elif update.waiting:
+                    yield update
+                else:
+                    results.append(update.result)
+                    paths += update.paths
+            if results[-1].interrupted_at is not None:
+                break
+        images = [r.images[0] for r in results]
+        infos = [r.infotexts[0] for r in results]
+        if len(results) == len(plan):  # the cells were made checkpoint-first: the grid wants x, y, z order
+            order = sorted(range(len(plan)), key=lambda n: (plan[n].z, plan[n].y, plan[n].x))
+            sheet = xyz.grid([images[n] for n in order], parsed)
+            grid_path = save_result(GenerationResult([sheet], [infos[0]], [plan[0].params.seed]),
+                                    Path(self.settings.outputs) / GRIDS / _dt.date.today().isoformat())
+        seeds = [r.seeds[0] for r in results]
+        if len(results) == len(plan):
+            images, infos, paths, seeds = [sheet, *images], [infos[0], *infos], [*grid_path, *paths], seeds[:1] + seeds
+        yield RunUpdate(result=GenerationResult(images, infos, seeds, results[-1].interrupted_at if results else None,
+                                                seconds=sum(r.seconds for r in results)), paths=paths)

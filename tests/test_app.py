@@ -405,3 +405,17 @@ def test_hires_fix_through_the_generate_endpoint(client):
 
     assert Image.open(gallery[0]["image"]).size == (96, 96)
     assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Latent" in text
+
+
+def test_xyz_plot_through_the_generate_endpoint(client):
+    gallery, _, status, _ = client.predict(prompt="a red circle", steps=2, seed=4, x_type="CFG scale",
+                                           x_values="3, 6", y_type="Prompt S/R", y_values="red, blue",
+                                           api_name="/generate")
+    from PIL import Image
+
+    sizes = [Image.open(g["image"]).size for g in gallery]
+    assert len(gallery) == 5 and sizes[0][0] > 2 * sizes[1][0]  # the labelled grid, then its four cells
+    assert [read_png(g["image"]).prompt for g in gallery[1:]] == ["a red circle"] * 2 + ["a blue circle"] * 2
+    with pytest.raises(Exception) as err:
+        client.predict(prompt="a red circle", steps=2, x_type="Steps", x_values="1-500", api_name="/generate")
+    assert "at most 64 cells" in str(err.value)

@@ -13,6 +13,7 @@ from ..engine import Engine, ModelDefaults
 from ..generate import (DEFAULT_HIRES_STRENGTH, MAX_BATCH, MAX_CLIP_SKIP, MAX_HIRES_SCALE, MAX_SIDE, MAX_STEPS,
                         GenerationParams)
 from ..img2img import HIRES_UPSCALERS
+from ..xyz import AXES as XYZ_AXES
 from ..infotext import format_infotext
 from ..models import DEFAULT_GUIDANCE, parse_lora, parse_loras
 from ..sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
@@ -85,9 +86,9 @@ def checked(engine: Engine, public: bool, visitor: str | None, model: str | None
 
 
 def stream(engine: Engine, params: GenerationParams, model: str | None, loras: list, request, progress,
-           init_image=None, mask=None):
+           init_image=None, mask=None, axes: list[tuple[str, str]] | None = None, public: bool = False):
     """A run's page updates (gallery, preview, status, parameters, all parameters): a first one at once, the
-    steps at most every UPDATE_S, then the result."""
+    steps at most every UPDATE_S, then the result. ``axes``: an X/Y/Z plot of ``params`` instead."""
     job = getattr(request, "session_hash", None) or "api"
     progress(0, desc="starting")
     note = engine.training_note()
@@ -96,7 +97,9 @@ def stream(engine: Engine, params: GenerationParams, model: str | None, loras: l
     yield gr.skip(), gr.skip(), "starting" + (f" · {note}" if note else ""), gr.skip(), gr.skip()
     shown = 0.0  # when the page last got a step
     try:
-        for update in engine.run(params, model=model, job=job, loras=loras, init_image=init_image, mask=mask):
+        updates = (engine.run_xyz(params, axes, model=model, job=job, loras=loras, public=public) if axes else
+                   engine.run(params, model=model, job=job, loras=loras, init_image=init_image, mask=mask))
+        for update in updates:
             if update.waiting:
                 yield gr.skip(), gr.skip(), update.waiting, gr.skip(), gr.skip()
             elif update.step:
@@ -139,6 +142,12 @@ def make_generate_fn(engine: Engine, public: bool):
         hires_upscaler: str = GenerationParams.hires_upscaler,
         hires_width: int = GenerationParams.hires_width,
         hires_height: int = GenerationParams.hires_height,
+        x_type: str = "Nothing",
+        x_values: str = "",
+        y_type: str = "Nothing",
+        y_values: str = "",
+        z_type: str = "Nothing",
+        z_values: str = "",
         visitor: str | None = None,  # a gr.State (not an API argument): whose training results are usable
         request: gr.Request = None,
         progress=gr.Progress(),
@@ -170,6 +179,17 @@ def make_generate_fn(engine: Engine, public: bool):
                 "Lanczos" or "Nearest".
             hires_width: Hires fix: target width instead of the factor; 0 for none.
             hires_height: Hires fix: target height instead of the factor; 0 for none.
+            x_type: X/Y/Z plot (A1111's script): the X axis's parameter, or Nothing. An axis other than Nothing
+                makes this run a plot: one image per combination of the axes' values, the other parameters as
+                given; the gallery holds the labelled grid first, then every cell. Axes: Seed, Steps, CFG scale,
+                Sampler, Schedule type, Prompt S/R, Denoising strength, Hires upscale, CFG cutoff, LoRA scale,
+                Checkpoint.
+            x_values: The X axis's values: "3, 5, 7", a range "10-30 (+10)" or "1-2 [5]"; for Prompt S/R the text
+                in the prompt first, then what replaces it.
+            y_type: The Y axis's parameter (rows), or Nothing.
+            y_values: Its values.
+            z_type: The Z axis's parameter (one grid per value), or Nothing.
+            z_values: Its values.
         """
         on = dict(hires_scale=hires_scale, hires_steps=hires_steps, strength=strength, hires_upscaler=hires_upscaler,
                   hires_width=hires_width, hires_height=hires_height) if hires else {}
@@ -177,7 +197,10 @@ def make_generate_fn(engine: Engine, public: bool):
             engine, public, visitor, model, loras, prompt=prompt or "", negative_prompt=negative_prompt or "",
             steps=steps, guidance_scale=guidance_scale, width=width, height=height, seed=seed, sampler=sampler,
             schedule=schedule, batch_size=batch_size, clip_skip=clip_skip, cfg_cutoff=cfg_cutoff, **on)
-        yield from stream(engine, params, model, lora_list, request, progress)
+        axes = [(kind or "Nothing", values) for kind, values in
+                ((x_type, x_values), (y_type, y_values), (z_type, z_values))]
+        yield from stream(engine, params, model, lora_list, request, progress, public=public,
+                          axes=None if all(kind == "Nothing" for kind, _ in axes) else axes)
 
     return on_gpu(engine, public, generate_gallery)
 
@@ -347,6 +370,17 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                     hires_width = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Resize width to",
                                             info="0 = by the factor")
                     hires_height = gr.Slider(0, MAX_SIDE, value=0, step=8, label="Resize height to")
+            with gr.Accordion("X/Y/Z plot", open=False, elem_id="xyz"):
+                gr.Markdown("Pick a parameter per axis and list its values (`3, 5, 7`, `10-30 (+10)`, `1-2 [5]`; "
+                            "Prompt S/R: the text in the prompt, then its replacements). Generate then makes one "
+                            "image per combination and a labelled grid.")
+                xyz_inputs = []
+                for axis in ("X", "Y", "Z"):
+                    with gr.Row():
+                        xyz_inputs.append(gr.Dropdown(list(XYZ_AXES), value="Nothing", label=f"{axis} type",
+                                                      scale=1, elem_id=f"xyz-{axis.lower()}-type"))
+                        xyz_inputs.append(gr.Textbox("", label=f"{axis} values", scale=3,
+                                                     elem_id=f"xyz-{axis.lower()}-values"))
             # a public app shows LoRAs only when training is on (and then takes only its own results)
             with gr.Row(visible=not public if allow_loras is None else allow_loras):
                 lora = gr.Textbox("", label="LoRA", scale=3, elem_id="lora",
@@ -374,7 +408,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip, lora,
                       model, cfg_cutoff, hires, send_img2img, gallery, infos, picked, model_status)
 
-    inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, visitor]
+    inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, *xyz_inputs, visitor]
     outputs = [gallery, preview, status, infotext, infos]
     # One job at a time on the device; preprocess=False so that our validation (which names the field) sees the
     # raw values instead of gradio's range checks ("Value 0 is less than minimum value 1.").
