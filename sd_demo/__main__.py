@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--init-image", metavar="FILE", help="image to image: start from this picture (see --strength, "
                      "--resize-mode)")
     gen.add_argument("--mask", metavar="FILE", help="inpainting: redraw where this picture is white (with --init-image)")
+    gen.add_argument("--prompts-file", metavar="FILE", help="one job per line (A1111's 'prompts from file'): a "
+                     "prompt, or this command's flags ('--prompt \"a cat\" --steps 30 --seed 5'; A1111's "
+                     "--negative_prompt, --cfg_scale, --sampler_name too) over the others; --out is a folder. "
+                     "'accelerate launch -m sd_demo generate ...' splits the lines across processes / GPUs")
     gen.add_argument("--out", required=True, help="FILE.png, or a folder (A1111-style numbered names)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     tr = sub.add_parser("train", help="fine-tune a model (LoRA, DreamBooth, textual inversion, full)")
@@ -76,6 +80,71 @@ def read_image(path: str | None, flag: str):
         raise ValueError(f"{flag}: '{path}' is not a readable image ({exc})") from None
 
 
+class _LineParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad line is the user's to fix: a ValueError, not argparse's exit
+        raise ValueError(message)
+
+
+# A1111's names for the flags its "prompts from file" lines use, where ours differ
+_A1111_FLAGS = {"--cfg-scale": "--guidance", "--sampler-name": "--sampler", "--batch-size": "--batch",
+                "--scheduler": "--schedule", "--denoising-strength": "--strength"}
+
+
+def prompt_lines(path: str, base: GenerationParams) -> list[GenerationParams]:
+    """The jobs of a prompts file: per non-empty line a prompt, or generation flags over ``base``'s values;
+    ValueError naming the line."""
+    import dataclasses
+    import shlex
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--prompts-file: cannot read '{path}' ({exc})") from None
+    parser = _LineParser(prog="line", add_help=False)
+    add_field_flags(parser, param_fields(), none_type=int)
+    parser.set_defaults(**dataclasses.asdict(base))
+    jobs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            if not line.lstrip().startswith("--"):
+                jobs.append(dataclasses.replace(base, prompt=line.strip()).validate())
+                continue
+            tokens = shlex.split(line)
+            tokens = [_A1111_FLAGS.get(t.replace("_", "-"), t.replace("_", "-")) if t.startswith("--") else t
+                      for t in tokens]
+            jobs.append(GenerationParams(**vars(parser.parse_args(tokens))).validate())
+        except ValueError as exc:
+            raise ValueError(f"--prompts-file: line {n}: {exc}") from None
+    if not jobs:
+        raise ValueError(f"--prompts-file: '{path}' has no prompts; write one per line")
+    return jobs
+
+
+def cmd_prompts_file(args, base: GenerationParams) -> int:
+    """Every line of --prompts-file into the --out folder; under ``accelerate launch`` each process takes its
+    share of the lines on its own device."""
+    from accelerate import PartialState
+
+    from .engine import Engine, EngineSettings, save_result
+    from .models import parse_lora
+
+    jobs = prompt_lines(args.prompts_file, base)
+    if Path(args.out).suffix.lower() == ".png":
+        raise ValueError("--out: with --prompts-file give a folder (the images are numbered)")
+    state = PartialState()
+    device = str(state.device) if state.num_processes > 1 else args.device
+    engine = Engine(EngineSettings(args.model, device, args.dtype, args.attention, args.allow_pickle))
+    loras = [parse_lora(s) for s in args.lora]
+    with state.split_between_processes(jobs) as mine:
+        for params in mine:
+            result, _ = engine.generate(params, save=False, loras=loras)
+            for path, seed in zip(save_result(result, Path(args.out)), result.seeds):
+                print(f"{path}  (seed {seed})")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
@@ -83,6 +152,8 @@ def cmd_generate(args) -> int:
     from .infotext import write_png
 
     params = GenerationParams(**{name: getattr(args, name) for name, _, _ in param_fields()}).validate()
+    if args.prompts_file:
+        return cmd_prompts_file(args, params)
     seeds_hint = [0] * params.batch_size
     paths = output_paths(args.out, seeds_hint, args.overwrite)  # refuse before the slow part
     init, mask = read_image(args.init_image, "--init-image"), read_image(args.mask, "--mask")

@@ -111,3 +111,26 @@ def test_generate_from_an_init_image_and_a_mask(tiny_model_dirs, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and "error: --init-image:" in err and "is not a readable image" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_prompts_file_makes_one_image_set_per_line(tiny_model_dirs, tmp_path, capsys):
+    from sd_demo.infotext import read_png
+
+    jobs = tmp_path / "jobs.txt"
+    jobs.write_text('a red star\n\n--prompt "a blue cat" --negative_prompt "dog" --cfg_scale 4 --steps 3 --seed 9\n'
+                    "--prompt 'two' --batch 2 --seed 20 --sampler_name Euler\n")
+    out = tmp_path / "out"
+    rc = main(["generate", "--model", str(tiny_model_dirs["sd15"]), "--steps", "2", "--seed", "1",
+               "--prompts-file", str(jobs), "--out", str(out)])
+    assert rc == 0
+    infos = sorted((read_png(p) for p in out.glob("*.png")), key=lambda i: i.params["Seed"])
+    assert [(i.prompt, i.params["Seed"], i.params["Steps"]) for i in infos] == [
+        ("a red star", 1, 2), ("a blue cat", 9, 3), ("two", 20, 2), ("two", 21, 2)]
+    assert infos[1].negative_prompt == "dog" and infos[1].params["CFG scale"] == 4
+    assert infos[2].params["Sampler"] == "Euler"
+    jobs.write_text("a red star\n--prompt x --steps 0\n")
+    rc = main(["generate", "--model", str(tiny_model_dirs["sd15"]), "--prompts-file", str(jobs), "--out",
+               str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --prompts-file: line 2: steps: 0 is out of range" in err
+    assert not (tmp_path / "bad").exists()  # a bad line is found before any image is made
