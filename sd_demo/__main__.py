@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="apply a LoRA (a training --out folder, a .safetensors file or a Hub repo); repeatable")
     gen.add_argument("--init-image", metavar="FILE", help="image to image: start from this picture (see --strength, "
                      "--resize-mode)")
-    gen.add_argument("--mask", metavar="FILE", help="inpainting: redraw where this picture is white (with --init-image)")
+    gen.add_argument("--mask", metavar="FILE",
+                     help="inpainting: redraw where this picture is white (with --init-image)")
     gen.add_argument("--prompts-file", metavar="FILE", help="one job per line (A1111's 'prompts from file'): a "
                      "prompt, or this command's flags ('--prompt \"a cat\" --steps 30 --seed 5'; A1111's "
                      "--negative_prompt, --cfg_scale, --sampler_name too) over the others; --out is a folder. "

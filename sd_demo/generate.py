@@ -96,10 +96,13 @@ class GenerationParams:
                     guidance_scale=_number("guidance_scale", self.guidance_scale, optional=True),
                     batch_size=_whole("batch_size", self.batch_size), clip_skip=_whole("clip_skip", self.clip_skip),
                     cfg_cutoff=_number("cfg_cutoff", self.cfg_cutoff))
-        p = replace(p, strength=_number("strength", p.strength, optional=True), mask_blur=_whole("mask_blur", p.mask_blur),
+        p = replace(p, strength=_number("strength", p.strength, optional=True),
+                    mask_blur=_whole("mask_blur", p.mask_blur),
                     only_masked_padding=_whole("only_masked_padding", p.only_masked_padding),
-                    hires_scale=_number("hires_scale", p.hires_scale), hires_steps=_whole("hires_steps", p.hires_steps),
-                    hires_width=_whole("hires_width", p.hires_width), hires_height=_whole("hires_height", p.hires_height))
+                    hires_scale=_number("hires_scale", p.hires_scale),
+                    hires_steps=_whole("hires_steps", p.hires_steps),
+                    hires_width=_whole("hires_width", p.hires_width),
+                    hires_height=_whole("hires_height", p.hires_height))
         if p.steps is not None and not 1 <= p.steps <= MAX_STEPS:
             bad("steps", f"{p.steps} is out of range; use 1 to {MAX_STEPS}")
         if not 0 <= p.cfg_cutoff <= 1:
@@ -135,7 +138,8 @@ class GenerationParams:
             value = getattr(p, name)
             if value is not None and not isinstance(value, str):
                 bad(name, "must be text (a name from the list)")
-            if (value or name in _STRICT) and value not in names:  # checked here to quote it on one line, short (a pasted page was not)
+            # checked here to quote it on one line, short (a pasted page was not)
+            if (value or name in _STRICT) and value not in names:
                 bad(name, f"unknown {_shown(value)}; choose one of {', '.join(names)}")
         resolve_schedule(p.sampler or DEFAULT_SAMPLER, p.schedule)  # a None schedule -> ValueError naming it
         return p
@@ -428,7 +432,8 @@ def _keep_unmasked(source: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor
     next step (the start's noise, so the kept area follows the path the sampler started on)."""
     def blend(pipe, i, latents):
         run = pipe.scheduler.timesteps[-pipe.num_timesteps:]  # the steps this pass runs
-        ref = source if i + 1 >= len(run) else pipe.scheduler.add_noise(source, noise, run[i + 1:i + 2].repeat(len(source)))
+        ref = (source if i + 1 >= len(run) else
+               pipe.scheduler.add_noise(source, noise, run[i + 1:i + 2].repeat(len(source))))
         return keep * ref.to(latents) + (1 - keep) * latents
     return blend
 
@@ -450,19 +455,19 @@ def _img2img(model: LoadedModel, p: GenerationParams, pos, neg, init: Image.Imag
                                p.masked_content, p.only_masked, p.only_masked_padding)
     generators = make_generators(p.seed, p.batch_size)
     callback = functools.partial(progress.callback, model, p.cfg_cutoff)
+    start = encode(model, [prepared.image]).repeat(p.batch_size, 1, 1, 1)  # (B, 4, h, w)
+    if int(p.steps * p.strength) < 1:  # no step to run (strength 0): the source after the VAE's round trip
+        return img2img.paste_back(prepared, decode(model, start))
     if nine:
         latents = denoise(model, p, pos, neg, generators, callback(), pipe=variant(model, "inpaint"),
-                          image=prepared.image, mask_image=prepared.mask, strength=max(p.strength, 1e-3))
+                          image=prepared.image, mask_image=prepared.mask, strength=p.strength)
         return img2img.paste_back(prepared, decode(model, latents))
-    start = encode(model, [prepared.image]).repeat(p.batch_size, 1, 1, 1)  # (B, 4, h, w)
     blend = None
     if prepared.mask is not None:
         keep = img2img.latent_keep(prepared.mask, start.shape[-2:]).to(start)  # (1, 1, h, w)
         noise, fill_noise = noise_draws(p.seed, tuple(start.shape), 2)
         blend = _keep_unmasked(start, keep, noise.to(start))
         start = img2img.start_latents(start, keep, p.masked_content, fill_noise)
-    if p.strength == 0:  # nothing redrawn: the source after the VAE's round trip
-        return img2img.paste_back(prepared, decode(model, start))
     latents = denoise(model, p, pos, neg, generators, callback(blend=blend), pipe=variant(model, "img2img"),
                       image=start, strength=p.strength)
     return img2img.paste_back(prepared, decode(model, latents))
