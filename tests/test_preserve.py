@@ -144,3 +144,23 @@ def test_swap_rows_need_words_to_swap_in(tiny_model_dirs, data_dir, tmp_path):
     with pytest.raises(ValueError, match="preserve_swap: needs --preserve > 0"):
         config(model, data_dir, tmp_path, preserve_swap=1, preserve=0.0, preserve_prompts=None,
                class_word="cat", trigger="sks").validate()
+
+
+def test_swap_weight_weighs_only_the_swap_rows():
+    """--preserve-swap-weight: the swap rows (the last ones of the batch's preservation rows) count that many times
+    a scene row; at 1 the loss is the plain mean over every row, as before the option."""
+    from sd_demo.train.data import trigger_pattern
+    from sd_demo.train.preserve import Preserver
+
+    def text(prompts):
+        return {"encoder_hidden_states": torch.zeros(len(prompts), 77, 8)}
+
+    pred, base = torch.zeros(3, 4, 2, 2), torch.zeros(3, 4, 2, 2)
+    pred[0] += 1.0  # the scene row misses by 1, the two swap rows by 2
+    pred[1:] += 2.0
+    for weight, expected in ((1.0, (1 + 4 + 4) / 3), (3.0, (1 + 12 + 12) / 3)):
+        p = Preserver(0.5, ["other"], 1, unet=None, adapters=[], swap=2, swap_weight=weight,
+                      swap_words=("circle",), trigger=trigger_pattern("sks"))
+        p.inputs(torch.Generator().manual_seed(0), torch.randn(2, 4, 2, 2), torch.tensor([1, 2]), {}, text,
+                 captions=["sks a", "sks b"])
+        assert p.loss(pred, base).item() == pytest.approx(0.5 * expected)

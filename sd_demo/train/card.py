@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 _HPARAMS = ("method", "steps", "lr", "lr_schedule", "warmup_steps", "rank", "alpha", "resolution", "batch",
             "grad_accum", "seed", "snr_gamma", "snr_weighting", "noise_offset", "train_text_encoder", "caption_dropout",
             "random_flip", "buckets", "mixed_precision", "gradient_checkpointing", "target_modules", "num_class_images",
-            "preserve", "preserve_batch", "preserve_swap", "trigger_token", "token_lr", "init_word", "num_vectors")
+            "preserve", "preserve_batch", "preserve_swap", "preserve_swap_weight", "trigger_token", "token_lr", "init_word",
+            "num_vectors")
 
 
 def write_card(out: Path, cfg: TrainConfig, base: ModelRef, samples: list[Path], final_loss: float | None,

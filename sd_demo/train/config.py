@@ -103,6 +103,8 @@ class TrainConfig:
                                          "latents for their caption with the trigger swapped for another word "
                                          "(--class-word's, else the embedded model's shapes), kept at the base "
                                          "model's answer: the concept's look stays off ordinary words", type=int)
+    preserve_swap_weight: float | None = _f(None, "--preserve-swap: weight of those rows against the other "
+                                                  "preservation rows (1 = the same)", type=float)
 
     def validate(self) -> "TrainConfig":
         def bad(name, why):
@@ -175,6 +177,8 @@ class TrainConfig:
         if self.preserve_swap is not None and (self.preserve_swap < 0 or (self.batch is not None
                                                                         and self.preserve_swap > self.batch)):
             bad("preserve_swap", f"{self.preserve_swap} must be between 0 and --batch")
+        if self.preserve_swap_weight is not None and not 0 <= self.preserve_swap_weight <= 100:
+            bad("preserve_swap_weight", f"{self.preserve_swap_weight:g} is out of range; use 0 to 100")
         if self.preserve_swap and self.preserve is not None and self.preserve == 0:
             bad("preserve_swap", "needs --preserve > 0 (the weight of output preservation)")
         if self.preserve_swap and not self.class_word and self.model != "embedded":

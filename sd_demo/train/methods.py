@@ -39,7 +39,7 @@ class MethodSpec:
     def card_skips(self) -> set[str]:
         """Hyper-parameters that mean nothing for this method (the card leaves them out)."""
         skip = set() if self.lora else {"rank", "alpha", "trigger_token", "target_modules", "preserve",
-                                        "preserve_batch", "preserve_swap"}
+                                        "preserve_batch", "preserve_swap", "preserve_swap_weight"}
         skip |= set() if self.tokens else {"init_word", "num_vectors", "token_lr"}
         return skip | (set() if self.tag == "dreambooth" else {"num_class_images"})
 

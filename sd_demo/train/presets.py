@@ -26,7 +26,8 @@ SD_TARGETS = "to_q,to_k,to_v,to_out.0"  # the diffusers examples' and kohya's at
 # What a preset may set: the TrainConfig fields whose default is None ("from the preset").
 PRESET_FIELDS = ("resolution", "steps", "lr", "rank", "alpha", "batch", "target_modules", "snr_gamma",
                  "snr_weighting", "mixed_precision", "gradient_checkpointing", "validation_every", "num_class_images",
-                 "checkpoint_every", "preserve", "preserve_batch", "preserve_swap", "trigger_token", "token_lr")
+                 "checkpoint_every", "preserve", "preserve_batch", "preserve_swap", "preserve_swap_weight", "trigger_token",
+                 "token_lr")
 # Given per run, not in steps, so that they follow --steps: checkpoints of an adapter or an embedding (small files;
 # a kill loses a tenth at most) and live sample grids.
 PER_RUN = {"checkpoint_every": 10, "validation_every": 5}
@@ -92,6 +93,7 @@ def _device_values(family: str, method: Method, tier: str, values: dict) -> dict
     v.setdefault("preserve", 0.0)
     v.setdefault("preserve_batch", 0)
     v.setdefault("preserve_swap", 0)
+    v.setdefault("preserve_swap_weight", 1.0)
     if method in (Method.LORA, Method.DREAMBOOTH):
         v.setdefault("trigger_token", False)
     # A whole UNet's checkpoint with its optimizer state is gigabytes (SD 1.5: ~10 GB); only the embedded one is small
