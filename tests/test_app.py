@@ -169,7 +169,9 @@ def test_launch_warns_of_an_open_bind_and_sets_the_limits(monkeypatch, tmp_path,
     assert len(warnings) == 1 and "listening on 0.0.0.0 without --auth" in warnings[0]
     assert "add --auth USER:PASS" in warnings[0] and "\n" not in warnings[0]
     assert calls[0]["server_name"] == "0.0.0.0"
-    assert calls[0]["allowed_paths"] == [str(tmp_path / "out" / "txt2img-images")]  # the images, nothing else
+    # the generated images (A1111's folders), nothing else
+    assert calls[0]["allowed_paths"] == [str(tmp_path / "out" / f) for f in ("txt2img-images", "img2img-images",
+                                                                           "txt2img-grids")]
     assert calls[0]["max_file_size"] == app.MAX_UPLOAD[True]
     caplog.clear()
     app.launch(stub, app.parse_args(["--outputs", str(tmp_path / "out")]))
