@@ -58,7 +58,7 @@ def test_png_info_sends_parameters_back(page, app_server, tmp_path):
                                                 sampler="Euler a", guidance_scale=4.5))
     assert read_png(paths[0]).params["Seed"] == 123
     page.get_by_role("tab", name="PNG Info").click()
-    page.locator("input[type=file]").first.set_input_files(str(paths[0]))
+    page.locator("#png-info-file input[type=file]").set_input_files(str(paths[0]))
     page.wait_for_function("() => document.querySelector('#png-info-text textarea').value.includes('Seed: 123')")
     page.get_by_role("button", name="Send to Generate").click()
     prompt = page.get_by_label("Prompt", exact=True)
