@@ -455,13 +455,14 @@ def _img2img(model: LoadedModel, p: GenerationParams, pos, neg, init: Image.Imag
                                p.masked_content, p.only_masked, p.only_masked_padding)
     generators = make_generators(p.seed, p.batch_size)
     callback = functools.partial(progress.callback, model, p.cfg_cutoff)
-    start = encode(model, [prepared.image]).repeat(p.batch_size, 1, 1, 1)  # (B, 4, h, w)
     if int(p.steps * p.strength) < 1:  # no step to run (strength 0): the source after the VAE's round trip
+        start = encode(model, [prepared.image]).repeat(p.batch_size, 1, 1, 1)
         return img2img.paste_back(prepared, decode(model, start))
-    if nine:
+    if nine:  # the inpaint pipeline encodes the picture and its masked copy itself
         latents = denoise(model, p, pos, neg, generators, callback(), pipe=variant(model, "inpaint"),
                           image=prepared.image, mask_image=prepared.mask, strength=p.strength)
         return img2img.paste_back(prepared, decode(model, latents))
+    start = encode(model, [prepared.image]).repeat(p.batch_size, 1, 1, 1)  # (B, 4, h, w)
     blend = None
     if prepared.mask is not None:
         keep = img2img.latent_keep(prepared.mask, start.shape[-2:]).to(start)  # (1, 1, h, w)

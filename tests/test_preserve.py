@@ -164,3 +164,7 @@ def test_swap_weight_weighs_only_the_swap_rows():
         p.inputs(torch.Generator().manual_seed(0), torch.randn(2, 4, 2, 2), torch.tensor([1, 2]), {}, text,
                  captions=["sks a", "sks b"])
         assert p.loss(pred, base).item() == pytest.approx(0.5 * expected)
+    # a later batch without the trigger in its captions has no swap rows: its rows all weigh 1 again
+    p.inputs(torch.Generator().manual_seed(0), torch.randn(2, 4, 2, 2), torch.tensor([1, 2]), {}, text,
+             captions=["a", "b"])
+    assert p.loss(pred[:1], base[:1]).item() == pytest.approx(0.5 * 1.0)

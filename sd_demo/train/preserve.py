@@ -102,6 +102,7 @@ class Preserver:
 
     def __post_init__(self):
         self._latents: dict[int, torch.Tensor] = {}
+        self._swapped = 0  # swap rows of the last inputs() (the last rows): the next loss() weighs them
 
     @torch.no_grad()
     def _scene_latent(self, i: int) -> torch.Tensor:
@@ -141,7 +142,7 @@ class Preserver:
                     prompts.append(swapped)
                     rows.append(i)
             x, tt = torch.cat([x, noisy[rows]]), torch.cat([tt, t[rows]])
-        self._swapped = len(rows)  # the loss weighs the last rows (the next call to loss is this batch's)
+        self._swapped = len(rows)  # set for every batch: one without swap rows must not weigh its scene rows
         return x, tt, _conditioning(text(prompts), cond, list(range(n)) + rows)
 
     @torch.no_grad()
@@ -157,7 +158,7 @@ class Preserver:
         model)."""
         per_row = F.mse_loss(pred.float(), base.float(), reduction="none").flatten(1).mean(1)  # (rows,)
         w = torch.ones_like(per_row)
-        if getattr(self, "_swapped", 0):
+        if self._swapped:
             w[-self._swapped:] = self.swap_weight
         return self.weight * (w * per_row).mean()
 

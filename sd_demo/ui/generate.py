@@ -328,6 +328,28 @@ def sampling_controls(d: ModelDefaults, size_info: str | None = None) -> Samplin
     return SamplingControls(sampler, schedule, steps, width, height, batch, cfg, seed, random_btn, reuse_btn)
 
 
+def wire_run_controls(engine: Engine, c: SamplingControls, stop_btn: gr.Button, gallery: gr.Gallery,
+                      infos: gr.State, infotext: gr.Textbox, picked: gr.State | None = None) -> None:
+    """What a generating tab's buttons do: Stop (this browser's run), 🎲 (a random seed), ♻️ (the last result's
+    seed), and a gallery pick showing its parameters (and its index in ``picked``)."""
+    def stop(request: gr.Request):
+        engine.cancel(request.session_hash)
+
+    def last_seed(texts: list[str]):
+        from ..infotext import parse_infotext
+
+        return parse_infotext(texts[0]).params.get("Seed", -1) if texts else -1
+
+    def show_info(texts: list[str], evt: gr.SelectData):
+        return (texts[evt.index], evt.index) if texts and evt.index < len(texts) else ("", 0)
+
+    quick = dict(queue=False, api_visibility="private")
+    stop_btn.click(stop, None, None, **quick)
+    c.random_btn.click(lambda: -1, None, c.seed, **quick)
+    c.reuse_btn.click(last_seed, infos, c.seed, **quick)
+    gallery.select(show_info, infos, [infotext, picked if picked is not None else gr.State(0)], **quick)
+
+
 def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: bool | None = None,
           visitor: gr.State | None = None) -> GenerateTab:
     """Lay out the tab and wire its events; call inside a gr.Blocks context. ``visitor`` (ui.train.visitor_state):
@@ -416,30 +438,13 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     run_btn.click(make_generate_fn(engine, public), inputs, outputs, api_name="generate", **run)
     prompt.submit(make_generate_fn(engine, public), inputs, outputs, api_visibility="private", **run)
 
-    def stop(request: gr.Request):
-        engine.cancel(request.session_hash)
-
-    stop_btn.click(stop, None, None, queue=False, api_visibility="private")
+    wire_run_controls(engine, c, stop_btn, gallery, infos, infotext, picked)
     for trigger in (load_btn.click, model.select):  # the Load button, or picking a model from the list
         trigger(_load_model_fn(engine, public), [model, clip_skip],
                 [model_status, width, height, cfg, sampler, steps, clip_skip, example_list],
                 api_visibility="private", concurrency_id="device", concurrency_limit=1)
     example_list.click(lambda sample: sample[0], example_list, prompt, api_visibility="private")
-    c.random_btn.click(lambda: -1, None, seed, queue=False, api_visibility="private")
     trained.focus(lambda who: gr.update(choices=engine.trained_results(public, who)), visitor, trained,
                   api_visibility="private")
     trained.select(add_lora, [lora, trained], [lora, trained], api_visibility="private")
-
-    def last_seed(texts: list[str]):
-        from ..infotext import parse_infotext
-
-        return parse_infotext(texts[0]).params.get("Seed", -1) if texts else -1
-
-    c.reuse_btn.click(last_seed, infos, seed, queue=False, api_visibility="private")
-
-    def show_info(texts: list[str], evt: gr.SelectData):
-        """The selected image's parameters, and its index for "Send to img2img"."""
-        return (texts[evt.index], evt.index) if texts and evt.index < len(texts) else ("", 0)
-
-    gallery.select(show_info, infos, [infotext, picked], queue=False, api_visibility="private")
     return tab

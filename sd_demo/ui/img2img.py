@@ -11,31 +11,30 @@ from ..img2img import MASKED_CONTENT, RESIZE_MODES, mask_from_layers
 from ..infotext import parse_infotext
 from ..models import DEFAULT_GUIDANCE
 from ..sampling.registry import DEFAULT_SAMPLER
-from .generate import GenerateTab, checked, gallery_item, on_gpu, sampling_controls, stream
+from .generate import GenerateTab, checked, gallery_item, on_gpu, sampling_controls, stream, wire_run_controls
 
 INPAINT_AREAS = ("Whole picture", "Only masked")  # A1111's "Inpaint area"
 
 
-def _preprocessed(component, raw):
+def _preprocessed(component, raw, name: str):
     """A component's value from the raw payload a ``preprocess=False`` handler gets (gradio has already moved and
-    checked its files), or gr.Error when it is not an image."""
+    checked its files), or gr.Error naming the field when it is not an image."""
     if not raw:
         return None
     try:
         return component.preprocess(component.data_model.model_validate(raw))
     except Exception as exc:  # pydantic's ValidationError, PIL's UnidentifiedImageError, a decompression bomb
-        raise gr.Error(f"{'mask' if isinstance(component, gr.Image) else 'init_image'}: not a readable image "
-                       f"({type(exc).__name__})") from None
+        raise gr.Error(f"{name}: not a readable image ({type(exc).__name__})") from None
 
 
 def _pictures(editor: gr.ImageEditor, upload: gr.Image, raw_editor, raw_mask) -> tuple:
     """(init image, mask) from the editor's raw payload (its background; strokes painted on it are the mask) and
     an uploaded mask, which wins over strokes; gr.Error when there is no picture."""
-    value = _preprocessed(editor, raw_editor)
+    value = _preprocessed(editor, raw_editor, "init_image")
     init = value.get("background") if value else None
     if init is None:
         raise gr.Error("init_image: upload or paste a picture first")
-    mask = _preprocessed(upload, raw_mask)
+    mask = _preprocessed(upload, raw_mask, "mask")
     if mask is None:
         mask = mask_from_layers(value.get("layers") or [])
     return init, mask
@@ -156,17 +155,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
     run = dict(concurrency_id="device", concurrency_limit=1, preprocess=False)
     run_btn.click(handler, inputs, outputs, api_name="img2img", **run)
     prompt.submit(handler, inputs, outputs, api_visibility="private", **run)
-    def stop(request: gr.Request):
-        engine.cancel(request.session_hash)
-
-    def show_info(texts: list[str], evt: gr.SelectData):
-        return texts[evt.index] if texts and evt.index < len(texts) else ""
-
-    stop_btn.click(stop, None, None, queue=False, api_visibility="private")
-    gallery.select(show_info, infos, infotext, queue=False, api_visibility="private")
-    c.random_btn.click(lambda: -1, None, c.seed, queue=False, api_visibility="private")
-    c.reuse_btn.click(lambda texts: parse_infotext(texts[0]).params.get("Seed", -1) if texts else -1, infos, c.seed,
-                      queue=False, api_visibility="private")
+    wire_run_controls(engine, c, stop_btn, gallery, infos, infotext)
 
     def model_defaults():
         """The sampler, steps and CFG scale of the model the Generate tab has just loaded."""
