@@ -13,6 +13,7 @@ from sd_demo import setup_logging
 from sd_demo.__main__ import add_runtime_flags
 from sd_demo.engine import IMAGE_FOLDERS, Engine, EngineSettings
 from sd_demo.ui import generate as generate_tab
+from sd_demo.ui import history as history_tab
 from sd_demo.ui import img2img as img2img_tab
 from sd_demo.ui import info as info_tab
 from sd_demo.ui import mcp as mcp_tools
@@ -109,14 +110,16 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
                 gen = generate_tab.build(engine, public=public, notice=notice,
                                          allow_loras=not public or args.allow_training, visitor=visitor)
             with gr.Tab("img2img", id="img2img"):
-                img2img_tab.build(engine, gen, tabs, "img2img", public=public, visitor=visitor)
+                img2img = img2img_tab.build(engine, gen, tabs, "img2img", public=public, visitor=visitor)
             with gr.Tab("Train", id="train"):
                 train_tab.build(engine, gen, tabs, "generate", demo, train_data, visitor, public=public,
                                 allowed=args.allow_training)
             with gr.Tab("Models", id="models"):
                 models_tab.build(engine, gen, public=public)
             with gr.Tab("PNG Info", id="info"):
-                info_tab.build(gen, tabs, "generate", engine, public=public, visitor=visitor)
+                info_tab.build(gen, tabs, "generate", engine, public=public, visitor=visitor, img2img=img2img)
+            with gr.Tab("History", id="history"):
+                history_tab.build(engine, gen, img2img, tabs, "generate", visitor, public=public)
         if args.mcp:
             mcp_tools.add_tools(engine, public)
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)

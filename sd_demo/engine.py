@@ -6,6 +6,7 @@ values and gets plain values back (images, paths, text), and never imports torch
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import datetime as _dt
 import functools
 import hashlib
@@ -14,7 +15,6 @@ import os
 import queue
 import secrets
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ from .generate import GenerationParams, GenerationResult, StepEvent, generate
 from .infotext import format_infotext, write_png
 from .models import (DEFAULT_STEPS, EMBEDDED_DIR, LoadedModel, PipelineCache, parse_loras, parse_model_ref,
                      public_name)
+from .runqueue import CANCELLED, HISTORY_FILE, QUEUED, Entry, Job, RunQueue
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,10 @@ class Engine:
         self.jobs = JobManager(Path(self.settings.outputs) / "train")  # training runs, one folder each
         self._jobs: dict[str, threading.Event] = {}  # job key (UI session) -> its Stop flag
         self._jobs_lock = threading.Lock()
+        # every generation waits its turn here; a training job on the GPU holds the queue (no out-of-memory crash)
+        self.queue = RunQueue(Path(self.settings.outputs) / HISTORY_FILE,
+                              may_start=lambda: not (self._on_gpu() and self.jobs.running()),
+                              stop=lambda job: self.cancel(job.key))
 
     # ------------------------------------------------------------------ models
     @on_device
@@ -527,73 +532,136 @@ class Engine:
             log.info("generated: %s", format_infotext(info).replace("\n", " | "))
         return result, paths
 
-    def run(self, params: GenerationParams, model: str | None = None, job: str = "default",
-            loras: list[tuple[str, float]] | None = None, poll: float = 2.0, init_image=None,
-            mask=None) -> Iterator[RunUpdate]:
-        """``generate`` in a worker thread, as a stream of updates: waits while a training job holds the GPU
-        (never an out-of-memory crash), then each denoising step, then the result. Closing the stream early (the
-        client went away) stops the run after its current step."""
-        params.validate()
-        while self._on_gpu() and self.jobs.running():
-            yield RunUpdate(waiting=self.training_note())
-            time.sleep(poll)
-        events: queue.Queue = queue.Queue()
-        gone = threading.Event()  # the caller left before the run started: it does not start
+    # ------------------------------------------------------------------ the queue (sd_demo.runqueue)
+    def enqueue(self, params: GenerationParams, model: str | None = None, job: str = "default",
+                loras: list[tuple[str, float]] | None = None, init_image=None, mask=None,
+                axes: list[tuple[str, str]] | None = None, owner: str | None = None,
+                public: bool = False) -> Job:
+        """A generation (``axes``: an X/Y/Z plot of ``params``, sd_demo.xyz) added to the queue; bad input fails
+        here, before it waits. ``job`` is its Stop key (the browser session), ``owner`` who sees it in the queue
+        and history (the visitor; ``job`` when None)."""
+        params = params.validate()
+        loras = list(loras or [])
+        request = {"params": dataclasses.asdict(params), "model": model, "loras": loras, "axes": axes}
+        if axes:
+            from . import xyz
 
-        def work():
-            try:
-                return None if gone.is_set() else self.generate(params, model=model, on_step=events.put, job=job,
-                                                                loras=loras, init_image=init_image, mask=mask)
-            finally:
-                events.put(None)
+            parsed = [xyz.parse_axis(name, values) for name, values in axes]
+            plan = xyz.cells(params, parsed, model, loras)
+            named = any(a.name == "Checkpoint" for a in parsed)  # its values are selector names; a bad one fails
+            specs = {c.model: self.chosen_model(c.model, public) if named else c.model for c in plan}
 
-        done = DEVICE.submit(work)
+            def work(on_step):
+                return self._plot(plan, parsed, specs, job, on_step)
+            kind = "xyz"
+        else:
+            def work(on_step):
+                return self.generate(params, model=model, on_step=on_step, job=job, loras=loras,
+                                     init_image=init_image, mask=mask)
+            kind = "txt2img" if init_image is None else "img2img"
+        return self.queue.submit(Job(owner or job, job, kind, params.prompt, request, work), public)
+
+    def watch(self, job: Job) -> Iterator[RunUpdate]:
+        """A queued job as a stream of updates: its place while it waits (or why: a training job holds the GPU),
+        each denoising step, then the result. Closing the stream early (the client went away) cancels it, or
+        stops it after its current step."""
+        shown = ""
         try:
-            while (ev := events.get()) is not None:
+            while True:
+                if job.state == QUEUED and (note := self.queue_note(job)) != shown:
+                    shown = note
+                    yield RunUpdate(waiting=note or "starting")  # (the jobs ahead have finished)
+                try:
+                    ev = job.events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if ev is None:
+                    break
                 yield RunUpdate(step=ev)
         finally:
-            gone.set()
-            if not done.done():
-                self.cancel(job)
-        result, paths = done.result()  # its exception, if it failed, is raised here
-        yield RunUpdate(result=result, paths=paths)
+            if not job.finished.is_set():
+                self.queue.cancel(job)
+        if job.error is not None:
+            raise job.error
+        if job.state == CANCELLED:
+            yield RunUpdate(waiting="cancelled before it started")
+            return
+        yield RunUpdate(result=job.result, paths=job.paths)
+
+    def queue_note(self, job: Job) -> str:
+        """Why a queued job waits: a training job on the GPU, or the jobs ahead of it; empty when it is next."""
+        if self._on_gpu() and self.jobs.running():
+            return self.training_note()
+        n = self.queue.ahead(job)
+        return f"queued: {n} job{'s' if n != 1 else ''} ahead of this one" if n else ""
+
+    def run(self, params: GenerationParams, model: str | None = None, job: str = "default",
+            loras: list[tuple[str, float]] | None = None, init_image=None, mask=None,
+            axes: list[tuple[str, str]] | None = None, owner: str | None = None,
+            public: bool = False) -> Iterator[RunUpdate]:
+        """``enqueue`` and ``watch``: a generation (or an X/Y/Z plot) as a stream of updates."""
+        yield from self.watch(self.enqueue(params, model, job, loras, init_image, mask, axes, owner, public))
 
     def run_xyz(self, params: GenerationParams, axes: list[tuple[str, str]], model: str | None = None,
                 job: str = "default", loras: list[tuple[str, float]] | None = None,
                 public: bool = False) -> Iterator[RunUpdate]:
-        """An X/Y/Z plot (sd_demo.xyz) as one run: each cell is ``run`` (saved as an ordinary image), the steps
-        counted over all cells; the result holds the labelled grid (saved under txt2img-grids) and then every cell.
-        A Stop ends the plot after the current cell's step. A Checkpoint axis names models as the selector does
-        (a public app: only those it offers)."""
+        """An X/Y/Z plot as one run (see ``_plot``)."""
+        return self.run(params, model, job, loras, axes=axes, public=public)
+
+    def _plot(self, plan, parsed, specs: dict, job: str, on_step) -> tuple[GenerationResult, list[Path]]:
+        """An X/Y/Z plot's cells, each generated (and saved) as an ordinary image, the steps counted over all
+        cells; the result holds the labelled grid (saved under txt2img-grids) and then every cell. A Stop ends the
+        plot after the current cell's step. The cells run checkpoint-first: each model loads once."""
         from . import xyz
 
-        parsed = [xyz.parse_axis(name, values) for name, values in axes]
-        plan = xyz.cells(params, parsed, model, list(loras or []))
-        named = any(a.name == "Checkpoint" for a in parsed)  # its values are selector names; an unknown one fails
-        specs = {c.model: self.chosen_model(c.model, public) if named else c.model for c in plan}  # before any image
         results, paths = [], []
         for k, cell in enumerate(plan):
-            for update in self.run(cell.params, model=specs[cell.model], job=job, loras=list(cell.loras)):
-                if update.step:
-                    ev = update.step
-                    yield RunUpdate(step=StepEvent(k * ev.total + ev.step, len(plan) * ev.total, ev.elapsed,
-                                                   ev.previews))
-                elif update.waiting:
-                    yield update
-                else:
-                    results.append(update.result)
-                    paths += update.paths
-            if results[-1].interrupted_at is not None:
+            def step(ev, k=k):
+                on_step(StepEvent(k * ev.total + ev.step, len(plan) * ev.total, ev.elapsed, ev.previews))
+            result, saved = self.generate(cell.params, model=specs[cell.model], on_step=step, job=job,
+                                          loras=list(cell.loras))
+            results.append(result)
+            paths += saved
+            if result.interrupted_at is not None:
                 break
         images = [r.images[0] for r in results]
         infos = [r.infotexts[0] for r in results]
-        if len(results) == len(plan):  # the cells were made checkpoint-first: the grid wants x, y, z order
+        seeds = [r.seeds[0] for r in results]
+        if len(results) == len(plan):  # the grid wants x, y, z order
             order = sorted(range(len(plan)), key=lambda n: (plan[n].z, plan[n].y, plan[n].x))
             sheet = xyz.grid([images[n] for n in order], parsed)
             grid_path = save_result(GenerationResult([sheet], [infos[0]], [plan[0].params.seed]),
                                     Path(self.settings.outputs) / GRIDS / _dt.date.today().isoformat())
-        seeds = [r.seeds[0] for r in results]
-        if len(results) == len(plan):
             images, infos, paths, seeds = [sheet, *images], [infos[0], *infos], [*grid_path, *paths], seeds[:1] + seeds
-        yield RunUpdate(result=GenerationResult(images, infos, seeds, results[-1].interrupted_at if results else None,
-                                                seconds=sum(r.seconds for r in results)), paths=paths)
+        return GenerationResult(images, infos, seeds, results[-1].interrupted_at,
+                                seconds=sum(r.seconds for r in results)), paths
+
+    # a visitor's queue and history: on a public app only their own (``owner``), on a private one everything
+    def queued(self, owner: str | None, public: bool = False) -> list[tuple[Job, int]]:
+        """(job, jobs ahead of it) of the running and waiting jobs, in run order."""
+        return self.queue.active(owner if public else None)
+
+    def cancel_queued(self, job_id: str, owner: str | None, public: bool = False) -> None:
+        self.queue.cancel(self.queue.find(job_id, owner if public else None))
+
+    def move_queued(self, job_id: str, delta: int, owner: str | None, public: bool = False) -> None:
+        who = owner if public else None
+        self.queue.move(self.queue.find(job_id, who), delta, who)
+
+    def history(self, owner: str | None, public: bool = False) -> list[Entry]:
+        return self.queue.history(owner if public else None)
+
+    def rerun(self, entry_id: str, owner: str, job: str, public: bool = False) -> Job:
+        """A history entry's request queued again (a random seed stays random). An img2img entry's source picture
+        is not kept: it is re-run from the img2img tab."""
+        entry = self.queue.entry(entry_id, owner if public else None)
+        if entry.kind == "img2img":
+            raise ValueError("re-run: an img2img job starts from its picture; send its result to img2img instead")
+        r = entry.request
+        params = GenerationParams(**r["params"])
+        loras = [(src, float(scale)) for src, scale in r["loras"]]
+        if public and (r["model"] and r["model"] not in self._offered(True).values()
+                       or not all(self.is_training_result(src, True, owner) for src, _ in loras)):
+            raise ValueError("re-run: its model or LoRA is no longer offered here")
+        axes = [tuple(a) for a in r["axes"]] if r.get("axes") else None
+        return self.enqueue(params, r["model"], job, loras, axes=axes, owner=owner, public=public)

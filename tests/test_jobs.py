@@ -172,13 +172,13 @@ def test_generation_waits_for_a_training_job_on_a_gpu_and_shares_a_cpu(tmp_path,
     monkeypatch.setattr(engine.jobs, "running", lambda: "job-1" if len(calls.append(1) or calls) <= 4 else None)
     monkeypatch.setattr(engine, "generate", lambda *a, **k: ("the result", []))
     monkeypatch.setattr(engine, "_on_gpu", lambda: True)
-    updates = list(engine.run(GenerationParams(prompt="x", steps=1), poll=0))
-    assert [u.waiting for u in updates[:-1]] and all("using the GPU" in u.waiting for u in updates[:-1])
+    updates = list(engine.run(GenerationParams(prompt="x", steps=1)))
+    assert "using the GPU" in updates[0].waiting and {u.waiting for u in updates[1:-1]} <= {"starting"}
     assert updates[-1].result == "the result"
     calls.clear()
     monkeypatch.setattr(engine, "_on_gpu", lambda: False)
     assert "shares the CPU cores" in engine.training_note()
-    updates = list(engine.run(GenerationParams(prompt="x", steps=1), poll=0))
+    updates = list(engine.run(GenerationParams(prompt="x", steps=1)))
     assert len(updates) == 1 and updates[0].result == "the result"
 
 

@@ -51,6 +51,13 @@ class GenerateTab:
                 self.width, self.height, self.seed, self.batch_size, self.clip_skip]
 
 
+# Generation handlers wait in the engine's queue (sd_demo.runqueue), which runs one job at a time and tells each its
+# place; gradio lets them all in (its own queue would show one place for everyone). preprocess=False so that our
+# validation (which names the field) sees the raw values instead of gradio's range checks ("Value 0 is less than
+# minimum value 1.").
+RUN = dict(concurrency_id="generation", concurrency_limit=None, preprocess=False)
+QUEUE_REFRESH_S = 1.0  # how often an open page's queue panel asks for changes
+
 # The page gets a step at most this often (and with each preview): each update costs gradio a message and a diff,
 # and a small model's 20 steps at 25 per second made them a third of the request (issue 19).
 UPDATE_S = 0.25
@@ -85,11 +92,23 @@ def checked(engine: Engine, public: bool, visitor: str | None, model: str | None
         raise gr.Error(str(exc)) from None
 
 
+def session_of(request) -> str:
+    """A request's browser session (its Stop key); "api" for a call without one."""
+    return getattr(request, "session_hash", None) or "api"
+
+
+def owner_of(visitor: str | None, request) -> str:
+    """Whose queue and history a request's jobs join: the visitor (kept across reloads), else the API session."""
+    return visitor or session_of(request)
+
+
 def stream(engine: Engine, params: GenerationParams, model: str | None, loras: list, request, progress,
-           init_image=None, mask=None, axes: list[tuple[str, str]] | None = None, public: bool = False):
-    """A run's page updates (gallery, preview, status, parameters, all parameters): a first one at once, the
-    steps at most every UPDATE_S, then the result. ``axes``: an X/Y/Z plot of ``params`` instead."""
-    job = getattr(request, "session_hash", None) or "api"
+           init_image=None, mask=None, axes: list[tuple[str, str]] | None = None, public: bool = False,
+           visitor: str | None = None):
+    """A run's page updates (gallery, preview, status, parameters, all parameters): a first one at once, its place
+    in the queue while it waits, the steps at most every UPDATE_S, then the result. ``axes``: an X/Y/Z plot of
+    ``params`` instead."""
+    job = session_of(request)
     progress(0, desc="starting")
     note = engine.training_note()
     # Yield before any work: gradio keeps a run's iterator (and so can close it when its client goes away) only
@@ -97,9 +116,8 @@ def stream(engine: Engine, params: GenerationParams, model: str | None, loras: l
     yield gr.skip(), gr.skip(), "starting" + (f" · {note}" if note else ""), gr.skip(), gr.skip()
     shown = 0.0  # when the page last got a step
     try:
-        updates = (engine.run_xyz(params, axes, model=model, job=job, loras=loras, public=public) if axes else
-                   engine.run(params, model=model, job=job, loras=loras, init_image=init_image, mask=mask))
-        for update in updates:
+        for update in engine.run(params, model=model, job=job, loras=loras, init_image=init_image, mask=mask,
+                                 axes=axes, owner=owner_of(visitor, request), public=public):
             if update.waiting:
                 yield gr.skip(), gr.skip(), update.waiting, gr.skip(), gr.skip()
             elif update.step:
@@ -191,18 +209,93 @@ def make_generate_fn(engine: Engine, public: bool):
             z_type: The Z axis's parameter (one grid per value), or Nothing.
             z_values: Its values.
         """
-        on = dict(hires_scale=hires_scale, hires_steps=hires_steps, strength=strength, hires_upscaler=hires_upscaler,
-                  hires_width=hires_width, hires_height=hires_height) if hires else {}
-        model, lora_list, params = checked(
-            engine, public, visitor, model, loras, prompt=prompt or "", negative_prompt=negative_prompt or "",
-            steps=steps, guidance_scale=guidance_scale, width=width, height=height, seed=seed, sampler=sampler,
-            schedule=schedule, batch_size=batch_size, clip_skip=clip_skip, cfg_cutoff=cfg_cutoff, **on)
-        axes = [(kind or "Nothing", values) for kind, values in
-                ((x_type, x_values), (y_type, y_values), (z_type, z_values))]
-        yield from stream(engine, params, model, lora_list, request, progress, public=public,
-                          axes=None if all(kind == "Nothing" for kind, _ in axes) else axes)
+        values = {k: v for k, v in locals().items() if k not in ("request", "progress", "engine", "public")}
+        model, lora_list, params, axes = generation_request(engine, public, **values)
+        yield from stream(engine, params, model, lora_list, request, progress, public=public, axes=axes,
+                          visitor=visitor)
 
     return on_gpu(engine, public, generate_gallery)
+
+
+def generation_request(engine: Engine, public: bool, *, prompt, negative_prompt, sampler, schedule, steps,
+                       guidance_scale, width, height, seed, batch_size, clip_skip, model, loras, cfg_cutoff, hires,
+                       hires_scale, hires_steps, strength, hires_upscaler, hires_width, hires_height, x_type,
+                       x_values, y_type, y_values, z_type, z_values, visitor):
+    """(model spec, LoRA list, validated params, X/Y/Z axes or None) of the Generate tab's raw values, or gr.Error
+    naming the field to change."""
+    on = dict(hires_scale=hires_scale, hires_steps=hires_steps, strength=strength, hires_upscaler=hires_upscaler,
+              hires_width=hires_width, hires_height=hires_height) if hires else {}
+    model, lora_list, params = checked(
+        engine, public, visitor, model, loras, prompt=prompt or "", negative_prompt=negative_prompt or "",
+        steps=steps, guidance_scale=guidance_scale, width=width, height=height, seed=seed, sampler=sampler,
+        schedule=schedule, batch_size=batch_size, clip_skip=clip_skip, cfg_cutoff=cfg_cutoff, **on)
+    axes = [(kind or "Nothing", values) for kind, values in
+            ((x_type, x_values), (y_type, y_values), (z_type, z_values))]
+    return model, lora_list, params, None if all(kind == "Nothing" for kind, _ in axes) else axes
+
+
+def make_enqueue_fn(engine: Engine, public: bool, names: list[str]):
+    """The Queue button: the Generate tab's values (in ``names`` order) added to this visitor's queue, at once."""
+    def enqueue(*values, request: gr.Request = None):
+        args = dict(zip(names, values))
+        model, lora_list, params, axes = generation_request(engine, public, **args)
+        try:
+            job = engine.enqueue(params, model, session_of(request), lora_list, axes=axes,
+                                 owner=owner_of(args["visitor"], request), public=public)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        ahead = engine.queue.ahead(job)
+        return (f"queued: {ahead} job{'s' if ahead != 1 else ''} ahead · its images appear in the History tab"
+                if ahead else "queued: starting now · its images appear in the History tab")
+
+    return enqueue
+
+
+def queue_rows(engine: Engine, owner: str, public: bool) -> tuple[list[list], list[str]]:
+    """The queue panel's rows (place, state, kind, prompt) of the jobs this visitor sees, and their ids."""
+    jobs = engine.queued(owner, public)
+    rows = [["running" if n == 0 and job.state == "running" else f"{n} ahead", job.state, job.kind,
+             job.label[:80] or "(no prompt)"] for job, n in jobs]
+    return rows, [job.id for job, _ in jobs]
+
+
+def wire_queue(engine: Engine, public: bool, visitor: gr.State, table: gr.Dataframe, shown: gr.State,
+               picked_job: gr.State, buttons: tuple[gr.Button, gr.Button, gr.Button], timer: gr.Timer) -> None:
+    """The queue panel: refreshed by ``timer`` when it changed (``shown``: the rows and ids on the page), a row
+    picked, then Earlier / Later / Cancel on it."""
+    def rows_now(who: str | None, request: gr.Request) -> dict:
+        rows, job_ids = queue_rows(engine, owner_of(who, request), public)
+        return {"rows": rows, "ids": job_ids}
+
+    def refresh(who: str | None, last: dict | None, request: gr.Request):
+        now = rows_now(who, request)
+        return (gr.skip(), gr.skip()) if now == last else (now["rows"], now)
+
+    def pick(last: dict | None, evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        job_ids = (last or {}).get("ids", [])
+        return job_ids[row] if 0 <= row < len(job_ids) else ""
+
+    def act(action):
+        def handler(job_id: str, who: str | None, request: gr.Request):
+            if not job_id:
+                raise gr.Error("queue: pick a job in the table first")
+            try:
+                action(job_id, owner_of(who, request))
+            except ValueError as exc:
+                raise gr.Error(str(exc)) from None
+            now = rows_now(who, request)
+            return now["rows"], now, job_id if job_id in now["ids"] else ""
+        return handler
+
+    quick = dict(api_visibility="private", queue=False)
+    timer.tick(refresh, [visitor, shown], [table, shown], **quick)
+    table.select(pick, shown, picked_job, **quick)
+    earlier, later, cancel = buttons
+    for button, action in ((earlier, lambda j, who: engine.move_queued(j, -1, who, public)),
+                           (later, lambda j, who: engine.move_queued(j, 1, who, public)),
+                           (cancel, lambda j, who: engine.cancel_queued(j, who, public))):
+        button.click(act(action), [picked_job, visitor], [table, shown, picked_job], **quick)
 
 
 def on_gpu(engine: Engine, public: bool, handler):
@@ -417,13 +510,22 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                                             "is about 1.25x faster; 1 = off", elem_id="cfg-cutoff")
         with gr.Column(scale=6):
             with gr.Row():
-                run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+                run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=2)
+                # ZeroGPU lends its GPU to a request, not to a job that runs after it has answered
+                queue_btn = gr.Button("Queue", elem_id="queue-btn", visible=not zerogpu.active(), scale=1)
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
             gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
             send_img2img = gr.Button("Send to img2img", size="sm", elem_id="send-img2img")
             preview = gr.Image(label="Live preview", interactive=False, height=160)
             status = gr.Markdown("", elem_id="run-status")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="infotext")
+            with gr.Accordion("Queue", open=True, elem_id="queue"):
+                queue_table = gr.Dataframe(headers=["place", "state", "kind", "prompt"], value=[],
+                                           interactive=False, wrap=True, elem_id="queue-table")
+                with gr.Row():
+                    earlier = gr.Button("↑ Earlier", size="sm", elem_id="queue-earlier")
+                    later = gr.Button("↓ Later", size="sm", elem_id="queue-later")
+                    cancel = gr.Button("✕ Cancel", size="sm", elem_id="queue-cancel")
     infos = gr.State([])
     picked = gr.State(0)  # the gallery's selected image (a new result selects none: its first is sent)
     hires = [hires_on, hires_scale, hires_steps, hires_strength, hires_upscaler, hires_width, hires_height]
@@ -432,11 +534,14 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
 
     inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, *xyz_inputs, visitor]
     outputs = [gallery, preview, status, infotext, infos]
-    # One job at a time on the device; preprocess=False so that our validation (which names the field) sees the
-    # raw values instead of gradio's range checks ("Value 0 is less than minimum value 1.").
-    run = dict(concurrency_id="device", concurrency_limit=1, preprocess=False)
-    run_btn.click(make_generate_fn(engine, public), inputs, outputs, api_name="generate", **run)
-    prompt.submit(make_generate_fn(engine, public), inputs, outputs, api_visibility="private", **run)
+    run_btn.click(make_generate_fn(engine, public), inputs, outputs, api_name="generate", **RUN)
+    prompt.submit(make_generate_fn(engine, public), inputs, outputs, api_visibility="private", **RUN)
+    names = [n for n in inspect.signature(make_generate_fn(engine, public)).parameters
+             if n not in ("request", "progress")]
+    queue_btn.click(make_enqueue_fn(engine, public, names), inputs, status, api_visibility="private",
+                    preprocess=False, queue=False)
+    wire_queue(engine, public, visitor, queue_table, gr.State(None), gr.State(""), (earlier, later, cancel),
+               gr.Timer(QUEUE_REFRESH_S))
 
     wire_run_controls(engine, c, stop_btn, gallery, infos, infotext, picked)
     for trigger in (load_btn.click, model.select):  # the Load button, or picking a model from the list

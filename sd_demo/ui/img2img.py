@@ -2,6 +2,8 @@
 work is sd_demo.generate's (through the engine), the mask is read by sd_demo.img2img."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gradio as gr
 from PIL import Image
 
@@ -11,7 +13,7 @@ from ..img2img import MASKED_CONTENT, RESIZE_MODES, mask_from_layers
 from ..infotext import parse_infotext
 from ..models import DEFAULT_GUIDANCE
 from ..sampling.registry import DEFAULT_SAMPLER
-from .generate import GenerateTab, checked, gallery_item, on_gpu, sampling_controls, stream, wire_run_controls
+from .generate import RUN, GenerateTab, checked, gallery_item, on_gpu, sampling_controls, stream, wire_run_controls
 
 INPAINT_AREAS = ("Whole picture", "Only masked")  # A1111's "Inpaint area"
 
@@ -99,13 +101,14 @@ def make_img2img_fn(engine: Engine, public: bool, editor: gr.ImageEditor, upload
             schedule=schedule, batch_size=batch_size, strength=strength, resize_mode=resize_mode,
             mask_blur=mask_blur, masked_content=masked_content, only_masked=inpaint_area == INPAINT_AREAS[1],
             only_masked_padding=only_masked_padding)
-        yield from stream(engine, params, model, lora_list, request, progress, init_image=init, mask=mask_image)
+        yield from stream(engine, params, model, lora_list, request, progress, init_image=init, mask=mask_image,
+                          public=public, visitor=visitor)
 
     return on_gpu(engine, public, img2img)
 
 
 def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: bool = False,
-          visitor: gr.State | None = None) -> None:
+          visitor: gr.State | None = None) -> Img2imgTab:
     """Lay out the tab and wire its events (and the Generate tab's "Send to img2img"); call inside gr.Blocks."""
     visitor = visitor if visitor is not None else gr.State(None)
     try:
@@ -151,10 +154,8 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
               c.batch, strength, resize_mode, mask_blur, masked_content, area, padding, gen.model, gen.loras, visitor]
     outputs = [gallery, preview, status, infotext, infos]
     handler = make_img2img_fn(engine, public, editor, mask)
-    # as the Generate tab: one job at a time on the device, raw values (our validation names the field)
-    run = dict(concurrency_id="device", concurrency_limit=1, preprocess=False)
-    run_btn.click(handler, inputs, outputs, api_name="img2img", **run)
-    prompt.submit(handler, inputs, outputs, api_visibility="private", **run)
+    run_btn.click(handler, inputs, outputs, api_name="img2img", **RUN)  # through the queue, as Generate's
+    prompt.submit(handler, inputs, outputs, api_visibility="private", **RUN)
     wire_run_controls(engine, c, stop_btn, gallery, infos, infotext)
 
     def model_defaults():
@@ -167,16 +168,33 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
 
     gen.model_status.change(model_defaults, None, [c.sampler, c.steps, c.cfg], api_visibility="private")
 
-    def send(images: list, texts: list[str], index: int):
-        """The Generate tab's picked image with its prompt, negative prompt, sampler, CFG and seed, here."""
-        path, text = gallery_item(images, texts, index)
+    here = Img2imgTab([editor, prompt, negative, c.sampler, c.cfg, c.seed, tabs], tab_id)
+    gen.send_img2img.click(lambda images, texts, index: here.values(*gallery_item(images, texts, index)),
+                           [gen.gallery, gen.infos, gen.picked], here.targets, api_visibility="private")
+    return here
+
+
+@dataclass
+class Img2imgTab:
+    """What "Send to img2img" (Generate, PNG Info, History) writes: the picture and its prompt, negative prompt,
+    sampler, CFG and seed, then this tab is shown."""
+
+    targets: list  # editor, prompt, negative prompt, sampler, CFG, seed, and the gr.Tabs to switch
+    tab_id: str
+
+    def values(self, path: str | None, text: str | None) -> tuple:
+        """The targets' values for a picture file and its parameters text (None: the picture alone)."""
+        if not path:
+            raise gr.Error("pick an image first")
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception:  # gone from the disk, or not an image
+            raise gr.Error("Send to img2img: that file is not a readable image") from None
+        editor_value = {"background": image, "layers": [], "composite": image}
+        if not text:
+            return (editor_value, *[gr.skip()] * 5, gr.Tabs(selected=self.tab_id))
         info = parse_infotext(text)
         p = info.params
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-        editor_value = {"background": image, "layers": [], "composite": image}
         return (editor_value, info.prompt, info.negative_prompt, p.get("Sampler", gr.skip()),
-                p.get("CFG scale", gr.skip()), p.get("Seed", gr.skip()), gr.Tabs(selected=tab_id))
-
-    gen.send_img2img.click(send, [gen.gallery, gen.infos, gen.picked],
-                           [editor, prompt, negative, c.sampler, c.cfg, c.seed, tabs], api_visibility="private")
+                p.get("CFG scale", gr.skip()), p.get("Seed", gr.skip()), gr.Tabs(selected=self.tab_id))

@@ -8,6 +8,7 @@ from ..generate import params_from_infotext
 from ..infotext import Infotext, format_infotext, read_png
 from ..models import parse_lora
 from .generate import GenerateTab, add_lora
+from .img2img import Img2imgTab
 from .models import download_progress
 
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".webp"]  # what A1111 and ComfyUI save; gradio refuses others by name
@@ -31,35 +32,9 @@ def _names(wanted: dict, quote: str = "") -> str:
     return ", ".join(f"{quote}{x}{quote}" for x in ids if x)
 
 
-def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engine, public: bool = False,
-          visitor: gr.State | None = None) -> None:
-    """Lay out the tab and wire its events. ``visitor`` (ui.train.visitor_state): whose training runs an image's
-    LoRAs may name on a public app."""
-    visitor = visitor if visitor is not None else gr.State(None)
-    with gr.Row():
-        with gr.Column():
-            # A file box, not gr.Image: gr.Image opens every upload with PIL first, so a non-image or a huge PNG
-            # failed inside gradio with no message; read_png reads only the text chunks of whatever is dropped.
-            image = gr.File(label="Source PNG", file_types=IMAGE_TYPES, type="filepath", elem_id="png-info-file")
-            preview = gr.Image(label="Preview", interactive=False, height=320)
-        with gr.Column():
-            text = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="png-info-text")
-            send = gr.Button("Send to Generate", variant="primary")
-            note = gr.Markdown("")
-            fetch = gr.Button("Download", visible=False, elem_id="png-info-fetch")
-            wanted = gr.State(None)  # {"model": Hub id, "loras": ["id:scale"]} the image names and this machine lacks
-    def png_info(path: str | None) -> str:
-        """Read the generation parameters (prompt, negative prompt, steps, sampler, CFG scale, seed, size, model)
-        that A1111, ComfyUI or this app stored in an image.
-
-        Args:
-            path: The image (PNG, JPEG or WebP).
-        """
-        return read_parameters(path)[0]
-
-    image.change(png_info, image, text, api_name="png_info")
-    image.change(lambda p: p, image, preview, api_visibility="private")  # the browser draws it; we never decode
-
+def make_send_to_generate(engine: Engine, public: bool, generate_tab_id: str):
+    """"Send to Generate" of an image file (PNG Info, History): its parameters into the Generate tab's controls, its
+    model and LoRAs when they are here; else a note and a Download button for the Hub ones (``send_targets``)."""
     def send_to_generate(path: str | None, who: str | None):
         _, info = read_parameters(path)
         if info is None:
@@ -82,9 +57,57 @@ def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engi
         return [*values, msg, lora_text, here or gr.skip(), gr.Tabs(selected=generate_tab_id),
                 gr.update(visible=False), None]
 
-    send.click(send_to_generate, [image, visitor],
-               [*target.param_components(), target.cfg_cutoff, note, target.loras, target.model, tabs, fetch, wanted],
-               api_visibility="private")
+    return send_to_generate
+
+
+def build(target: GenerateTab, tabs: gr.Tabs, generate_tab_id: str, engine: Engine, public: bool = False,
+          visitor: gr.State | None = None, img2img: Img2imgTab | None = None) -> None:
+    """Lay out the tab and wire its events. ``visitor`` (ui.train.visitor_state): whose training runs an image's
+    LoRAs may name on a public app."""
+    visitor = visitor if visitor is not None else gr.State(None)
+    with gr.Row():
+        with gr.Column():
+            # A file box, not gr.Image: gr.Image opens every upload with PIL first, so a non-image or a huge PNG
+            # failed inside gradio with no message; read_png reads only the text chunks of whatever is dropped.
+            image = gr.File(label="Source PNG", file_types=IMAGE_TYPES, type="filepath", elem_id="png-info-file")
+            preview = gr.Image(label="Preview", interactive=False, height=320)
+        with gr.Column():
+            text = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="png-info-text")
+            with gr.Row():
+                send = gr.Button("Send to Generate", variant="primary")
+                send_img2img = gr.Button("Send to img2img", visible=img2img is not None, elem_id="png-info-img2img")
+            wire_send_to_generate(engine, public, generate_tab_id, target, tabs, send, image, visitor, "png-info")
+
+    def png_info(path: str | None) -> str:
+        """Read the generation parameters (prompt, negative prompt, steps, sampler, CFG scale, seed, size, model)
+        that A1111, ComfyUI or this app stored in an image.
+
+        Args:
+            path: The image (PNG, JPEG or WebP).
+        """
+        return read_parameters(path)[0]
+
+    image.change(png_info, image, text, api_name="png_info")
+    image.change(lambda p: p, image, preview, api_visibility="private")  # the browser draws it; we never decode
+    if img2img is not None:
+        def picture(path: str | None):
+            _, info = read_parameters(path)
+            return img2img.values(path, format_infotext(info) if info else None)
+
+        send_img2img.click(picture, image, img2img.targets, api_visibility="private")
+
+
+def wire_send_to_generate(engine: Engine, public: bool, generate_tab_id: str, target: GenerateTab, tabs: gr.Tabs,
+                          button: gr.Button, path: gr.components.Component, visitor: gr.State, name: str) -> None:
+    """``button`` sends the image file in ``path`` to the Generate tab (``make_send_to_generate``); a note and a
+    Download button (``#NAME-fetch``) for what the image names and this machine lacks are laid out here (call
+    inside a layout)."""
+    note = gr.Markdown("")
+    fetch = gr.Button("Download", visible=False, elem_id=f"{name}-fetch")
+    wanted = gr.State(None)  # {"model": Hub id, "loras": ["id:scale"]} the image names and this machine lacks
+    button.click(make_send_to_generate(engine, public, generate_tab_id), [path, visitor],
+                 [*target.param_components(), target.cfg_cutoff, note, target.loras, target.model, tabs, fetch,
+                  wanted], api_visibility="private")
 
     def download(wanted: dict | None, current: str, progress=gr.Progress()):
         wanted = wanted or {}

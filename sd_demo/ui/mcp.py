@@ -39,10 +39,12 @@ def add_tools(engine: Engine, public: bool) -> None:
                                       sampler=sampler or None, seed=seed, batch_size=1).validate()
             # as the Generate tab runs: waits while training holds the GPU; the result is the last update
             *_, done = engine.run(params, model=engine.chosen_model(model or None, public), job="mcp")
+            if not done.paths:
+                raise ValueError("text_to_image: the job was cancelled before it started")
         except Exception as exc:
             raise user_error(exc) from None
         return FileData(path=str(done.paths[0]), mime_type="image/png")
 
-    # one job at a time on the device, with the Generate tab's runs (its concurrency group)
-    gr.api(on_gpu(engine, public, generate), api_name="text_to_image", concurrency_id="device",
-           concurrency_limit=1)
+    # through the engine's queue, with the Generate tab's runs
+    gr.api(on_gpu(engine, public, generate), api_name="text_to_image", concurrency_id="generation",
+           concurrency_limit=None)

@@ -1,0 +1,141 @@
+"""The generation queue and history (sd_demo.runqueue): order, a visitor's cancel and reorder, per-visitor views,
+and a history that outlives the process. The work here is a stand-in that waits for the test's go; the app's
+real runs through the queue are in test_app.py and test_browser_queue.py."""
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from sd_demo.runqueue import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Job, RunQueue, owner_hash
+
+
+class Works:
+    """Jobs whose work records its start and waits until released (so the test decides when each ends)."""
+
+    def __init__(self, folder):
+        self.folder, self.started, self.gates = folder, [], {}
+
+    def job(self, owner: str, name: str, fail: bool = False) -> Job:
+        gate = self.gates[name] = threading.Event()
+
+        def work(on_step):
+            self.started.append(name)
+            on_step(("step", name))
+            assert gate.wait(10), "the test never released " + name
+            if fail:
+                raise ValueError(f"{name} failed")
+            path = self.folder / f"{name}.png"
+            path.write_bytes(b"png")
+            return SimpleNamespace(seconds=0.5, infotexts=[], interrupted_at=None), [path]
+
+        return Job(owner, f"session-{owner}", "txt2img", f"prompt {name}", {"params": {"prompt": name}}, work)
+
+
+def _wait(cond, what: str):
+    deadline = time.time() + 10
+    while not cond():
+        assert time.time() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def works(tmp_path):
+    return Works(tmp_path)
+
+
+def test_jobs_run_one_at_a_time_in_submission_order(tmp_path, works):
+    q = RunQueue(tmp_path / "history.jsonl")
+    jobs = [q.submit(works.job(owner, f"{owner}{n}")) for n in range(3) for owner in "ab"]
+    _wait(lambda: works.started == ["a0"], "the first job did not start")
+    assert [q.ahead(j) for j in jobs] == [0, 1, 2, 3, 4, 5] and jobs[0].state == RUNNING
+    for n, job in enumerate(jobs):
+        assert job.events.get(timeout=5) == ("step", job.label.split()[1])
+        assert works.started[-1] == job.label.split()[1] and len(works.started) == n + 1  # nothing started early
+        works.gates[job.label.split()[1]].set()
+        assert job.finished.wait(5) and job.state == DONE and job.events.get(timeout=1) is None
+    assert [e.label for e in q.history(None)] == [f"prompt {o}{n}" for n in range(3) for o in "ab"][::-1]
+
+
+def test_cancelling_a_waiting_job_removes_only_it(tmp_path, works):
+    q = RunQueue(tmp_path / "history.jsonl")
+    first, second, third = (q.submit(works.job("a", name)) for name in ("a0", "a1", "a2"))
+    _wait(lambda: works.started == ["a0"], "the first job did not start")
+    q.cancel(second)
+    assert second.state == CANCELLED and second.finished.is_set() and second.events.get_nowait() is None
+    assert [j for j, _ in q.active()] == [first, third] and q.ahead(third) == 1
+    for name in ("a0", "a2"):
+        works.gates[name].set()
+    _wait(lambda: third.state == DONE, "the third job did not run")
+    assert works.started == ["a0", "a2"]
+
+
+def test_cancelling_the_running_job_asks_it_to_stop(tmp_path, works):
+    stopped = []
+    q = RunQueue(tmp_path / "history.jsonl", stop=stopped.append)
+    job = q.submit(works.job("a", "a0"))
+    _wait(lambda: job.state == RUNNING, "the job did not start")
+    q.cancel(job)
+    assert stopped == [job]
+    works.gates["a0"].set()
+
+
+def test_a_visitor_reorders_only_their_own_waiting_jobs(tmp_path, works):
+    q = RunQueue(tmp_path / "history.jsonl")
+    running = q.submit(works.job("b", "b0"))
+    a1, b1, a2, a3 = (q.submit(works.job(name[0], name)) for name in ("a1", "b1", "a2", "a3"))
+    _wait(lambda: running.state == RUNNING, "the first job did not start")
+    q.move(a3, -1, "a")  # before a2: only a's jobs swap places
+    assert [j for j, _ in q.active()] == [running, a1, b1, a3, a2]
+    q.move(a3, -1, "a")  # before a1, not before b1's turn: a1 takes a3's old place
+    assert [j for j, _ in q.active()] == [running, a3, b1, a1, a2]
+    q.move(a3, -1, "a")  # already a's first: nothing moves
+    assert [j for j, _ in q.active()] == [running, a3, b1, a1, a2]
+    q.move(b1, 1, "b")  # b has no later job
+    assert [j for j, _ in q.active("b")] == [running, b1] and [n for _, n in q.active("b")] == [0, 2]
+    with pytest.raises(ValueError, match="already started"):
+        q.move(running, 1, "b")
+    with pytest.raises(ValueError, match="no longer waiting"):
+        q.find(a1.id, "b")  # another visitor's job is not found for b
+    for gate in works.gates.values():
+        gate.set()
+
+
+def test_a_public_app_caps_each_visitors_waiting_jobs(tmp_path, works, monkeypatch):
+    import sd_demo.runqueue as rq
+
+    monkeypatch.setattr(rq, "MAX_WAITING_PUBLIC", 2)
+    monkeypatch.setattr(rq, "MAX_WAITING", 4)
+    q = RunQueue(tmp_path / "history.jsonl", may_start=lambda: False)  # nothing starts: all wait
+    q.submit(works.job("a", "a0"), public=True)
+    q.submit(works.job("a", "a1"), public=True)
+    with pytest.raises(ValueError, match="you have 2 jobs waiting"):
+        q.submit(works.job("a", "a2"), public=True)
+    q.submit(works.job("b", "b0"), public=True)
+    q.submit(works.job("a", "a3"))  # a private app has no per-visitor cap
+    with pytest.raises(ValueError, match="queue: full"):
+        q.submit(works.job("c", "c0"), public=True)
+    assert all(j.state == QUEUED for j, _ in q.active())
+
+
+def test_history_is_per_owner_survives_a_restart_and_skips_failures(tmp_path, works):
+    q = RunQueue(tmp_path / "history.jsonl")
+    jobs = [q.submit(works.job(owner, name, fail=name == "a1")) for owner, name in
+            (("a", "a0"), ("b", "b0"), ("a", "a1"))]
+    for job in jobs:
+        works.gates[job.label.split()[1]].set()
+        job.finished.wait(5)
+    assert jobs[2].state == FAILED and str(jobs[2].error) == "a1 failed"
+    again = RunQueue(tmp_path / "history.jsonl")  # a new process reads the same file
+    assert [e.label for e in again.history("a")] == ["prompt a0"]
+    assert [e.label for e in again.history(None)] == ["prompt b0", "prompt a0"]
+    entry = again.entry(jobs[0].id, "a")
+    assert entry.paths == [str((tmp_path / "a0.png").resolve())] and entry.request == {"params": {"prompt": "a0"}}
+    with pytest.raises(ValueError):
+        again.entry(jobs[0].id, "b")  # b cannot reach a's entry
+    text = (tmp_path / "history.jsonl").read_text()
+    assert '"a"' not in text and owner_hash("a") in text  # the file holds no visitor id
+    (tmp_path / "a0.png").unlink()  # a deleted image drops its entry
+    with open(tmp_path / "history.jsonl", "a") as f:
+        f.write('{"id": "cut sh')  # a line cut short by a crash is skipped
+    assert again.history("a") == [] and len(again.history(None)) == 1
