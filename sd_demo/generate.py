@@ -404,27 +404,45 @@ def _txt2img(model: LoadedModel, p: GenerationParams, pos, neg, progress: _Progr
     """Text to image, and the hires fix's second pass when it is on (A1111's order: generate, enlarge, redraw)."""
     hires = p.hires_scale > 1 or bool(p.hires_width or p.hires_height)
     later = (p.hires_steps or p.steps) if hires and p.strength > 0 else 0
+    nine = model.pipe.unet.config.in_channels == 9
     latents = denoise(model, p, pos, neg, make_generators(p.seed, p.batch_size),
-                      progress.callback(model, p.cfg_cutoff, after=later))
+                      progress.callback(model, p.cfg_cutoff, after=later),
+                      **(_redraw_all(model, Image.new("RGB", (p.width, p.height), (127, 127, 127)), 1.0) if nine
+                         else {}))
     if not hires or progress.stopped():
         return decode(model, latents)
     width, height = img2img.hires_size(p.width, p.height, p.hires_scale, p.hires_width, p.hires_height)
     f = model.pipe.vae_scale_factor
-    if img2img.is_latent_upscaler(p.hires_upscaler):
+    if nine:  # an inpainting checkpoint redraws pictures: the first pass enlarged in pixels
+        start = [im.resize((width, height), img2img.pixel_resample(p.hires_upscaler)) for im in decode(model, latents)]
+    elif img2img.is_latent_upscaler(p.hires_upscaler):
         start = img2img.upscale_latents(latents, (height // f, width // f), p.hires_upscaler)
     else:
-        resample = img2img.HIRES_UPSCALERS[p.hires_upscaler]
+        resample = img2img.pixel_resample(p.hires_upscaler)
         start = encode(model, [im.resize((width, height), resample) for im in decode(model, latents)])
     if not later:
-        return decode(model, start)
+        return start if nine else decode(model, start)
     # A1111 runs the hires steps in full: a schedule stretched so that 'strength' of it is that many steps
     steps = math.ceil(later / min(p.strength, 0.999))
     second = replace(p, width=width, height=height, steps=steps)
     before = progress.state.get("steps_done", p.steps)
-    latents = denoise(model, second, pos, neg, make_generators(p.seed, p.batch_size),
-                      progress.callback(model, p.cfg_cutoff, before=before), pipe=variant(model, "img2img"),
-                      image=start, strength=p.strength)
-    return decode(model, latents)
+    images = []
+    for k, first in enumerate(start if nine else [start]):  # the inpaint pipeline takes one picture a call
+        one = replace(second, batch_size=1, seed=p.seed + k) if nine else second
+        latents = denoise(model, one, pos, neg, make_generators(one.seed, one.batch_size),
+                          progress.callback(model, p.cfg_cutoff, before=before),
+                          **(_redraw_all(model, first, p.strength) if nine else
+                             dict(pipe=variant(model, "img2img"), image=first, strength=p.strength)))
+        images += decode(model, latents)
+    return images
+
+
+def _redraw_all(model: LoadedModel, image: Image.Image, strength: float) -> dict:
+    """``denoise``'s arguments for an inpainting checkpoint (9-channel UNet) redrawing all of ``image``: its
+    pipeline with a white mask, so the masked picture it is conditioned on is blank, as A1111 conditions such a
+    checkpoint in txt2img and the hires fix."""
+    return dict(pipe=variant(model, "inpaint"), image=image, mask_image=Image.new("L", image.size, 255),
+                strength=strength)
 
 
 def _keep_unmasked(source: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor):

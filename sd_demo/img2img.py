@@ -180,6 +180,16 @@ def is_latent_upscaler(upscaler: str) -> bool:
     return isinstance(HIRES_UPSCALERS[upscaler], tuple)
 
 
+def pixel_resample(upscaler: str) -> Image.Resampling:
+    """The PIL filter of an upscaler; a latent one's nearest kin where pixels must be enlarged instead (an
+    inpainting checkpoint's hires fix)."""
+    how = HIRES_UPSCALERS[upscaler]
+    if not is_latent_upscaler(upscaler):
+        return how
+    return {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}.get(
+        how[0], Image.Resampling.NEAREST)
+
+
 def mask_from_layers(layers: list) -> Image.Image | None:
     """A mask from an image editor's drawn layers: white wherever a stroke is (any colour, any opacity)."""
     strokes = [layer for layer in layers or [] if layer is not None]

@@ -432,7 +432,7 @@ def test_two_clients_queued_jobs_come_back_in_order_and_a_cancel_removes_only_th
 
     engine = app_server[1]
     a, b = Client(app_url, verbose=False), Client(app_url, verbose=False)
-    first = a.submit(prompt="long", steps=40, width=256, height=256, seed=100, api_name="/generate")
+    first = a.submit(prompt="q long", steps=40, width=256, height=256, seed=100, api_name="/generate")
     deadline = time.time() + 60
     while not engine.generating(a.session_hash):
         assert time.time() < deadline, "the first job never started"
@@ -440,28 +440,28 @@ def test_two_clients_queued_jobs_come_back_in_order_and_a_cancel_removes_only_th
     jobs = {}
     for n in (1, 2):
         for client, who in ((a, "a"), (b, "b")):
-            jobs[f"{who}{n}"] = client.submit(prompt=f"{who} {n}", steps=2, seed=100 + 10 * n + (who == "b"),
+            jobs[f"{who}{n}"] = client.submit(prompt=f"q {who} {n}", steps=2, seed=100 + 10 * n + (who == "b"),
                                               api_name="/generate")
             while len(engine.queued(None)) < 2 + len(jobs) - 1:  # each has joined the queue before the next
                 assert time.time() < deadline, "a job did not join the queue"
                 time.sleep(0.02)
     waiting = [job.label for job, _ in engine.queued(None)]
-    assert waiting[0] == "long" and waiting[1:] == ["a 1", "b 1", "a 2", "b 2"]
+    assert waiting == ["q long", "q a 1", "q b 1", "q a 2", "q b 2"]
     assert [n for _, n in engine.queued(b.session_hash, public=True)] == [2, 4]  # b's places in the queue
     # the queue panel's Cancel, as client a (gradio_client's own Job.cancel resets the client's whole session)
-    queued_a2 = next(job for job, _ in engine.queued(None) if job.label == "a 2")
+    queued_a2 = next(job for job, _ in engine.queued(None) if job.label == "q a 2")
     with pytest.raises(ValueError):
         engine.cancel_queued(queued_a2.id, b.session_hash, public=True)  # b cannot cancel a's job
     engine.cancel_queued(queued_a2.id, a.session_hash, public=True)
-    assert [job.label for job, _ in engine.queued(None)] == ["long", "a 1", "b 1", "b 2"]
+    assert [job.label for job, _ in engine.queued(None)] == ["q long", "q a 1", "q b 1", "q b 2"]
     assert "cancelled" in jobs.pop("a2").result(timeout=120)[2]
     assert first.result(timeout=120)[0]
     for name, job in jobs.items():
         gallery, _, status, infotext = job.result(timeout=120)
         seed = 100 + 10 * int(name[1]) + (name[0] == "b")
         assert len(gallery) == 1 and read_png(gallery[0]["image"]).params["Seed"] == seed
-        assert infotext.startswith(f"{name[0]} {name[1]}\n")
+        assert infotext.startswith(f"q {name[0]} {name[1]}\n")
     history = Path(engine.queue.history_path).read_text().splitlines()
     labels = [json.loads(line)["label"] for line in history]
-    ours = [x for x in labels if x in ("long", "a 1", "b 1", "a 2", "b 2")]
-    assert ours == ["long", "a 1", "b 1", "b 2"]  # finished in the order submitted; the cancelled one never ran
+    # finished in the order submitted; the cancelled one never ran
+    assert [x for x in labels if x.startswith("q ")] == ["q long", "q a 1", "q b 1", "q b 2"]

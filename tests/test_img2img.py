@@ -237,6 +237,23 @@ def test_an_inpainting_checkpoint_runs_its_nine_channel_pipeline(tiny_model_dirs
         generate(m, GenerationParams(prompt="x", steps=2), init_image=src)
     with pytest.raises(ValueError, match="masked_content: 'latent noise' needs an ordinary checkpoint"):
         generate(m, GenerationParams(prompt="x", steps=2, masked_content="latent noise"), init_image=src, mask=mask)
+    # txt2img on it, as A1111 conditions it: everything masked over a blank picture, from pure noise; the same
+    # pixels as diffusers' inpaint pipeline given that
+    from diffusers import StableDiffusionInpaintPipeline
+
+    from sd_demo.generate import make_generators
+
+    txt = generate(m, GenerationParams(prompt="a red square", steps=3, seed=4, batch_size=2, width=64, height=64))
+    assert len(txt.images) == 2 and txt.images[0].size == (64, 64)
+    assert not np.array_equal(np.asarray(txt.images[0]), np.asarray(txt.images[1]))
+    stock = StableDiffusionInpaintPipeline.from_pipe(m.pipe)(
+        "a red square", image=Image.new("RGB", (64, 64), (127, 127, 127)), mask_image=Image.new("L", (64, 64), 255),
+        strength=1.0, num_inference_steps=3, guidance_scale=txt.infotexts[0].params["CFG scale"], width=64,
+        height=64, generator=make_generators(4, 1)).images[0]
+    assert np.abs(np.asarray(stock, dtype=int) - np.asarray(txt.images[0])).max() <= 1
+    hires = generate(m, GenerationParams(prompt="a red square", steps=2, seed=4, batch_size=2, width=64, height=64,
+                                         hires_scale=1.5))
+    assert [im.size for im in hires.images] == [(96, 96)] * 2
 
 
 def test_noise_draws_equal_the_pipeline_start_noise():

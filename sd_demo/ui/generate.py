@@ -16,6 +16,7 @@ from ..img2img import HIRES_UPSCALERS
 from ..xyz import AXES as XYZ_AXES
 from ..infotext import format_infotext
 from ..models import DEFAULT_GUIDANCE, parse_lora, parse_loras
+from ..runqueue import RUNNING
 from ..sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ def make_enqueue_fn(engine: Engine, public: bool, names: list[str]):
 def queue_rows(engine: Engine, owner: str, public: bool) -> tuple[list[list], list[str]]:
     """The queue panel's rows (place, state, kind, prompt) of the jobs this visitor sees, and their ids."""
     jobs = engine.queued(owner, public)
-    rows = [["running" if n == 0 and job.state == "running" else f"{n} ahead", job.state, job.kind,
+    rows = [["now" if job.state == RUNNING else f"{n} ahead", job.state, job.kind,
              job.label[:80] or "(no prompt)"] for job, n in jobs]
     return rows, [job.id for job, _ in jobs]
 
@@ -267,7 +268,7 @@ def wire_queue(engine: Engine, public: bool, visitor: gr.State, table: gr.Datafr
         rows, job_ids = queue_rows(engine, owner_of(who, request), public)
         return {"rows": rows, "ids": job_ids}
 
-    def refresh(who: str | None, last: dict | None, request: gr.Request):
+    def refresh_queue(who: str | None, last: dict | None, request: gr.Request):
         now = rows_now(who, request)
         return (gr.skip(), gr.skip()) if now == last else (now["rows"], now)
 
@@ -289,7 +290,7 @@ def wire_queue(engine: Engine, public: bool, visitor: gr.State, table: gr.Datafr
         return handler
 
     quick = dict(api_visibility="private", queue=False)
-    timer.tick(refresh, [visitor, shown], [table, shown], **quick)
+    timer.tick(refresh_queue, [visitor, shown], [table, shown], **quick)
     table.select(pick, shown, picked_job, **quick)
     earlier, later, cancel = buttons
     for button, action in ((earlier, lambda j, who: engine.move_queued(j, -1, who, public)),

@@ -46,7 +46,7 @@ def build(engine: Engine, gen: GenerateTab, img2img: Img2imgTab, tabs: gr.Tabs, 
     picked = gr.State(None)  # the picked item's ref
     stamp = gr.State(None)  # the history file's stamp when the gallery was filled
 
-    def refresh(who: str | None, shown, request: gr.Request):
+    def refresh_history(who: str | None, shown, request: gr.Request):
         now = engine.queue.stamp()
         if now == shown and shown is not None:
             return gr.skip(), gr.skip(), gr.skip()
@@ -68,7 +68,7 @@ def build(engine: Engine, gen: GenerateTab, img2img: Img2imgTab, tabs: gr.Tabs, 
         return f"Queued again ({ahead} ahead); see the Queue on the Generate tab. Its images come here."
 
     quick = dict(api_visibility="private", queue=False)
-    gr.Timer(REFRESH_S).tick(refresh, [visitor, stamp], [gallery, refs, stamp], **quick)
+    gr.Timer(REFRESH_S).tick(refresh_history, [visitor, stamp], [gallery, refs, stamp], **quick)
     gallery.select(pick, refs, [text, picked, picked_path], **quick)
     rerun.click(again, [picked, visitor], note, **quick)
     to_img2img.click(lambda ref: img2img.values(ref[1], ref[2]) if ref else img2img.values(None, None), picked,
