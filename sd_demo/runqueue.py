@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import queue
 import secrets
@@ -17,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, STOPPED, FAILED, CANCELLED = "queued", "running", "done", "stopped", "failed", "cancelled"
 MAX_WAITING = 20  # jobs waiting across all visitors; beyond, a submission is refused with "queue full"
@@ -160,6 +163,8 @@ class RunQueue:
             try:
                 job.result, job.paths = job.work(job.events.put)
                 job.state = STOPPED if getattr(job.result, "interrupted_at", None) is not None else DONE
+                if job.paths:  # in the history before anyone hears that it ended
+                    self._record(job)
             except BaseException as exc:  # the watcher re-raises it; the queue goes on
                 job.error, job.state = exc, FAILED
             finally:
@@ -167,8 +172,6 @@ class RunQueue:
                     self._running = None
                 job.events.put(None)
                 job.finished.set()
-            if job.paths:
-                self._record(job)
 
     # ------------------------------------------------------------------ the history
     def _record(self, job: Job) -> None:
@@ -178,9 +181,12 @@ class RunQueue:
                       round(getattr(r, "seconds", 0.0), 2),
                       [os.path.relpath(p, root) for p in job.paths],
                       [_text(i) for i in getattr(r, "infotexts", [])], job.request)
-        root.mkdir(parents=True, exist_ok=True)
-        with self.history_path.open("a", encoding="utf-8") as f:  # one write a line: forked workers append too
-            f.write(json.dumps(entry.__dict__) + "\n")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with self.history_path.open("a", encoding="utf-8") as f:  # one write a line: forked workers append too
+                f.write(json.dumps(entry.__dict__) + "\n")
+        except OSError as exc:  # the images are saved; only the history misses them
+            log.warning("history: could not record job %s: %s", job.id, exc)
 
     def history(self, owner: str | None) -> list[Entry]:
         """Finished jobs of ``owner`` (all for None), newest first, with the images still on disk (absolute paths)."""

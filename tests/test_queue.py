@@ -139,3 +139,34 @@ def test_history_is_per_owner_survives_a_restart_and_skips_failures(tmp_path, wo
     with open(tmp_path / "history.jsonl", "a") as f:
         f.write('{"id": "cut sh')  # a line cut short by a crash is skipped
     assert again.history("a") == [] and len(again.history(None)) == 1
+
+
+def test_engine_history_re_runs_a_job_and_shows_a_public_visitor_only_their_own(tiny_model_dirs, tmp_path):
+    """Through the engine on the tiny SD 1.x model: a finished job is in its owner's history (a private app shows
+    every job), Re-run queues the same request again (a fixed seed gives the same pixels; an X/Y/Z plot its grid
+    again), another visitor of a public app can neither see nor re-run it, and an img2img job is refused."""
+    import numpy as np
+    from PIL import Image
+
+    from sd_demo.engine import Engine, EngineSettings
+    from sd_demo.generate import GenerationParams
+
+    engine = Engine(EngineSettings(model=str(tiny_model_dirs["sd15"]), outputs=str(tmp_path)))
+    params = GenerationParams(prompt="a red square", steps=2, seed=7)
+    first = list(engine.run(params, job="s1", owner="~ann", public=True))[-1]
+    [entry] = engine.history("~ann", public=True)
+    assert entry.label == "a red square" and entry.paths == [str(first.paths[0].resolve())]
+    assert engine.history("~bob", public=True) == [] and len(engine.history(None)) == 1
+    with pytest.raises(ValueError, match="pick an entry"):
+        engine.rerun(entry.id, "~bob", "s2", public=True)
+    again = list(engine.watch(engine.rerun(entry.id, "~ann", "s1", public=True)))[-1]
+    assert np.array_equal(np.asarray(Image.open(again.paths[0])), np.asarray(Image.open(first.paths[0])))
+    plot = list(engine.run(params, job="s1", owner="~ann", axes=[("Seed", "1, 2")], public=True))[-1]
+    newest = engine.history("~ann", public=True)[0]
+    assert newest.kind == "xyz" and len(newest.paths) == 3  # the grid and its two cells
+    replot = list(engine.watch(engine.rerun(newest.id, "~ann", "s1", public=True)))[-1]
+    assert len(replot.paths) == 3 and replot.result.images[0].size == plot.result.images[0].size
+    src = Image.new("RGB", (64, 64), (200, 30, 30))
+    list(engine.run(GenerationParams(prompt="x", steps=2, seed=1), job="s1", owner="~ann", init_image=src))
+    with pytest.raises(ValueError, match="send its result to img2img"):
+        engine.rerun(engine.history("~ann", public=True)[0].id, "~ann", "s1", public=True)

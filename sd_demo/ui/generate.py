@@ -535,7 +535,8 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
 
     inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, *xyz_inputs, visitor]
     outputs = [gallery, preview, status, infotext, infos]
-    run_btn.click(make_generate_fn(engine, public), inputs, outputs, api_name="generate", **RUN)
+    run_btn.click(make_generate_fn(engine, public), inputs, outputs, api_name="generate", trigger_mode="multiple",
+                  **RUN)
     prompt.submit(make_generate_fn(engine, public), inputs, outputs, api_visibility="private", **RUN)
     names = [n for n in inspect.signature(make_generate_fn(engine, public)).parameters
              if n not in ("request", "progress")]
