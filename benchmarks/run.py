@@ -5,8 +5,9 @@ run on the same machine, with the ratio, each side's peak RSS and how far the ou
 
 Rows:
 1. the embedded model (128 px, 20 steps, its card's sampler and CFG): stock ``StableDiffusionPipeline`` vs
-   ``Engine.generate``; and the app end to end (gradio_client against ``python app.py`` in a child process) vs
-   ``Engine.generate`` in this process.
+   ``Engine.generate``; image to image at strength 0.75 (stock ``StableDiffusionImg2ImgPipeline`` vs
+   ``Engine.generate`` with the picture); and the app end to end (gradio_client against ``python app.py`` in a
+   child process) vs ``Engine.generate`` in this process.
 2. SD 1.5's architecture with random weights (``benchmarks/sd15.py``, no download), per size: stock vs ours in fp32
    (the exact path: max pixel difference) and the approximate switches, each alone and then together (PSNR against
    the exact image): bf16 (``--dtype bf16``; fast where the CPU has AMX / AVX-512 BF16, slow elsewhere) and
@@ -40,8 +41,10 @@ PROMPT = "a red circle on a blue background"
 SEED = 7
 
 
-# Our sides: (dtype, cfg_cutoff). "fast" is every approximate switch at once.
+# Our sides: (dtype, cfg_cutoff). "fast" is every approximate switch at once. A side ending in IMG2IMG (stock's
+# too) redraws a picture at STRENGTH instead of starting from noise.
 OURS = {"ours": ("auto", 1.0), "ours-bf16": ("bf16", 1.0), "ours-cutoff": ("auto", 0.6), "ours-fast": ("bf16", 0.6)}
+IMG2IMG, STRENGTH = "-img2img", 0.75
 
 
 def runner(side: str, model: str, size: int | None, steps: int):
@@ -57,26 +60,39 @@ def runner(side: str, model: str, size: int | None, steps: int):
     folder = EMBEDDED_DIR if model == "embedded" else Path(model)
     size = size or peek(model)[1]
     cfg, sampler, _ = card_settings(folder)
-    if side == "stock":
-        from diffusers import StableDiffusionPipeline
+    init = source(size) if side.endswith(IMG2IMG) else None
+    if side.startswith("stock"):
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
         from sd_demo.sampling.registry import make_scheduler
 
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None,
-                                                       requires_safety_checker=False, dtype=torch.float32)
+        kind = StableDiffusionPipeline if init is None else StableDiffusionImg2ImgPipeline
+        pipe = kind.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False,
+                                    dtype=torch.float32)
         pipe.scheduler = make_scheduler(sampler, "Automatic", dict(pipe.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
+        extra = dict(height=size, width=size) if init is None else dict(image=init, strength=STRENGTH)
 
         def once():
             g = torch.Generator("cpu").manual_seed(SEED)
-            return np.asarray(pipe(PROMPT, num_inference_steps=steps, guidance_scale=cfg, generator=g, height=size,
-                                   width=size).images[0])
+            return np.asarray(pipe(PROMPT, num_inference_steps=steps, guidance_scale=cfg, generator=g,
+                                   **extra).images[0])
         return once
-    dtype, cutoff = OURS[side]
+    dtype, cutoff = OURS[side.removesuffix(IMG2IMG)]
     engine = Engine(EngineSettings(model=model, dtype=dtype))
     engine.load()
-    params = GenerationParams(prompt=PROMPT, steps=steps, seed=SEED, width=size, height=size, cfg_cutoff=cutoff)
-    return lambda: np.asarray(engine.generate(params, save=False)[0].images[0])
+    params = GenerationParams(prompt=PROMPT, steps=steps, seed=SEED, width=size, height=size, cfg_cutoff=cutoff,
+                              strength=STRENGTH if init is not None else None)
+    return lambda: np.asarray(engine.generate(params, save=False, init_image=init)[0].images[0])
+
+
+def source(size: int):
+    """img2img's picture: a rendered scene of the shapes world ("a yellow square at the top left on a purple
+    background"), at the workload's size."""
+    from sd_demo.shapes.vocab import Color, Position, Shape
+    from sd_demo.shapes.world import make_scene, render
+
+    return render(make_scene(Shape.SQUARE, Color.YELLOW, Color.PURPLE, position=Position.TOP_LEFT), size)
 
 
 def child(side: str, model: str, size: int | None, steps: int, out: Path) -> None:
@@ -130,8 +146,12 @@ def compare(model: str, size: int | None, steps: int, sides: list[str], runs: in
     rows = []
     for s in sides[1:]:
         img = solo[s][1]
-        diff = (f"max pixel Δ {int(np.abs(img.astype(int) - ref).max())}" if s == "ours"
-                else f"PSNR {psnr(img, exact):.1f} dB vs exact")
+        if s == "ours":
+            diff = f"max pixel Δ {int(np.abs(img.astype(int) - ref).max())}"
+        elif s.endswith(IMG2IMG):  # stock samples the picture's latents, we take their mean: not the same pixels
+            diff = f"PSNR {psnr(img, solo[base][1]):.1f} dB vs stock"
+        else:
+            diff = f"PSNR {psnr(img, exact):.1f} dB vs exact"
         rows.append({"workload": label, "ours": s, "vs": base, "ours_s": speed[s], "vs_s": speed[base],
                      "speedup": speed[base] / speed[s], "ours_rss": solo[s][0]["peak_rss_mb"],
                      "vs_rss": solo[base][0]["peak_rss_mb"], "output": diff})
@@ -261,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {time.strftime('%Y-%m-%d')} · torch {torch.__version__} · {os.cpu_count()} CPU threads · "
           f"runs {a.runs} (median, alternating)\n", flush=True)
     rows = compare("embedded", None, 20, ["stock", "ours"], a.runs, "embedded 128 px, 20 steps")
+    rows += compare("embedded", None, 20, ["stock" + IMG2IMG, "ours" + IMG2IMG], a.runs,
+                    f"embedded img2img 128 px, strength {STRENGTH}, 20 steps")
     if not a.skip_app:
         rows.append(app_row(a.runs))
     notes = []
