@@ -66,7 +66,12 @@ def test_queue_cancel_and_a_history_that_survives_a_reload(tmp_path):
                                f"'{prompts[1]}')")
         page.locator("#history-img2img").click()
         page.wait_for_function(f"() => document.querySelector('#img2img-prompt textarea')?.value == '{prompts[1]}'")
+        page.locator("#img2img-btn").click()  # the picture came with it: img2img runs on it
+        page.wait_for_function("() => document.querySelector('#img2img-infotext textarea')?.value.includes("
+                               "'Init image size: 128x128')", timeout=WAIT)
         page.screenshot(path=str(tmp_path / "4-sent-to-img2img.png"))
         browser.close()
-    history = engine.history(None)
-    assert [e.label for e in history] == prompts[1::-1] and [e.state for e in history] == ["done", "stopped"]
+    history = engine.history(None)  # newest first: the img2img run, then the two jobs (the first one stopped)
+    assert [e.label for e in history] == [prompts[1], *prompts[1::-1]]
+    assert [e.kind for e in history] == ["img2img", "txt2img", "txt2img"]
+    assert [e.state for e in history] == ["done", "done", "stopped"]
