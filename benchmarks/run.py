@@ -2,6 +2,7 @@
 run on the same machine, with the ratio, each side's peak RSS and how far the outputs differ.
 
     python -m benchmarks [--runs 3] [--sd15-sizes 256,512] [--sd15-steps 4] [--skip-sd15] [--skip-app]
+        [--skip-train]
 
 Rows:
 1. the embedded model (128 px, 20 steps, its card's sampler and CFG): stock ``StableDiffusionPipeline`` vs
@@ -12,6 +13,8 @@ Rows:
    (the exact path: max pixel difference) and the approximate switches, each alone and then together (PSNR against
    the exact image): bf16 (``--dtype bf16``; fast where the CPU has AMX / AVX-512 BF16, slow elsewhere) and
    ``cfg_cutoff`` 0.6 (the negative prompt's pass dropped for the last 40 % of the steps).
+4. a LoRA training step on (1) at 128 px and on (2) at 256 px: ours vs the diffusers example's loop
+   (``benchmarks/train.py``), the sides alternating run by run, each in a child process.
 5. cold start: process start to the first image (the CLI vs a stock script), and peak RSS while loading.
 
 Then the achieved GFLOP/s of one SD 1.5 UNet call against this machine's fp32 matrix-multiply rate (a large sgemm),
@@ -218,6 +221,26 @@ def cold_start() -> dict:
             "ours_rss": res["CLI"][1], "vs_rss": res["stock"][1], "output": "process start to PNG"}
 
 
+def train_row(model: str, size: int, runs: int, label: str, steps: int = 12, warmup: int = 3) -> dict:
+    """A LoRA training step (benchmarks/train.py: rank 8 on the attention projections, batch 1): ours (latents and
+    text embeddings cached once) vs the diffusers example's loop, each side in a child process of its own, the
+    sides alternating ``runs`` times; the median steady-state s/step. (The losses of a dozen batch-1 steps at
+    random timesteps say nothing about either side: ``benchmarks/train.py`` compares them over longer runs.)"""
+    from benchmarks import train
+
+    data = Path(tempfile.mkdtemp()) / "data"
+    train.make_data(data, 8, size)
+    got = {"stock": [], "ours": []}
+    for _ in range(runs):
+        for side in got:
+            got[side].append(train.measure(side, model, data, steps, size, 1))
+    per = {side: statistics.median(train.per_step(r, warmup) for r in rs) for side, rs in got.items()}
+    rss = {side: max(r["peak_rss_mb"] for r in rs) for side, rs in got.items()}
+    return {"workload": label, "ours": "LoRA step", "vs": "diffusers example", "ours_s": per["ours"],
+            "vs_s": per["stock"], "speedup": per["stock"] / per["ours"], "ours_rss": rss["ours"],
+            "vs_rss": rss["stock"], "output": "same recipe: LoRA rank 8 on q/k/v/out, lr 1e-4"}
+
+
 def gflops(model: str, size: int) -> str:
     """Achieved GFLOP/s of one UNet call (CFG batch of 2) against a large fp32 sgemm on this machine."""
     from sd_demo.engine import DEVICE
@@ -268,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sd15-steps", type=int, default=5, help="steps per SD 1.5 image (each costs seconds on a CPU)")
     ap.add_argument("--skip-sd15", action="store_true")
     ap.add_argument("--skip-app", action="store_true")
+    ap.add_argument("--skip-train", action="store_true", help="leave out the LoRA training step rows")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -285,6 +309,10 @@ def main(argv: list[str] | None = None) -> None:
                     f"embedded img2img 128 px, strength {STRENGTH}, 20 steps")
     if not a.skip_app:
         rows.append(app_row(a.runs))
+    if not a.skip_train:
+        from sd_demo.models import EMBEDDED_DIR
+
+        rows.append(train_row(str(EMBEDDED_DIR), 128, a.runs, "training, embedded 128 px, batch 1"))
     notes = []
     if not a.skip_sd15:
         from benchmarks.sd15 import build_sd15
@@ -293,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         for size in (int(s) for s in a.sd15_sizes.split(",")):
             rows += compare(sd15, size, a.sd15_steps, ["stock", *OURS], a.runs,
                             f"SD 1.5 arch {size} px, {a.sd15_steps} steps")
+        if not a.skip_train:
+            rows.append(train_row(sd15, 256, a.runs, "training, SD 1.5 arch 256 px, batch 1", steps=6, warmup=2))
         notes.append(gflops(sd15, 512))
     rows.append(cold_start())
     print(table(rows))

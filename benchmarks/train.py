@@ -46,9 +46,12 @@ def run_ours(a, compile: bool = False) -> dict:
 
     stamps = []
     t0 = time.perf_counter()
+    # the stock recipe pinned, so that no model's preset (the embedded one's preservation rows, trigger token,
+    # loss weighting) changes what a step does
     cfg = TrainConfig(method="lora", model=a.model, data=a.data, out=tempfile.mkdtemp(), steps=a.steps,
                       resolution=a.resolution, batch=a.batch, rank=8, alpha=8, lr=1e-4, seed=0, overwrite=True,
-                      compile=compile)
+                      compile=compile, target_modules="to_q,to_k,to_v,to_out.0", snr_gamma=0, preserve=0,
+                      trigger_token=False, mixed_precision="no", gradient_checkpointing=False, validation_every=0)
     result = train(cfg, on_event=lambda ev: stamps.append(time.perf_counter()))
     return {"stamps": stamps, "wall": time.perf_counter() - t0, "losses": result.losses}
 
@@ -89,13 +92,32 @@ def run_stock(a) -> dict:
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (latents.shape[0],))
         pred = unet(noise_sched.add_noise(latents, noise, t), t, emb).sample
-        loss = F.mse_loss(pred.float(), noise.float())
+        # the example's target: the noise, or the velocity for a v-prediction model (the embedded one)
+        target = (noise_sched.get_velocity(latents, noise, t)
+                  if noise_sched.config.prediction_type == "v_prediction" else noise)
+        loss = F.mse_loss(pred.float(), target.float())
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
         stamps.append(time.perf_counter())
     return {"stamps": stamps, "wall": time.perf_counter() - t0, "losses": losses}
+
+
+def measure(side: str, model: str, data: Path, steps: int, resolution: int, batch: int) -> dict:
+    """One side's run in a child process of its own (its peak RSS is its own): step time stamps, wall time, losses,
+    peak RSS."""
+    out = Path(tempfile.mkdtemp()) / f"{side}.json"
+    subprocess.run([sys.executable, __file__, "--side", side, "--model", model, "--data", str(data),
+                    "--steps", str(steps), "--resolution", str(resolution), "--batch", str(batch),
+                    "--out", str(out)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return json.loads(out.read_text())
+
+
+def per_step(result: dict, warmup: int) -> float:
+    """Steady-state seconds a step: the stamps after the first ``warmup`` steps."""
+    st = result["stamps"][warmup:]
+    return (st[-1] - st[0]) / (len(st) - 1)
 
 
 def main() -> None:
@@ -128,19 +150,13 @@ def main() -> None:
 
         a.model = str(build_tiny_sd("sd15", tmp / "tiny-sd15"))
     make_data(tmp / "data", a.images, a.resolution)
-    results = {}
-    for side in ("stock", "ours") + (("ours-compiled",) if a.compile else ()):
-        out = tmp / f"{side}.json"
-        subprocess.run([sys.executable, __file__, "--side", side, "--model", a.model, "--data", str(tmp / "data"),
-                        "--steps", str(a.steps), "--resolution", str(a.resolution), "--batch", str(a.batch),
-                        "--out", str(out)], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        results[side] = json.loads(out.read_text())
+    results = {side: measure(side, a.model, tmp / "data", a.steps, a.resolution, a.batch)
+               for side in ("stock", "ours") + (("ours-compiled",) if a.compile else ())}
     print(f"model: {a.model}\n{a.resolution}px, batch {a.batch}, {a.steps} steps, {a.images} images, LoRA rank 8")
     print(f"{'':14}{'s/step':>10}{'wall s':>9}{'peak RSS MB':>13}{'mean loss (2nd half)':>22}")
     per = {}
     for side, r in results.items():
-        st = r["stamps"][a.warmup:]
-        per[side] = (st[-1] - st[0]) / (len(st) - 1)
+        per[side] = per_step(r, a.warmup)
         half = r["losses"][len(r["losses"]) // 2:]
         print(f"{side:14}{per[side]:>10.4f}{r['wall']:>9.1f}{r['peak_rss_mb']:>13.0f}{sum(half) / len(half):>22.4f}")
     print(f"speed-up stock/ours per step: {per['stock'] / per['ours']:.2f}x   "

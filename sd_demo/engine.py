@@ -15,6 +15,7 @@ import os
 import queue
 import secrets
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +73,13 @@ class _Stop(threading.Event):
         return super().is_set() or (self.marker is not None and self.marker.exists())
 
 
+HEARTBEAT_S = 2.0  # the longest a run's stream goes without an update (see Engine.watch)
+
+
 @dataclass
 class RunUpdate:
-    """One update of a generation run for the UI: a step, a wait message, or the finished result."""
+    """One update of a generation run for the UI: a step, a wait message, the finished result, or nothing (a
+    heartbeat)."""
 
     step: StepEvent | None = None
     waiting: str = ""  # why the run has not started yet (a training job holds the GPU)
@@ -501,16 +506,16 @@ class Engine:
         """``generate.generate`` on the loaded (or named) model with these LoRAs; saved under --outputs unless
         ``save`` is off. ``init_image`` (PIL): image to image; with ``mask`` (white = redraw): inpainting."""
         params.validate()  # fail on bad input before a possibly slow model load
-        loaded = self.load(model)
-        with loaded.lock:
-            loaded.set_loras(loras or [])
         marker = self._stop_marker(job) if zerogpu.active() else None
         if marker is not None:
             marker.unlink(missing_ok=True)  # a Stop pressed after the last run ended
         cancel = _Stop(marker)
         with self._jobs_lock:
-            self._jobs[job] = cancel
+            self._jobs[job] = cancel  # before the load: a Stop while the model loads stops it at its first step
         try:
+            loaded = self.load(model)
+            with loaded.lock:
+                loaded.set_loras(loras or [])
             result = generate(loaded, params, init_image=init_image, mask=mask, on_step=on_step, cancel=cancel)
         finally:
             with self._jobs_lock:
@@ -559,24 +564,30 @@ class Engine:
                 return self.generate(params, model=model, on_step=on_step, job=job, loras=loras,
                                      init_image=init_image, mask=mask)
             kind = "txt2img" if init_image is None else "img2img"
-        return self.queue.submit(Job(owner or job, job, kind, params.prompt, request, work), public)
+        return self.queue.submit(Job(owner or f"session:{job}", job, kind, params.prompt, request, work), public)
 
     def watch(self, job: Job) -> Iterator[RunUpdate]:
         """A queued job as a stream of updates: its place while it waits (or why: a training job holds the GPU),
         each denoising step, then the result. Closing the stream early (the client went away) cancels it, or
         stops it after its current step."""
-        shown = ""
+        shown, last = "", time.monotonic()
         try:
             while True:
                 if job.state == QUEUED and (note := self.queue_note(job)) != shown:
-                    shown = note
+                    shown, last = note, time.monotonic()
                     yield RunUpdate(waiting=note or "starting")  # (the jobs ahead have finished)
                 try:
                     ev = job.events.get(timeout=0.5)
                 except queue.Empty:
+                    # An empty update now and then: a client that left can only be noticed (the stream closed)
+                    # between two yields, and a wait or a model load may go on for minutes without one.
+                    if time.monotonic() - last > HEARTBEAT_S:
+                        last = time.monotonic()
+                        yield RunUpdate()
                     continue
                 if ev is None:
                     break
+                last = time.monotonic()
                 yield RunUpdate(step=ev)
         finally:
             if not job.finished.is_set():
@@ -658,8 +669,11 @@ class Engine:
         if entry.kind == "img2img":
             raise ValueError("re-run: an img2img job starts from its picture; send its result to img2img instead")
         r = entry.request
-        params = GenerationParams(**r["params"])
-        loras = [(src, float(scale)) for src, scale in r["loras"]]
+        try:
+            params = GenerationParams(**r["params"])
+            loras = [(src, float(scale)) for src, scale in r["loras"]]
+        except (KeyError, TypeError, ValueError):  # written by another version of the app
+            raise ValueError("re-run: this entry's request cannot be read here; send it to Generate instead") from None
         if public and (r["model"] and r["model"] not in self._offered(True).values()
                        or not all(self.is_training_result(src, True, owner) for src, _ in loras)):
             raise ValueError("re-run: its model or LoRA is no longer offered here")

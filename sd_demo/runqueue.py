@@ -26,6 +26,7 @@ MAX_WAITING = 20  # jobs waiting across all visitors; beyond, a submission is re
 MAX_WAITING_PUBLIC = 5  # per visitor on a public app, so one visitor cannot fill the queue for everyone
 HISTORY_FILE = "history.jsonl"  # under --outputs: one line per finished job that made images
 HISTORY_SHOWN = 100  # newest entries a history panel lists
+_STARTING = threading.Lock()  # one queue thread per process, however many first calls race
 
 
 @dataclass(eq=False)
@@ -80,11 +81,15 @@ class RunQueue:
     def _ensure(self) -> None:
         if self._pid == os.getpid():
             return
-        self._pid = os.getpid()  # a fork copies the lists and maybe a held lock, but not the thread
-        self._cv = threading.Condition()
-        self._waiting: list[Job] = []
-        self._running: Job | None = None
-        threading.Thread(target=self._loop, name="sd_demo-queue", daemon=True).start()
+        with _STARTING:
+            if self._pid == os.getpid():
+                return
+            # a fork copies the lists and maybe a held lock, but not the thread
+            self._cv = threading.Condition()
+            self._waiting: list[Job] = []
+            self._running: Job | None = None
+            threading.Thread(target=self._loop, name="sd_demo-queue", daemon=True).start()
+            self._pid = os.getpid()
 
     # ------------------------------------------------------------------ submitting and watching
     def submit(self, job: Job, public: bool = False) -> Job:
@@ -153,10 +158,17 @@ class RunQueue:
                 self._waiting[a], self._waiting[b] = self._waiting[b], self._waiting[a]
 
     # ------------------------------------------------------------------ the worker
+    def _ready(self) -> bool:
+        try:
+            return bool(self._waiting) and self.may_start()
+        except Exception:  # (a training job's state file half-written): ask again in a second, never die
+            log.exception("queue: could not tell whether a job may start")
+            return False
+
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._waiting and self.may_start()):
+                while not self._ready():
                     self._cv.wait(timeout=1.0)  # may_start changes without a notify (a training job ends)
                 job = self._waiting.pop(0)
                 job.state, self._running = RUNNING, job

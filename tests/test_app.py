@@ -447,12 +447,12 @@ def test_two_clients_queued_jobs_come_back_in_order_and_a_cancel_removes_only_th
                 time.sleep(0.02)
     waiting = [job.label for job, _ in engine.queued(None)]
     assert waiting == ["q long", "q a 1", "q b 1", "q a 2", "q b 2"]
-    assert [n for _, n in engine.queued(b.session_hash, public=True)] == [2, 4]  # b's places in the queue
+    assert [n for _, n in engine.queued(f"session:{b.session_hash}", public=True)] == [2, 4]  # b's places
     # the queue panel's Cancel, as client a (gradio_client's own Job.cancel resets the client's whole session)
     queued_a2 = next(job for job, _ in engine.queued(None) if job.label == "q a 2")
     with pytest.raises(ValueError):
-        engine.cancel_queued(queued_a2.id, b.session_hash, public=True)  # b cannot cancel a's job
-    engine.cancel_queued(queued_a2.id, a.session_hash, public=True)
+        engine.cancel_queued(queued_a2.id, f"session:{b.session_hash}", public=True)  # b cannot cancel a's job
+    engine.cancel_queued(queued_a2.id, f"session:{a.session_hash}", public=True)
     assert [job.label for job, _ in engine.queued(None)] == ["q long", "q a 1", "q b 1", "q b 2"]
     assert "cancelled" in jobs.pop("a2").result(timeout=120)[2]
     assert first.result(timeout=120)[0]

@@ -170,3 +170,53 @@ def test_engine_history_re_runs_a_job_and_shows_a_public_visitor_only_their_own(
     list(engine.run(GenerationParams(prompt="x", steps=2, seed=1), job="s1", owner="~ann", init_image=src))
     with pytest.raises(ValueError, match="send its result to img2img"):
         engine.rerun(engine.history("~ann", public=True)[0].id, "~ann", "s1", public=True)
+
+
+def test_the_queue_survives_a_failing_may_start(tmp_path, works):
+    """A check that raises once (a training job's state file half-written) is asked again; the queue goes on."""
+    calls = []
+
+    def may_start():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("half-written")
+        return True
+
+    q = RunQueue(tmp_path / "history.jsonl", may_start=may_start)
+    job = q.submit(works.job("a", "a0"))
+    works.gates["a0"].set()
+    assert job.finished.wait(10) and job.state == DONE
+
+
+def test_a_stream_closed_while_its_job_waits_cancels_it(tiny_model_dirs, tmp_path):
+    """Gradio can close a run's stream (its client left) only between two updates: a job that waits for minutes
+    still yields now and then, so closing its stream takes it out of the queue."""
+    from sd_demo.engine import HEARTBEAT_S, Engine, EngineSettings
+    from sd_demo.generate import GenerationParams
+
+    engine = Engine(EngineSettings(model=str(tiny_model_dirs["sd15"]), outputs=str(tmp_path)))
+    engine.queue.may_start = lambda: False  # nothing starts (as behind a long job)
+    stream = engine.run(GenerationParams(prompt="x", steps=1), job="s1")
+    t0 = time.time()
+    update = next(stream)
+    assert update.step is None and update.result is None and time.time() - t0 < HEARTBEAT_S + 2
+    [(job, _)] = engine.queued(None)
+    stream.close()
+    assert job.state == CANCELLED and engine.queued(None) == []
+
+
+def test_stop_while_the_model_loads_stops_the_run(tiny_model_dirs, tmp_path):
+    """A Stop (or the queue panel's Cancel of a running job) that comes while the job loads its model is kept."""
+    from sd_demo.engine import Engine, EngineSettings
+    from sd_demo.generate import GenerationParams
+
+    engine = Engine(EngineSettings(model=str(tiny_model_dirs["sd15"]), outputs=str(tmp_path)))
+    real = engine.load
+
+    def slow_load(spec=None, tqdm_class=None):
+        assert engine.cancel("s1")  # pressed while loading: the run is already registered
+        return real(spec, tqdm_class)
+
+    engine.load = slow_load
+    result, _ = engine.generate(GenerationParams(prompt="x", steps=20, seed=1), job="s1", save=False)
+    assert result.interrupted_at is not None and result.interrupted_at < 20

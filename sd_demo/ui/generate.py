@@ -56,7 +56,9 @@ class GenerateTab:
 # place; gradio lets them all in (its own queue would show one place for everyone). preprocess=False so that our
 # validation (which names the field) sees the raw values instead of gradio's range checks ("Value 0 is less than
 # minimum value 1.").
-RUN = dict(concurrency_id="generation", concurrency_limit=None, preprocess=False)
+# On ZeroGPU each request runs in a worker process of its own (and its own queue): there gradio's limit of one keeps
+# the requests in turn.
+RUN = dict(concurrency_id="generation", concurrency_limit=1 if zerogpu.active() else None, preprocess=False)
 QUEUE_REFRESH_S = 1.0  # how often an open page's queue panel asks for changes
 
 # The page gets a step at most this often (and with each preview): each update costs gradio a message and a diff,
@@ -99,8 +101,9 @@ def session_of(request) -> str:
 
 
 def owner_of(visitor: str | None, request) -> str:
-    """Whose queue and history a request's jobs join: the visitor (kept across reloads), else the API session."""
-    return visitor or session_of(request)
+    """Whose queue and history a request's jobs join: the visitor (kept across reloads), else the API session
+    (marked so that it never equals a Hugging Face name)."""
+    return visitor or f"session:{session_of(request)}"
 
 
 def stream(engine: Engine, params: GenerationParams, model: str | None, loras: list, request, progress,
@@ -121,6 +124,8 @@ def stream(engine: Engine, params: GenerationParams, model: str | None, loras: l
                                  axes=axes, owner=owner_of(visitor, request), public=public):
             if update.waiting:
                 yield gr.skip(), gr.skip(), update.waiting, gr.skip(), gr.skip()
+            elif update.step is None and update.result is None:  # a heartbeat: the run goes on
+                continue
             elif update.step:
                 ev = update.step
                 if time.monotonic() - shown < UPDATE_S:
@@ -238,6 +243,8 @@ def generation_request(engine: Engine, public: bool, *, prompt, negative_prompt,
 def make_enqueue_fn(engine: Engine, public: bool, names: list[str]):
     """The Queue button: the Generate tab's values (in ``names`` order) added to this visitor's queue, at once."""
     def enqueue(*values, request: gr.Request = None):
+        if zerogpu.active():  # (the button is hidden there; a crafted request gets this line)
+            raise gr.Error("queue: not on ZeroGPU; press Generate")
         args = dict(zip(names, values))
         model, lora_list, params, axes = generation_request(engine, public, **args)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from .. import zerogpu
 from ..engine import Engine
 from .generate import GenerateTab, owner_of, session_of
 from .img2img import Img2imgTab
@@ -35,23 +36,26 @@ def build(engine: Engine, gen: GenerateTab, img2img: Img2imgTab, tabs: gr.Tabs, 
         with gr.Column(scale=2):
             text = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="history-info")
             with gr.Row():
-                rerun = gr.Button("Re-run", variant="primary", elem_id="history-rerun")
+                rerun = gr.Button("Re-run", variant="primary", elem_id="history-rerun", visible=not zerogpu.active())
                 to_generate = gr.Button("Send to Generate", elem_id="history-generate")
                 to_img2img = gr.Button("Send to img2img", elem_id="history-img2img")
             note = gr.Markdown("", elem_id="history-note")
-            picked_path = gr.Textbox(visible=False)  # the picked image's file, for "Send to Generate"
+            picked_path = gr.State("")  # the picked image's file, for "Send to Generate" (server-side: a visitor
+            # cannot point it at another file of this machine)
             wire_send_to_generate(engine, public, generate_tab_id, gen, tabs, to_generate, picked_path, visitor,
                                   "history")
     refs = gr.State([])  # per gallery item: [entry id, file, parameters]
     picked = gr.State(None)  # the picked item's ref
-    stamp = gr.State(None)  # the history file's stamp when the gallery was filled
+    shown = gr.State(None)  # {"stamp": the history file's, "refs": the gallery's} when it was filled
 
-    def refresh_history(who: str | None, shown, request: gr.Request):
-        now = engine.queue.stamp()
-        if now == shown and shown is not None:
+    def refresh_history(who: str | None, last: dict | None, request: gr.Request):
+        stamp = engine.queue.stamp()
+        if last and last["stamp"] == stamp:
             return gr.skip(), gr.skip(), gr.skip()
         items, item_refs = history_items(engine, owner_of(who, request), public)
-        return items, item_refs, now
+        if last and last["refs"] == item_refs:  # another visitor's job: nothing new here
+            return gr.skip(), gr.skip(), {"stamp": stamp, "refs": item_refs}
+        return items, item_refs, {"stamp": stamp, "refs": item_refs}
 
     def pick(item_refs: list, evt: gr.SelectData):
         ref = item_refs[evt.index] if 0 <= evt.index < len(item_refs) else None
@@ -60,6 +64,8 @@ def build(engine: Engine, gen: GenerateTab, img2img: Img2imgTab, tabs: gr.Tabs, 
     def again(ref, who: str | None, request: gr.Request):
         if not ref:
             raise gr.Error("history: pick an image first")
+        if zerogpu.active():  # (the button is hidden there; a crafted request gets this line)
+            raise gr.Error("re-run: not on ZeroGPU; send it to Generate instead")
         try:
             job = engine.rerun(ref[0], owner_of(who, request), session_of(request), public)
         except ValueError as exc:
@@ -68,7 +74,7 @@ def build(engine: Engine, gen: GenerateTab, img2img: Img2imgTab, tabs: gr.Tabs, 
         return f"Queued again ({ahead} ahead); see the Queue on the Generate tab. Its images come here."
 
     quick = dict(api_visibility="private", queue=False)
-    gr.Timer(REFRESH_S).tick(refresh_history, [visitor, stamp], [gallery, refs, stamp], **quick)
+    gr.Timer(REFRESH_S).tick(refresh_history, [visitor, shown], [gallery, refs, shown], **quick)
     gallery.select(pick, refs, [text, picked, picked_path], **quick)
     rerun.click(again, [picked, visitor], note, **quick)
     to_img2img.click(lambda ref: img2img.values(ref[1], ref[2]) if ref else img2img.values(None, None), picked,

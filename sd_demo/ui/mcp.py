@@ -8,7 +8,7 @@ from gradio.data_classes import FileData
 
 from ..engine import Engine
 from ..generate import GenerationParams
-from .generate import on_gpu, user_error
+from .generate import RUN, on_gpu, user_error
 
 
 def add_tools(engine: Engine, public: bool) -> None:
@@ -45,6 +45,6 @@ def add_tools(engine: Engine, public: bool) -> None:
             raise user_error(exc) from None
         return FileData(path=str(done.paths[0]), mime_type="image/png")
 
-    # through the engine's queue, with the Generate tab's runs
-    gr.api(on_gpu(engine, public, generate), api_name="text_to_image", concurrency_id="generation",
-           concurrency_limit=None)
+    # through the engine's queue, with the Generate tab's runs (RUN's concurrency)
+    gr.api(on_gpu(engine, public, generate), api_name="text_to_image", concurrency_id=RUN["concurrency_id"],
+           concurrency_limit=RUN["concurrency_limit"])
