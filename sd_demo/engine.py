@@ -163,7 +163,7 @@ class Engine:
         self._jobs_lock = threading.Lock()
         # every generation waits its turn here; a training job on the GPU holds the queue (no out-of-memory crash)
         self.queue = RunQueue(Path(self.settings.outputs) / HISTORY_FILE,
-                              may_start=lambda: not (self._on_gpu() and self.jobs.running()),
+                              may_start=lambda: not self._gpu_held(),
                               stop=lambda job: self.cancel(job.key))
 
     # ------------------------------------------------------------------ models
@@ -466,6 +466,10 @@ class Engine:
     def _on_gpu(self) -> bool:
         return self._device() != "cpu"
 
+    def _gpu_held(self) -> bool:
+        """A training job holds the GPU: generation waits (never an out-of-memory crash beside it)."""
+        return self._on_gpu() and bool(self.jobs.running())
+
     # ------------------------------------------------------------------ generation
     def cancel(self, job: str = "default") -> bool:
         """Ask ``job`` to stop after its current step (the Stop button); False when it is not running.
@@ -601,7 +605,7 @@ class Engine:
 
     def queue_note(self, job: Job) -> str:
         """Why a queued job waits: a training job on the GPU, or the jobs ahead of it; empty when it is next."""
-        if self._on_gpu() and self.jobs.running():
+        if self._gpu_held():
             return self.training_note()
         n = self.queue.ahead(job)
         return f"queued: {n} job{'s' if n != 1 else ''} ahead of this one" if n else ""
@@ -612,12 +616,6 @@ class Engine:
             public: bool = False) -> Iterator[RunUpdate]:
         """``enqueue`` and ``watch``: a generation (or an X/Y/Z plot) as a stream of updates."""
         yield from self.watch(self.enqueue(params, model, job, loras, init_image, mask, axes, owner, public))
-
-    def run_xyz(self, params: GenerationParams, axes: list[tuple[str, str]], model: str | None = None,
-                job: str = "default", loras: list[tuple[str, float]] | None = None,
-                public: bool = False) -> Iterator[RunUpdate]:
-        """An X/Y/Z plot as one run (see ``_plot``)."""
-        return self.run(params, model, job, loras, axes=axes, public=public)
 
     def _plot(self, plan, parsed, specs: dict, job: str, on_step) -> tuple[GenerationResult, list[Path]]:
         """An X/Y/Z plot's cells, each generated (and saved) as an ordinary image, the steps counted over all

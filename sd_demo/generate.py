@@ -426,22 +426,19 @@ def _txt2img(model: LoadedModel, p: GenerationParams, pos, neg, progress: _Progr
     steps = math.ceil(later / min(p.strength, 0.999))
     second = replace(p, width=width, height=height, steps=steps)
     before = progress.state.get("steps_done", p.steps)
-    images = []
-    for k, first in enumerate(start if nine else [start]):  # the inpaint pipeline takes one picture a call
-        one = replace(second, batch_size=1, seed=p.seed + k) if nine else second
-        latents = denoise(model, one, pos, neg, make_generators(one.seed, one.batch_size),
-                          progress.callback(model, p.cfg_cutoff, before=before),
-                          **(_redraw_all(model, first, p.strength) if nine else
-                             dict(pipe=variant(model, "img2img"), image=first, strength=p.strength)))
-        images += decode(model, latents)
-    return images
+    latents = denoise(model, second, pos, neg, make_generators(p.seed, p.batch_size),
+                      progress.callback(model, p.cfg_cutoff, before=before),
+                      **(_redraw_all(model, start, p.strength) if nine else
+                         dict(pipe=variant(model, "img2img"), image=start, strength=p.strength)))
+    return decode(model, latents)
 
 
-def _redraw_all(model: LoadedModel, image: Image.Image, strength: float) -> dict:
-    """``denoise``'s arguments for an inpainting checkpoint (9-channel UNet) redrawing all of ``image``: its
-    pipeline with a white mask, so the masked picture it is conditioned on is blank, as A1111 conditions such a
-    checkpoint in txt2img and the hires fix."""
-    return dict(pipe=variant(model, "inpaint"), image=image, mask_image=Image.new("L", image.size, 255),
+def _redraw_all(model: LoadedModel, image: Image.Image | list[Image.Image], strength: float) -> dict:
+    """``denoise``'s arguments for an inpainting checkpoint (9-channel UNet) redrawing all of ``image`` (one, or
+    one per image of the batch): its pipeline with a white mask, so the masked picture it is conditioned on is
+    blank, as A1111 conditions such a checkpoint in txt2img and the hires fix."""
+    size = (image[0] if isinstance(image, list) else image).size
+    return dict(pipe=variant(model, "inpaint"), image=image, mask_image=Image.new("L", size, 255),
                 strength=strength)
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .infotext import format_infotext
+
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, STOPPED, FAILED, CANCELLED = "queued", "running", "done", "stopped", "failed", "cancelled"
@@ -119,10 +121,6 @@ class RunQueue:
             order = ([self._running] if self._running else []) + list(self._waiting)
         return [(j, n) for n, j in enumerate(order) if owner is None or j.owner == owner]
 
-    def running(self) -> Job | None:
-        self._ensure()
-        return self._running
-
     # ------------------------------------------------------------------ a visitor's controls
     def find(self, job_id: str, owner: str | None) -> Job:
         """A running or waiting job of ``owner`` (any owner for None), else the ValueError of one not there."""
@@ -192,7 +190,7 @@ class RunQueue:
         entry = Entry(job.id, owner_hash(job.owner), job.kind, job.created, job.label, job.state,
                       round(getattr(r, "seconds", 0.0), 2),
                       [os.path.relpath(p, root) for p in job.paths],
-                      [_text(i) for i in getattr(r, "infotexts", [])], job.request)
+                      [format_infotext(i) for i in getattr(r, "infotexts", [])], job.request)
         try:
             root.mkdir(parents=True, exist_ok=True)
             with self.history_path.open("a", encoding="utf-8") as f:  # one write a line: forked workers append too
@@ -231,9 +229,3 @@ class RunQueue:
             if entry.id == entry_id:
                 return entry
         raise ValueError("history: pick an entry first")
-
-
-def _text(info) -> str:
-    from .infotext import format_infotext
-
-    return format_infotext(info)

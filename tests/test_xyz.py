@@ -36,7 +36,7 @@ def test_prompt_sr_and_lora_scale_need_what_they_change():
 def test_a_two_by_three_plot_equals_single_generations(tiny_model_dirs, tmp_path):
     engine = Engine(EngineSettings(model=str(tiny_model_dirs["sd15"]), outputs=str(tmp_path)))
     params = GenerationParams(prompt="a red square", steps=3, seed=11, sampler="Euler")
-    updates = list(engine.run_xyz(params, [("CFG scale", "2, 5, 8"), ("Sampler", "Euler, DDIM")]))
+    updates = list(engine.run(params, axes=[("CFG scale", "2, 5, 8"), ("Sampler", "Euler, DDIM")]))
     steps = [u.step for u in updates if u.step]
     assert (steps[-1].step, steps[-1].total) == (18, 18)  # one progress over the six cells
     result, paths = updates[-1].result, updates[-1].paths
@@ -67,8 +67,8 @@ def test_a_checkpoint_axis_loads_each_model_once(tiny_model_dirs, tmp_path):
 
     engine.load = counting
     a, b = str(tiny_model_dirs["sd15"]), str(tiny_model_dirs["sd2v"])
-    updates = list(engine.run_xyz(GenerationParams(prompt="x", steps=2, seed=1),
-                                  [("Seed", "1, 2, 3"), ("Checkpoint", f"{a}, {b}")]))
+    updates = list(engine.run(GenerationParams(prompt="x", steps=2, seed=1),
+                              axes=[("Seed", "1, 2, 3"), ("Checkpoint", f"{a}, {b}")]))
     models = [read_png(p).params["Model"] for p in updates[-1].paths[1:]]
     assert models == [models[0]] * 3 + [models[3]] * 3 and models[0] != models[3]
     switches = sum(1 for x, y in zip(loads, loads[1:]) if x != y)

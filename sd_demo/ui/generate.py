@@ -215,7 +215,7 @@ def make_generate_fn(engine: Engine, public: bool):
             z_type: The Z axis's parameter (one grid per value), or Nothing.
             z_values: Its values.
         """
-        values = {k: v for k, v in locals().items() if k not in ("request", "progress", "engine", "public")}
+        values = {k: v for k, v in locals().items() if k in REQUEST_FIELDS}
         model, lora_list, params, axes = generation_request(engine, public, **values)
         yield from stream(engine, params, model, lora_list, request, progress, public=public, axes=axes,
                           visitor=visitor)
@@ -240,6 +240,9 @@ def generation_request(engine: Engine, public: bool, *, prompt, negative_prompt,
     return model, lora_list, params, None if all(kind == "Nothing" for kind, _ in axes) else axes
 
 
+REQUEST_FIELDS = [n for n, p in inspect.signature(generation_request).parameters.items() if p.kind == p.KEYWORD_ONLY]
+
+
 def make_enqueue_fn(engine: Engine, public: bool, names: list[str]):
     """The Queue button: the Generate tab's values (in ``names`` order) added to this visitor's queue, at once."""
     def enqueue(*values, request: gr.Request = None):
@@ -252,9 +255,7 @@ def make_enqueue_fn(engine: Engine, public: bool, names: list[str]):
                                  owner=owner_of(args["visitor"], request), public=public)
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
-        ahead = engine.queue.ahead(job)
-        return (f"queued: {ahead} job{'s' if ahead != 1 else ''} ahead · its images appear in the History tab"
-                if ahead else "queued: starting now · its images appear in the History tab")
+        return f"{engine.queue_note(job) or 'queued: starting now'} · its images appear in the History tab"
 
     return enqueue
 
@@ -542,11 +543,10 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
 
     inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, *xyz_inputs, visitor]
     outputs = [gallery, preview, status, infotext, infos]
-    run_btn.click(make_generate_fn(engine, public), inputs, outputs, api_name="generate", trigger_mode="multiple",
-                  **RUN)
-    prompt.submit(make_generate_fn(engine, public), inputs, outputs, api_visibility="private", **RUN)
-    names = [n for n in inspect.signature(make_generate_fn(engine, public)).parameters
-             if n not in ("request", "progress")]
+    generate_fn = make_generate_fn(engine, public)
+    run_btn.click(generate_fn, inputs, outputs, api_name="generate", trigger_mode="multiple", **RUN)
+    prompt.submit(generate_fn, inputs, outputs, api_visibility="private", **RUN)
+    names = [n for n in inspect.signature(generate_fn).parameters if n not in ("request", "progress")]  # = inputs
     queue_btn.click(make_enqueue_fn(engine, public, names), inputs, status, api_visibility="private",
                     preprocess=False, queue=False)
     wire_queue(engine, public, visitor, queue_table, gr.State(None), gr.State(""), (earlier, later, cancel),

@@ -70,8 +70,8 @@ def build(engine: Engine, gen: GenerateTab, img2img: Img2imgTab, tabs: gr.Tabs, 
             job = engine.rerun(ref[0], owner_of(who, request), session_of(request), public)
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
-        ahead = engine.queue.ahead(job)
-        return f"Queued again ({ahead} ahead); see the Queue on the Generate tab. Its images come here."
+        return (f"Queued again ({engine.queue_note(job) or 'starting now'}); see the Queue on the Generate tab. "
+                "Its images come here.")
 
     quick = dict(api_visibility="private", queue=False)
     gr.Timer(REFRESH_S).tick(refresh_history, [visitor, shown], [gallery, refs, shown], **quick)
