@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.rss import peak_rss_mb  # noqa: E402  (after the path: run as a script too)
 PROMPT = "a red circle on a blue background"
 SIDES = ("stock", "ours")
 
@@ -64,7 +64,7 @@ def run_child(side: str, a, out: Path) -> None:
     load_s = time.perf_counter() - t0
     image = once()
     np.save(out.with_suffix(".npy"), np.asarray(image))
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_mb()
     out.write_text(json.dumps({"load_s": load_s, "peak_rss_mb": rss_mb}))
 
 

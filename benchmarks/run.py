@@ -1,18 +1,21 @@
 """Issue 19's suite: every row is ours against stock diffusers (or the in-process call), measured alternately in one
 run on the same machine, with the ratio, each side's peak RSS and how far the outputs differ.
 
-    python -m benchmarks [--runs 3] [--sd15-sizes 256,512] [--sd15-steps 4] [--skip-sd15] [--skip-app]
-        [--skip-train]
+    python -m benchmarks [--runs 3] [--sd15-sizes 256,512] [--sd15-steps 5] [--sd15-sides ours,ours-fast]
+        [--skip-sd15] [--skip-embedded] [--skip-app] [--skip-train]
 
 Rows:
 1. the embedded model (128 px, 20 steps, its card's sampler and CFG): stock ``StableDiffusionPipeline`` vs
-   ``Engine.generate``; image to image at strength 0.75 (stock ``StableDiffusionImg2ImgPipeline`` vs
+   ``Engine.generate``, exact and with the fast switches (Deep cache 3, then the Fast choice); image to image at strength 0.75 (stock ``StableDiffusionImg2ImgPipeline`` vs
    ``Engine.generate`` with the picture); and the app end to end (gradio_client against ``python app.py`` in a
    child process) vs ``Engine.generate`` in this process.
 2. SD 1.5's architecture with random weights (``benchmarks/sd15.py``, no download), per size: stock vs ours in fp32
    (the exact path: max pixel difference) and the approximate switches, each alone and then together (PSNR against
-   the exact image): bf16 (``--dtype bf16``; fast where the CPU has AMX / AVX-512 BF16, slow elsewhere) and
-   ``cfg_cutoff`` 0.6 (the negative prompt's pass dropped for the last 40 % of the steps).
+   the exact image): bf16 (``--dtype bf16``; fast where the CPU has AMX / AVX-512 BF16, slow elsewhere),
+   ``cfg_cutoff`` 0.6 (the negative prompt's pass dropped for the last 40 % of the steps), ``deep_cache`` 3 (the
+   UNet's deep blocks every third step, sd_demo.deepcache), the Fast choice (both), and Fast in bf16. The fast
+   switches' quality is judged on the embedded model by the project's evaluator (BENCHMARKS.md), not by the PSNR
+   of random weights.
 4. a LoRA training step on (1) at 128 px and on (2) at 256 px: ours vs the diffusers example's loop
    (``benchmarks/train.py``), the sides alternating run by run, each in a child process.
 5. cold start: process start to the first image (the CLI vs a stock script), and peak RSS while loading.
@@ -27,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -40,13 +42,18 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.rss import peak_rss_mb  # noqa: E402  (after the path: run as a script too)
 PROMPT = "a red circle on a blue background"
 SEED = 7
 
 
-# Our sides: (dtype, cfg_cutoff). "fast" is every approximate switch at once. A side ending in IMG2IMG (stock's
-# too) redraws a picture at STRENGTH instead of starting from noise.
-OURS = {"ours": ("auto", 1.0), "ours-bf16": ("bf16", 1.0), "ours-cutoff": ("auto", 0.6), "ours-fast": ("bf16", 0.6)}
+# Our sides: (dtype, GenerationParams switches). Each approximate switch alone, then the Fast choice (Deep cache 3
+# and CFG cutoff 0.6), then Fast in bf16. A side ending in IMG2IMG (stock's too) redraws a picture at STRENGTH
+# instead of starting from noise.
+OURS = {"ours": ("auto", {}), "ours-bf16": ("bf16", {}), "ours-cutoff": ("auto", {"cfg_cutoff": 0.6}),
+        "ours-deepcache": ("auto", {"deep_cache": 3}), "ours-fast": ("auto", {"fast": True}),
+        "ours-fast-bf16": ("bf16", {"fast": True})}
+EMBEDDED_SIDES = ["stock", "ours", "ours-deepcache", "ours-fast"]  # bf16 does not pay at 128 px
 IMG2IMG, STRENGTH = "-img2img", 0.75
 
 
@@ -81,11 +88,11 @@ def runner(side: str, model: str, size: int | None, steps: int):
             return np.asarray(pipe(PROMPT, num_inference_steps=steps, guidance_scale=cfg, generator=g,
                                    **extra).images[0])
         return once
-    dtype, cutoff = OURS[side.removesuffix(IMG2IMG)]
+    dtype, switches = OURS[side.removesuffix(IMG2IMG)]
     engine = Engine(EngineSettings(model=model, dtype=dtype))
     engine.load()
-    params = GenerationParams(prompt=PROMPT, steps=steps, seed=SEED, width=size, height=size, cfg_cutoff=cutoff,
-                              strength=STRENGTH if init is not None else None)
+    params = GenerationParams(prompt=PROMPT, steps=steps, seed=SEED, width=size, height=size,
+                              strength=STRENGTH if init is not None else None, **switches)
     return lambda: np.asarray(engine.generate(params, save=False, init_image=init)[0].images[0])
 
 
@@ -105,7 +112,7 @@ def child(side: str, model: str, size: int | None, steps: int, out: Path) -> Non
     image = once()
     np.save(out.with_suffix(".npy"), image)
     out.write_text(json.dumps({"load_s": load_s, "first_image_s": time.perf_counter() - t0,
-                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                               "peak_rss_mb": peak_rss_mb()}))
 
 
 def alone(side: str, model: str, size: int | None, steps: int) -> tuple[dict, np.ndarray]:
@@ -289,7 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sd15-sizes", default="256,512")
     ap.add_argument("--sd15-steps", type=int, default=5, help="steps per SD 1.5 image (each costs seconds on a CPU)")
+    ap.add_argument("--sd15-sides", help=f"comma-separated, of {', '.join(OURS)} (default: all)")
     ap.add_argument("--skip-sd15", action="store_true")
+    ap.add_argument("--skip-embedded", action="store_true", help="leave out the embedded model's generation rows")
     ap.add_argument("--skip-app", action="store_true")
     ap.add_argument("--skip-train", action="store_true", help="leave out the LoRA training step rows")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -304,9 +313,11 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"# {time.strftime('%Y-%m-%d')} · torch {torch.__version__} · {os.cpu_count()} CPU threads · "
           f"runs {a.runs} (median, alternating)\n", flush=True)
-    rows = compare("embedded", None, 20, ["stock", "ours"], a.runs, "embedded 128 px, 20 steps")
-    rows += compare("embedded", None, 20, ["stock" + IMG2IMG, "ours" + IMG2IMG], a.runs,
-                    f"embedded img2img 128 px, strength {STRENGTH}, 20 steps")
+    rows = []
+    if not a.skip_embedded:
+        rows += compare("embedded", None, 20, EMBEDDED_SIDES, a.runs, "embedded 128 px, 20 steps")
+        rows += compare("embedded", None, 20, ["stock" + IMG2IMG, "ours" + IMG2IMG], a.runs,
+                        f"embedded img2img 128 px, strength {STRENGTH}, 20 steps")
     if not a.skip_app:
         rows.append(app_row(a.runs))
     if not a.skip_train:
@@ -319,12 +330,14 @@ def main(argv: list[str] | None = None) -> None:
 
         sd15 = build_sd15(Path(tempfile.mkdtemp()))
         for size in (int(s) for s in a.sd15_sizes.split(",")):
-            rows += compare(sd15, size, a.sd15_steps, ["stock", *OURS], a.runs,
+            rows += compare(sd15, size, a.sd15_steps, ["stock", *(a.sd15_sides.split(",") if a.sd15_sides else OURS)],
+                            a.runs,
                             f"SD 1.5 arch {size} px, {a.sd15_steps} steps")
         if not a.skip_train:
             rows.append(train_row(sd15, 256, a.runs, "training, SD 1.5 arch 256 px, batch 1", steps=6, warmup=2))
         notes.append(gflops(sd15, 512))
-    rows.append(cold_start())
+    if not a.skip_embedded:
+        rows.append(cold_start())
     print(table(rows))
     for n in notes:
         print(f"\n{n}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.rss import peak_rss_mb  # noqa: E402  (after the path: run as a script too)
 
 
 def make_data(folder: Path, n: int, res: int) -> None:
@@ -137,7 +137,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.side:
         res = run_stock(a) if a.side == "stock" else run_ours(a, compile=a.side == "ours-compiled")
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        res["peak_rss_mb"] = peak_rss_mb()
         Path(a.out).write_text(json.dumps(res))
         return
     tmp = Path(tempfile.mkdtemp())

@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import __version__, img2img
 from .img2img import HIRES_UPSCALERS, MASKED_CONTENT, RESIZE_MODES
+from .deepcache import feature_cache
 from .infotext import Infotext
 from .models import LoadedModel
 from .prompts import PromptEncoder, WeightedPrompt, needs_encoding, parse_attention
@@ -39,6 +40,9 @@ MAX_MASK_BLUR = 64  # A1111's slider
 MAX_HIRES_SCALE = 4.0  # A1111's slider
 # A1111 sets no limit and real prompts stay under a few thousand characters; 100 000 held the slot for a minute.
 MAX_PROMPT = 8000
+MAX_DEEP_CACHE = 10  # DeepCache's paper goes to 10; past it the reused features are many steps old
+# The Fast choice: switches left off take these values (each measured on its own in BENCHMARKS.md, issue 19)
+FAST = {"deep_cache": 3, "cfg_cutoff": 0.6}
 
 
 def _f(default, help: str, flag: str | None = None, **kw):
@@ -64,6 +68,10 @@ class GenerationParams:
     clip_skip: int = _f(1, "use the text encoder's N-th last layer (1 = last, A1111 numbering)")
     cfg_cutoff: float = _f(1.0, "fast: after this fraction of the steps, drop the negative prompt's pass (CFG then "
                                 "ends); 1 = never; 0.6 saves about a fifth of the time", type=float)
+    deep_cache: int = _f(1, f"fast: run the UNet's deep blocks on every N-th step only and reuse their features in "
+                            f"between (DeepCache), 1-{MAX_DEEP_CACHE}; 1 = off, 3 about 1.7-2x faster")
+    fast: bool = _f(False, "the fast settings for what is left off: " + ", ".join(f"{k} {v}" for k, v in FAST.items())
+                    + " (a little detail for about 2x the speed; with --dtype bf16 on a CPU with AMX, about 5x)")
     # Image to image, inpainting (with an init image) and hires fix (without one): A1111's controls and names.
     strength: float | None = _f(None, "denoising strength: how much of the init image (or of the hires fix's first "
                                       "pass) is redrawn, 0-1 (default: A1111's 0.75 for an init image, 0.7 for "
@@ -95,9 +103,10 @@ class GenerationParams:
                     height=_whole("height", self.height, optional=True),
                     guidance_scale=_number("guidance_scale", self.guidance_scale, optional=True),
                     batch_size=_whole("batch_size", self.batch_size), clip_skip=_whole("clip_skip", self.clip_skip),
-                    cfg_cutoff=_number("cfg_cutoff", self.cfg_cutoff))
+                    cfg_cutoff=_number("cfg_cutoff", self.cfg_cutoff), deep_cache=_whole("deep_cache", self.deep_cache),
+                    fast=_flag("fast", self.fast))
         p = replace(p, strength=_number("strength", p.strength, optional=True),
-                    mask_blur=_whole("mask_blur", p.mask_blur),
+                    mask_blur=_whole("mask_blur", p.mask_blur), only_masked=_flag("only_masked", p.only_masked),
                     only_masked_padding=_whole("only_masked_padding", p.only_masked_padding),
                     hires_scale=_number("hires_scale", p.hires_scale),
                     hires_steps=_whole("hires_steps", p.hires_steps),
@@ -107,6 +116,8 @@ class GenerationParams:
             bad("steps", f"{p.steps} is out of range; use 1 to {MAX_STEPS}")
         if not 0 <= p.cfg_cutoff <= 1:
             bad("cfg_cutoff", f"{p.cfg_cutoff:g} is out of range; use 0 to 1 (1 = off)")
+        if not 1 <= p.deep_cache <= MAX_DEEP_CACHE:
+            bad("deep_cache", f"{p.deep_cache} is out of range; use 1 (off) to {MAX_DEEP_CACHE}")
         if p.guidance_scale is not None and not 0 <= p.guidance_scale <= 50:
             bad("guidance_scale", f"{p.guidance_scale:g} is out of range; use 0 to 50")
         for name in ("width", "height"):
@@ -185,6 +196,18 @@ def _number(name: str, value, optional: bool = False) -> float | None:
     return number
 
 
+def _flag(name: str, value) -> bool:
+    """A bool from a bool or its JSON / form text ("true", "false"); anything else is refused."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(f"{name}: {_shown(value)} is not true or false")
+
+
 def _whole(name: str, value, optional: bool = False) -> int | None:
     """An int from an int, a whole float (JSON's 512.0) or its text; a fraction is refused, never truncated."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -234,6 +257,8 @@ def check_inputs(model: LoadedModel, params: GenerationParams,
     if p.clip_skip > model.max_clip_skip:
         raise ValueError(f"clip_skip: {p.clip_skip} is out of range for this model (its text encoder is shallower); "
                          f"use 1 to {model.max_clip_skip}")
+    if p.fast:
+        p = replace(p, **{k: v for k, v in FAST.items() if getattr(p, k) == getattr(GenerationParams, k)})
     size = model.default_size
     width, height = img2img.output_size(source, size, p.width, p.height) if source else (p.width, p.height)
     return replace(
@@ -362,7 +387,8 @@ def denoise(model: LoadedModel, p: GenerationParams, pos: WeightedPrompt, neg: W
         kwargs["negative_prompt"] = "".join(t for t, _ in neg.chunks[0]) or None
         if p.clip_skip > 1:  # only SDXL gets here: its diffusers clip-skip path works with transformers 5
             kwargs["clip_skip"] = p.clip_skip - 1  # A1111 counts the last layer as 1; diffusers counts skipped ones
-    return pipe(**kwargs).images
+    with feature_cache(pipe.unet, p.deep_cache):
+        return pipe(**kwargs).images
 
 
 @torch.no_grad()
@@ -523,6 +549,8 @@ def make_infotext(model: LoadedModel, p: GenerationParams, seed: int, source: tu
         params["Clip skip"] = p.clip_skip
     if p.cfg_cutoff < 1:
         params["CFG cutoff"] = p.cfg_cutoff
+    if p.deep_cache > 1:
+        params["Deep cache"] = p.deep_cache
     params["Version"] = f"sd_demo {__version__}"
     return Infotext(p.prompt, p.negative_prompt, params)
 
@@ -575,6 +603,7 @@ _INFOTEXT_FIELDS = {
     "Seed": ("seed", int),
     "Clip skip": ("clip_skip", int),
     "CFG cutoff": ("cfg_cutoff", float),
+    "Deep cache": ("deep_cache", int),
     "Denoising strength": ("strength", float),
     "Resize mode": ("resize_mode", str),
     "Mask blur": ("mask_blur", int),

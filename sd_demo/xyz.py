@@ -27,6 +27,7 @@ AXES = {
     "Denoising strength": ("strength", float),
     "Hires upscale": ("hires_scale", float),
     "CFG cutoff": ("cfg_cutoff", float),
+    "Deep cache": ("deep_cache", int),
     "LoRA scale": ("lora_scale", float),
     "Checkpoint": ("model", str),
 }

@@ -350,3 +350,56 @@ def test_cfg_cutoff_drops_the_negative_pass_for_the_last_steps(tiny_model_dirs, 
     assert params.cfg_cutoff == 0.5 and not ignored
     with pytest.raises(ValueError, match="cfg_cutoff: 1.5 is out of range"):
         GenerationParams(prompt="x", cfg_cutoff=1.5).validate()
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_deep_cache_runs_the_deep_blocks_every_nth_step_only(tiny_model_dirs, family):
+    """DeepCache: with deep_cache 2 the deep blocks run on steps 1, 3, 5 of 6 and the shallow branch on every step;
+    with CFG ending early too (cfg_cutoff) the kept features are cut to the prompt's half; the hooks are gone after
+    the run (the next plain run equals one before), and the parameters record it."""
+    from sd_demo.deepcache import deep_blocks
+    from sd_demo.models import load_model
+
+    model = load_model(str(tiny_model_dirs[family]))
+    unet = model.pipe.unet
+    calls = {"deep": 0, "shallow": 0}
+    # counted inside the blocks: a block's own pre-hooks fire on a reused call too
+    hooks = [unet.mid_block.resnets[0].register_forward_pre_hook(
+                 lambda *a: calls.__setitem__("deep", calls["deep"] + 1)),
+             unet.up_blocks[-1].resnets[0].register_forward_pre_hook(
+                 lambda *a: calls.__setitem__("shallow", calls["shallow"] + 1))]
+    assert unet.mid_block in deep_blocks(unet) and unet.up_blocks[-1] not in deep_blocks(unet)
+    try:
+        plain = run(model, steps=6, guidance_scale=7.0)
+        assert calls == {"deep": 6, "shallow": 6}
+        calls.update(deep=0, shallow=0)
+        cached = run(model, steps=6, guidance_scale=7.0, deep_cache=2, cfg_cutoff=0.5)
+        assert calls == {"deep": 3, "shallow": 6}
+    finally:
+        for h in hooks:
+            h.remove()
+    assert px(cached.images[0]).tobytes() != px(plain.images[0]).tobytes()
+    assert px(run(model, steps=6, guidance_scale=7.0).images[0]).tobytes() == px(plain.images[0]).tobytes()
+    assert cached.infotexts[0].params["Deep cache"] == 2 and "Deep cache" not in plain.infotexts[0].params
+    params, ignored = params_from_infotext(cached.infotexts[0])
+    assert params.deep_cache == 2 and params.cfg_cutoff == 0.5 and not ignored
+
+
+def test_fast_fills_in_the_switches_left_off(loaded_models):
+    """The Fast choice: Deep cache 3 and CFG cutoff 0.6 where the request leaves them off; a switch set by hand
+    wins, and the infotext records what ran (so sending the picture back reproduces it without Fast)."""
+    from sd_demo.generate import FAST
+
+    fast = run(loaded_models["sd15"], fast=True, steps=6)
+    assert (fast.infotexts[0].params["Deep cache"], fast.infotexts[0].params["CFG cutoff"]) == (
+        FAST["deep_cache"], FAST["cfg_cutoff"])
+    mine = run(loaded_models["sd15"], fast=True, steps=6, deep_cache=5)
+    assert mine.infotexts[0].params["Deep cache"] == 5 and mine.infotexts[0].params["CFG cutoff"] == 0.6
+    params, _ = params_from_infotext(fast.infotexts[0])
+    again = run(loaded_models["sd15"], steps=6, deep_cache=params.deep_cache, cfg_cutoff=params.cfg_cutoff)
+    assert px(again.images[0]).tobytes() == px(fast.images[0]).tobytes()
+    for value, match in ((0, "deep_cache: 0 is out of range; use 1 \\(off\\) to 10"), ("maybe", "fast: 'maybe'")):
+        field = "deep_cache" if value == 0 else "fast"
+        with pytest.raises(ValueError, match=match):
+            GenerationParams(prompt="x", **{field: value}).validate()
+    assert GenerationParams(prompt="x", fast="true").validate().fast is True

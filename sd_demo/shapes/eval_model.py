@@ -50,20 +50,21 @@ class EvalRun:
 
 
 def run_eval(model, prompts: list[str], seeds: list[int], *, steps: int = 20, guidance: float = 7.0,
-             sampler: str | None = None, schedule: str = "Automatic", cfg_cutoff: float = 1.0) -> EvalRun:
+             sampler: str | None = None, schedule: str = "Automatic", **switches) -> EvalRun:
     """Generate every (prompt, seed) pair with the app's ``generate`` and judge it. ``model`` is a LoadedModel;
-    ``sampler`` None is the model's default (its card's recommendation, else the app's)."""
+    ``sampler`` None is the model's default (its card's recommendation, else the app's); ``switches``: more
+    GenerationParams fields (the fast ones: cfg_cutoff, deep_cache, fast)."""
     from ..generate import GenerationParams, generate
 
     pairs = [(p, s) for p in prompts for s in seeds]
     images = []
     # One untimed warm-up image: the first call builds the sampler and primes PyTorch's kernels.
     generate(model, GenerationParams(prompt=prompts[0], steps=steps, seed=0, guidance_scale=guidance,
-                                     sampler=sampler, schedule=schedule, cfg_cutoff=cfg_cutoff))
+                                     sampler=sampler, schedule=schedule, **switches))
     t0 = time.perf_counter()
     for prompt, seed in pairs:
         params = GenerationParams(prompt=prompt, steps=steps, seed=seed, guidance_scale=guidance,
-                                  sampler=sampler, schedule=schedule, cfg_cutoff=cfg_cutoff)
+                                  sampler=sampler, schedule=schedule, **switches)
         images.append(generate(model, params).images[0])
     seconds = (time.perf_counter() - t0) / max(len(pairs), 1)
     report = evaluate_set([p for p, _ in pairs], images)
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="the model's precision (bf16 on a CPU: the fast path where it has AVX-512 BF16 / AMX)")
     parser.add_argument("--cfg-cutoff", type=float, default=1.0, help="GenerationParams.cfg_cutoff (1 = off)")
+    parser.add_argument("--deep-cache", type=int, default=1, help="GenerationParams.deep_cache (1 = off)")
+    parser.add_argument("--fast", action="store_true", help="GenerationParams.fast (the Fast choice)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[7.0], help="one table per value")
     parser.add_argument("--sampler", nargs="+", default=["DPM++ 2M"], help="one table per sampler")
     parser.add_argument("--save", type=Path, help="write the images (and failures' summaries) here")
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     for sampler in args.sampler:
         for guidance in args.guidance:
             run = run_eval(model, prompts, seeds, steps=args.steps, guidance=guidance, sampler=sampler,
-                           cfg_cutoff=args.cfg_cutoff)
+                           cfg_cutoff=args.cfg_cutoff, deep_cache=args.deep_cache, fast=args.fast)
             print(f"\n### held-out prompts: {args.prompts} prompts x {args.seeds} seeds, {args.steps} steps, "
                   f"{sampler}, CFG {guidance:g} ({run.seconds_per_image:.2f} s/image at "
                   f"{model.default_size} px)\n")

@@ -7,7 +7,7 @@ from ..engine import Engine
 from ..generate import params_from_infotext
 from ..infotext import Infotext, format_infotext, read_png
 from ..models import parse_lora
-from .generate import GenerateTab, add_lora
+from .generate import GenerateTab, add_lora, speed_values
 from .img2img import Img2imgTab
 from .models import download_progress
 
@@ -43,7 +43,7 @@ def make_send_to_generate(engine: Engine, public: bool, generate_tab_id: str):
         cfg = gr.skip() if params.guidance_scale is None else params.guidance_scale  # absent: keep the slider's
         values = [params.prompt, params.negative_prompt, params.sampler, params.schedule, params.steps, cfg,
                   params.width or gr.skip(), params.height or gr.skip(), params.seed, params.batch_size,
-                  params.clip_skip, params.cfg_cutoff]
+                  params.clip_skip, *speed_values(params)]
         here, hub_id = engine.locate_model(info.params.get("Model"), public)
         loras, fetch_loras, unknown = engine.locate_loras(info.params.get("Lora"), public, who)
         ignored += [f"LoRA {name} (not here)" for name in unknown]
@@ -106,8 +106,8 @@ def wire_send_to_generate(engine: Engine, public: bool, generate_tab_id: str, ta
     fetch = gr.Button("Download", visible=False, elem_id=f"{name}-fetch")
     wanted = gr.State(None)  # {"model": Hub id, "loras": ["id:scale"]} the image names and this machine lacks
     button.click(make_send_to_generate(engine, public, generate_tab_id), [path, visitor],
-                 [*target.param_components(), target.cfg_cutoff, note, target.loras, target.model, tabs, fetch,
-                  wanted], api_visibility="private")
+                 [*target.param_components(), *target.speed_components(), note, target.loras, target.model, tabs,
+                  fetch, wanted], api_visibility="private")
 
     def download(wanted: dict | None, current: str, progress=gr.Progress()):
         wanted = wanted or {}
