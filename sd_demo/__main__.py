@@ -16,7 +16,8 @@ log = logging.getLogger("sd_demo")
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     """Model and hardware flags shared by the CLI and app.py."""
-    parser.add_argument("--model", default="embedded", help="Hub id[@revision], local diffusers folder, or 'embedded'")
+    parser.add_argument("--model", default="embedded", help="Hub id[@revision], local diffusers folder, or 'embedded' "
+                                                              "(default: embedded)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
                         help="auto: fp16 on CUDA/MPS, fp32 on CPU")
@@ -29,7 +30,8 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sd_demo", description="Stable Diffusion from the command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="text to image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # (no ArgumentDefaultsHelpFormatter: the field flags' help names its default already)
+    gen = sub.add_parser("generate", help="text to image")
     add_runtime_flags(gen)
     add_field_flags(gen, param_fields(), none_type=int)  # width/height: None = the model's size
     gen.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO[:SCALE]",

@@ -47,6 +47,13 @@ def test_png_info_endpoint_reads_parameters(client, tmp_path):
     assert text.startswith("a blue star\nSteps: 2") and "Seed: 9" in text
 
 
+def test_fast_by_name_through_the_api(client):
+    """The Fast choice by its API name (after the X/Y/Z inputs: the earlier positions stay); the parameters say what
+    ran."""
+    *_, infotext = client.predict(prompt="a blue star", steps=6, seed=9, fast=True, api_name="/generate")
+    assert "Deep cache: 3" in infotext and "CFG cutoff: 0.6" in infotext
+
+
 def test_api_lists_named_generate_parameters(client):
     api = client.view_api(print_info=False, return_format="dict")
     params = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]

@@ -31,7 +31,7 @@ def test_an_mcp_client_lists_the_tools_and_draws_an_image(tmp_path):
     async def work(session):
         tools = {t.name: t for t in (await session.list_tools()).tools}
         answer = await session.call_tool("generate", {"prompt": "a red circle on a blue background",
-                                                           "steps": 8, "seed": 7})
+                                                           "steps": 8, "seed": 7, "fast": True})
         return tools, answer
 
     import httpx
@@ -42,14 +42,14 @@ def test_an_mcp_client_lists_the_tools_and_draws_an_image(tmp_path):
         served = httpx.get(link).content
     assert {"generate", "generate_gallery", "png_info"} <= set(tools)
     schema = tools["generate"].inputSchema["properties"]
-    assert all(schema[name].get("description") for name in ("prompt", "steps", "width", "seed", "sampler"))
+    assert all(schema[name].get("description") for name in ("prompt", "steps", "width", "seed", "sampler", "fast"))
     assert not answer.isError, answer
     image = next(c for c in answer.content if c.type == "image")
     png = base64.b64decode(image.data)
     assert image.mimeType == "image/png" and Image.open(io.BytesIO(png)).size == (128, 128)  # the model's own size
     params = read_png(io.BytesIO(served))  # the PNG itself, as saved, with its parameters
     assert params.prompt == "a red circle on a blue background" and params.params["Seed"] == 7
-    assert params.params["Steps"] == 8
+    assert params.params["Steps"] == 8 and params.params["Deep cache"] == 3  # the Fast choice, as it ran
 
 
 def test_without_the_flag_there_is_no_mcp_server(tmp_path):

@@ -10,7 +10,7 @@ import gradio as gr
 
 from .. import zerogpu
 from ..engine import Engine, ModelDefaults
-from ..generate import (DEFAULT_HIRES_STRENGTH, MAX_BATCH, MAX_CLIP_SKIP, MAX_DEEP_CACHE, MAX_HIRES_SCALE,
+from ..generate import (DEFAULT_HIRES_STRENGTH, FAST, MAX_BATCH, MAX_CLIP_SKIP, MAX_DEEP_CACHE, MAX_HIRES_SCALE,
                         MAX_SIDE, MAX_STEPS, GenerationParams)
 from ..img2img import HIRES_UPSCALERS
 from ..xyz import AXES as XYZ_AXES
@@ -425,6 +425,7 @@ class SamplingControls:
     seed: gr.Number
     random_btn: gr.Button
     reuse_btn: gr.Button
+    fast: gr.Checkbox
 
 
 def sampling_controls(d: ModelDefaults, size_info: str | None = None) -> SamplingControls:
@@ -446,7 +447,10 @@ def sampling_controls(d: ModelDefaults, size_info: str | None = None) -> Samplin
         seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=4)
         random_btn = gr.Button("🎲", scale=1, min_width=40)
         reuse_btn = gr.Button("♻️", scale=1, min_width=40)
-    return SamplingControls(sampler, schedule, steps, width, height, batch, cfg, seed, random_btn, reuse_btn)
+    fast = gr.Checkbox(GenerationParams.fast, label="Fast", elem_classes="fast",
+                       info=f"Deep cache {FAST['deep_cache']} and CFG cutoff {FAST['cfg_cutoff']} (where Advanced "
+                            "leaves them off): about 2x faster, a little less detail")
+    return SamplingControls(sampler, schedule, steps, width, height, batch, cfg, seed, random_btn, reuse_btn, fast)
 
 
 def wire_run_controls(engine: Engine, c: SamplingControls, stop_btn: gr.Button, gallery: gr.Gallery,
@@ -494,11 +498,8 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                                       visible=bool(d.examples), elem_id="examples")
             negative = gr.Textbox("", label="Negative prompt", lines=2)
             c = sampling_controls(d)
-            fast = gr.Checkbox(GenerationParams.fast, label="Fast", elem_id="fast",
-                               info="Deep cache 3 and CFG cutoff 0.6 where Advanced leaves them off: about 2x faster, "
-                                    "a little less detail")
-            sampler, schedule, steps, width, height, batch, cfg, seed = (c.sampler, c.schedule, c.steps, c.width,
-                                                                         c.height, c.batch, c.cfg, c.seed)
+            sampler, schedule, steps, width, height, batch, cfg, seed, fast = (
+                c.sampler, c.schedule, c.steps, c.width, c.height, c.batch, c.cfg, c.seed, c.fast)
             with gr.Accordion("Hires. fix", open=False, elem_id="hires"):
                 hires_on = gr.Checkbox(False, label="Hires. fix: generate, enlarge, redraw at the larger size",
                                        elem_id="hires-on")

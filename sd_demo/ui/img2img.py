@@ -64,6 +64,7 @@ def make_img2img_fn(engine: Engine, public: bool, editor: gr.ImageEditor, upload
         only_masked_padding: int = GenerationParams.only_masked_padding,
         model: str | None = None,
         loras: str = "",
+        fast: bool = GenerationParams.fast,
         visitor: str | None = None,  # a gr.State (not an API argument): whose training results are usable
         request: gr.Request = None,
         progress=gr.Progress(),
@@ -93,6 +94,7 @@ def make_img2img_fn(engine: Engine, public: bool, editor: gr.ImageEditor, upload
             only_masked_padding: Inpainting, only masked: pixels of context around the mask.
             model: A model from the app's list; empty for the loaded one.
             loras: LoRAs to apply, "path_or_repo[:scale], ..."; empty for none.
+            fast: About 2x faster for a little less detail (Deep cache 3, CFG cutoff 0.6).
         """
         init, mask_image = _pictures(editor, upload, image, mask)
         model, lora_list, params = checked(
@@ -100,7 +102,7 @@ def make_img2img_fn(engine: Engine, public: bool, editor: gr.ImageEditor, upload
             steps=steps, guidance_scale=guidance_scale, width=width, height=height, seed=seed, sampler=sampler,
             schedule=schedule, batch_size=batch_size, strength=strength, resize_mode=resize_mode,
             mask_blur=mask_blur, masked_content=masked_content, only_masked=inpaint_area == INPAINT_AREAS[1],
-            only_masked_padding=only_masked_padding)
+            only_masked_padding=only_masked_padding, fast=fast)
         yield from stream(engine, params, model, lora_list, request, progress, init_image=init, mask=mask_image,
                           public=public, visitor=visitor)
 
@@ -151,7 +153,8 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
                                   elem_id="img2img-infotext")
     infos = gr.State([])
     inputs = [editor, mask, prompt, negative, c.sampler, c.schedule, c.steps, c.cfg, c.width, c.height, c.seed,
-              c.batch, strength, resize_mode, mask_blur, masked_content, area, padding, gen.model, gen.loras, visitor]
+              c.batch, strength, resize_mode, mask_blur, masked_content, area, padding, gen.model, gen.loras, c.fast,
+              visitor]
     outputs = [gallery, preview, status, infotext, infos]
     handler = make_img2img_fn(engine, public, editor, mask)
     run_btn.click(handler, inputs, outputs, api_name="img2img", **RUN)  # through the queue, as Generate's

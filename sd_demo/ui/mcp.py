@@ -16,7 +16,7 @@ def add_tools(engine: Engine, public: bool) -> None:
 
     def generate(prompt: str, negative_prompt: str = "", steps: int = 0, width: int = 0, height: int = 0,
                       guidance_scale: float = 0.0, sampler: str = "", seed: int = -1,
-                      model: str = "") -> FileData:
+                      model: str = "", fast: bool = False) -> FileData:
         """Draw one image from a text prompt with the app's Stable Diffusion model; returns the PNG, which holds
         its generation parameters (A1111's "parameters" text: prompt, steps, sampler, CFG scale, seed, size, model).
 
@@ -31,12 +31,13 @@ def add_tools(engine: Engine, public: bool) -> None:
             sampler: An A1111 sampler name such as "Euler a" or "DPM++ 2M"; empty for the model's recommended one.
             seed: The random seed; the same seed and settings give the same image. -1 for a random seed.
             model: The model to use (a name from the app's model list); empty for the loaded model.
+            fast: About 2x faster for a little less detail (Deep cache 3, CFG cutoff 0.6): drafts, many variations.
         """
         try:
             params = GenerationParams(prompt=prompt or "", negative_prompt=negative_prompt or "",
                                       steps=steps or None, width=width or None,
                                       height=height or None, guidance_scale=guidance_scale or None,
-                                      sampler=sampler or None, seed=seed, batch_size=1).validate()
+                                      sampler=sampler or None, seed=seed, batch_size=1, fast=fast).validate()
             # as the Generate tab runs: waits while training holds the GPU; the result is the last update
             *_, done = engine.run(params, model=engine.chosen_model(model or None, public), job="mcp")
             if not done.paths:
