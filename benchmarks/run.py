@@ -57,6 +57,9 @@ EMBEDDED_SIDES = ["stock", "ours", "ours-deepcache", "ours-fast"]  # bf16 does n
 IMG2IMG, STRENGTH = "-img2img", 0.75
 
 
+_ENGINES: dict = {}
+
+
 def runner(side: str, model: str, size: int | None, steps: int):
     """A function producing one image (an HxWx3 uint8 array) for a side: 'stock' or one of OURS."""
     import torch
@@ -89,8 +92,10 @@ def runner(side: str, model: str, size: int | None, steps: int):
                                    **extra).images[0])
         return once
     dtype, switches = OURS[side.removesuffix(IMG2IMG)]
-    engine = Engine(EngineSettings(model=model, dtype=dtype))
-    engine.load()
+    if (model, dtype) not in _ENGINES:  # our sides of one dtype share a pipeline: seven SD 1.5 copies fill 24 GB
+        _ENGINES[model, dtype] = Engine(EngineSettings(model=model, dtype=dtype))
+        _ENGINES[model, dtype].load()
+    engine = _ENGINES[model, dtype]
     params = GenerationParams(prompt=PROMPT, steps=steps, seed=SEED, width=size, height=size,
                               strength=STRENGTH if init is not None else None, **switches)
     return lambda: np.asarray(engine.generate(params, save=False, init_image=init)[0].images[0])
