@@ -94,7 +94,8 @@ def is_public(args: argparse.Namespace) -> bool:
 
 
 def build_demo(args: argparse.Namespace) -> gr.Blocks:
-    engine = Engine(EngineSettings(args.model, args.device, args.dtype, args.attention, args.allow_pickle, args.outputs))
+    engine = Engine(EngineSettings(args.model, args.device, args.dtype, args.attention, args.allow_pickle, args.outputs,
+                                   args.compile))
     notice = ""
     try:
         engine.load()  # the start-up model is ready before the first click; a bad one is reported in the UI

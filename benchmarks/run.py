@@ -10,7 +10,8 @@ Rows:
    ``Engine.generate`` with the picture); and the app end to end (gradio_client against ``python app.py`` in a
    child process) vs ``Engine.generate`` in this process.
 2. SD 1.5's architecture with random weights (``benchmarks/sd15.py``, no download), per size: stock vs ours in fp32
-   (the exact path: max pixel difference) and the approximate switches, each alone and then together (PSNR against
+   (the exact path: max pixel difference), compiled (``--compile``: max pixel difference and the first image's
+   extra wait), and the approximate switches, each alone and then together (PSNR against
    the exact image): bf16 (``--dtype bf16``; fast where the CPU has AMX / AVX-512 BF16, slow elsewhere),
    ``cfg_cutoff`` 0.6 (the negative prompt's pass dropped for the last 40 % of the steps), ``deep_cache`` 3 (the
    UNet's deep blocks every third step, sd_demo.deepcache), the Fast choice (both), and Fast in bf16. The fast
@@ -47,12 +48,12 @@ PROMPT = "a red circle on a blue background"
 SEED = 7
 
 
-# Our sides: (dtype, GenerationParams switches). Each approximate switch alone, then the Fast choice (Deep cache 3
-# and CFG cutoff 0.6), then Fast in bf16. A side ending in IMG2IMG (stock's too) redraws a picture at STRENGTH
-# instead of starting from noise.
-OURS = {"ours": ("auto", {}), "ours-bf16": ("bf16", {}), "ours-cutoff": ("auto", {"cfg_cutoff": 0.6}),
-        "ours-deepcache": ("auto", {"deep_cache": 3}), "ours-fast": ("auto", {"fast": True}),
-        "ours-fast-bf16": ("bf16", {"fast": True})}
+# Our sides: (dtype, compiled, GenerationParams switches). The exact path, compiled (--compile: the same pixels),
+# each approximate switch alone, then the Fast choice (Deep cache 3 and CFG cutoff 0.6), then Fast in bf16. A side
+# ending in IMG2IMG (stock's too) redraws a picture at STRENGTH instead of starting from noise.
+OURS = {"ours": ("auto", False, {}), "ours-compile": ("auto", True, {}), "ours-bf16": ("bf16", False, {}),
+        "ours-cutoff": ("auto", False, {"cfg_cutoff": 0.6}), "ours-deepcache": ("auto", False, {"deep_cache": 3}),
+        "ours-fast": ("auto", False, {"fast": True}), "ours-fast-bf16": ("bf16", False, {"fast": True})}
 EMBEDDED_SIDES = ["stock", "ours", "ours-deepcache", "ours-fast"]  # bf16 does not pay at 128 px
 IMG2IMG, STRENGTH = "-img2img", 0.75
 
@@ -91,11 +92,12 @@ def runner(side: str, model: str, size: int | None, steps: int):
             return np.asarray(pipe(PROMPT, num_inference_steps=steps, guidance_scale=cfg, generator=g,
                                    **extra).images[0])
         return once
-    dtype, switches = OURS[side.removesuffix(IMG2IMG)]
-    if (model, dtype) not in _ENGINES:  # our sides of one dtype share a pipeline: seven SD 1.5 copies fill 24 GB
-        _ENGINES[model, dtype] = Engine(EngineSettings(model=model, dtype=dtype))
-        _ENGINES[model, dtype].load()
-    engine = _ENGINES[model, dtype]
+    dtype, compiled, switches = OURS[side.removesuffix(IMG2IMG)]
+    key = (model, dtype, compiled)
+    if key not in _ENGINES:  # our sides of one dtype share a pipeline: seven SD 1.5 copies filled 24 GB
+        _ENGINES[key] = Engine(EngineSettings(model=model, dtype=dtype, compile=compiled))
+        _ENGINES[key].load()
+    engine = _ENGINES[key]
     params = GenerationParams(prompt=PROMPT, steps=steps, seed=SEED, width=size, height=size,
                               strength=STRENGTH if init is not None else None, **switches)
     return lambda: np.asarray(engine.generate(params, save=False, init_image=init)[0].images[0])
@@ -161,8 +163,10 @@ def compare(model: str, size: int | None, steps: int, sides: list[str], runs: in
     rows = []
     for s in sides[1:]:
         img = solo[s][1]
-        if s == "ours":
+        if s in ("ours", "ours-compile"):
             diff = f"max pixel Δ {int(np.abs(img.astype(int) - ref).max())}"
+            if s == "ours-compile" and "ours" in solo:  # its first image waits for the compile
+                diff += f"; warm-up {solo[s][0]['first_image_s'] - solo['ours'][0]['first_image_s']:.0f} s"
         elif s.endswith(IMG2IMG):  # stock samples the picture's latents, we take their mean: not the same pixels
             diff = f"PSNR {psnr(img, solo[base][1]):.1f} dB vs stock"
         else:

@@ -47,6 +47,7 @@ def _hooks():
             super().__init__()
             self.state = state
 
+        @torch.compiler.disable  # (see Reuse.new_forward)
         def pre_forward(self, module, *args, **kwargs):
             self.state.reuse = self.state.calls % self.state.interval != 0
             self.state.calls += 1
@@ -60,6 +61,9 @@ def _hooks():
             self.state = state
             self.out = None
 
+        # Outside any compiled graph (--compile): traced, the call count and the kept outputs became guards, and
+        # every step compiled again until torch gave up. The deep blocks then run uncompiled; the rest stays so.
+        @torch.compiler.disable
         def new_forward(self, module, *args, **kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             if self.state.reuse and self.out is not None:

@@ -46,6 +46,7 @@ class EngineSettings:
     attention: str = "auto"
     allow_pickle: bool = False
     outputs: str = "outputs"  # PNGs land in outputs/txt2img-images/YYYY-MM-DD/ as in A1111 (IMAGES)
+    compile: bool = False  # torch.compile the UNet and VAE decoder (models.compile_pipeline)
 
 
 @dataclass
@@ -177,6 +178,7 @@ class Engine:
             attention=s.attention,
             allow_pickle=s.allow_pickle,
             tqdm_class=tqdm_class,
+            compile=s.compile,
         )
 
     def _offered(self, public: bool) -> dict[str, str]:

@@ -235,6 +235,7 @@ class LoadedModel:
     prompt_encoders: dict = field(default_factory=dict)  # clip skip -> prompts.PromptEncoder, built on first use
     loras: tuple = ()  # ((path or repo id, scale), ...) currently applied
     embedding_tokens: list = field(default_factory=list)  # textual-inversion tokens those brought in
+    compiled: bool = False  # torch.compile'd UNet and VAE decoder (compile_pipeline)
 
     def set_loras(self, loras: list[tuple[str, float]]) -> None:
         """Apply exactly these adapters, no-op when unchanged: LoRAs (diffusers or kohya format, safetensors only)
@@ -279,6 +280,8 @@ class LoadedModel:
         if names:
             self.pipe.set_adapters(names, adapter_weights=[loras[int(n.removeprefix("lora"))][1] for n in names])
         self.loras = loras
+        if self.compiled:  # the compiled graphs hold the weights as they were (freezing): compile again
+            torch._dynamo.reset()
 
     def _unload_embeddings(self) -> None:
         if not self.embedding_tokens:
@@ -515,10 +518,11 @@ class LoadPlan:
     weights: hub.WeightPlan
     family: str
     size: int  # native resolution in px
+    compile: bool = False  # compile_pipeline after loading
 
 
 def plan_load(spec: str, *, device: str = "auto", dtype: str = "auto", attention: str = "auto",
-              allow_pickle: bool = False, tqdm_class=None) -> LoadPlan:
+              allow_pickle: bool = False, tqdm_class=None, compile: bool = False) -> LoadPlan:
     """Resolve ``spec`` (downloading a Hub model's files) and read its configs; every mistake is one ValueError."""
     ref = parse_model_ref(spec)
     dev = pick_device(device)
@@ -526,7 +530,8 @@ def plan_load(spec: str, *, device: str = "auto", dtype: str = "auto", attention
     backend, reason = select_attention(attention, dev)
     folder, weights = resolve_folder(ref, want_fp16=dt == torch.float16, allow_pickle=allow_pickle,
                                      tqdm_class=tqdm_class)
-    return LoadPlan(ref, dev, dt, backend, reason, folder, weights, detect_family(folder), native_size(folder))
+    return LoadPlan(ref, dev, dt, backend, reason, folder, weights, detect_family(folder), native_size(folder),
+                    compile)
 
 
 def load_planned(plan: LoadPlan) -> LoadedModel:
@@ -535,6 +540,8 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
     pipe = assemble_pipeline(comps, plan.family).to(plan.device)
     pipe.set_progress_bar_config(disable=True)  # progress is reported through our own callback
     apply_attention(pipe, plan.attention)
+    if plan.compile:
+        compile_pipeline(pipe, plan.device)
     log.info("loaded %s (%s) on %s %s; attention: %s", plan.ref.label, plan.family, plan.device,
              dtype_name(plan.dtype), plan.attention_reason)
     guidance, sampler, steps = card_settings(plan.folder)
@@ -553,7 +560,21 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
         default_steps=steps,
         examples=tuple(hub.card_examples(plan.folder)),
         base_scheduler_config=dict(pipe.scheduler.config),
+        compiled=plan.compile,
     )
+
+
+def compile_pipeline(pipe, device: str) -> None:
+    """torch.compile the UNet and the VAE decoder in place (``--compile``): the same pixels, faster after a warm-up
+    at each new size or batch (tens of seconds on a CPU; BENCHMARKS.md). On a CPU, inductor's freezing folds the
+    weights into the graph and channels_last suits its convolutions: without them compiling was slower there."""
+    import torch._inductor.config as inductor
+
+    if device == "cpu":
+        inductor.freezing = True  # applies to graphs traced without grad only: training is untouched
+    for module in (pipe.unet, pipe.vae.decoder):
+        module.to(memory_format=torch.channels_last)
+        module.compile()
 
 
 def load_model(spec: str, **kw) -> LoadedModel:
@@ -575,15 +596,16 @@ class PipelineCache:
     def current(self) -> LoadedModel | None:
         return self._model
 
-    def get(self, spec: str, *, device="auto", dtype="auto", attention="auto", allow_pickle=False, tqdm_class=None):
+    def get(self, spec: str, *, device="auto", dtype="auto", attention="auto", allow_pickle=False, tqdm_class=None,
+            compile=False):
         dev = pick_device(device)
-        key = (parse_model_ref(spec), dev, dtype_name(pick_dtype(dev, dtype)), attention, allow_pickle)
+        key = (parse_model_ref(spec), dev, dtype_name(pick_dtype(dev, dtype)), attention, allow_pickle, compile)
         with self._lock:
             if self._key == key and self._model is not None:
                 return self._model
             # A wrong id, folder or config fails here, before the working model is released.
             plan = plan_load(spec, device=dev, dtype=dtype, attention=attention, allow_pickle=allow_pickle,
-                             tqdm_class=tqdm_class)
+                             tqdm_class=tqdm_class, compile=compile)
             old_key, old_plan = self._key, self._plan
             self.release()  # free the old weights before the new ones arrive: two SDXL models do not fit most GPUs
             try:
