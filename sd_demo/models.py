@@ -280,8 +280,8 @@ class LoadedModel:
         if names:
             self.pipe.set_adapters(names, adapter_weights=[loras[int(n.removeprefix("lora"))][1] for n in names])
         self.loras = loras
-        if self.compiled:  # the compiled graphs hold the weights as they were (freezing): compile again
-            torch._dynamo.reset()
+        if self.compiled:  # frozen graphs hold the weights as they were: compile again (dynamo's guards see new
+            torch._dynamo.reset()  # adapter layers too; this also covers weights changed in place)
 
     def _unload_embeddings(self) -> None:
         if not self.embedding_tokens:

@@ -308,3 +308,31 @@ def test_a_lora_that_is_not_one_is_refused(loaded_models, tiny_model_dirs, tmp_p
         with pytest.raises(ValueError, match=re.escape(f"lora: '{source}' could not be loaded: {needle}")):
             model.set_loras([(str(source), 1.0)])
         assert model.loras == ()
+
+
+@pytest.mark.slow  # inductor compiles the tiny UNet and VAE decoder three times: about a minute on 2 cores
+def test_a_compiled_pipeline_draws_the_same_pixels_and_follows_a_lora(tiny_model_dirs, tmp_path):
+    """--compile: the same image as without it (within 1/255), with Fast's feature cache too; a LoRA applied after
+    the compile changes the image as it does uncompiled (the frozen graph held the old weights until it compiled
+    again)."""
+    import numpy as np
+
+    from sd_demo.generate import GenerationParams, generate
+    from tests.tiny_models import build_tiny_lora
+
+    source = str(tiny_model_dirs["sd15"])
+    build_tiny_lora(source, tmp_path / "lora")
+    plain, compiled = load_model(source), load_model(source, compile=True)
+    assert compiled.compiled and not plain.compiled
+
+    def pixels(model, **kw):
+        params = GenerationParams(prompt="a red circle", steps=4, seed=1, guidance_scale=7.0, **kw)
+        return np.asarray(generate(model, params).images[0], dtype=np.int16)
+
+    for kw in ({}, {"fast": True}):
+        assert np.abs(pixels(plain, **kw) - pixels(compiled, **kw)).max() <= 1, kw
+    before = pixels(compiled)
+    for model in (plain, compiled):
+        model.set_loras([(str(tmp_path / "lora"), 1.0)])
+    with_lora = pixels(compiled)
+    assert np.abs(with_lora - before).mean() > 1 and np.abs(with_lora - pixels(plain)).max() <= 1

@@ -10,20 +10,9 @@ from sd_demo import hub
 from sd_demo.engine import Engine, EngineSettings
 from sd_demo.generate import GenerationParams
 from sd_demo.ui import models as models_tab
+from tests.tiny_models import build_tiny_lora
 
 TINY = dict(prompt="a red circle", steps=2, width=64, height=64, seed=3)
-
-
-def _lora(model_dir, out) -> None:
-    """A LoRA for the tiny model whose weights are not zero (peft's default B = 0 would change nothing)."""
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                     init_lora_weights=False))
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
 
 
 @pytest.fixture
@@ -31,7 +20,7 @@ def hub_repos(fake_hub, tiny_model_dirs, tmp_path):
     source = tiny_model_dirs["sd15"]
     fake_hub.add("acme/tiny-sd", source, downloads=10, likes=50)
     fake_hub.add("acme/popular-sd", source, downloads=1000, likes=5)
-    _lora(source, tmp_path / "lora")
+    build_tiny_lora(source, tmp_path / "lora")
     fake_hub.add("me/red-lora", tmp_path / "lora", tags=("lora", "base_model:adapter:acme/tiny-sd"), downloads=3)
     fake_hub.add("me/other-lora", tmp_path / "lora", tags=("lora", "base_model:adapter:someone/else"), downloads=9)
     return fake_hub

@@ -424,3 +424,15 @@ def build_tiny_captioner(out_dir, seed: int = 0) -> Path:
     processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok)
     processor.save_pretrained(out)
     return out
+
+
+def build_tiny_lora(model_dir, out) -> None:
+    """A LoRA for a tiny SD 1.x model whose weights are not zero (peft's default B = 0 would change nothing)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
