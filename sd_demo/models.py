@@ -310,6 +310,7 @@ class LoadedModel:
         return (
             f"{self.ref.public_name} · {self.family.upper()} ({self.prediction_type}) · {self.device} "
             f"{dtype_name(self.dtype)} · attention: {self.attention_reason}"
+            + (" · compiled (the first image at each size waits for it)" if self.compiled else "")
         )
 
 

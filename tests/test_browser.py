@@ -50,6 +50,21 @@ def test_type_prompt_generate_and_read_parameters(page, tmp_path):
     page.screenshot(path=str(tmp_path / "generate.png"))
 
 
+def test_fast_ticked_runs_and_says_so(page):
+    """The Fast checkbox under the sampling controls: the run takes Deep cache 3 and CFG cutoff 0.6 (Advanced left
+    them off), and the picture's parameters say what ran."""
+    fast = page.locator(".fast:visible input[type=checkbox]")
+    assert fast.count() == 1  # the img2img tab's own is hidden
+    fast.check()
+    page.get_by_label("Seed (-1 = random)").fill("78")
+    page.locator("#generate-btn").click()
+    page.wait_for_function("() => document.querySelector('#infotext textarea').value.includes('Seed: 78')",
+                           timeout=60_000)
+    text = page.locator("#infotext textarea").input_value()
+    assert "Deep cache: 3" in text and "CFG cutoff: 0.6" in text
+    fast.uncheck()
+
+
 def test_png_info_sends_parameters_back(page, app_server, tmp_path):
     from sd_demo.generate import GenerationParams
 
