@@ -69,7 +69,7 @@ class GenerationParams:
     cfg_cutoff: float = _f(1.0, "fast: after this fraction of the steps, drop the negative prompt's pass (CFG then "
                                 "ends); 1 = never; 0.6 saves about a fifth of the time", type=float)
     deep_cache: int = _f(1, f"fast: run the UNet's deep blocks on every N-th step only and reuse their features in "
-                            f"between (DeepCache), 1-{MAX_DEEP_CACHE}; 1 = off, 3 about 1.7-2x faster")
+                            f"between (DeepCache), 1-{MAX_DEEP_CACHE}; 1 = off, 3 about 1.5-2x faster")
     fast: bool = _f(False, "the fast settings for what is left off: " + ", ".join(f"{k} {v}" for k, v in FAST.items())
                     + " (a little detail for about 2x the speed; with --dtype bf16 on a CPU with AMX, about 5x)")
     # Image to image, inpainting (with an init image) and hires fix (without one): A1111's controls and names.

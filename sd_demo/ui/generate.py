@@ -220,7 +220,7 @@ def make_generate_fn(engine: Engine, public: bool):
             x_type: X/Y/Z plot (A1111's script): the X axis's parameter, or Nothing. An axis other than Nothing
                 makes this run a plot: one image per combination of the axes' values, the other parameters as
                 given; the gallery holds the labelled grid first, then every cell. Axes: Seed, Steps, CFG scale,
-                Sampler, Schedule type, Prompt S/R, Denoising strength, Hires upscale, CFG cutoff, LoRA scale,
+                Sampler, Schedule type, Prompt S/R, Denoising strength, Hires upscale, CFG cutoff, Deep cache, LoRA scale,
                 Checkpoint.
             x_values: The X axis's values: "3, 5, 7", a range "10-30 (+10)" or "1-2 [5]"; for Prompt S/R the text
                 in the prompt first, then what replaces it.
@@ -229,7 +229,7 @@ def make_generate_fn(engine: Engine, public: bool):
             z_type: The Z axis's parameter (one grid per value), or Nothing.
             z_values: Its values.
             deep_cache: Fast: run the UNet's deep blocks on every N-th step only and reuse their features between
-                (DeepCache); 1 for off, 3 is about 1.7-2x faster.
+                (DeepCache); 1 for off, 3 is about 1.5-2x faster.
             fast: The Fast choice: the fast switches left off take Deep cache 3 and CFG cutoff 0.6 (about 2x faster,
                 a little less detail).
         """
@@ -543,7 +543,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                 deep_cache = gr.Slider(1, MAX_DEEP_CACHE, value=GenerationParams.deep_cache, step=1,
                                        label="Deep cache (fast)", elem_id="deep-cache",
                                        info="run the UNet's deep blocks every N steps and reuse their features in "
-                                            "between (DeepCache): 3 is about 1.7-2x faster; 1 = off")
+                                            "between (DeepCache): 3 is about 1.5-2x faster; 1 = off")
         with gr.Column(scale=6):
             with gr.Row():
                 run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=2)
