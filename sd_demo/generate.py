@@ -22,7 +22,7 @@ from . import __version__, img2img
 from .img2img import HIRES_UPSCALERS, MASKED_CONTENT, RESIZE_MODES
 from .deepcache import feature_cache
 from .infotext import Infotext
-from .models import LoadedModel
+from .models import LoadedModel, compiled_run
 from .prompts import PromptEncoder, WeightedPrompt, needs_encoding, parse_attention
 from .preview import fit_preview_map, latents_to_preview
 from .sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, make_scheduler, resolve_schedule
@@ -574,7 +574,7 @@ def generate(
     p = check_inputs(model, params, init.size if init else None)
     t0 = time.perf_counter()
     progress = _Progress(on_step, cancel, preview_every, {})
-    with model.lock:  # one job at a time per pipeline: the scheduler below is pipeline state
+    with model.lock, compiled_run(model):  # one job at a time per pipeline: the scheduler below is pipeline state
         key = (p.sampler, p.schedule)
         if key not in model.schedulers:  # built once per pair; set_timesteps resets its state each run
             model.schedulers[key] = make_scheduler(p.sampler, p.schedule, model.base_scheduler_config)

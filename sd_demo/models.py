@@ -542,7 +542,7 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
     pipe.set_progress_bar_config(disable=True)  # progress is reported through our own callback
     apply_attention(pipe, plan.attention)
     if plan.compile:
-        compile_pipeline(pipe, plan.device)
+        compile_pipeline(pipe)
     log.info("loaded %s (%s) on %s %s; attention: %s", plan.ref.label, plan.family, plan.device,
              dtype_name(plan.dtype), plan.attention_reason)
     guidance, sampler, steps = card_settings(plan.folder)
@@ -565,17 +565,25 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
     )
 
 
-def compile_pipeline(pipe, device: str) -> None:
+def compile_pipeline(pipe) -> None:
     """torch.compile the UNet and the VAE decoder in place (``--compile``): the same pixels, faster after a warm-up
     at each new size or batch (tens of seconds on a CPU; BENCHMARKS.md). On a CPU, inductor's freezing folds the
-    weights into the graph and channels_last suits its convolutions: without them compiling was slower there."""
-    import torch._inductor.config as inductor
-
-    if device == "cpu":
-        inductor.freezing = True  # applies to graphs traced without grad only: training is untouched
+    weights into the graph (``compiled_run``) and channels_last suits its convolutions: without them compiling was
+    slower there."""
     for module in (pipe.unet, pipe.vae.decoder):
         module.to(memory_format=torch.channels_last)
         module.compile()
+
+
+def compiled_run(model: LoadedModel):
+    """The context a compiled model runs (and so compiles) in: inductor's freezing on a CPU. A context value, as
+    inductor's settings are: one set once at load time on the device thread was gone by the next call (each device
+    call runs in a copy of its caller's context), and torch.compile's own options did not freeze."""
+    if not model.compiled or model.device != "cpu":
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor
+
+    return inductor.patch(freezing=True)  # applies to graphs traced without grad only: training is untouched
 
 
 def load_model(spec: str, **kw) -> LoadedModel:
