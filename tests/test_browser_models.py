@@ -15,7 +15,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.conftest import _free_port, running_app
 from tests.test_browser import CHROMIUM, browser  # noqa: F401 (browser: the module's Chromium, a fixture)
-from tests.test_models_tab import _lora
+from tests.tiny_models import build_tiny_lora
 
 pytestmark = [
     pytest.mark.browser,
@@ -81,7 +81,7 @@ def _model_choices(page) -> list[str]:
 
 
 def test_search_download_use_and_delete(hub_models, page_of, tiny_model_dirs, tmp_path):
-    _lora(tiny_model_dirs["sd15"], tmp_path / "lora")
+    build_tiny_lora(tiny_model_dirs["sd15"], tmp_path / "lora")
     hub_models.add("me/red-lora", tmp_path / "lora", tags=("lora",), downloads=3)
     page = page_of()
     assert "acme/tiny-sd" not in _model_choices(page)
@@ -196,7 +196,7 @@ def test_png_info_offers_the_model_and_lora_an_image_names(hub_models, page_of, 
 
     from sd_demo.infotext import Infotext, write_png
 
-    _lora(tiny_model_dirs["sd15"], tmp_path / "lora")
+    build_tiny_lora(tiny_model_dirs["sd15"], tmp_path / "lora")
     hub_models.add("me/red-lora", tmp_path / "lora", tags=("lora",))
     png = tmp_path / "theirs.png"
     write_png(Image.new("RGB", (64, 64)), png, Infotext("a red circle", "", {
