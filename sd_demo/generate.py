@@ -200,7 +200,11 @@ def _flag(name: str, value) -> bool:
     """A bool from a bool or its JSON / form text ("true", "false"); anything else is refused."""
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
+    if not isinstance(value, str):  # 0 / 1 from JSON; str() of a 5000-digit int would raise
+        if value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{name}: {_shown(value)} is not true or false")
+    text = value.strip().lower()
     if text in ("true", "1", "yes", "on"):
         return True
     if text in ("false", "0", "no", "off", ""):
