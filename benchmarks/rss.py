@@ -13,6 +13,6 @@ def peak_rss_mb() -> float:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
-    except OSError:  # not Linux: ru_maxrss (KB on Linux, bytes on macOS; this path is for the rest)
+    except OSError:  # no /proc (not Linux): the kernel's own figure, with that caveat
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

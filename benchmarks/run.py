@@ -6,7 +6,8 @@ run on the same machine, with the ratio, each side's peak RSS and how far the ou
 
 Rows:
 1. the embedded model (128 px, 20 steps, its card's sampler and CFG): stock ``StableDiffusionPipeline`` vs
-   ``Engine.generate``, exact and with the fast switches (Deep cache 3, then the Fast choice); image to image at strength 0.75 (stock ``StableDiffusionImg2ImgPipeline`` vs
+   ``Engine.generate``, exact and with the fast switches (Deep cache 3, then the Fast choice); image to image at
+   strength 0.75 (stock ``StableDiffusionImg2ImgPipeline`` vs
    ``Engine.generate`` with the picture); and the app end to end (gradio_client against ``python app.py`` in a
    child process) vs ``Engine.generate`` in this process.
 2. SD 1.5's architecture with random weights (``benchmarks/sd15.py``, no download), per size: stock vs ours in fp32

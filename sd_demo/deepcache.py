@@ -14,6 +14,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 HOOK = "sd_demo_deepcache"
 
@@ -37,43 +38,39 @@ def _batch(value) -> int:
     return value.shape[0] if isinstance(value, torch.Tensor) else _batch(value[0])
 
 
-def _hooks():
-    from diffusers.hooks import ModelHook
+class _Count(ModelHook):
+    """On the UNet: decides, per call, whether the deep blocks run or reuse their last output."""
 
-    class Count(ModelHook):
-        """On the UNet: decides, per call, whether the deep blocks run or reuse their last output."""
+    def __init__(self, state: _State):
+        super().__init__()
+        self.state = state
 
-        def __init__(self, state: _State):
-            super().__init__()
-            self.state = state
+    @torch.compiler.disable  # (see _Reuse.new_forward)
+    def pre_forward(self, module, *args, **kwargs):
+        self.state.reuse = self.state.calls % self.state.interval != 0
+        self.state.calls += 1
+        return args, kwargs
 
-        @torch.compiler.disable  # (see Reuse.new_forward)
-        def pre_forward(self, module, *args, **kwargs):
-            self.state.reuse = self.state.calls % self.state.interval != 0
-            self.state.calls += 1
-            return args, kwargs
 
-    class Reuse(ModelHook):
-        """On a deep block: its output from the last full call, while the state says reuse."""
+class _Reuse(ModelHook):
+    """On a deep block: its output from the last full call, while the state says reuse."""
 
-        def __init__(self, state: _State):
-            super().__init__()
-            self.state = state
-            self.out = None
+    def __init__(self, state: _State):
+        super().__init__()
+        self.state = state
+        self.out = None
 
-        # Outside any compiled graph (--compile): traced, the call count and the kept outputs became guards, and
-        # every step compiled again until torch gave up. The deep blocks then run uncompiled; the rest stays so.
-        @torch.compiler.disable
-        def new_forward(self, module, *args, **kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if self.state.reuse and self.out is not None:
-                kept = _batch(self.out)
-                if kept == hidden.shape[0] or kept == 2 * hidden.shape[0]:
-                    return _halved(self.out, hidden.shape[0])
-            self.out = self.fn_ref.original_forward(*args, **kwargs)
-            return self.out
-
-    return Count, Reuse
+    # Outside any compiled graph (--compile): traced, the call count and the kept outputs became guards, and every
+    # step compiled again until torch gave up. The deep blocks then run uncompiled; the rest stays so.
+    @torch.compiler.disable
+    def new_forward(self, module, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if self.state.reuse and self.out is not None:
+            kept = _batch(self.out)
+            if kept == hidden.shape[0] or kept == 2 * hidden.shape[0]:
+                return _halved(self.out, hidden.shape[0])
+        self.out = self.fn_ref.original_forward(*args, **kwargs)
+        return self.out
 
 
 def deep_blocks(unet) -> list[torch.nn.Module]:
@@ -89,14 +86,11 @@ def feature_cache(unet, interval: int):
     if interval <= 1:
         yield
         return
-    from diffusers.hooks import HookRegistry
-
-    Count, Reuse = _hooks()
     state = _State(interval)
     modules = [unet, *deep_blocks(unet)]
-    HookRegistry.check_if_exists_or_initialize(unet).register_hook(Count(state), HOOK)
+    HookRegistry.check_if_exists_or_initialize(unet).register_hook(_Count(state), HOOK)
     for block in modules[1:]:
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(Reuse(state), HOOK)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_Reuse(state), HOOK)
     try:
         yield
     finally:

@@ -279,9 +279,7 @@ class LoadedModel:
                 raise ValueError(f"lora: '{source}' could not be loaded: {what}{str(exc).splitlines()[0]}") from exc
         if names:
             self.pipe.set_adapters(names, adapter_weights=[loras[int(n.removeprefix("lora"))][1] for n in names])
-        self.loras = loras
-        if self.compiled:  # frozen graphs hold the weights as they were: compile again (dynamo's guards see new
-            torch._dynamo.reset()  # adapter layers too; this also covers weights changed in place)
+        self.loras = loras  # a compiled model compiles again: dynamo's guards see peft's new adapter layers
 
     def _unload_embeddings(self) -> None:
         if not self.embedding_tokens:
