@@ -15,7 +15,8 @@ Rows:
    extra wait), and the approximate switches, each alone and then together (PSNR against
    the exact image): bf16 (``--dtype bf16``; fast where the CPU has AMX / AVX-512 BF16, slow elsewhere),
    ``cfg_cutoff`` 0.6 (the negative prompt's pass dropped for the last 40 % of the steps), ``deep_cache`` 3 (the
-   UNet's deep blocks every third step, sd_demo.deepcache), the Fast choice (both), and Fast in bf16. The fast
+   UNet's deep blocks every third step, sd_demo.deepcache), ``tiny_vae`` (a TAESD decoder), the Fast choice (all
+   three), and Fast in bf16. The fast
    switches' quality is judged on the embedded model by the project's evaluator (BENCHMARKS.md), not by the PSNR
    of random weights.
 4. a LoRA training step on (1) at 128 px and on (2) at 256 px: ours vs the diffusers example's loop
@@ -50,10 +51,11 @@ SEED = 7
 
 
 # Our sides: (dtype, compiled, GenerationParams switches). The exact path, compiled (--compile: the same pixels),
-# each approximate switch alone, then the Fast choice (Deep cache 3 and CFG cutoff 0.6), then Fast in bf16. A side
+# each approximate switch alone, then the Fast choice (Deep cache 3, CFG cutoff 0.6, tiny VAE), then Fast in bf16. A side
 # ending in IMG2IMG (stock's too) redraws a picture at STRENGTH instead of starting from noise.
 OURS = {"ours": ("auto", False, {}), "ours-compile": ("auto", True, {}), "ours-bf16": ("bf16", False, {}),
         "ours-cutoff": ("auto", False, {"cfg_cutoff": 0.6}), "ours-deepcache": ("auto", False, {"deep_cache": 3}),
+        "ours-tinyvae": ("auto", False, {"tiny_vae": True}),
         "ours-fast": ("auto", False, {"fast": True}), "ours-fast-bf16": ("bf16", False, {"fast": True})}
 EMBEDDED_SIDES = ["stock", "ours", "ours-deepcache", "ours-fast"]  # bf16 does not pay at 128 px
 IMG2IMG, STRENGTH = "-img2img", 0.75

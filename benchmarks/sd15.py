@@ -6,11 +6,12 @@ from pathlib import Path
 
 def build_sd15(folder: Path, device: str = "cpu") -> str:
     """SD 1.5's architecture (UNet 860 M, VAE 84 M, CLIP ViT-L/14 text encoder 123 M) with random weights, saved in
-    fp16 in diffusers layout (loaders upcast as they need). The tokenizer is the tests' small CLIP BPE: vocabulary
-    size hardly affects speed."""
+    fp16 in diffusers layout (loaders upcast as they need), with a random TAESD (AutoencoderTiny's defaults) as its
+    tiny VAE. The tokenizer is the tests' small CLIP BPE: vocabulary size hardly affects speed."""
     import torch
     from diffusers import (
         AutoencoderKL,
+        AutoencoderTiny,
         PNDMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
@@ -36,4 +37,7 @@ def build_sd15(folder: Path, device: str = "cpu") -> str:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(folder / "sd15")
+    from sd_demo.models import TINY_VAE_DIR
+
+    AutoencoderTiny().to(torch.float16).save_pretrained(folder / "sd15" / TINY_VAE_DIR)  # TAESD's architecture
     return str(folder / "sd15")

@@ -22,7 +22,7 @@ from . import __version__, img2img
 from .img2img import HIRES_UPSCALERS, MASKED_CONTENT, RESIZE_MODES
 from .deepcache import feature_cache
 from .infotext import Infotext
-from .models import LoadedModel, compiled_run
+from .models import LoadedModel, compiled_run, load_tiny_vae
 from .prompts import PromptEncoder, WeightedPrompt, needs_encoding, parse_attention
 from .preview import fit_preview_map, latents_to_preview
 from .sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, make_scheduler, resolve_schedule
@@ -42,7 +42,7 @@ MAX_HIRES_SCALE = 4.0  # A1111's slider
 MAX_PROMPT = 8000
 MAX_DEEP_CACHE = 10  # DeepCache's paper goes to 10; past it the reused features are many steps old
 # The Fast choice: switches left off take these values (each measured on its own in BENCHMARKS.md, issue 19)
-FAST = {"deep_cache": 3, "cfg_cutoff": 0.6}
+FAST = {"deep_cache": 3, "cfg_cutoff": 0.6, "tiny_vae": True}
 
 
 def _f(default, help: str, flag: str | None = None, **kw):
@@ -70,8 +70,11 @@ class GenerationParams:
                                 "ends); 1 = never; 0.6 saves about a fifth of the time", type=float)
     deep_cache: int = _f(1, f"fast: run the UNet's deep blocks on every N-th step only and reuse their features in "
                             f"between (DeepCache), 1-{MAX_DEEP_CACHE}; 1 = off, 3 about 1.5-2x faster")
-    fast: bool = _f(False, "the fast settings for what is left off: " + ", ".join(f"{k} {v}" for k, v in FAST.items())
-                    + " (a little detail for about 2x the speed; with --dtype bf16 on a CPU with AMX, about 5x)")
+    tiny_vae: bool = _f(False, "fast: decode with a tiny VAE (TAESD, or the model's own tiny_vae/ folder; "
+                               "downloaded once): 10-15x faster decoding, a little softer fine detail")
+    fast: bool = _f(False, "the fast settings for what is left off: " + ", ".join(
+        k if v is True else f"{k} {v}" for k, v in FAST.items())
+        + " (a little detail for 2-3x the speed; with --dtype bf16 on a CPU with AMX, about 5x)")
     # Image to image, inpainting (with an init image) and hires fix (without one): A1111's controls and names.
     strength: float | None = _f(None, "denoising strength: how much of the init image (or of the hires fix's first "
                                       "pass) is redrawn, 0-1 (default: A1111's 0.75 for an init image, 0.7 for "
@@ -104,7 +107,7 @@ class GenerationParams:
                     guidance_scale=_number("guidance_scale", self.guidance_scale, optional=True),
                     batch_size=_whole("batch_size", self.batch_size), clip_skip=_whole("clip_skip", self.clip_skip),
                     cfg_cutoff=_number("cfg_cutoff", self.cfg_cutoff), deep_cache=_whole("deep_cache", self.deep_cache),
-                    fast=_flag("fast", self.fast))
+                    tiny_vae=_flag("tiny_vae", self.tiny_vae), fast=_flag("fast", self.fast))
         p = replace(p, strength=_number("strength", p.strength, optional=True),
                     mask_blur=_whole("mask_blur", p.mask_blur), only_masked=_flag("only_masked", p.only_masked),
                     only_masked_padding=_whole("only_masked_padding", p.only_masked_padding),
@@ -410,8 +413,12 @@ def encode(model: LoadedModel, images: list[Image.Image]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
-    """VAE-decode (B, 4, h, w) latents to PIL images, retrying in fp32 when fp16 overflows to NaN."""
+def decode(model: LoadedModel, latents: torch.Tensor, tiny: bool = False) -> list[Image.Image]:
+    """VAE-decode (B, 4, h, w) latents to PIL images, retrying in fp32 when fp16 overflows to NaN. ``tiny``: with
+    the model's tiny VAE (load_tiny_vae), which reads the UNet's scaled latents as they are."""
+    if tiny:
+        image = model.tiny_vae.decode(latents.to(model.tiny_vae.dtype), return_dict=False)[0]
+        return model.pipe.image_processor.postprocess(image, output_type="pil")
     vae = model.pipe.vae
     if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.to(torch.float32)  # the SDXL VAE is known to overflow in fp16: upcast once and keep it
@@ -440,18 +447,19 @@ def _txt2img(model: LoadedModel, p: GenerationParams, pos, neg, progress: _Progr
                       **(_redraw_all(model, Image.new("RGB", (p.width, p.height), (127, 127, 127)), 1.0) if nine
                          else {}))
     if not hires or progress.stopped():
-        return decode(model, latents)
+        return decode(model, latents, p.tiny_vae)
     width, height = img2img.hires_size(p.width, p.height, p.hires_scale, p.hires_width, p.hires_height)
     f = model.pipe.vae_scale_factor
     if nine:  # an inpainting checkpoint redraws pictures: the first pass enlarged in pixels
-        start = [im.resize((width, height), img2img.pixel_resample(p.hires_upscaler)) for im in decode(model, latents)]
+        resample = img2img.pixel_resample(p.hires_upscaler)
+        start = [im.resize((width, height), resample) for im in decode(model, latents, p.tiny_vae)]
     elif img2img.is_latent_upscaler(p.hires_upscaler):
         start = img2img.upscale_latents(latents, (height // f, width // f), p.hires_upscaler)
     else:
         resample = img2img.pixel_resample(p.hires_upscaler)
-        start = encode(model, [im.resize((width, height), resample) for im in decode(model, latents)])
+        start = encode(model, [im.resize((width, height), resample) for im in decode(model, latents, p.tiny_vae)])
     if not later:
-        return start if nine else decode(model, start)
+        return start if nine else decode(model, start, p.tiny_vae)
     # A1111 runs the hires steps in full: a schedule stretched so that 'strength' of it is that many steps
     steps = math.ceil(later / min(p.strength, 0.999))
     second = replace(p, width=width, height=height, steps=steps)
@@ -460,7 +468,7 @@ def _txt2img(model: LoadedModel, p: GenerationParams, pos, neg, progress: _Progr
                       progress.callback(model, p.cfg_cutoff, before=before),
                       **(_redraw_all(model, start, p.strength) if nine else
                          dict(pipe=variant(model, "img2img"), image=start, strength=p.strength)))
-    return decode(model, latents)
+    return decode(model, latents, p.tiny_vae)
 
 
 def _redraw_all(model: LoadedModel, image: Image.Image | list[Image.Image], strength: float) -> dict:
@@ -502,11 +510,11 @@ def _img2img(model: LoadedModel, p: GenerationParams, pos, neg, init: Image.Imag
     callback = functools.partial(progress.callback, model, p.cfg_cutoff)
     if int(p.steps * p.strength) < 1:  # no step to run (strength 0): the source after the VAE's round trip
         start = encode(model, [prepared.image]).repeat(p.batch_size, 1, 1, 1)
-        return img2img.paste_back(prepared, decode(model, start))
+        return img2img.paste_back(prepared, decode(model, start, p.tiny_vae))
     if nine:  # the inpaint pipeline encodes the picture and its masked copy itself
         latents = denoise(model, p, pos, neg, generators, callback(), pipe=variant(model, "inpaint"),
                           image=prepared.image, mask_image=prepared.mask, strength=p.strength)
-        return img2img.paste_back(prepared, decode(model, latents))
+        return img2img.paste_back(prepared, decode(model, latents, p.tiny_vae))
     start = encode(model, [prepared.image]).repeat(p.batch_size, 1, 1, 1)  # (B, 4, h, w)
     blend = None
     if prepared.mask is not None:
@@ -516,7 +524,7 @@ def _img2img(model: LoadedModel, p: GenerationParams, pos, neg, init: Image.Imag
         start = img2img.start_latents(start, keep, p.masked_content, fill_noise)
     latents = denoise(model, p, pos, neg, generators, callback(blend=blend), pipe=variant(model, "img2img"),
                       image=start, strength=p.strength)
-    return img2img.paste_back(prepared, decode(model, latents))
+    return img2img.paste_back(prepared, decode(model, latents, p.tiny_vae))
 
 
 def make_infotext(model: LoadedModel, p: GenerationParams, seed: int, source: tuple[int, int] | None = None,
@@ -555,6 +563,8 @@ def make_infotext(model: LoadedModel, p: GenerationParams, seed: int, source: tu
         params["CFG cutoff"] = p.cfg_cutoff
     if p.deep_cache > 1:
         params["Deep cache"] = p.deep_cache
+    if p.tiny_vae:
+        params["Tiny VAE"] = model.tiny_vae_name
     params["Version"] = f"sd_demo {__version__}"
     return Infotext(p.prompt, p.negative_prompt, params)
 
@@ -578,7 +588,11 @@ def generate(
     p = check_inputs(model, params, init.size if init else None)
     t0 = time.perf_counter()
     progress = _Progress(on_step, cancel, preview_every, {})
+    notes = []
     with model.lock, compiled_run(model):  # one job at a time per pipeline: the scheduler below is pipeline state
+        if p.tiny_vae and (missing := load_tiny_vae(model)):  # Fast still runs, on the full VAE, and says so
+            p = replace(p, tiny_vae=False)
+            notes.append(f"tiny VAE: {missing}; decoded with the full VAE")
         key = (p.sampler, p.schedule)
         if key not in model.schedulers:  # built once per pair; set_timesteps resets its state each run
             model.schedulers[key] = make_scheduler(p.sampler, p.schedule, model.base_scheduler_config)
@@ -593,7 +607,7 @@ def generate(
         infotexts=[make_infotext(model, p, s, source, mask is not None) for s in seeds],
         seeds=seeds,
         interrupted_at=progress.state.get("interrupted_at"),
-        warnings=[f"prompt: {w}" for w in pos.warnings] + [f"negative prompt: {w}" for w in neg.warnings],
+        warnings=[f"prompt: {w}" for w in pos.warnings] + [f"negative prompt: {w}" for w in neg.warnings] + notes,
         seconds=time.perf_counter() - t0,
     )
 
@@ -639,6 +653,8 @@ def params_from_infotext(info: Infotext) -> tuple[GenerationParams, list[str]]:
             values["width"], values["height"] = info.size
         elif key == "Hires resize" and _size(value):
             values["hires_width"], values["hires_height"] = _size(value)
+        elif key == "Tiny VAE":
+            values["tiny_vae"] = True
         elif key == "Inpaint area":
             values["only_masked"] = value == "Only masked"
         # the model and LoRAs: engine.locate_*; the source picture's size: the PNG does not hold the source

@@ -418,6 +418,15 @@ def adapter_name(source: str) -> str:
     return Path(source).name
 
 
+def fetch_files(repo_id: str, patterns: list[str], tqdm_class=None) -> Path:
+    """The files of a repo that match ``patterns`` (from the local cache when offline); its snapshot folder."""
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=is_offline(),
+                                      cache_dir=cache_dir(), tqdm_class=tqdm_class))
+    except Exception as exc:
+        raise hub_error(repo_id, None, exc) from exc
+
+
 def fetch_adapter(repo_id: str, revision: str | None = None, tqdm_class=None, cached_only: bool = False) -> Path:
     """The one LoRA or embedding file of a repo (diffusers' ``pytorch_lora_weights.safetensors``, else its largest
     .safetensors; never a pickle, never the other files: a repo that keeps every epoch is gigabytes); its path.

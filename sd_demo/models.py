@@ -46,6 +46,10 @@ DEFAULT_STEPS = 20  # A1111's step count, likewise
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("auto", "sdpa", "xformers")
+# A tiny VAE (AutoencoderTiny) for the Fast choice: a model folder's own tiny_vae/ (the embedded model ships one),
+# else TAESD for the model's latent space (madebyollin's, the one A1111 and ComfyUI use)
+TINY_VAE_DIR = "tiny_vae"
+TINY_VAES = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
 MAX_SPEC = 4096  # PATH_MAX: a longer name is neither a folder here nor a Hub id
 
 
@@ -236,6 +240,9 @@ class LoadedModel:
     loras: tuple = ()  # ((path or repo id, scale), ...) currently applied
     embedding_tokens: list = field(default_factory=list)  # textual-inversion tokens those brought in
     compiled: bool = False  # torch.compile'd UNet and VAE decoder (compile_pipeline)
+    tiny_vae: Any = None  # AutoencoderTiny, loaded on first use (load_tiny_vae)
+    tiny_vae_name: str = ""  # where it came from, for the infotext
+    tiny_vae_missing: str = ""  # why there is none, once a load failed (not retried: it would wait on the Hub)
 
     def set_loras(self, loras: list[tuple[str, float]]) -> None:
         """Apply exactly these adapters, no-op when unchanged: LoRAs (diffusers or kohya format, safetensors only)
@@ -561,6 +568,24 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
         base_scheduler_config=dict(pipe.scheduler.config),
         compiled=plan.compile,
     )
+
+
+def load_tiny_vae(model: LoadedModel) -> str:
+    """Load the model's tiny VAE once: its folder's TINY_VAE_DIR, else TAESD for its family from the Hub (cached
+    when offline). Returns "" when it is ready, else one line saying why there is none."""
+    if model.tiny_vae is None and not model.tiny_vae_missing:
+        local = model.folder / TINY_VAE_DIR
+        name = TINY_VAE_DIR if (local / "config.json").is_file() else TINY_VAES[model.family]
+        try:
+            folder = local if name == TINY_VAE_DIR else hub.fetch_files(
+                name, ["config.json", "diffusion_pytorch_model.safetensors"])
+            vae = diffusers.AutoencoderTiny.from_pretrained(folder, torch_dtype=model.dtype, use_safetensors=True)
+            model.tiny_vae, model.tiny_vae_name = vae.to(model.device).eval(), name
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            model.tiny_vae_missing = f"{name} could not be loaded ({reason})"
+            log.warning("tiny VAE: %s", model.tiny_vae_missing)
+    return model.tiny_vae_missing
 
 
 def compile_pipeline(pipe) -> None:

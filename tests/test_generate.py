@@ -385,6 +385,49 @@ def test_deep_cache_runs_the_deep_blocks_every_nth_step_only(tiny_model_dirs, fa
     assert params.deep_cache == 2 and params.cfg_cutoff == 0.5 and not ignored
 
 
+def test_the_tiny_vae_comes_from_the_models_folder_or_the_hub_and_is_skipped_with_a_note(tiny_model_dirs, fake_hub,
+                                                                                       tmp_path):
+    """tiny_vae decodes with the model's own tiny_vae/ folder, else with TAESD downloaded from the Hub (the full VAE's
+    decoder then never runs); where neither can be had the picture is decoded by the full VAE, as without the
+    switch, and the run says why. The parameters name the tiny VAE that ran."""
+    import shutil
+
+    from sd_demo.models import TINY_VAE_DIR, load_model
+    from tests.tiny_models import build_tiny_taesd
+
+    own = tmp_path / "own"
+    shutil.copytree(tiny_model_dirs["sd15"], own)
+    build_tiny_taesd(own / TINY_VAE_DIR)
+    model = load_model(str(own))
+    full_decoder = []
+    hook = model.pipe.vae.decoder.register_forward_pre_hook(lambda *a: full_decoder.append(1))
+    plain = run(model, steps=3)
+    assert len(full_decoder) == 1
+    tiny = run(model, steps=3, tiny_vae=True)
+    hook.remove()
+    assert len(full_decoder) == 1 and not tiny.warnings
+    assert tiny.infotexts[0].params["Tiny VAE"] == TINY_VAE_DIR and "Tiny VAE" not in plain.infotexts[0].params
+    assert px(tiny.images[0]).tobytes() != px(plain.images[0]).tobytes()
+    assert params_from_infotext(tiny.infotexts[0]) == (GenerationParams(**{
+        **vars(params_from_infotext(plain.infotexts[0])[0]), "tiny_vae": True}), [])
+
+    model = load_model(str(tiny_model_dirs["sd15"]))  # no folder of its own: TAESD, which the Hub lacks
+    plain = run(model, steps=3)
+    missing = run(model, steps=3, tiny_vae=True)
+    assert missing.warnings == ["tiny VAE: madebyollin/taesd could not be loaded (unknown model 'madebyollin/taesd': "
+                                "no such repo on the Hub (check the id, or log in if private)); decoded with the full "
+                                "VAE"]
+    assert px(missing.images[0]).tobytes() == px(plain.images[0]).tobytes()
+    assert "Tiny VAE" not in missing.infotexts[0].params
+
+    fake_hub.add("madebyollin/taesd", build_tiny_taesd(tmp_path / "taesd"))
+    model = load_model(str(tiny_model_dirs["sd15"]))
+    hub = run(model, steps=3, tiny_vae=True)
+    assert hub.infotexts[0].params["Tiny VAE"] == "madebyollin/taesd" and not hub.warnings
+    assert fake_hub.downloads("diffusion_pytorch_model.safetensors")
+    assert px(hub.images[0]).tobytes() != px(plain.images[0]).tobytes()
+
+
 def test_fast_fills_in_the_switches_left_off(loaded_models):
     """The Fast choice: Deep cache 3 and CFG cutoff 0.6 where the request leaves them off; a switch set by hand
     wins, and the infotext records what ran (so sending the picture back reproduces it without Fast)."""

@@ -8,6 +8,7 @@ Everything here is built in-process (no Hugging Face Hub access):
                              ``from_pretrained(repo_id)`` work with ``HF_HUB_OFFLINE=1``.
 * ``make_pickle_only``     - turn a saved folder into a pickle-only (``*.bin``) one.
 * ``build_tiny_captioner`` - a random BLIP image-to-text model and processor (auto-captioning).
+* ``build_tiny_taesd``     - a random tiny VAE (AutoencoderTiny), as TAESD or a model's own ``tiny_vae/``.
 
 The models produce noise, not images; they only have the right *shapes* and *configs* so that
 the real diffusers pipelines run end to end in well under a second on CPU.
@@ -436,3 +437,14 @@ def build_tiny_lora(model_dir, out) -> None:
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                      init_lora_weights=False))
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+
+
+def build_tiny_taesd(out) -> Path:
+    """A random AutoencoderTiny (TAESD's class) with 8 channels, saved as safetensors in ``out``."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                    num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4).save_pretrained(out)
+    return Path(out)

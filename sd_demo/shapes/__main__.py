@@ -2,7 +2,8 @@
 [--save DIR]  (prints markdown tables; --save also writes a few example renders with their captions).
 
 Also: ``python -m sd_demo.shapes train --out DIR`` (train the embedded model from nothing, see train.py) and
-``python -m sd_demo.shapes eval --model DIR`` (held-out prompt adherence table, see eval_model.py)."""
+``python -m sd_demo.shapes eval --model DIR`` (held-out prompt adherence table, see eval_model.py), and
+``python -m sd_demo.shapes train-tiny-vae --model DIR`` (its tiny VAE for the Fast choice, see tiny_vae.py)."""
 from __future__ import annotations
 
 import argparse
@@ -75,7 +76,13 @@ def eval_main(argv: list[str]) -> None:
     eval_model_main(argv)
 
 
-SUBCOMMANDS = {"train": train_main, "eval": eval_main}
+def tiny_vae_main(argv: list[str]) -> None:
+    from .tiny_vae import main as tiny_vae_main_
+
+    tiny_vae_main_(argv)
+
+
+SUBCOMMANDS = {"train": train_main, "eval": eval_main, "train-tiny-vae": tiny_vae_main}
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ class GenerateTab:
     cfg_cutoff: gr.Slider  # an input after model and loras (the API's positions before it stay as they were)
     deep_cache: gr.Slider  # with fast: inputs after the X/Y/Z plot's (the API's positions before stay)
     fast: gr.Checkbox
+    tiny_vae: gr.Checkbox  # an input after fast
     hires: list  # [on, scale, steps, strength, upscaler, width, height]: the Hires. fix accordion, API order
     send_img2img: gr.Button  # "Send to img2img" under the gallery (wired by ui.img2img)
     gallery: gr.Gallery
@@ -55,13 +56,13 @@ class GenerateTab:
 
     def speed_components(self) -> list:
         """The fast switches, in the order of ``speed_values``."""
-        return [self.cfg_cutoff, self.deep_cache, self.fast]
+        return [self.cfg_cutoff, self.deep_cache, self.tiny_vae, self.fast]
 
 
 def speed_values(params: GenerationParams) -> list:
     """The fast switches' values for a picture's parameters: as recorded (its infotext has what Fast resolved to),
     Fast itself off so that nothing more is added."""
-    return [params.cfg_cutoff, params.deep_cache, False]
+    return [params.cfg_cutoff, params.deep_cache, params.tiny_vae, False]
 
 
 # Generation handlers wait in the engine's queue (sd_demo.runqueue), which runs one job at a time and tells each its
@@ -186,6 +187,7 @@ def make_generate_fn(engine: Engine, public: bool):
         z_values: str = "",
         deep_cache: int = GenerationParams.deep_cache,
         fast: bool = GenerationParams.fast,
+        tiny_vae: bool = GenerationParams.tiny_vae,
         visitor: str | None = None,  # a gr.State (not an API argument): whose training results are usable
         request: gr.Request = None,
         progress=gr.Progress(),
@@ -230,8 +232,10 @@ def make_generate_fn(engine: Engine, public: bool):
             z_values: Its values.
             deep_cache: Fast: run the UNet's deep blocks on every N-th step only and reuse their features between
                 (DeepCache); 1 for off, 3 is about 1.5-2x faster.
-            fast: The Fast choice: the fast switches left off take Deep cache 3 and CFG cutoff 0.6 (about 2x faster,
-                a little less detail).
+            fast: The Fast choice: the fast switches left off take Deep cache 3, CFG cutoff 0.6 and the tiny VAE
+                (2-3x faster, a little less detail).
+            tiny_vae: Fast: decode with a tiny VAE (TAESD, or the model's own), 10-15x faster decoding with a
+                little softer fine detail.
         """
         values = {k: v for k, v in locals().items() if k in REQUEST_FIELDS}
         model, lora_list, params, axes = generation_request(engine, public, **values)
@@ -244,7 +248,7 @@ def make_generate_fn(engine: Engine, public: bool):
 def generation_request(engine: Engine, public: bool, *, prompt, negative_prompt, sampler, schedule, steps,
                        guidance_scale, width, height, seed, batch_size, clip_skip, model, loras, cfg_cutoff, hires,
                        hires_scale, hires_steps, strength, hires_upscaler, hires_width, hires_height, x_type,
-                       x_values, y_type, y_values, z_type, z_values, deep_cache, fast, visitor):
+                       x_values, y_type, y_values, z_type, z_values, deep_cache, fast, tiny_vae, visitor):
     """(model spec, LoRA list, validated params, X/Y/Z axes or None) of the Generate tab's raw values, or gr.Error
     naming the field to change."""
     on = dict(hires_scale=hires_scale, hires_steps=hires_steps, strength=strength, hires_upscaler=hires_upscaler,
@@ -253,7 +257,7 @@ def generation_request(engine: Engine, public: bool, *, prompt, negative_prompt,
         engine, public, visitor, model, loras, prompt=prompt or "", negative_prompt=negative_prompt or "",
         steps=steps, guidance_scale=guidance_scale, width=width, height=height, seed=seed, sampler=sampler,
         schedule=schedule, batch_size=batch_size, clip_skip=clip_skip, cfg_cutoff=cfg_cutoff, deep_cache=deep_cache,
-        fast=fast, **on)
+        fast=fast, tiny_vae=tiny_vae, **on)
     axes = [(kind or "Nothing", values) for kind, values in
             ((x_type, x_values), (y_type, y_values), (z_type, z_values))]
     return model, lora_list, params, None if all(kind == "Nothing" for kind, _ in axes) else axes
@@ -448,8 +452,8 @@ def sampling_controls(d: ModelDefaults, size_info: str | None = None) -> Samplin
         random_btn = gr.Button("🎲", scale=1, min_width=40)
         reuse_btn = gr.Button("♻️", scale=1, min_width=40)
     fast = gr.Checkbox(GenerationParams.fast, label="Fast", elem_classes="fast",
-                       info=f"Deep cache {FAST['deep_cache']} and CFG cutoff {FAST['cfg_cutoff']} (where Advanced "
-                            "leaves them off): about 2x faster, a little less detail")
+                       info=f"Deep cache {FAST['deep_cache']}, CFG cutoff {FAST['cfg_cutoff']} and the tiny VAE "
+                            "(where Advanced leaves them off): 2-3x faster, a little less detail")
     return SamplingControls(sampler, schedule, steps, width, height, batch, cfg, seed, random_btn, reuse_btn, fast)
 
 
@@ -544,6 +548,9 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                                        label="Deep cache (fast)", elem_id="deep-cache",
                                        info="run the UNet's deep blocks every N steps and reuse their features in "
                                             "between (DeepCache): 3 is about 1.5-2x faster; 1 = off")
+                tiny_vae = gr.Checkbox(GenerationParams.tiny_vae, label="Tiny VAE (fast)", elem_id="tiny-vae",
+                                       info="decode with TAESD (or the model's own tiny VAE; downloaded once): "
+                                            "10-15x faster decoding, a little softer fine detail")
         with gr.Column(scale=6):
             with gr.Row():
                 run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=2)
@@ -566,9 +573,10 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     picked = gr.State(0)  # the gallery's selected image (a new result selects none: its first is sent)
     hires = [hires_on, hires_scale, hires_steps, hires_strength, hires_upscaler, hires_width, hires_height]
     tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip, lora,
-                      model, cfg_cutoff, deep_cache, fast, hires, send_img2img, gallery, infos, picked, model_status)
+                      model, cfg_cutoff, deep_cache, fast, tiny_vae, hires, send_img2img, gallery, infos, picked,
+                      model_status)
 
-    inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, *xyz_inputs, deep_cache, fast, visitor]
+    inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, *xyz_inputs, deep_cache, fast, tiny_vae, visitor]
     outputs = [gallery, preview, status, infotext, infos]
     generate_fn = make_generate_fn(engine, public)
     run_btn.click(generate_fn, inputs, outputs, api_name="generate", trigger_mode="multiple", **RUN)
