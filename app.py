@@ -22,6 +22,8 @@ from sd_demo.ui import train as train_tab
 
 log = logging.getLogger("sd_demo")
 QUEUE_MAX = 20  # waiting jobs beyond this are refused with "queue full" instead of piling up
+# how often gradio's queue looks for new events and for progress to send (see build_demo)
+QUEUE_POLL_S, PROGRESS_POLL_S = 0.02, 0.1
 # Largest single upload. Public: a PNG to read or a training image is a few MB, and public training data is capped
 # at 200 MB unpacked anyway; private: the owner's dataset zip may hold hundreds of photos.
 MAX_UPLOAD = {True: "50mb", False: "2gb"}
@@ -124,6 +126,10 @@ def build_demo(args: argparse.Namespace) -> gr.Blocks:
         if args.mcp:
             mcp_tools.add_tools(engine, public)
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)
+    # Gradio's queue looks for new events every 1 ms and for progress every 10 ms, idle or not: on a 2-core CPU
+    # those wake-ups took a fifth of the denoising threads' speed (BENCHMARKS.md, session 20). A new request now
+    # waits at most QUEUE_POLL_S to start; pages show a step at most every 0.25 s (ui.generate.UPDATE_S) anyway.
+    demo._queue.sleep_when_free, demo._queue.progress_update_sleep_when_free = QUEUE_POLL_S, PROGRESS_POLL_S
     demo.engine = engine  # for tests and scripts that drive the app in-process
     return demo
 

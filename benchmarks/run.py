@@ -2,6 +2,7 @@
 run on the same machine, with the ratio, each side's peak RSS and how far the outputs differ.
 
     python -m benchmarks [--runs 3] [--sd15-sizes 256,512] [--sd15-steps 5] [--sd15-sides ours,ours-fast]
+        [--sd15-model DIR] [--sdxl | --sdxl-model DIR] [--sdxl-size 512] [--sdxl-steps 5] [--sdxl-sides ...]
         [--skip-sd15] [--skip-embedded] [--skip-app] [--skip-train]
 
 Rows:
@@ -19,6 +20,8 @@ Rows:
    three), and Fast in bf16. The fast
    switches' quality is judged on the embedded model by the project's evaluator (BENCHMARKS.md), not by the PSNR
    of random weights.
+3. with ``--sdxl``: SDXL's architecture with random weights at 512 px, stock against our sides, each image made by
+   its own process (two fp32 SDXL pipelines do not fit 24 GB in one).
 4. a LoRA training step on (1) at 128 px and on (2) at 256 px: ours vs the diffusers example's loop
    (``benchmarks/train.py``), the sides alternating run by run, each in a child process.
 5. cold start: process start to the first image (the CLI vs a stock script), and peak RSS while loading.
@@ -79,13 +82,13 @@ def runner(side: str, model: str, size: int | None, steps: int):
     cfg, sampler, _ = card_settings(folder)
     init = source(size) if side.endswith(IMG2IMG) else None
     if side.startswith("stock"):
-        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
 
         from sd_demo.sampling.registry import make_scheduler
 
-        kind = StableDiffusionPipeline if init is None else StableDiffusionImg2ImgPipeline
-        pipe = kind.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False,
-                                    dtype=torch.float32)
+        kind = AutoPipelineForText2Image if init is None else AutoPipelineForImage2Image
+        sd = {} if peek(model)[0] == "sdxl" else dict(safety_checker=None, requires_safety_checker=False)
+        pipe = kind.from_pretrained(str(folder), dtype=torch.float32, **sd)
         pipe.scheduler = make_scheduler(sampler, "Automatic", dict(pipe.scheduler.config))
         pipe.set_progress_bar_config(disable=True)
         extra = dict(height=size, width=size) if init is None else dict(image=init, strength=STRENGTH)
@@ -161,6 +164,21 @@ def compare(model: str, size: int | None, steps: int, sides: list[str], runs: in
     from sd_demo.engine import DEVICE
 
     speed = alternate({s: DEVICE.call(runner, s, model, size, steps) for s in sides}, runs)
+    return rows_of(solo, speed, sides, label)
+
+
+def compare_apart(model: str, size: int, steps: int, sides: list[str], runs: int, label: str) -> list[dict]:
+    """As ``compare``, each image made by a fresh process (its first image, load excluded), the sides alternating:
+    for SDXL, whose fp32 pipelines do not fit 24 GB two at a time."""
+    times, solo = {s: [] for s in sides}, {}
+    for _ in range(runs):
+        for s in sides:
+            solo[s] = alone(s, model, size, steps)
+            times[s].append(solo[s][0]["first_image_s"] - solo[s][0]["load_s"])
+    return rows_of(solo, {s: statistics.median(v) for s, v in times.items()}, sides, label)
+
+
+def rows_of(solo: dict, speed: dict, sides: list[str], label: str) -> list[dict]:
     base, ref = sides[0], solo[sides[0]][1].astype(int)
     exact = solo.get("ours", solo[base])[1]
     rows = []
@@ -309,6 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sd15-sizes", default="256,512")
     ap.add_argument("--sd15-steps", type=int, default=5, help="steps per SD 1.5 image (each costs seconds on a CPU)")
     ap.add_argument("--sd15-sides", help=f"comma-separated, of {', '.join(OURS)} (default: all)")
+    ap.add_argument("--sd15-model", help="a folder benchmarks/sd15.py built before (default: build one, ~2 min)")
+    ap.add_argument("--sdxl", action="store_true", help="add SDXL's architecture (random weights, ~7 GB built in a "
+                    "temporary folder), each image in its own process")
+    ap.add_argument("--sdxl-model", help="a folder benchmarks/sd15.py's build_sdxl made before")
+    ap.add_argument("--sdxl-size", type=int, default=512)
+    ap.add_argument("--sdxl-steps", type=int, default=5)
+    ap.add_argument("--sdxl-sides", default="ours,ours-fast,ours-fast-bf16", help="comma-separated, of OURS")
     ap.add_argument("--skip-sd15", action="store_true")
     ap.add_argument("--skip-embedded", action="store_true", help="leave out the embedded model's generation rows")
     ap.add_argument("--skip-app", action="store_true")
@@ -340,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     if not a.skip_sd15:
         from benchmarks.sd15 import build_sd15
 
-        sd15 = build_sd15(Path(tempfile.mkdtemp()))
+        sd15 = a.sd15_model or build_sd15(Path(tempfile.mkdtemp()))
         for size in (int(s) for s in a.sd15_sizes.split(",")):
             rows += compare(sd15, size, a.sd15_steps, ["stock", *(a.sd15_sides.split(",") if a.sd15_sides else OURS)],
                             a.runs,
@@ -348,6 +373,12 @@ def main(argv: list[str] | None = None) -> None:
         if not a.skip_train:
             rows.append(train_row(sd15, 256, a.runs, "training, SD 1.5 arch 256 px, batch 1", steps=6, warmup=2))
         notes.append(gflops(sd15, 512))
+    if a.sdxl or a.sdxl_model:
+        from benchmarks.sd15 import build_sdxl
+
+        sdxl = a.sdxl_model or build_sdxl(Path(tempfile.mkdtemp()))
+        rows += compare_apart(sdxl, a.sdxl_size, a.sdxl_steps, ["stock", *a.sdxl_sides.split(",")], a.runs,
+                              f"SDXL arch {a.sdxl_size} px, {a.sdxl_steps} steps")
     if not a.skip_embedded:
         rows.append(cold_start())
     print(table(rows))

@@ -42,7 +42,7 @@ MAX_HIRES_SCALE = 4.0  # A1111's slider
 MAX_PROMPT = 8000
 MAX_DEEP_CACHE = 10  # DeepCache's paper goes to 10; past it the reused features are many steps old
 # The Fast choice: switches left off take these values (each measured on its own in BENCHMARKS.md, issue 19)
-FAST = {"deep_cache": 3, "cfg_cutoff": 0.6, "tiny_vae": True}
+FAST = {"deep_cache": 3, "cfg_cutoff": 0.6}
 
 
 def _f(default, help: str, flag: str | None = None, **kw):
@@ -70,11 +70,10 @@ class GenerationParams:
                                 "ends); 1 = never; 0.6 saves about a fifth of the time", type=float)
     deep_cache: int = _f(1, f"fast: run the UNet's deep blocks on every N-th step only and reuse their features in "
                             f"between (DeepCache), 1-{MAX_DEEP_CACHE}; 1 = off, 3 about 1.5-2x faster")
-    tiny_vae: bool = _f(False, "fast: decode with a tiny VAE (TAESD, or the model's own tiny_vae/ folder; "
-                               "downloaded once): 10-15x faster decoding, a little softer fine detail")
-    fast: bool = _f(False, "the fast settings for what is left off: " + ", ".join(
-        k if v is True else f"{k} {v}" for k, v in FAST.items())
-        + " (a little detail for 2-3x the speed; with --dtype bf16 on a CPU with AMX, about 5x)")
+    tiny_vae: bool = _f(False, "fast: decode with a tiny VAE (TAESD for SD's VAE, downloaded once, or the model's "
+                               "own tiny_vae/ folder): 10-15x faster decoding, softer fine detail")
+    fast: bool = _f(False, "the fast settings for what is left off: " + ", ".join(f"{k} {v}" for k, v in FAST.items())
+                    + " (a little detail for about 2x the speed; with --dtype bf16 on a CPU with AMX, about 5x)")
     # Image to image, inpainting (with an init image) and hires fix (without one): A1111's controls and names.
     strength: float | None = _f(None, "denoising strength: how much of the init image (or of the hires fix's first "
                                       "pass) is redrawn, 0-1 (default: A1111's 0.75 for an init image, 0.7 for "

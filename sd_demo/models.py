@@ -50,6 +50,7 @@ ATTENTION = ("auto", "sdpa", "xformers")
 # else TAESD for the model's latent space (madebyollin's, the one A1111 and ComfyUI use)
 TINY_VAE_DIR = "tiny_vae"
 TINY_VAES = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
+SD_VAE_SCALES = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}  # the VAEs TAESD was distilled from
 MAX_SPEC = 4096  # PATH_MAX: a longer name is neither a folder here nor a Hub id
 
 
@@ -576,6 +577,11 @@ def load_tiny_vae(model: LoadedModel) -> str:
     if model.tiny_vae is None and not model.tiny_vae_missing:
         local = model.folder / TINY_VAE_DIR
         name = TINY_VAE_DIR if (local / "config.json").is_file() else TINY_VAES[model.family]
+        scale = model.pipe.vae.config.scaling_factor
+        if name != TINY_VAE_DIR and not math.isclose(scale, SD_VAE_SCALES[model.family], rel_tol=1e-3):
+            model.tiny_vae_missing = (f"this model's VAE is not SD's (scaling factor {scale:g}), so {name} would "
+                                      f"draw noise, and it has no {TINY_VAE_DIR}/ folder of its own")
+            return model.tiny_vae_missing
         try:
             folder = local if name == TINY_VAE_DIR else hub.fetch_files(
                 name, ["config.json", "diffusion_pytorch_model.safetensors"])

@@ -390,6 +390,7 @@ def test_the_tiny_vae_comes_from_the_models_folder_or_the_hub_and_is_skipped_wit
     """tiny_vae decodes with the model's own tiny_vae/ folder, else with TAESD downloaded from the Hub (the full VAE's
     decoder then never runs); where neither can be had the picture is decoded by the full VAE, as without the
     switch, and the run says why. The parameters name the tiny VAE that ran."""
+    import json
     import shutil
 
     from sd_demo.models import TINY_VAE_DIR, load_model
@@ -426,6 +427,17 @@ def test_the_tiny_vae_comes_from_the_models_folder_or_the_hub_and_is_skipped_wit
     assert hub.infotexts[0].params["Tiny VAE"] == "madebyollin/taesd" and not hub.warnings
     assert fake_hub.downloads("diffusion_pytorch_model.safetensors")
     assert px(hub.images[0]).tobytes() != px(plain.images[0]).tobytes()
+
+    # a VAE of its own (the embedded model's kind): TAESD reads SD's latents only, so it is not even fetched
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dirs["sd15"], other)
+    config = json.loads((other / "vae" / "config.json").read_text())
+    (other / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.5}))
+    fetched = len(fake_hub.requests)
+    result = run(load_model(str(other)), steps=3, tiny_vae=True)
+    assert result.warnings == ["tiny VAE: this model's VAE is not SD's (scaling factor 0.5), so madebyollin/taesd "
+                               "would draw noise, and it has no tiny_vae/ folder of its own; decoded with the full VAE"]
+    assert len(fake_hub.requests) == fetched
 
 
 def test_fast_fills_in_the_switches_left_off(loaded_models):

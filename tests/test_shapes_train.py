@@ -121,3 +121,23 @@ def test_the_training_engine_continues_the_recipes_model_with_full_fine_tuning(t
     assert tuned.scheduler.config.prediction_type == "v_prediction"
     for a, b in ((tuned.unet, base.unet), (tuned.text_encoder, base.text_encoder)):
         assert any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_train_tiny_vae_writes_a_tiny_vae_the_app_decodes_with(toy_model, tmp_path):
+    """``train-tiny-vae`` distils an AutoencoderTiny into the model's tiny_vae/ (no config key diffusers would warn
+    about), and a generation with tiny_vae decodes with it."""
+    import shutil
+
+    from sd_demo.generate import GenerationParams, generate
+    from sd_demo.models import TINY_VAE_DIR, load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(toy_model, model)
+    main(["train-tiny-vae", "--model", str(model), "--steps", "3", "--scenes", "16", "--generated", "4",
+          "--threads", "1"])
+    config = json.loads((model / TINY_VAE_DIR / "config.json").read_text())
+    assert config["_class_name"] == "AutoencoderTiny" and "block_out_channels" not in config
+    assert not (model / f"{TINY_VAE_DIR}.tmp").exists()
+    result = generate(load_model(str(model)), GenerationParams(prompt="a red circle", steps=2, seed=0,
+                                                               tiny_vae=True))
+    assert result.infotexts[0].params["Tiny VAE"] == TINY_VAE_DIR and not result.warnings

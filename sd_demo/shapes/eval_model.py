@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from .vocab import Position, Size
 from .world import make_scene, triples
 
 # The quality bar of the embedded model (issue 4), on held-out prompts at 20 steps.
+SWITCHES = ("cfg_cutoff", "deep_cache", "tiny_vae", "fast")  # GenerationParams' fast ones, flags of `eval`
 BAR = {"background": 0.95, "color": 0.90, "shape": 0.85, "position": 0.80}
 
 
@@ -53,7 +54,7 @@ def run_eval(model, prompts: list[str], seeds: list[int], *, steps: int = 20, gu
              sampler: str | None = None, schedule: str = "Automatic", **switches) -> EvalRun:
     """Generate every (prompt, seed) pair with the app's ``generate`` and judge it. ``model`` is a LoadedModel;
     ``sampler`` None is the model's default (its card's recommendation, else the app's); ``switches``: more
-    GenerationParams fields (the fast ones: cfg_cutoff, deep_cache, fast)."""
+    GenerationParams fields (the fast ones: SWITCHES)."""
     from ..generate import GenerationParams, generate
 
     pairs = [(p, s) for p in prompts for s in seeds]
@@ -92,6 +93,9 @@ def bar_margin(report: Report) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..flags import add_field_flags
+    from ..generate import GenerationParams
+
     parser = argparse.ArgumentParser(prog="python -m sd_demo.shapes eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded", help="'embedded' or a diffusers folder")
@@ -101,9 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="the model's precision (bf16 on a CPU: the fast path where it has AVX-512 BF16 / AMX)")
-    parser.add_argument("--cfg-cutoff", type=float, default=1.0, help="GenerationParams.cfg_cutoff (1 = off)")
-    parser.add_argument("--deep-cache", type=int, default=1, help="GenerationParams.deep_cache (1 = off)")
-    parser.add_argument("--fast", action="store_true", help="GenerationParams.fast (the Fast choice)")
+    add_field_flags(parser, [(f.name, f.default, f.metadata) for f in fields(GenerationParams) if f.name in SWITCHES])
     parser.add_argument("--guidance", type=float, nargs="+", default=[7.0], help="one table per value")
     parser.add_argument("--sampler", nargs="+", default=["DPM++ 2M"], help="one table per sampler")
     parser.add_argument("--save", type=Path, help="write the images (and failures' summaries) here")
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     for sampler in args.sampler:
         for guidance in args.guidance:
             run = run_eval(model, prompts, seeds, steps=args.steps, guidance=guidance, sampler=sampler,
-                           cfg_cutoff=args.cfg_cutoff, deep_cache=args.deep_cache, fast=args.fast)
+                           **{name: getattr(args, name) for name in SWITCHES})
             print(f"\n### held-out prompts: {args.prompts} prompts x {args.seeds} seeds, {args.steps} steps, "
                   f"{sampler}, CFG {guidance:g} ({run.seconds_per_image:.2f} s/image at "
                   f"{model.default_size} px)\n")

@@ -232,10 +232,10 @@ def make_generate_fn(engine: Engine, public: bool):
             z_values: Its values.
             deep_cache: Fast: run the UNet's deep blocks on every N-th step only and reuse their features between
                 (DeepCache); 1 for off, 3 is about 1.5-2x faster.
-            fast: The Fast choice: the fast switches left off take Deep cache 3, CFG cutoff 0.6 and the tiny VAE
-                (2-3x faster, a little less detail).
-            tiny_vae: Fast: decode with a tiny VAE (TAESD, or the model's own), 10-15x faster decoding with a
-                little softer fine detail.
+            fast: The Fast choice: the fast switches left off take Deep cache 3 and CFG cutoff 0.6 (about 2x faster,
+                a little less detail).
+            tiny_vae: Fast: decode with a tiny VAE (TAESD for SD's VAE, or the model's own), 10-15x faster
+                decoding with softer fine detail.
         """
         values = {k: v for k, v in locals().items() if k in REQUEST_FIELDS}
         model, lora_list, params, axes = generation_request(engine, public, **values)
@@ -452,8 +452,8 @@ def sampling_controls(d: ModelDefaults, size_info: str | None = None) -> Samplin
         random_btn = gr.Button("🎲", scale=1, min_width=40)
         reuse_btn = gr.Button("♻️", scale=1, min_width=40)
     fast = gr.Checkbox(GenerationParams.fast, label="Fast", elem_classes="fast",
-                       info=f"Deep cache {FAST['deep_cache']}, CFG cutoff {FAST['cfg_cutoff']} and the tiny VAE "
-                            "(where Advanced leaves them off): 2-3x faster, a little less detail")
+                       info=f"Deep cache {FAST['deep_cache']} and CFG cutoff {FAST['cfg_cutoff']} (where Advanced "
+                            "leaves them off): about 2x faster, a little less detail")
     return SamplingControls(sampler, schedule, steps, width, height, batch, cfg, seed, random_btn, reuse_btn, fast)
 
 
@@ -549,8 +549,8 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                                        info="run the UNet's deep blocks every N steps and reuse their features in "
                                             "between (DeepCache): 3 is about 1.5-2x faster; 1 = off")
                 tiny_vae = gr.Checkbox(GenerationParams.tiny_vae, label="Tiny VAE (fast)", elem_id="tiny-vae",
-                                       info="decode with TAESD (or the model's own tiny VAE; downloaded once): "
-                                            "10-15x faster decoding, a little softer fine detail")
+                                       info="decode with TAESD (downloaded once; or the model's own tiny VAE): "
+                                            "10-15x faster decoding, softer fine detail")
         with gr.Column(scale=6):
             with gr.Row():
                 run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=2)
