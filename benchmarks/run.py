@@ -16,8 +16,8 @@ Rows:
    extra wait), and the approximate switches, each alone and then together (PSNR against
    the exact image): bf16 (``--dtype bf16``; fast where the CPU has AMX / AVX-512 BF16, slow elsewhere),
    ``cfg_cutoff`` 0.6 (the negative prompt's pass dropped for the last 40 % of the steps), ``deep_cache`` 3 (the
-   UNet's deep blocks every third step, sd_demo.deepcache), ``tiny_vae`` (a TAESD decoder), the Fast choice (all
-   three), and Fast in bf16. The fast
+   UNet's deep blocks every third step, sd_demo.deepcache), ``tiny_vae`` (a TAESD decoder), the Fast choice (the
+   first two), Fast with the tiny VAE, and Fast in bf16. The fast
    switches' quality is judged on the embedded model by the project's evaluator (BENCHMARKS.md), not by the PSNR
    of random weights.
 3. with ``--sdxl``: SDXL's architecture with random weights at 512 px, stock against our sides, each image made by
@@ -54,11 +54,12 @@ SEED = 7
 
 
 # Our sides: (dtype, compiled, GenerationParams switches). The exact path, compiled (--compile: the same pixels),
-# each approximate switch alone, then the Fast choice (Deep cache 3, CFG cutoff 0.6, tiny VAE), then Fast in bf16. A side
-# ending in IMG2IMG (stock's too) redraws a picture at STRENGTH instead of starting from noise.
+# each approximate switch alone, then the Fast choice (Deep cache 3, CFG cutoff 0.6), Fast with the tiny VAE, then
+# Fast in bf16. A side ending in IMG2IMG (stock's too) redraws a picture at STRENGTH instead of starting from noise.
 OURS = {"ours": ("auto", False, {}), "ours-compile": ("auto", True, {}), "ours-bf16": ("bf16", False, {}),
         "ours-cutoff": ("auto", False, {"cfg_cutoff": 0.6}), "ours-deepcache": ("auto", False, {"deep_cache": 3}),
         "ours-tinyvae": ("auto", False, {"tiny_vae": True}),
+        "ours-fast-tinyvae": ("auto", False, {"fast": True, "tiny_vae": True}),
         "ours-fast": ("auto", False, {"fast": True}), "ours-fast-bf16": ("bf16", False, {"fast": True})}
 EMBEDDED_SIDES = ["stock", "ours", "ours-deepcache", "ours-fast"]  # bf16 does not pay at 128 px
 IMG2IMG, STRENGTH = "-img2img", 0.75
@@ -198,8 +199,11 @@ def rows_of(solo: dict, speed: dict, sides: list[str], label: str) -> list[dict]
     return rows
 
 
-def app_row(runs: int) -> dict:
-    """The embedded model through the launched app (gradio_client) vs the same call in this process."""
+def app_rows(runs: int) -> list[dict]:
+    """The embedded model through the launched app vs the same call in this process: with gradio_client, and with
+    the plain HTTP API (POST /gradio_api/call/generate, then its event stream and the PNG, as curl or a web page
+    would; gradio_client adds its own polling)."""
+    import httpx
     from gradio_client import Client
 
     from sd_demo.engine import Engine, EngineSettings
@@ -208,7 +212,7 @@ def app_row(runs: int) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tempfile.mkdtemp()
+    out, url = tempfile.mkdtemp(), f"http://127.0.0.1:{port}"
     app = subprocess.Popen([sys.executable, "app.py", "--model", "embedded", "--port", str(port), "--outputs", out],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -216,21 +220,34 @@ def app_row(runs: int) -> dict:
         deadline = time.time() + 180
         while True:
             try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                client = Client(url + "/", verbose=False)
                 break
             except Exception:
                 if time.time() > deadline:
                     raise
                 time.sleep(1)
+        api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+        data = [{"prompt": PROMPT, "seed": SEED}.get(p["parameter_name"], p.get("parameter_default")) for p in api]
+        http = httpx.Client(timeout=120)
+
+        def plain_http():
+            event = http.post(url + "/gradio_api/call/generate", json={"data": data}).json()["event_id"]
+            with http.stream("GET", f"{url}/gradio_api/call/generate/{event}") as stream:
+                lines = list(stream.iter_lines())
+            result = json.loads(lines[lines.index("event: complete") + 1].removeprefix("data:"))
+            http.get(result[0][0]["image"]["url"]).raise_for_status()
+
         engine = Engine(EngineSettings(model="embedded", outputs=out))
         params = GenerationParams(prompt=PROMPT, seed=SEED)
         speed = alternate({"in-process": lambda: engine.generate(params, save=True),
-                           "app": lambda: client.predict(prompt=PROMPT, seed=SEED, api_name="/generate")}, runs)
+                           "app (gradio_client)": lambda: client.predict(prompt=PROMPT, seed=SEED,
+                                                                         api_name="/generate"),
+                           "app (HTTP API)": plain_http}, runs)
     finally:
         app.terminate()
-    return {"workload": "embedded 128 px, 20 steps", "ours": "app (gradio_client)", "vs": "in-process",
-            "ours_s": speed["app"], "vs_s": speed["in-process"], "speedup": speed["in-process"] / speed["app"],
-            "ours_rss": None, "vs_rss": None, "output": "same call"}
+    return [{"workload": "embedded 128 px, 20 steps", "ours": side, "vs": "in-process", "ours_s": speed[side],
+             "vs_s": speed["in-process"], "speedup": speed["in-process"] / speed[side], "ours_rss": None,
+             "vs_rss": None, "output": "same call"} for side in ("app (gradio_client)", "app (HTTP API)")]
 
 
 def cold_start() -> dict:
@@ -356,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += compare("embedded", None, 20, ["stock" + IMG2IMG, "ours" + IMG2IMG], a.runs,
                         f"embedded img2img 128 px, strength {STRENGTH}, 20 steps")
     if not a.skip_app:
-        rows.append(app_row(a.runs))
+        rows += app_rows(a.runs)
     if not a.skip_train:
         from sd_demo.models import EMBEDDED_DIR
 
