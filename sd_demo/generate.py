@@ -589,7 +589,7 @@ def generate(
     progress = _Progress(on_step, cancel, preview_every, {})
     notes = []
     with model.lock, compiled_run(model):  # one job at a time per pipeline: the scheduler below is pipeline state
-        if p.tiny_vae and (missing := load_tiny_vae(model)):  # Fast still runs, on the full VAE, and says so
+        if p.tiny_vae and (missing := load_tiny_vae(model)):  # the run goes on with the full VAE and says so
             p = replace(p, tiny_vae=False)
             notes.append(f"tiny VAE: {missing}; decoded with the full VAE")
         key = (p.sampler, p.schedule)

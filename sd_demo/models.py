@@ -46,8 +46,8 @@ DEFAULT_STEPS = 20  # A1111's step count, likewise
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("auto", "sdpa", "xformers")
-# A tiny VAE (AutoencoderTiny) for the Fast choice: a model folder's own tiny_vae/ (the embedded model ships one),
-# else TAESD for the model's latent space (madebyollin's, the one A1111 and ComfyUI use)
+# A tiny VAE (AutoencoderTiny) for the tiny_vae switch: a model folder's own tiny_vae/ (`shapes train-tiny-vae`
+# makes one), else TAESD for SD's latent spaces (madebyollin's, the one A1111 and ComfyUI use)
 TINY_VAE_DIR = "tiny_vae"
 TINY_VAES = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
 SD_VAE_SCALES = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}  # the VAEs TAESD was distilled from
