@@ -107,7 +107,13 @@ def runner(side: str, model: str, size: int | None, steps: int):
     engine = _ENGINES[key]
     params = GenerationParams(prompt=PROMPT, steps=steps, seed=SEED, width=size, height=size,
                               strength=STRENGTH if init is not None else None, **switches)
-    return lambda: np.asarray(engine.generate(params, save=False, init_image=init)[0].images[0])
+
+    def once():
+        result = engine.generate(params, save=False, init_image=init)[0]
+        if result.warnings:  # a switch that could not run (a tiny VAE missing, say) would time something else
+            raise RuntimeError(f"{side}: {'; '.join(result.warnings)}")
+        return np.asarray(result.images[0])
+    return once
 
 
 def source(size: int):

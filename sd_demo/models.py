@@ -15,6 +15,7 @@ import logging
 import math
 import re
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ ATTENTION = ("auto", "sdpa", "xformers")
 TINY_VAE_DIR = "tiny_vae"
 TINY_VAES = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
 SD_VAE_SCALES = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}  # the VAEs TAESD was distilled from
+TINY_VAE_RETRY_S = 60.0
 MAX_SPEC = 4096  # PATH_MAX: a longer name is neither a folder here nor a Hub id
 
 
@@ -243,7 +245,8 @@ class LoadedModel:
     compiled: bool = False  # torch.compile'd UNet and VAE decoder (compile_pipeline)
     tiny_vae: Any = None  # AutoencoderTiny, loaded on first use (load_tiny_vae)
     tiny_vae_name: str = ""  # where it came from, for the infotext
-    tiny_vae_missing: str = ""  # why there is none, once a load failed (not retried: it would wait on the Hub)
+    tiny_vae_missing: str = ""  # why there is none, after a failed load
+    tiny_vae_failed: float = 0.0  # when (time.monotonic): tried again only TINY_VAE_RETRY_S later, not every image
 
     def set_loras(self, loras: list[tuple[str, float]]) -> None:
         """Apply exactly these adapters, no-op when unchanged: LoRAs (diffusers or kohya format, safetensors only)
@@ -574,13 +577,15 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
 def load_tiny_vae(model: LoadedModel) -> str:
     """Load the model's tiny VAE once: its folder's TINY_VAE_DIR, else TAESD for its family from the Hub (cached
     when offline). Returns "" when it is ready, else one line saying why there is none."""
-    if model.tiny_vae is None and not model.tiny_vae_missing:
+    if model.tiny_vae is None and time.monotonic() - model.tiny_vae_failed > TINY_VAE_RETRY_S:
+        model.tiny_vae_missing = ""
         local = model.folder / TINY_VAE_DIR
         name = TINY_VAE_DIR if (local / "config.json").is_file() else TINY_VAES[model.family]
         scale = model.pipe.vae.config.scaling_factor
         if name != TINY_VAE_DIR and not math.isclose(scale, SD_VAE_SCALES[model.family], rel_tol=1e-3):
             model.tiny_vae_missing = (f"this model's VAE is not SD's (scaling factor {scale:g}), so {name} would "
                                       f"draw noise, and it has no {TINY_VAE_DIR}/ folder of its own")
+            model.tiny_vae_failed = time.monotonic()
             return model.tiny_vae_missing
         try:
             folder = local if name == TINY_VAE_DIR else hub.fetch_files(
@@ -589,8 +594,9 @@ def load_tiny_vae(model: LoadedModel) -> str:
             model.tiny_vae, model.tiny_vae_name = vae.to(model.device).eval(), name
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            model.tiny_vae_missing = f"{name} could not be loaded ({reason})"
-            log.warning("tiny VAE: %s", model.tiny_vae_missing)
+            model.tiny_vae_missing = f"{name} could not be loaded ({public_text(reason)})"  # no path of this machine
+            model.tiny_vae_failed = time.monotonic()
+            log.warning("tiny VAE: %s could not be loaded: %s", name, exc)
     return model.tiny_vae_missing
 
 

@@ -1,5 +1,5 @@
 """A tiny VAE (diffusers' ``AutoencoderTiny``, TAESD's architecture) for the embedded model, distilled from its
-AutoencoderKL with our own code: ``python -m sd_demo.shapes train-tiny-vae --model assets/shapes-sd``.
+AutoencoderKL with our own code: ``python -m sd_demo.shapes train-tiny-vae --model DIR`` (a copy of the model).
 
 It reads and writes the model's *scaled* latents, as TAESD does for SD (``scaling_factor`` 1), so the Fast choice
 can decode with it where it would use TAESD on a Hub model. Like TAESD, the decoder learns to draw what the KL
@@ -117,16 +117,19 @@ def train(model: Path, steps: int = 2000, batch: int = 8, lr: float = 2e-3, nois
 
 
 def save(tiny, folder: Path) -> Path:
-    """Write fp16 safetensors to a temporary sibling, then rename it over ``folder`` (never half-written)."""
-    tmp = folder.with_name(folder.name + ".tmp")
+    """Write fp16 safetensors to a temporary sibling, then swap it in for ``folder`` (never half-written; a crash
+    during the swap leaves the old one as ``<folder>.old``)."""
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tiny.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     config = json.loads((tmp / "config.json").read_text())
     config.pop("block_out_channels", None)  # diffusers saves it and then warns on load that it is not expected
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
-        shutil.rmtree(folder)
+        folder.rename(old)
     tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

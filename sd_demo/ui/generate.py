@@ -576,7 +576,8 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                       model, cfg_cutoff, deep_cache, fast, tiny_vae, hires, send_img2img, gallery, infos, picked,
                       model_status)
 
-    inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, *xyz_inputs, deep_cache, fast, tiny_vae, visitor]
+    inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, *xyz_inputs,
+                                       deep_cache, fast, tiny_vae, visitor]
     outputs = [gallery, preview, status, infotext, infos]
     generate_fn = make_generate_fn(engine, public)
     run_btn.click(generate_fn, inputs, outputs, api_name="generate", trigger_mode="multiple", **RUN)
