@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .train import IMAGE_SIZE, make_dataset, to_tensor
+from .train import IMAGE_SIZE, make_dataset, swap_in, to_tensor
 
 CHANNELS = 32  # TAESD has 64; 32 draws flat-colour scenes as well and decodes 128 px in ~13 ms here (KL: ~19)
 
@@ -117,20 +117,14 @@ def train(model: Path, steps: int = 2000, batch: int = 8, lr: float = 2e-3, nois
 
 
 def save(tiny, folder: Path) -> Path:
-    """Write fp16 safetensors to a temporary sibling, then swap it in for ``folder`` (never half-written; a crash
-    during the swap leaves the old one as ``<folder>.old``)."""
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    """Write fp16 safetensors to a temporary sibling, then swap it in for ``folder`` (train.swap_in)."""
+    tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tiny.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
     config = json.loads((tmp / "config.json").read_text())
     config.pop("block_out_channels", None)  # diffusers saves it and then warns on load that it is not expected
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return swap_in(tmp, folder)
 
 
 def main(argv: list[str] | None = None) -> None:

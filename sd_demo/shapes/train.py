@@ -528,6 +528,12 @@ def export(out: Path, vae, text_encoder, tokenizer, unet, info: dict, fp16: bool
                 shutil.copy(src, tok_dir / name)
     published = {**info, "config": {k: portable(v) for k, v in info.get("config", {}).items()}}
     (tmp / "train_info.json").write_text(json.dumps(published, indent=2, default=str) + "\n")
+    return swap_in(tmp, out)
+
+
+def swap_in(tmp: Path, out: Path) -> Path:
+    """Put the finished folder ``tmp`` in place of ``out``: never half-written (a crash between the two renames
+    leaves the old one as ``<out>.old``)."""
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
