@@ -57,6 +57,11 @@ def cache_dir() -> str:
     return os.environ.get("HF_HUB_CACHE") or hf_constants.HF_HUB_CACHE
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text, else its class name: for one-line messages."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def hub_error(repo_id: str, revision: str | None, exc: Exception) -> ValueError:
     rev = f"@{revision}" if revision else ""
     if isinstance(exc, GatedRepoError):
@@ -70,7 +75,7 @@ def hub_error(repo_id: str, revision: str | None, exc: Exception) -> ValueError:
             f"unknown model '{repo_id}{rev}': not in the local Hugging Face cache and the Hub is offline "
             "(download it once with network, or pass a local folder)"
         )
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return ValueError(f"the download of '{repo_id}{rev}' stopped: the disk is full ({cache_dir()}); free space "
                           "or delete models in the Models tab, then try again")

@@ -500,8 +500,7 @@ def _load_components(folder: Path, family: str, dtype: torch.dtype, plan: hub.We
             comps[name] = load()
         # SafetensorError: a damaged weight file; ValueError / RuntimeError: weights that do not fit the config
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"model '{label}': {name} could not be loaded ({reason})") from exc
+            raise ValueError(f"model '{label}': {name} could not be loaded ({hub.first_line(exc)})") from exc
     return comps
 
 
@@ -593,8 +592,7 @@ def load_tiny_vae(model: LoadedModel) -> str:
             vae = diffusers.AutoencoderTiny.from_pretrained(folder, torch_dtype=model.dtype, use_safetensors=True)
             model.tiny_vae, model.tiny_vae_name = vae.to(model.device).eval(), name
         except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            model.tiny_vae_missing = f"{name} could not be loaded ({public_text(reason)})"  # no path of this machine
+            model.tiny_vae_missing = f"{name} could not be loaded ({public_text(hub.first_line(exc))})"  # no local path
             model.tiny_vae_failed = time.monotonic()
             log.warning("tiny VAE: %s could not be loaded: %s", name, exc)
     return model.tiny_vae_missing

@@ -3,7 +3,7 @@
 
 Also: ``python -m sd_demo.shapes train --out DIR`` (train the embedded model from nothing, see train.py) and
 ``python -m sd_demo.shapes eval --model DIR`` (held-out prompt adherence table, see eval_model.py), and
-``python -m sd_demo.shapes train-tiny-vae --model DIR`` (its tiny VAE for the Fast choice, see tiny_vae.py)."""
+``python -m sd_demo.shapes train-tiny-vae --model DIR`` (its tiny VAE for --tiny-vae, see tiny_vae.py)."""
 from __future__ import annotations
 
 import argparse

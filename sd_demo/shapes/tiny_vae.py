@@ -36,17 +36,13 @@ def make_tiny_vae():
 
 
 @torch.no_grad()
-def generated_latents(model: Path, n: int, seed: int, batch: int = 16) -> torch.Tensor:
-    """(n, 4, 16, 16) scaled latents the model itself generates for train-split captions, at its card's CFG."""
-    from diffusers import StableDiffusionPipeline
-
+def generated_latents(pipe, model: Path, n: int, seed: int, batch: int = 16) -> torch.Tensor:
+    """(n, 4, 16, 16) scaled latents the model (``pipe``, loaded from ``model``) generates for train-split
+    captions, at its card's CFG and steps."""
     from ..models import card_settings
     from .captions import caption
     from .world import sample_scenes
 
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
-                                                   dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
     guidance, _, steps = card_settings(Path(model))
     prompts = [caption(s) for s in sample_scenes(n, seed + 11, "train")]
     out = [pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
@@ -75,12 +71,15 @@ def train(model: Path, steps: int = 2000, batch: int = 8, lr: float = 2e-3, nois
     generations, and rendered train-split scenes' latents plus noise of std up to ``noise`` (scaled latents have
     std ~1); its target: the KL decoder's picture of those very latents. Whole pictures, not crops: the KL
     decoder's GroupNorm reads the whole picture, so a crop decodes to other colours (5-25 / 255 on average here)."""
-    from diffusers import AutoencoderKL
+    from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).eval().requires_grad_(False)
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False,
+                                                   dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    vae = pipe.vae.eval().requires_grad_(False)  # the same weights the generations decode with: loaded once
     scale = float(vae.config.scaling_factor)
-    own = generated_latents(model, generated, seed)
+    own = generated_latents(pipe, model, generated, seed)
     held_out, own = own[:min(32, len(own) // 2)], own[min(32, len(own) // 2):]
     _, images = make_dataset(scenes, seed + 7)
     x = to_tensor(images)  # (N, 3, 128, 128)
