@@ -18,6 +18,7 @@ from sd_demo.ui import img2img as img2img_tab
 from sd_demo.ui import info as info_tab
 from sd_demo.ui import mcp as mcp_tools
 from sd_demo.ui import models as models_tab
+from sd_demo.ui import sdapi
 from sd_demo.ui import train as train_tab
 
 log = logging.getLogger("sd_demo")
@@ -141,9 +142,17 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, **kw):
     # Gradio hands out files from the working and temp folders (as cached copies) and, by path to anyone, from
     # allowed_paths: --outputs may be elsewhere, so its generated images are allowed, and nothing else under it
     # (staged uploads, training runs and their configs stay unreachable by URL).
-    return demo.launch(server_name=bind_host(args), server_port=args.port, share=args.share,
-                       auth=parse_auth(args.auth), allowed_paths=[os.path.abspath(os.path.join(args.outputs, f)) for f in IMAGE_FOLDERS],
-                       max_file_size=MAX_UPLOAD[is_public(args)], mcp_server=args.mcp, **kw)
+    blocking = not kw.pop("prevent_thread_lock", False)
+    served = demo.launch(server_name=bind_host(args), server_port=args.port, share=args.share,
+                         auth=parse_auth(args.auth),
+                         allowed_paths=[os.path.abspath(os.path.join(args.outputs, f)) for f in IMAGE_FOLDERS],
+                         max_file_size=MAX_UPLOAD[is_public(args)], mcp_server=args.mcp, prevent_thread_lock=True,
+                         **kw)
+    # A1111's API beside gradio's (its server exists only now): tools written for A1111 drive the app directly
+    sdapi.mount(demo.app, demo.engine, is_public(args), parse_auth(args.auth))
+    if blocking:
+        demo.block_thread()
+    return served
 
 
 # Spaces and `gradio app.py` import this module and look for `demo`; flags only apply when run as a script.

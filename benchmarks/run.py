@@ -33,6 +33,7 @@ alternate so both see the same machine load. Peak RSS comes from each side alone
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import os
@@ -53,14 +54,18 @@ PROMPT = "a red circle on a blue background"
 SEED = 7
 
 
-# Our sides: (dtype, compiled, GenerationParams switches). The exact path, compiled (--compile: the same pixels),
+# Our sides: (dtype, --compile, GenerationParams switches). The exact path, compiled (--compile torch or openvino:
+# the same pixels),
 # each approximate switch alone, then the Fast choice (Deep cache 3, CFG cutoff 0.6), Fast with the tiny VAE, then
 # Fast in bf16. A side ending in IMG2IMG (stock's too) redraws a picture at STRENGTH instead of starting from noise.
-OURS = {"ours": ("auto", False, {}), "ours-compile": ("auto", True, {}), "ours-bf16": ("bf16", False, {}),
-        "ours-cutoff": ("auto", False, {"cfg_cutoff": 0.6}), "ours-deepcache": ("auto", False, {"deep_cache": 3}),
-        "ours-tinyvae": ("auto", False, {"tiny_vae": True}),
-        "ours-fast-tinyvae": ("auto", False, {"fast": True, "tiny_vae": True}),
-        "ours-fast": ("auto", False, {"fast": True}), "ours-fast-bf16": ("bf16", False, {"fast": True})}
+OURS = {"ours": ("auto", "", {}), "ours-compile": ("auto", "torch", {}), "ours-bf16": ("bf16", "", {}),
+        "ours-openvino": ("auto", "openvino", {}),
+        "ours-cutoff": ("auto", "", {"cfg_cutoff": 0.6}), "ours-deepcache": ("auto", "", {"deep_cache": 3}),
+        "ours-tinyvae": ("auto", "", {"tiny_vae": True}),
+        "ours-fast-tinyvae": ("auto", "", {"fast": True, "tiny_vae": True}),
+        "ours-fast": ("auto", "", {"fast": True}), "ours-fast-bf16": ("bf16", "", {"fast": True}),
+        "ours-fast-openvino": ("auto", "openvino", {"fast": True}),
+        "ours-fast-tinyvae-openvino": ("auto", "openvino", {"fast": True, "tiny_vae": True})}
 EMBEDDED_SIDES = ["stock", "ours", "ours-deepcache", "ours-fast"]  # bf16 does not pay at 128 px
 IMG2IMG, STRENGTH = "-img2img", 0.75
 
@@ -191,9 +196,9 @@ def rows_of(solo: dict, speed: dict, sides: list[str], label: str) -> list[dict]
     rows = []
     for s in sides[1:]:
         img = solo[s][1]
-        if s in ("ours", "ours-compile"):
+        if s in ("ours", "ours-compile", "ours-openvino"):
             diff = f"max pixel Δ {int(np.abs(img.astype(int) - ref).max())}"
-            if s == "ours-compile" and "ours" in solo:  # its first image waits for the compile
+            if s != "ours" and "ours" in solo:  # its first image waits for the compile
                 diff += f"; warm-up {solo[s][0]['first_image_s'] - solo['ours'][0]['first_image_s']:.0f} s"
         elif s.endswith(IMG2IMG):  # stock samples the picture's latents, we take their mean: not the same pixels
             diff = f"PSNR {psnr(img, solo[base][1]):.1f} dB vs stock"
@@ -208,7 +213,7 @@ def rows_of(solo: dict, speed: dict, sides: list[str], label: str) -> list[dict]
 def app_rows(runs: int) -> list[dict]:
     """The embedded model through the launched app vs the same call in this process: with gradio_client, and with
     the plain HTTP API (POST /gradio_api/call/generate, then its event stream and the PNG, as curl or a web page
-    would; gradio_client adds its own polling)."""
+    would; gradio_client adds its own polling), and with A1111's API (POST /sdapi/v1/txt2img: one round trip)."""
     import httpx
     from gradio_client import Client
 
@@ -243,17 +248,23 @@ def app_rows(runs: int) -> list[dict]:
             result = json.loads(lines[lines.index("event: complete") + 1].removeprefix("data:"))
             http.get(result[0][0]["image"]["url"]).raise_for_status()
 
+        def a1111_api():
+            r = http.post(url + "/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": SEED})
+            r.raise_for_status()
+            base64.b64decode(r.json()["images"][0])
+
         engine = Engine(EngineSettings(model="embedded", outputs=out))
         params = GenerationParams(prompt=PROMPT, seed=SEED)
         speed = alternate({"in-process": lambda: engine.generate(params, save=True),
                            "app (gradio_client)": lambda: client.predict(prompt=PROMPT, seed=SEED,
                                                                          api_name="/generate"),
-                           "app (HTTP API)": plain_http}, runs)
+                           "app (HTTP API)": plain_http, "app (A1111 API)": a1111_api}, runs)
     finally:
         app.terminate()
     return [{"workload": "embedded 128 px, 20 steps", "ours": side, "vs": "in-process", "ours_s": speed[side],
              "vs_s": speed["in-process"], "speedup": speed["in-process"] / speed[side], "ours_rss": None,
-             "vs_rss": None, "output": "same call"} for side in ("app (gradio_client)", "app (HTTP API)")]
+             "vs_rss": None, "output": "same call"} for side in ("app (gradio_client)", "app (HTTP API)",
+                                                                  "app (A1111 API)")]
 
 
 def cold_start() -> dict:

@@ -46,7 +46,7 @@ class EngineSettings:
     attention: str = "auto"
     allow_pickle: bool = False
     outputs: str = "outputs"  # PNGs land in outputs/txt2img-images/YYYY-MM-DD/ as in A1111 (IMAGES)
-    compile: bool = False  # torch.compile the UNet and VAE decoder (models.compile_pipeline)
+    compile: str = ""  # "torch" or "openvino" (models.compile_pipeline), "" for none
 
 
 @dataclass

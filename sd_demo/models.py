@@ -35,7 +35,7 @@ from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel  # noq
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
-from . import hub
+from . import hub, openvino_blocks
 from .sampling.registry import DEFAULT_SAMPLER
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ TINY_VAE_DIR = "tiny_vae"
 TINY_VAES = {"sd1": "madebyollin/taesd", "sd2": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
 SD_VAE_SCALES = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}  # the VAEs TAESD was distilled from
 TINY_VAE_RETRY_S = 60.0
+COMPILERS = ("torch", "openvino")  # --compile's choices (compile_pipeline)
+WARM_UP = {"torch": "the first image at each new size", "openvino": "the first image and the first after a LoRA change"}
 MAX_SPEC = 4096  # PATH_MAX: a longer name is neither a folder here nor a Hub id
 
 
@@ -242,7 +244,7 @@ class LoadedModel:
     prompt_encoders: dict = field(default_factory=dict)  # clip skip -> prompts.PromptEncoder, built on first use
     loras: tuple = ()  # ((path or repo id, scale), ...) currently applied
     embedding_tokens: list = field(default_factory=list)  # textual-inversion tokens those brought in
-    compiled: bool = False  # torch.compile'd UNet and VAE decoder (compile_pipeline)
+    compiled: str = ""  # "torch" or "openvino" (compile_pipeline), "" when not
     tiny_vae: Any = None  # AutoencoderTiny, loaded on first use (load_tiny_vae)
     tiny_vae_name: str = ""  # where it came from, for the infotext
     tiny_vae_missing: str = ""  # why there is none, after a failed load
@@ -319,7 +321,8 @@ class LoadedModel:
         return (
             f"{self.ref.public_name} · {self.family.upper()} ({self.prediction_type}) · {self.device} "
             f"{dtype_name(self.dtype)} · attention: {self.attention_reason}"
-            + (" · compiled (the first image at each size waits for it)" if self.compiled else "")
+            + (f" · compiled by {self.compiled} ({WARM_UP[self.compiled]} waits for it)"
+               if self.compiled else "")
         )
 
 
@@ -527,15 +530,18 @@ class LoadPlan:
     weights: hub.WeightPlan
     family: str
     size: int  # native resolution in px
-    compile: bool = False  # compile_pipeline after loading
+    compile: str = ""  # compile_pipeline after loading: one of COMPILERS, or "" for none
 
 
 def plan_load(spec: str, *, device: str = "auto", dtype: str = "auto", attention: str = "auto",
-              allow_pickle: bool = False, tqdm_class=None, compile: bool = False) -> LoadPlan:
+              allow_pickle: bool = False, tqdm_class=None, compile: str = "") -> LoadPlan:
     """Resolve ``spec`` (downloading a Hub model's files) and read its configs; every mistake is one ValueError."""
     ref = parse_model_ref(spec)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
+    compile = compiler(compile)
+    if compile == "openvino":
+        openvino_blocks.check_available(dev, dt)
     backend, reason = select_attention(attention, dev)
     folder, weights = resolve_folder(ref, want_fp16=dt == torch.float16, allow_pickle=allow_pickle,
                                      tqdm_class=tqdm_class)
@@ -549,12 +555,10 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
     pipe = assemble_pipeline(comps, plan.family).to(plan.device)
     pipe.set_progress_bar_config(disable=True)  # progress is reported through our own callback
     apply_attention(pipe, plan.attention)
-    if plan.compile:
-        compile_pipeline(pipe)
     log.info("loaded %s (%s) on %s %s; attention: %s", plan.ref.label, plan.family, plan.device,
              dtype_name(plan.dtype), plan.attention_reason)
     guidance, sampler, steps = card_settings(plan.folder)
-    return LoadedModel(
+    model = LoadedModel(
         pipe=pipe,
         ref=plan.ref,
         family=plan.family,
@@ -571,6 +575,9 @@ def load_planned(plan: LoadPlan) -> LoadedModel:
         base_scheduler_config=dict(pipe.scheduler.config),
         compiled=plan.compile,
     )
+    if plan.compile:
+        compile_pipeline(model)
+    return model
 
 
 def load_tiny_vae(model: LoadedModel) -> str:
@@ -598,11 +605,26 @@ def load_tiny_vae(model: LoadedModel) -> str:
     return model.tiny_vae_missing
 
 
-def compile_pipeline(pipe) -> None:
-    """torch.compile the UNet and the VAE decoder in place (``--compile``): the same pixels, faster after a warm-up
-    at each new size or batch (tens of seconds on a CPU; BENCHMARKS.md). On a CPU, inductor's freezing folds the
-    weights into the graph (``compiled_run``) and channels_last suits its convolutions: without them compiling was
-    slower there."""
+def compiler(value) -> str:
+    """``--compile``'s value: "" (off), or one of COMPILERS (True, from older callers, is "torch")."""
+    value = "torch" if value is True else (value or "")
+    if value and value not in COMPILERS:
+        raise ValueError(f"compile: '{value}' is not one of {', '.join(COMPILERS)}")
+    return value
+
+
+def compile_pipeline(model: LoadedModel) -> None:
+    """Compile the model's UNet in place (``--compile``): the same pixels, faster after a warm-up.
+    "torch": torch.compile of the UNet and the VAE decoder, at each new size or batch (tens of seconds on a CPU;
+    BENCHMARKS.md). On a CPU, inductor's freezing folds the weights into the graph (``compiled_run``) and
+    channels_last suits its convolutions: without them compiling was slower there.
+    "openvino": the blocks of the UNet and the VAE decoder through OpenVINO (``openvino_blocks``), the UNet's
+    converted again when the LoRAs change."""
+    pipe = model.pipe
+    if model.compiled == "openvino":
+        openvino_blocks.accelerate(pipe.unet, lambda: model.loras)
+        openvino_blocks.accelerate(pipe.vae.decoder)
+        return
     for module in (pipe.unet, pipe.vae.decoder):
         module.to(memory_format=torch.channels_last)
         module.compile()
@@ -612,7 +634,7 @@ def compiled_run(model: LoadedModel):
     """The context a compiled model runs (and so compiles) in: inductor's freezing on a CPU. A context value, as
     inductor's settings are: one set once at load time on the device thread was gone by the next call (each device
     call runs in a copy of its caller's context), and torch.compile's own options did not freeze."""
-    if not model.compiled or model.device != "cpu":
+    if model.compiled != "torch" or model.device != "cpu":
         return contextlib.nullcontext()
     import torch._inductor.config as inductor
 
@@ -639,9 +661,10 @@ class PipelineCache:
         return self._model
 
     def get(self, spec: str, *, device="auto", dtype="auto", attention="auto", allow_pickle=False, tqdm_class=None,
-            compile=False):
+            compile=""):
         dev = pick_device(device)
-        key = (parse_model_ref(spec), dev, dtype_name(pick_dtype(dev, dtype)), attention, allow_pickle, compile)
+        key = (parse_model_ref(spec), dev, dtype_name(pick_dtype(dev, dtype)), attention, allow_pickle,
+               compiler(compile))
         with self._lock:
             if self._key == key and self._model is not None:
                 return self._model

@@ -170,7 +170,10 @@ def test_launch_warns_of_an_open_bind_and_sets_the_limits(monkeypatch, tmp_path,
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("SPACE_ID", raising=False)
     calls = []
-    stub = type("Demo", (), {"launch": lambda self, **kw: calls.append(kw)})()
+    from fastapi import FastAPI
+
+    stub = type("Demo", (), {"launch": lambda self, **kw: calls.append(kw), "block_thread": lambda self: None,
+                             "app": FastAPI(), "engine": None})()
     app.launch(stub, app.parse_args(["--host", "0.0.0.0", "--outputs", str(tmp_path / "out")]))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "listening on 0.0.0.0 without --auth" in warnings[0]

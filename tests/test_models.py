@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from sd_demo import hub, models
+from sd_demo import hub, models, openvino_blocks
 from sd_demo.models import PipelineCache, load_model, parse_model_ref, select_attention
 from tests.tiny_models import fill_hf_cache, make_pickle_only
 
@@ -310,11 +310,13 @@ def test_a_lora_that_is_not_one_is_refused(loaded_models, tiny_model_dirs, tmp_p
         assert model.loras == ()
 
 
-@pytest.mark.slow  # inductor compiles the tiny UNet and VAE decoder three times: about a minute on 2 cores
-def test_a_compiled_pipeline_draws_the_same_pixels_and_follows_a_lora(tiny_model_dirs, tmp_path):
-    """--compile: the same image as without it (within 1/255), with Fast's feature cache too; a LoRA applied after
-    the compile changes the image as it does uncompiled (the frozen graph held the old weights until it compiled
-    again)."""
+# torch: inductor compiles the tiny UNet and VAE decoder three times, about a minute on 2 cores; OpenVINO converts
+# the UNet's blocks twice in seconds
+@pytest.mark.parametrize("compiler", [pytest.param("torch", marks=pytest.mark.slow), "openvino"])
+def test_a_compiled_pipeline_draws_the_same_pixels_and_follows_a_lora(tiny_model_dirs, tmp_path, compiler):
+    """--compile torch / openvino: the same image as without it (within 1/255), with Fast's feature cache too (the
+    compiled blocks still skip between full steps); a LoRA applied after the compile changes the image as it does
+    uncompiled (the frozen graph held the old weights until it compiled again)."""
     import numpy as np
 
     from sd_demo.generate import GenerationParams, generate
@@ -322,8 +324,8 @@ def test_a_compiled_pipeline_draws_the_same_pixels_and_follows_a_lora(tiny_model
 
     source = str(tiny_model_dirs["sd15"])
     build_tiny_lora(source, tmp_path / "lora")
-    plain, compiled = load_model(source), load_model(source, compile=True)
-    assert compiled.compiled and not plain.compiled
+    plain, compiled = load_model(source), load_model(source, compile=compiler)
+    assert compiled.compiled == compiler and not plain.compiled
 
     def pixels(model, **kw):
         params = GenerationParams(prompt="a red circle", steps=4, seed=1, guidance_scale=7.0, **kw)
@@ -331,8 +333,31 @@ def test_a_compiled_pipeline_draws_the_same_pixels_and_follows_a_lora(tiny_model
 
     for kw in ({}, {"fast": True}):
         assert np.abs(pixels(plain, **kw) - pixels(compiled, **kw)).max() <= 1, kw
+    if compiler == "openvino":  # OpenVINO ran the blocks: the first on all 2 x 4 steps, a deep one on the exact
+        first, deep, *_ = openvino_blocks.blocks(compiled.pipe.unet)  # run's 4 and Fast's 2 full steps (1st, 4th)
+        assert (openvino_blocks.runs(first), openvino_blocks.runs(deep)) == (8, 6)
+        # converted at the first size and batch: another size, not square, at batch 2 draws the same pixels too
+        other = dict(width=compiled.default_size * 3 // 2, height=compiled.default_size, batch_size=2)
+        assert np.abs(pixels(plain, **other) - pixels(compiled, **other)).max() <= 1
+        assert openvino_blocks.runs(first) == 12
     before = pixels(compiled)
     for model in (plain, compiled):
         model.set_loras([(str(tmp_path / "lora"), 1.0)])
     with_lora = pixels(compiled)
     assert np.abs(with_lora - before).mean() > 1 and np.abs(with_lora - pixels(plain)).max() <= 1
+
+
+def test_compile_openvino_says_what_to_change_where_it_cannot_run(tiny_model_dirs, monkeypatch):
+    """One line naming the fix: a bf16 model (OpenVINO runs float32 here), a GPU, OpenVINO not installed; and an
+    unknown compiler."""
+    source = str(tiny_model_dirs["sd15"])
+    with pytest.raises(ValueError, match=r"^--compile openvino: runs float32 models; use --dtype fp32"):
+        load_model(source, dtype="bf16", compile="openvino")
+    with pytest.raises(ValueError, match=r"^--compile openvino: runs on the CPU, not cuda; add --device cpu"):
+        openvino_blocks.check_available("cuda", torch.float32)
+    monkeypatch.setattr(openvino_blocks.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"^--compile openvino: OpenVINO is not installed; run `pip install -r "
+                                         r"requirements-openvino\.txt`"):
+        load_model(source, compile="openvino")
+    with pytest.raises(ValueError, match=r"^compile: 'tvm' is not one of torch, openvino$"):
+        load_model(source, compile="tvm")
