@@ -60,8 +60,10 @@ class _Reuse(ModelHook):
         self.state = state
         self.out = None
 
-    # Outside any compiled graph (--compile): traced, the call count and the kept outputs became guards, and every
-    # step compiled again until torch gave up. The deep blocks then run uncompiled; the rest stays so.
+    # Outside any compiled graph (--compile torch): traced, the call count and the kept outputs became guards, and
+    # every step compiled again until torch gave up. The deep blocks then run uncompiled, and the UNet's hooked forward
+    # still reaches torch's recompile limit: Fast gains nothing from --compile torch (2.22x against 2.25x, BENCHMARKS
+    # session 21); --compile openvino converts the blocks themselves and keeps its gain.
     @torch.compiler.disable
     def new_forward(self, module, *args, **kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]

@@ -361,3 +361,7 @@ def test_compile_openvino_says_what_to_change_where_it_cannot_run(tiny_model_dir
         load_model(source, compile="openvino")
     with pytest.raises(ValueError, match=r"^compile: 'tvm' is not one of torch, openvino$"):
         load_model(source, compile="tvm")
+    import app  # the flag: bare for torch (as before OpenVINO came), or by name
+
+    assert [app.parse_args(flags).compile for flags in ([], ["--compile"], ["--compile", "openvino"])] == \
+        ["", "torch", "openvino"]

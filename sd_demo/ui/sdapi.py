@@ -25,9 +25,9 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from ..engine import Engine
 from ..generate import GenerationParams
 from ..hub import first_line
-from ..models import public_text
-from ..img2img import MASKED_CONTENT, RESIZE_MODES
+from ..img2img import RESIZE_MODES
 from ..infotext import format_infotext
+from ..models import public_text
 from ..sampling.registry import SAMPLERS, SCHEDULES
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ PREFIX = "/sdapi/v1"
 JOB = "sdapi"  # the Stop key of API runs (POST /sdapi/v1/interrupt stops them)
 # A1111's fields that change the picture in ways this app does not do: refused when set, else ignored
 UNSUPPORTED = ("restore_faces", "tiling", "script_name", "alwayson_scripts", "subseed_strength", "refiner_checkpoint")
-# A1111's inpainting_fill numbers, resize_mode numbers (3, "just resize (latent upscale)", is refused)
+# A1111's inpainting_fill numbers (our MASKED_CONTENT names), resize_mode numbers (3, "just resize (latent
+# upscale)", is refused)
 FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 RESIZE = dict(enumerate(RESIZE_MODES))
 # A1111's request fields -> GenerationParams': always, with enable_hr, for img2img; override_settings honoured
@@ -173,8 +174,8 @@ def mount(app, engine: Engine, public: bool, logins: list[tuple[str, str]] | Non
             return JSONResponse({"error": "ValueError", "detail": str(exc)}, status_code=422)
         except Exception as exc:  # ours: the traceback goes to the log, the caller gets one line
             log.exception("sdapi: generation failed")
-            return JSONResponse({"error": type(exc).__name__, "detail": f"generation failed: {public_text(first_line(exc))}"},
-                                status_code=500)
+            why = public_text(first_line(exc))  # no path of this machine
+            return JSONResponse({"error": type(exc).__name__, "detail": f"generation failed: {why}"}, status_code=500)
 
     async def body_of(request: Request) -> dict:
         try:
@@ -194,7 +195,8 @@ def mount(app, engine: Engine, public: bool, logins: list[tuple[str, str]] | Non
 
     routes = [("POST", "/txt2img", txt2img), ("POST", "/img2img", img2img),
               ("GET", "/samplers", samplers), ("GET", "/schedulers", schedulers),
-              ("GET", "/sd-models", lambda: models(engine, public)), ("GET", "/options", lambda: options(engine, public))]
+              ("GET", "/sd-models", lambda: models(engine, public)),
+              ("GET", "/options", lambda: options(engine, public))]
     if not public:  # every API caller shares one Stop key: on a public app one visitor could stop the others
         routes.append(("POST", "/interrupt", interrupt))
     for method, path, fn in routes:
