@@ -27,7 +27,7 @@ QUEUE_MAX = 20  # waiting jobs beyond this are refused with "queue full" instead
 QUEUE_POLL_S, PROGRESS_POLL_S = 0.02, 0.1
 # Largest single upload. Public: a PNG to read or a training image is a few MB, and public training data is capped
 # at 200 MB unpacked anyway; private: the owner's dataset zip may hold hundreds of photos.
-MAX_UPLOAD = {True: "50mb", False: "2gb"}
+MAX_UPLOAD = {True: 50 * 2**20, False: 2 * 2**30}  # bytes
 # Gradio's cache (uploads, and the copies of results it serves) otherwise grows forever: every hour, delete its
 # files older than a day (a page open longer loses its previews; the PNGs stay in --outputs, which we never delete).
 CACHE_SWEEP = (3600, 86400)
@@ -149,7 +149,7 @@ def launch(demo: gr.Blocks, args: argparse.Namespace, **kw):
                          max_file_size=MAX_UPLOAD[is_public(args)], mcp_server=args.mcp, prevent_thread_lock=True,
                          **kw)
     # A1111's API beside gradio's (its server exists only now): tools written for A1111 drive the app directly
-    sdapi.mount(demo.app, demo.engine, is_public(args), parse_auth(args.auth))
+    sdapi.mount(demo.app, demo.engine, is_public(args), parse_auth(args.auth), MAX_UPLOAD[is_public(args)])
     if blocking:
         demo.block_thread()
     return served

@@ -55,9 +55,8 @@ SEED = 7
 
 
 # Our sides: (dtype, --compile, GenerationParams switches). The exact path, compiled (--compile torch or openvino:
-# the same pixels),
-# each approximate switch alone, then the Fast choice (Deep cache 3, CFG cutoff 0.6), Fast with the tiny VAE, then
-# Fast in bf16. A side ending in IMG2IMG (stock's too) redraws a picture at STRENGTH instead of starting from noise.
+# the same pixels), each approximate switch alone, then the Fast choice (Deep cache 3, CFG cutoff 0.6), Fast with
+# the tiny VAE, Fast in bf16, Fast compiled. A side ending in IMG2IMG (stock's too) redraws a picture at STRENGTH instead of starting from noise.
 OURS = {"ours": ("auto", "", {}), "ours-compile": ("auto", "torch", {}), "ours-bf16": ("bf16", "", {}),
         "ours-openvino": ("auto", "openvino", {}),
         "ours-cutoff": ("auto", "", {"cfg_cutoff": 0.6}), "ours-deepcache": ("auto", "", {"deep_cache": 3}),

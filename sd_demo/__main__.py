@@ -27,8 +27,9 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="torch", default="", choices=COMPILERS,
                         help="the same images, faster after a warm-up: 'torch' (the default of a bare --compile): "
                              "torch.compile the UNet and VAE decoder, once per new size or batch (tens of seconds on "
-                             "a CPU); 'openvino': OpenVINO runs the UNet's blocks on a CPU, converted on the first "
-                             f"image (`{openvino_blocks.INSTALL}`). A LoRA change compiles again")
+                             "a CPU); 'openvino': OpenVINO runs the blocks of the UNet and VAE decoder on a CPU, "
+                             f"converted on the first image (`{openvino_blocks.INSTALL}`). A LoRA change compiles "
+                             "again")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading .bin/.ckpt weights (pickle can run code: only for repos you trust)")
 

@@ -45,13 +45,18 @@ def output_size(source: tuple[int, int], native: int, width: int | None, height:
     return width or max(8, round(w * scale / 8) * 8), height or max(8, round(h * scale / 8) * 8)
 
 
+def check_size(image: Image.Image, name: str) -> None:
+    """ValueError when the picture has more pixels than we take (read from its header: call it before decoding)."""
+    if image.width * image.height > MAX_SOURCE_PIXELS:
+        raise ValueError(f"{name}: {image.width}x{image.height} is too large; use at most {MAX_SOURCE_PIXELS // 10**6} "
+                         "megapixels")
+
+
 def check_source(image: Image.Image, name: str = "init_image") -> Image.Image:
     """The image as RGB (transparency over white), or ValueError naming what to change."""
     if not isinstance(image, Image.Image):
         raise ValueError(f"{name}: give an image (PNG, JPEG or WebP)")
-    if image.width * image.height > MAX_SOURCE_PIXELS:
-        raise ValueError(f"{name}: {image.width}x{image.height} is too large; use at most {MAX_SOURCE_PIXELS // 10**6} "
-                         "megapixels")
+    check_size(image, name)
     if image.mode in ("RGBA", "LA", "P") and "A" in image.convert("RGBA").getbands():
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")

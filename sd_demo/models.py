@@ -614,7 +614,7 @@ def compiler(value) -> str:
 
 
 def compile_pipeline(model: LoadedModel) -> None:
-    """Compile the model's UNet in place (``--compile``): the same pixels, faster after a warm-up.
+    """Compile the model's UNet and VAE decoder in place (``--compile``): the same pixels, faster after a warm-up.
     "torch": torch.compile of the UNet and the VAE decoder, at each new size or batch (tens of seconds on a CPU;
     BENCHMARKS.md). On a CPU, inductor's freezing folds the weights into the graph (``compiled_run``) and
     channels_last suits its convolutions: without them compiling was slower there.

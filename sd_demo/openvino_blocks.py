@@ -1,14 +1,15 @@
 """The UNet's and the VAE decoder's blocks run by OpenVINO on a CPU (``--compile openvino``): the same pixels
-(float32, within 1e-5 of PyTorch's) and 1.4-1.7x the speed of PyTorch's own kernels on this project's 2-core Xeon
-(BENCHMARKS.md).
+(float32, within 1e-5 of PyTorch's) and 1.45x the speed of stock diffusers on this project's 2-core Xeon
+(BENCHMARKS.md, session 21).
 
 Each down, middle and up block is converted (``openvino.convert_model``) the first time it runs, from that call's
 inputs, and compiled for the CPU; the UNet's and decoder's own forwards, the text encoder, the VAE's encoder and
 the samplers stay PyTorch.
 Per block rather than the whole UNet (which was 1.67x instead of 1.44x on its own) so that the Fast path's hooks
 (``deepcache``) still skip the deep blocks between full steps. A LoRA change converts again (the adapters' weights
-are folded into the graph). Training, and any call with gradients, a non-float32 tensor or an argument the
-converted graph did not see, runs the block in PyTorch.
+are folded into the graph). Training, and any call with gradients, a non-float32 tensor or a non-tensor argument
+(an up block's ``upsample_size`` at a size off the 64 px grid), runs the block in PyTorch, as does a block that
+OpenVINO failed to convert.
 
 Not optimum-intel's OVStableDiffusionPipeline: it replaces the whole pipeline, so our samplers, LoRA stacking and
 Fast switches would not apply, and it pulls in optimum and transformers pins on top of the runtime.
@@ -24,6 +25,8 @@ import warnings
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils import _pytree as pytree
+
+from .hub import first_line
 
 log = logging.getLogger(__name__)
 HOOK = "sd_demo_openvino"
@@ -51,25 +54,25 @@ class _Flat(torch.nn.Module):
     """A block as a function of tensors only, the tracer's input: the named tensor arguments, then the skip
     connections an up block takes as a tuple."""
 
-    def __init__(self, block: torch.nn.Module, forward, names: list[str], constants: dict):
+    def __init__(self, block: torch.nn.Module, forward, names: list[str]):
         super().__init__()
-        self.block, self.forward_fn, self.names, self.constants = block, forward, names, constants
+        self.block, self.forward_fn, self.names = block, forward, names
 
     def forward(self, *tensors):
-        kwargs = dict(zip(self.names, tensors), **self.constants)
+        kwargs = dict(zip(self.names, tensors))
         if len(tensors) > len(self.names):
             kwargs["res_hidden_states_tuple"] = tuple(tensors[len(self.names):])
         return self.forward_fn(**kwargs)
 
 
 class _Converted(ModelHook):
-    """On a block: its call run by an OpenVINO model converted from the first call of each kind (its argument
-    names, constants and the model's LoRA set); anything else runs the block itself."""
+    """On a block: its call run by an OpenVINO model converted from its first call (again after a LoRA change);
+    a call with gradients or another argument runs the block itself."""
 
     def __init__(self, version):
         super().__init__()
         self.version = version  # () -> what invalidates the conversions (the model's LoRAs)
-        self.models: dict = {}  # key -> (compiled model, output tree spec)
+        self.models: dict = {}  # argument names -> (compiled model, output tree spec), or None: PyTorch runs it
         self.seen = None
         self.signature = None
         self.runs = 0  # calls OpenVINO ran
@@ -80,35 +83,40 @@ class _Converted(ModelHook):
         bound = self.signature.bind(*args, **kwargs).arguments
         skips = bound.pop("res_hidden_states_tuple", None) or ()
         names = [k for k, v in bound.items() if isinstance(v, torch.Tensor)]
-        constants = {k: v for k, v in bound.items() if v is not None and k not in names}
         tensors = [bound[k] for k in names] + list(skips)
-        try:
-            key = (self.version(), tuple(names), len(skips), tuple(sorted(constants.items())))
-            hash(key)
-        except TypeError:  # a dict argument (cross_attention_kwargs): not a constant the graph can hold
-            key = None
-        if key is None or torch.is_grad_enabled() or any(t.dtype != torch.float32 or t.device.type != "cpu"
-                                                          for t in tensors):
+        # Any other argument (an up block's upsample_size at a size off the 64 px grid, cross_attention_kwargs)
+        # would be traced as a constant: one more conversion, and one more copy of the weights, per value.
+        if (any(v is not None and v != {} for k, v in bound.items() if k not in names) or torch.is_grad_enabled()
+                or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)):
             return original(*args, **kwargs)
         if self.version() != self.seen:  # the LoRAs changed: the old conversions hold the old weights
             self.models.clear()
             self.seen = self.version()
+        key = (tuple(names), len(skips))
         if key not in self.models:
-            self.models[key] = self._convert(module, original, names, constants, tensors)
+            try:
+                self.models[key] = self._convert(module, original, names, tensors)
+            except Exception as exc:  # an op OpenVINO cannot take, or no memory left: PyTorch runs it from now on
+                log.warning("OpenVINO: %s stays in PyTorch: %s", type(module).__name__, first_line(exc))
+                self.models[key] = None
+        if self.models[key] is None:
+            return original(*args, **kwargs)
         compiled, spec = self.models[key]
         self.runs += 1
-        outs = compiled([t.detach().contiguous().numpy() for t in tensors]).to_tuple()
+        # copies of the outputs (share_outputs=False): Deep cache keeps a block's output across calls, which the
+        # next inference would otherwise overwrite
+        outs = compiled([t.detach().contiguous().numpy() for t in tensors], share_outputs=False).to_tuple()
         return pytree.tree_unflatten([torch.from_numpy(o) for o in outs], spec)
 
     @staticmethod
-    def _convert(module, original, names, constants, tensors):
+    def _convert(module, original, names, tensors):
         import openvino as ov
 
         t0 = time.perf_counter()
-        flat = _Flat(module, original, names, constants)
+        flat = _Flat(module, original, names)
         with torch.no_grad(), warnings.catch_warnings():
             # the tracer warns of each shape check it fixes ("assert hidden_states.shape[1] == self.channels"):
-            # they hold for every input a block gets, and the batch and size stay free (tested)
+            # they hold for every input a block gets; the batch and size stay free (tests/test_models.py)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace, which OpenVINO uses
             _, spec = pytree.tree_flatten(flat(*tensors))
@@ -131,6 +139,11 @@ def _core():
 def runs(block) -> int:
     """How many calls of ``block`` OpenVINO ran."""
     return block._diffusers_hook.get_hook(HOOK).runs
+
+
+def conversions(block) -> int:
+    """How many graphs of ``block`` OpenVINO holds now."""
+    return sum(m is not None for m in block._diffusers_hook.get_hook(HOOK).models.values())
 
 
 def accelerate(net, version=tuple) -> None:

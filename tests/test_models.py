@@ -336,15 +336,23 @@ def test_a_compiled_pipeline_draws_the_same_pixels_and_follows_a_lora(tiny_model
     if compiler == "openvino":  # OpenVINO ran the blocks: the first on all 2 x 4 steps, a deep one on the exact
         first, deep, *_ = openvino_blocks.blocks(compiled.pipe.unet)  # run's 4 and Fast's 2 full steps (1st, 4th)
         assert (openvino_blocks.runs(first), openvino_blocks.runs(deep)) == (8, 6)
-        # converted at the first size and batch: another size, not square, at batch 2 draws the same pixels too
+        decoder = openvino_blocks.blocks(compiled.pipe.vae.decoder)[0]
+        assert openvino_blocks.runs(decoder) == 2  # one decode an image
+        # converted once, at the first size and batch: another size, not square, at batch 2 runs the same graphs
         other = dict(width=compiled.default_size * 3 // 2, height=compiled.default_size, batch_size=2)
         assert np.abs(pixels(plain, **other) - pixels(compiled, **other)).max() <= 1
-        assert openvino_blocks.runs(first) == 12
+        assert openvino_blocks.runs(first) == 12 and openvino_blocks.conversions(first) == 1
+        # off the grid of the UNet's down-sampling, the up blocks take an upsample_size: they run in PyTorch
+        odd = dict(width=compiled.default_size + 8, height=compiled.default_size)
+        assert np.abs(pixels(plain, **odd) - pixels(compiled, **odd)).max() <= 1
+        assert openvino_blocks.runs(first) == 16 and openvino_blocks.conversions(deep) == 1
     before = pixels(compiled)
     for model in (plain, compiled):
         model.set_loras([(str(tmp_path / "lora"), 1.0)])
     with_lora = pixels(compiled)
     assert np.abs(with_lora - before).mean() > 1 and np.abs(with_lora - pixels(plain)).max() <= 1
+    if compiler == "openvino":  # in OpenVINO, converted again with the LoRA's weights
+        assert openvino_blocks.runs(first) == 16 + 2 * 4
 
 
 def test_compile_openvino_says_what_to_change_where_it_cannot_run(tiny_model_dirs, monkeypatch):
@@ -355,10 +363,11 @@ def test_compile_openvino_says_what_to_change_where_it_cannot_run(tiny_model_dir
         load_model(source, dtype="bf16", compile="openvino")
     with pytest.raises(ValueError, match=r"^--compile openvino: runs on the CPU, not cuda; add --device cpu"):
         openvino_blocks.check_available("cuda", torch.float32)
-    monkeypatch.setattr(openvino_blocks.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match=r"^--compile openvino: OpenVINO is not installed; run `pip install -r "
-                                         r"requirements-openvino\.txt`"):
-        load_model(source, compile="openvino")
+    with monkeypatch.context() as patched:
+        patched.setattr(openvino_blocks.importlib.util, "find_spec", lambda name: None)
+        with pytest.raises(ValueError, match=r"^--compile openvino: OpenVINO is not installed; run `pip install -r "
+                                             r"requirements-openvino\.txt`"):
+            load_model(source, compile="openvino")
     with pytest.raises(ValueError, match=r"^compile: 'tvm' is not one of torch, openvino$"):
         load_model(source, compile="tvm")
     import app  # the flag: bare for torch (as before OpenVINO came), or by name

@@ -86,7 +86,7 @@ def test_img2img_and_inpainting_read_a1111s_fields_as_the_tab_does(app_server):
     ({"prompt": "x", "restore_faces": True}, "restore_faces: not supported by this app; leave it out"),
     ({"prompt": "x", "n_iter": 3}, "n_iter: one batch per request here; use batch_size"),
     ({"prompt": "x", "sampler_name": "Nope"}, "sampler_name: "),
-    ([1, 2], "the request body must be a JSON object"),
+    ([1, 2], "the request body must be a JSON object (Content-Type: application/json)"),
 ])
 def test_bad_requests_get_one_line_naming_a1111s_field(app_server, body, detail):
     url, _ = app_server
@@ -108,9 +108,14 @@ def test_with_auth_the_api_wants_a_login_and_a_public_app_keeps_its_limits(tiny_
     """--auth: HTTP Basic with one of its pairs (gradio's login does not cover these routes). A public app offers
     only its list of models, and no interrupt (every API caller shares its Stop key)."""
     argv = ["--model", str(tiny_model_dirs["sd15"]), "--outputs", str(tmp_path / "out")]
-    with running_app([*argv, "--auth", "ann:pw"]) as (url, _):
-        assert httpx.get(url + API + "/samplers").status_code == 401
-        assert httpx.get(url + API + "/samplers", auth=("ann", "nope")).status_code == 401
+    routes = [("POST", "txt2img"), ("POST", "img2img"), ("POST", "interrupt"), ("GET", "samplers"),
+              ("GET", "schedulers"), ("GET", "sd-models"), ("GET", "options")]
+    with running_app([*argv, "--auth", "ann:pw"]) as (url, engine):
+        for method, route in routes:
+            for auth in (None, ("ann", "nope"), ("bob", "pw")):
+                r = httpx.request(method, f"{url}{API}/{route}", auth=auth, json={"prompt": "x", "steps": 1})
+                assert r.status_code == 401, (route, auth)
+        assert engine.history(None) == []  # nothing ran
         assert httpx.get(url + API + "/samplers", auth=("ann", "pw")).status_code == 200
         assert httpx.post(url + API + "/interrupt", auth=("ann", "pw")).status_code == 200
     with running_app([*argv, "--host", "0.0.0.0"]) as (url, _):
@@ -118,3 +123,26 @@ def test_with_auth_the_api_wants_a_login_and_a_public_app_keeps_its_limits(tiny_
                        json={"prompt": "x", "override_settings": {"sd_model_checkpoint": str(tmp_path)}})
         assert r.status_code == 422 and "is not offered on this public app" in r.json()["detail"]
         assert httpx.post(url + API + "/interrupt").status_code in (404, 405)
+
+
+def test_other_sites_pages_and_oversized_bodies_are_refused(app_server):
+    """A page of another site posting into a local app (a text/plain POST needs no CORS preflight) runs nothing,
+    nor does a body that is not JSON; a body over the upload limit is refused before it is all read."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from sd_demo.ui import sdapi
+
+    url, engine = app_server
+    before = len(engine.history(None))
+    evil = httpx.post(url + API + "/txt2img", content='{"prompt": "x", "steps": 1}',
+                      headers={"Origin": "https://evil.example", "Content-Type": "text/plain"})
+    assert evil.status_code == 403
+    plain = httpx.post(url + API + "/txt2img", content='{"prompt": "x", "steps": 1}',
+                       headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 422 and plain.json()["detail"].startswith("the request body must be a JSON object")
+    assert len(engine.history(None)) == before
+    small = FastAPI()
+    sdapi.mount(small, engine, public=True, logins=None, max_bytes=1000)
+    big = TestClient(small).post("/sdapi/v1/img2img", json={"prompt": "x" * 2000})
+    assert big.status_code == 413 and "upload limit" in big.json()["detail"]

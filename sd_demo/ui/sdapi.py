@@ -14,29 +14,30 @@ import base64
 import binascii
 import io
 import json
-import logging
 import secrets
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .. import zerogpu
 from ..engine import Engine
-from ..generate import GenerationParams
-from ..hub import first_line
-from ..img2img import RESIZE_MODES
+from ..generate import GenerationParams, _whole
+from ..img2img import RESIZE_MODES, check_mask, check_size, check_source
 from ..infotext import format_infotext
-from ..models import public_text
 from ..sampling.registry import SAMPLERS, SCHEDULES
+from .generate import user_error
 
-log = logging.getLogger(__name__)
 PREFIX = "/sdapi/v1"
-JOB = "sdapi"  # the Stop key of API runs (POST /sdapi/v1/interrupt stops them)
+# whose queue and history the API's runs join: a name no browser session or visitor id can take (both are chosen by
+# the client), so no tab shows or stops them
+OWNER = f"sdapi-{secrets.token_hex(8)}"
 # A1111's fields that change the picture in ways this app does not do: refused when set, else ignored
 UNSUPPORTED = ("restore_faces", "tiling", "script_name", "alwayson_scripts", "subseed_strength", "refiner_checkpoint")
-# A1111's inpainting_fill numbers (our MASKED_CONTENT names), resize_mode numbers (3, "just resize (latent
-# upscale)", is refused)
+# A1111's numbers for inpainting_fill and resize_mode, as our names (its resize_mode 3, a latent upscale, is not ours)
 FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 RESIZE = dict(enumerate(RESIZE_MODES))
 # A1111's request fields -> GenerationParams': always, with enable_hr, for img2img; override_settings honoured
@@ -56,21 +57,19 @@ def _refuse_unsupported(body: dict) -> None:
     for name in UNSUPPORTED:
         if body.get(name) not in (None, False, 0, "", [], {}):
             raise ValueError(f"{name}: not supported by this app; leave it out")
-    if int(body.get("n_iter") or 1) != 1:
+    if (_whole("n_iter", body.get("n_iter"), optional=True) or 1) != 1:
         raise ValueError("n_iter: one batch per request here; use batch_size (up to 8) or send more requests")
 
 
 def _image(data, field: str):
-    """A PIL image from A1111's base64 (plain, or a data URL)."""
-    from PIL import Image, UnidentifiedImageError
-
+    """A PIL image from A1111's base64 (plain, or a data URL), its size checked before its pixels are decoded."""
     if not isinstance(data, str) or not data:
         raise ValueError(f"{field}: expected a base64-encoded PNG or JPEG")
     try:
-        raw = base64.b64decode(data.split(",", 1)[1] if data.startswith("data:") else data, validate=True)
-        image = Image.open(io.BytesIO(raw))
+        image = Image.open(io.BytesIO(base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data)))
+        check_size(image, field)
         image.load()
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+    except (binascii.Error, UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise ValueError(f"{field}: not a base64-encoded image") from None
     return image
 
@@ -79,7 +78,7 @@ def params_of(body: dict, img2img: bool) -> tuple[GenerationParams, str | None]:
     """(validated params, model selector value or None) of an A1111 txt2img / img2img body; a bad value raises
     ValueError naming A1111's field."""
     if not isinstance(body, dict):
-        raise ValueError("the request body must be a JSON object")
+        raise ValueError("the request body must be a JSON object (Content-Type: application/json)")
     _refuse_unsupported(body)
     options = body.get("override_settings") or {}
     if not isinstance(options, dict):
@@ -89,12 +88,17 @@ def params_of(body: dict, img2img: bool) -> tuple[GenerationParams, str | None]:
     values.update({ours: options[theirs] for theirs, ours in OPTION_FIELDS.items() if theirs in options})
     if "sampler" not in values and body.get("sampler_index"):  # A1111's older name
         values["sampler"] = body["sampler_index"]
+    for ours, names in (("sampler", SAMPLERS), ("schedule", SCHEDULES)):  # A1111 takes "karras" for "Karras"
+        if isinstance(values.get(ours), str):
+            values[ours] = {n.lower(): n for n in names}.get(values[ours].lower(), values[ours])
     if img2img:
-        fill, resize = body.get("inpainting_fill", 1), body.get("resize_mode", 0)
+        fill, resize = body.get("inpainting_fill", 0), body.get("resize_mode", 0)
         for name, value, allowed in (("inpainting_fill", fill, FILL), ("resize_mode", resize, RESIZE)):
             if value not in allowed:
                 raise ValueError(f"{name}: use one of {', '.join(f'{k} ({v})' for k, v in allowed.items())}")
         values.update(resize_mode=RESIZE[resize], masked_content=FILL[fill])
+        values.setdefault("only_masked", True)  # A1111's API defaults (its UI's differ: whole picture, padding 32)
+        values.setdefault("only_masked_padding", 0)
     elif body.get("enable_hr"):
         values.setdefault("hires_scale", 2.0)  # A1111's default factor (ours: 1, off)
     try:
@@ -104,24 +108,24 @@ def params_of(body: dict, img2img: bool) -> tuple[GenerationParams, str | None]:
         raise ValueError(f"{A1111_NAME.get(ours, ours)}{sep}{why}") from None
 
 
-def generate(engine: Engine, body: dict, img2img: bool, public: bool) -> dict:
-    """A1111's answer to a txt2img / img2img body: the PNGs (base64, each with its parameters), the request, and
-    ``info``, a JSON text of what was used. Bad input raises ValueError naming the field."""
+def generate(engine: Engine, body: dict, img2img: bool, public: bool, key: str) -> dict:
+    """A1111's answer to a txt2img / img2img body: the PNGs (base64, each with its parameters), the request (its
+    pictures left out, as A1111 does), and ``info``, a JSON text of what was used. ``key``: the run's Stop key.
+    Bad input raises ValueError naming the field."""
     params, model = params_of(body, img2img)
     init = mask = None
     if img2img:
         images = body.get("init_images")
         if not isinstance(images, list) or not images:
             raise ValueError("init_images: give one base64-encoded image")
-        init = _image(images[0], "init_images")
+        init = check_source(_image(images[0], "init_images"), "init_images")
         if body.get("mask"):
             mask = _image(body["mask"], "mask")
             if body.get("inpainting_mask_invert"):
-                from PIL import ImageOps
-
                 mask = ImageOps.invert(mask.convert("L"))
-    *_, done = engine.run(params, model=engine.chosen_model(model, public), job=JOB, init_image=init, mask=mask,
-                          owner=f"session:{JOB}", public=public)
+            mask = check_mask(mask, init.size)
+    *_, done = engine.run(params, model=engine.chosen_model(model, public), job=key, init_image=init, mask=mask,
+                          owner=OWNER, public=public)
     if done.result is None:
         raise ValueError(done.waiting or "the job was cancelled before it started")
     result = done.result
@@ -133,7 +137,8 @@ def generate(engine: Engine, body: dict, img2img: bool, public: bool) -> dict:
             "batch_size": len(result.seeds), "sd_model_name": used.get("Model"),
             "infotexts": [format_infotext(i) for i in result.infotexts]}
     return {"images": [base64.b64encode(Path(p).read_bytes()).decode() for p in done.paths],
-            "parameters": body, "info": json.dumps(info)}
+            "parameters": {k: v for k, v in body.items() if k not in ("init_images", "mask")},
+            "info": json.dumps(info)}
 
 
 def samplers() -> list[dict]:
@@ -155,49 +160,69 @@ def options(engine: Engine, public: bool) -> dict:
     return {"sd_model_checkpoint": name}
 
 
-def mount(app, engine: Engine, public: bool, logins: list[tuple[str, str]] | None) -> None:
+def mount(app, engine: Engine, public: bool, logins: list[tuple[str, str]] | None, max_bytes: int) -> None:
     """Add the routes to the app's FastAPI ``app``. With logins (``--auth``), each request must carry one of them
-    as HTTP Basic credentials (A1111's ``--api-auth``); gradio's own login does not cover these routes."""
+    as HTTP Basic credentials (A1111's ``--api-auth``); gradio's own login does not cover these routes. A browser
+    page of another site may not call them (its Origin is refused), nor may a body larger than ``max_bytes``."""
     basic = HTTPBasic(auto_error=False)
+    running: set[str] = set()  # Stop keys of the API's runs (each request has its own; /interrupt stops them all)
 
-    def login(credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
+    def guard(request: Request, credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
+        origin = request.headers.get("origin")
+        if origin and urlsplit(origin).netloc != request.headers.get("host"):
+            # a page elsewhere posting into a local app: a text/plain POST needs no preflight
+            raise HTTPException(403, "this API takes no requests from other sites' pages")
         if logins and not (credentials and any(
-                secrets.compare_digest(credentials.username, user) & secrets.compare_digest(credentials.password, pw)
-                for user, pw in logins)):
+                secrets.compare_digest(credentials.username.encode(), user.encode())
+                & secrets.compare_digest(credentials.password.encode(), pw.encode()) for user, pw in logins)):
             raise HTTPException(401, "this app needs a login: send one of its --auth pairs as HTTP Basic",
                                 headers={"WWW-Authenticate": "Basic"})
 
-    def answer(fn, *args):
+    async def json_body(request: Request):
+        """The body as JSON, read no further than ``max_bytes``; None when it is not JSON (A1111's clients send
+        application/json; a page of another site can send text/plain without asking first)."""
+        if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+            return None
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > max_bytes:
+                raise HTTPException(413, f"the request is over this app's upload limit of {max_bytes // 2**20} MB")
         try:
-            return fn(*args)
-        except ValueError as exc:  # the caller's to fix: one line, as the UI's
-            return JSONResponse({"error": "ValueError", "detail": str(exc)}, status_code=422)
-        except Exception as exc:  # ours: the traceback goes to the log, the caller gets one line
-            log.exception("sdapi: generation failed")
-            why = public_text(first_line(exc))  # no path of this machine
-            return JSONResponse({"error": type(exc).__name__, "detail": f"generation failed: {why}"}, status_code=500)
-
-    async def body_of(request: Request) -> dict:
-        try:
-            return await request.json()
+            return json.loads(data)
         except ValueError:
             return None
 
-    def txt2img(body=Depends(body_of)):
-        return answer(generate, engine, body, False, public)
+    def run(body, img2img: bool):
+        if zerogpu.active():  # the GPU is lent per gradio event there; these routes are not one
+            return JSONResponse({"error": "NotAvailable", "detail": "on a ZeroGPU Space, use gradio's API "
+                                 "(/generate, /img2img) instead of A1111's"}, status_code=503)
+        key = f"{OWNER}:{secrets.token_hex(8)}"
+        running.add(key)
+        try:
+            return generate(engine, body, img2img, public, key)
+        except Exception as exc:  # one line, as the tabs show it (a ValueError is the caller's to fix)
+            return JSONResponse({"error": type(exc).__name__, "detail": user_error(exc).message},
+                                status_code=422 if isinstance(exc, ValueError) else 500)
+        finally:
+            running.discard(key)
 
-    def img2img(body=Depends(body_of)):
-        return answer(generate, engine, body, True, public)
+    def txt2img(body=Depends(json_body)):
+        return run(body, False)
+
+    def img2img(body=Depends(json_body)):
+        return run(body, True)
 
     def interrupt():
-        engine.cancel(JOB)
+        for key in list(running):
+            engine.cancel(key)
         return {}
 
     routes = [("POST", "/txt2img", txt2img), ("POST", "/img2img", img2img),
               ("GET", "/samplers", samplers), ("GET", "/schedulers", schedulers),
               ("GET", "/sd-models", lambda: models(engine, public)),
               ("GET", "/options", lambda: options(engine, public))]
-    if not public:  # every API caller shares one Stop key: on a public app one visitor could stop the others
+    if not public:  # on a public app one visitor would stop the others' runs
         routes.append(("POST", "/interrupt", interrupt))
     for method, path, fn in routes:
-        app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=[Depends(login)])
+        app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=[Depends(guard)])
