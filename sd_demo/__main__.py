@@ -7,10 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from . import exit_on_sigterm, openvino_blocks, setup_logging
-from .flags import add_field_flags
+from . import exit_on_sigterm, setup_logging
+from .flags import add_compile_flag, add_field_flags
 from .generate import GenerationParams, param_fields
-from .models import COMPILERS
 
 log = logging.getLogger("sd_demo")
 
@@ -24,12 +23,7 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                         help="auto: fp16 on CUDA/MPS, fp32 on CPU")
     parser.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"],
                         help="auto: xformers on CUDA when it works, else PyTorch SDPA")
-    parser.add_argument("--compile", nargs="?", const="torch", default="", choices=COMPILERS,
-                        help="the same images, faster after a warm-up: 'torch' (the default of a bare --compile): "
-                             "torch.compile the UNet and VAE decoder, once per new size or batch (tens of seconds on "
-                             "a CPU); 'openvino': OpenVINO runs the blocks of the UNet and VAE decoder on a CPU, "
-                             f"converted on the first image (`{openvino_blocks.INSTALL}`). A LoRA change compiles "
-                             "again")
+    add_compile_flag(parser)
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow loading .bin/.ckpt weights (pickle can run code: only for repos you trust)")
 

@@ -26,3 +26,15 @@ def add_field_flags(parser: argparse.ArgumentParser, field_list, none_type=str) 
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
         parser.add_argument(flag, **kw)
+
+
+def add_compile_flag(parser: argparse.ArgumentParser) -> None:
+    """``--compile [torch|openvino]``, for the app, the CLI and the evaluator."""
+    from .models import COMPILERS
+    from .openvino_blocks import INSTALL
+
+    parser.add_argument("--compile", nargs="?", const="torch", default="", choices=COMPILERS,
+                        help="the same images, faster after a warm-up: 'torch' (the default of a bare --compile): "
+                             "torch.compile the UNet and VAE decoder, once per new size or batch (tens of seconds on "
+                             "a CPU); 'openvino': OpenVINO runs the blocks of the UNet and VAE decoder on a CPU, "
+                             f"converted on the first image (`{INSTALL}`). A LoRA change compiles again")

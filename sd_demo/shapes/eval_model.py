@@ -93,7 +93,7 @@ def bar_margin(report: Report) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..flags import add_field_flags
+    from ..flags import add_compile_flag, add_field_flags
     from ..generate import GenerationParams
 
     parser = argparse.ArgumentParser(prog="python -m sd_demo.shapes eval", description=__doc__,
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="the model's precision (bf16 on a CPU: the fast path where it has AVX-512 BF16 / AMX)")
     add_field_flags(parser, [(f.name, f.default, f.metadata) for f in fields(GenerationParams) if f.name in SWITCHES])
+    add_compile_flag(parser)
     parser.add_argument("--guidance", type=float, nargs="+", default=[7.0], help="one table per value")
     parser.add_argument("--sampler", nargs="+", default=["DPM++ 2M"], help="one table per sampler")
     parser.add_argument("--save", type=Path, help="write the images (and failures' summaries) here")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..models import load_model
 
     torch.set_num_threads(2)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, compile=args.compile)
     prompts = heldout_prompts(args.prompts, args.prompt_seed)
     seeds = list(range(args.seeds))
     runs = []
