@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import sys
 import time
 import warnings
 
@@ -110,8 +111,7 @@ class _Converted(ModelHook):
 
     @staticmethod
     def _convert(module, original, names, tensors):
-        import openvino as ov
-
+        ov = _openvino()
         t0 = time.perf_counter()
         flat = _Flat(module, original, names)
         with torch.no_grad(), warnings.catch_warnings():
@@ -127,12 +127,20 @@ class _Converted(ModelHook):
         return compiled, spec
 
 
+def _openvino():
+    """The openvino module, with its converter's telemetry off: ``convert_model`` sends usage events to Google
+    Analytics unless a consent file in the user's home says no (openvino_telemetry, opt-out). A self-hosted app does
+    not phone home, so the converter gets its own no-op stand-in (it imports the package under ImportError)."""
+    sys.modules.setdefault("openvino_telemetry", None)
+    import openvino
+
+    return openvino
+
+
 def _core():
     global _CORE
     if _CORE is None:
-        import openvino as ov
-
-        _CORE = ov.Core()
+        _CORE = _openvino().Core()
     return _CORE
 
 

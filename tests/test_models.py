@@ -346,6 +346,9 @@ def test_a_compiled_pipeline_draws_the_same_pixels_and_follows_a_lora(tiny_model
         odd = dict(width=compiled.default_size + 8, height=compiled.default_size)
         assert np.abs(pixels(plain, **odd) - pixels(compiled, **odd)).max() <= 1
         assert openvino_blocks.runs(first) == 16 and openvino_blocks.conversions(deep) == 1
+        import sys  # OpenVINO's converter phones home unless its telemetry package is kept out
+
+        assert sys.modules.get("openvino_telemetry") is None
     before = pixels(compiled)
     for model in (plain, compiled):
         model.set_loras([(str(tmp_path / "lora"), 1.0)])
