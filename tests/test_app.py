@@ -172,13 +172,18 @@ def test_launch_warns_of_an_open_bind_and_sets_the_limits(monkeypatch, tmp_path,
     calls = []
     from fastapi import FastAPI
 
-    stub = type("Demo", (), {"launch": lambda self, **kw: calls.append(kw), "block_thread": lambda self: None,
+    blocked = []
+    stub = type("Demo", (), {"launch": lambda self, **kw: calls.append(kw),
+                             "block_thread": lambda self: blocked.append(True),
                              "app": FastAPI(), "engine": None})()
     app.launch(stub, app.parse_args(["--host", "0.0.0.0", "--outputs", str(tmp_path / "out")]))
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "listening on 0.0.0.0 without --auth" in warnings[0]
     assert "add --auth USER:PASS" in warnings[0] and "\n" not in warnings[0]
     assert calls[0]["server_name"] == "0.0.0.0"
+    # gradio returns at once (A1111's API is mounted on its server next); launch itself blocks, as before
+    assert calls[0]["prevent_thread_lock"] is True and blocked == [True]
+    assert "/sdapi/v1/txt2img" in {route.path for route in stub.app.routes}
     # the generated images (A1111's folders), nothing else
     assert calls[0]["allowed_paths"] == [str(tmp_path / "out" / f) for f in ("txt2img-images", "img2img-images",
                                                                            "txt2img-grids")]
