@@ -7,9 +7,9 @@ inputs, and compiled for the CPU; the UNet's and decoder's own forwards, the tex
 the samplers stay PyTorch.
 Per block rather than the whole UNet (which was 1.67x instead of 1.44x on its own) so that the Fast path's hooks
 (``deepcache``) still skip the deep blocks between full steps. A LoRA change converts again (the adapters' weights
-are folded into the graph). Training, and any call with gradients, a non-float32 tensor or a non-tensor argument
-(an up block's ``upsample_size`` at a size off the 64 px grid), runs the block in PyTorch, as does a block that
-OpenVINO failed to convert.
+are folded into the graph). An up block converts once more for the sizes off the UNet's 64 px grid (its target size
+comes as a tensor's shape). Training, and any call with gradients, a non-float32 tensor or another non-tensor
+argument, runs the block in PyTorch, as does a block that OpenVINO failed to convert.
 
 Not optimum-intel's OVStableDiffusionPipeline: it replaces the whole pipeline, so our samplers, LoRA stacking and
 Fast switches would not apply, and it pulls in optimum and transformers pins on top of the runtime.
@@ -55,12 +55,15 @@ class _Flat(torch.nn.Module):
     """A block as a function of tensors only, the tracer's input: the named tensor arguments, then the skip
     connections an up block takes as a tuple."""
 
-    def __init__(self, block: torch.nn.Module, forward, names: list[str]):
+    def __init__(self, block: torch.nn.Module, forward, names: list[str], sized: bool):
         super().__init__()
-        self.block, self.forward_fn, self.names = block, forward, names
+        self.block, self.forward_fn, self.names, self.sized = block, forward, names, sized
 
     def forward(self, *tensors):
-        kwargs = dict(zip(self.names, tensors))
+        kwargs = {}
+        if self.sized:  # the last tensor's shape is the up-sampling's target size: traced as a size, not a number
+            kwargs["upsample_size"], tensors = tensors[-1].shape[2:], tensors[:-1]
+        kwargs.update(zip(self.names, tensors))
         if len(tensors) > len(self.names):
             kwargs["res_hidden_states_tuple"] = tuple(tensors[len(self.names):])
         return self.forward_fn(**kwargs)
@@ -73,7 +76,7 @@ class _Converted(ModelHook):
     def __init__(self, version):
         super().__init__()
         self.version = version  # () -> what invalidates the conversions (the model's LoRAs)
-        self.models: dict = {}  # argument names -> (compiled model, output tree spec), or None: PyTorch runs it
+        self.models: dict = {}  # argument kinds -> (compiled model, output tree spec), or None: PyTorch runs it
         self.seen = None
         self.signature = None
         self.runs = 0  # calls OpenVINO ran
@@ -83,20 +86,23 @@ class _Converted(ModelHook):
         self.signature = self.signature or inspect.signature(original)
         bound = self.signature.bind(*args, **kwargs).arguments
         skips = bound.pop("res_hidden_states_tuple", None) or ()
+        # an up block's target size at a size off the UNet's 64 px grid: given as a tensor of that shape, so that
+        # one more graph serves every such size
+        size = bound.pop("upsample_size", None)
         names = [k for k, v in bound.items() if isinstance(v, torch.Tensor)]
-        tensors = [bound[k] for k in names] + list(skips)
-        # Any other argument (an up block's upsample_size at a size off the 64 px grid, cross_attention_kwargs)
-        # would be traced as a constant: one more conversion, and one more copy of the weights, per value.
+        tensors = [bound[k] for k in names] + list(skips) + ([] if size is None else [torch.empty(1, 1, *size)])
+        # Any other argument (cross_attention_kwargs) would be traced as a constant: one more conversion, and one
+        # more copy of the weights, per value.
         if (any(v is not None and v != {} for k, v in bound.items() if k not in names) or torch.is_grad_enabled()
                 or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)):
             return original(*args, **kwargs)
         if self.version() != self.seen:  # the LoRAs changed: the old conversions hold the old weights
             self.models.clear()
             self.seen = self.version()
-        key = (tuple(names), len(skips))
+        key = (tuple(names), len(skips), size is not None)
         if key not in self.models:
             try:
-                self.models[key] = self._convert(module, original, names, tensors)
+                self.models[key] = self._convert(module, original, names, tensors, size is not None)
             except Exception as exc:  # an op OpenVINO cannot take, or no memory left: PyTorch runs it from now on
                 log.warning("OpenVINO: %s stays in PyTorch: %s", type(module).__name__, first_line(exc))
                 self.models[key] = None
@@ -110,10 +116,10 @@ class _Converted(ModelHook):
         return pytree.tree_unflatten([torch.from_numpy(o) for o in outs], spec)
 
     @staticmethod
-    def _convert(module, original, names, tensors):
+    def _convert(module, original, names, tensors, sized):
         ov = _openvino()
         t0 = time.perf_counter()
-        flat = _Flat(module, original, names)
+        flat = _Flat(module, original, names, sized)
         with torch.no_grad(), warnings.catch_warnings():
             # the tracer warns of each shape check it fixes ("assert hidden_states.shape[1] == self.channels"):
             # they hold for every input a block gets; the batch and size stay free (tests/test_models.py)
