@@ -1,6 +1,6 @@
 """The UNet's and the VAE decoder's blocks run by OpenVINO on a CPU (``--compile openvino``): the same pixels
-(float32, within 1e-5 of PyTorch's) and 1.45x the speed of stock diffusers on this project's 2-core Xeon
-(BENCHMARKS.md, session 21).
+(float32, within 1e-5 of PyTorch's), 1.45x stock diffusers' speed at SD 1.5's 256 px and 1.14x at 512 px on this
+project's 2-core Xeon, for a second copy of the weights (BENCHMARKS.md, session 21).
 
 Each down, middle and up block is converted (``openvino.convert_model``) the first time it runs, from that call's
 inputs, and compiled for the CPU; the UNet's and decoder's own forwards, the text encoder, the VAE's encoder and
