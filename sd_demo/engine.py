@@ -199,6 +199,11 @@ class Engine:
         """The selector's value for the start-up model."""
         return public_name(self.settings.model) if public else self.settings.model
 
+    def current_choice(self, public: bool = False) -> str:
+        """The selector's value for the loaded model, else for the start-up model."""
+        m = self.cache.current
+        return (public_name(m.ref.label) if public else m.ref.label) if m else self.startup_choice(public)
+
     def chosen_model(self, name: str | None, public: bool) -> str | None:
         """The model spec a selector value (or an API caller's ``model``) names; a public app takes only what it
         offers (no custom Hub ids or local paths: they download or read what a visitor chooses)."""

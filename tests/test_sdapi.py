@@ -146,3 +146,26 @@ def test_other_sites_pages_and_oversized_bodies_are_refused(app_server):
     sdapi.mount(small, engine, public=True, logins=None, max_bytes=1000)
     big = TestClient(small).post("/sdapi/v1/img2img", json={"prompt": "x" * 2000})
     assert big.status_code == 413 and "upload limit" in big.json()["detail"]
+
+
+def test_interrupt_stops_the_apis_running_job(app_server):
+    """POST /interrupt (A1111's) stops the API's run after its current step; the answer still holds its picture."""
+    import threading
+    import time
+
+    from sd_demo.runqueue import RUNNING, STOPPED
+    from sd_demo.ui import sdapi
+
+    url, engine = app_server
+    answer = {}
+    run = threading.Thread(target=lambda: answer.update(r=httpx.post(
+        url + API + "/txt2img", json={"prompt": "a red circle", "seed": 1, "steps": 150}, timeout=120)))
+    run.start()
+    deadline = time.monotonic() + 60
+    while not any(job.state == RUNNING for job, _ in engine.queued(sdapi.OWNER, public=True)):
+        assert time.monotonic() < deadline, "the API's job never started"
+        time.sleep(0.01)
+    assert httpx.post(url + API + "/interrupt").status_code == 200
+    run.join(60)
+    assert answer["r"].status_code == 200 and len(answer["r"].json()["images"]) == 1
+    assert engine.history(None)[0].state == STOPPED

@@ -26,8 +26,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .. import zerogpu
 from ..engine import Engine
 from ..generate import GenerationParams, _whole
-from ..img2img import RESIZE_MODES, check_mask, check_size, check_source
+from ..img2img import RESIZE_MODES, check_size
 from ..infotext import format_infotext
+from ..runqueue import RUNNING
 from ..sampling.registry import SAMPLERS, SCHEDULES
 from .generate import user_error
 
@@ -118,12 +119,11 @@ def generate(engine: Engine, body: dict, img2img: bool, public: bool, key: str) 
         images = body.get("init_images")
         if not isinstance(images, list) or not images:
             raise ValueError("init_images: give one base64-encoded image")
-        init = check_source(_image(images[0], "init_images"), "init_images")
+        init = _image(images[0], "init_images")  # generate() fits it and the mask (img2img.check_source)
         if body.get("mask"):
             mask = _image(body["mask"], "mask")
             if body.get("inpainting_mask_invert"):
                 mask = ImageOps.invert(mask.convert("L"))
-            mask = check_mask(mask, init.size)
     *_, done = engine.run(params, model=engine.chosen_model(model, public), job=key, init_image=init, mask=mask,
                           owner=OWNER, public=public)
     if done.result is None:
@@ -155,9 +155,15 @@ def models(engine: Engine, public: bool) -> list[dict]:
 
 
 def options(engine: Engine, public: bool) -> dict:
-    current = engine.cache.current
-    name = (current.ref.public_name if public else current.ref.label) if current else engine.startup_choice(public)
-    return {"sd_model_checkpoint": name}
+    return {"sd_model_checkpoint": engine.current_choice(public)}
+
+
+def interrupt(engine: Engine) -> dict:
+    """Stop the API's running job after its current step (A1111's interrupt; the waiting ones stay queued)."""
+    for job, _ in engine.queued(OWNER, public=True):
+        if job.state == RUNNING:
+            engine.cancel_queued(job.id, OWNER, public=True)
+    return {}
 
 
 def mount(app, engine: Engine, public: bool, logins: list[tuple[str, str]] | None, max_bytes: int) -> None:
@@ -165,7 +171,6 @@ def mount(app, engine: Engine, public: bool, logins: list[tuple[str, str]] | Non
     as HTTP Basic credentials (A1111's ``--api-auth``); gradio's own login does not cover these routes. A browser
     page of another site may not call them (its Origin is refused), nor may a body larger than ``max_bytes``."""
     basic = HTTPBasic(auto_error=False)
-    running: set[str] = set()  # Stop keys of the API's runs (each request has its own; /interrupt stops them all)
 
     def guard(request: Request, credentials: HTTPBasicCredentials | None = Depends(basic)) -> None:
         origin = request.headers.get("origin")
@@ -197,15 +202,11 @@ def mount(app, engine: Engine, public: bool, logins: list[tuple[str, str]] | Non
         if zerogpu.active():  # the GPU is lent per gradio event there; these routes are not one
             return JSONResponse({"error": "NotAvailable", "detail": "on a ZeroGPU Space, use gradio's API "
                                  "(/generate, /img2img) instead of A1111's"}, status_code=503)
-        key = f"{OWNER}:{secrets.token_hex(8)}"
-        running.add(key)
-        try:
-            return generate(engine, body, img2img, public, key)
+        try:  # a Stop key of its own, which no browser session can name
+            return generate(engine, body, img2img, public, f"{OWNER}:{secrets.token_hex(8)}")
         except Exception as exc:  # one line, as the tabs show it (a ValueError is the caller's to fix)
             return JSONResponse({"error": type(exc).__name__, "detail": user_error(exc).message},
                                 status_code=422 if isinstance(exc, ValueError) else 500)
-        finally:
-            running.discard(key)
 
     def txt2img(body=Depends(json_body)):
         return run(body, False)
@@ -213,16 +214,11 @@ def mount(app, engine: Engine, public: bool, logins: list[tuple[str, str]] | Non
     def img2img(body=Depends(json_body)):
         return run(body, True)
 
-    def interrupt():
-        for key in list(running):
-            engine.cancel(key)
-        return {}
-
     routes = [("POST", "/txt2img", txt2img), ("POST", "/img2img", img2img),
               ("GET", "/samplers", samplers), ("GET", "/schedulers", schedulers),
               ("GET", "/sd-models", lambda: models(engine, public)),
               ("GET", "/options", lambda: options(engine, public))]
     if not public:  # on a public app one visitor would stop the others' runs
-        routes.append(("POST", "/interrupt", interrupt))
+        routes.append(("POST", "/interrupt", lambda: interrupt(engine)))
     for method, path, fn in routes:
         app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=[Depends(guard)])
