@@ -55,13 +55,16 @@ SEED = 7
 
 
 # Our sides: (dtype, --compile, GenerationParams switches). The exact path, compiled (--compile torch or openvino:
-# the same pixels), each approximate switch alone, then the Fast choice (Deep cache 3, CFG cutoff 0.6), Fast with
-# the tiny VAE, Fast in bf16, Fast compiled. A side ending in IMG2IMG (stock's too) redraws a picture at STRENGTH instead of starting from noise.
+# the same pixels), each approximate switch alone, then the Fast choice (Deep cache 3, CFG cutoff 0.6, and bf16
+# autocast where the CPU computes bf16 natively), Fast without autocast (fp32 throughout), Fast with the tiny VAE,
+# Fast in bf16, Fast compiled. A side ending in IMG2IMG (stock's too) redraws a picture at STRENGTH instead of starting from noise.
 OURS = {"ours": ("auto", "", {}), "ours-compile": ("auto", "torch", {}), "ours-bf16": ("bf16", "", {}),
         "ours-openvino": ("auto", "openvino", {}),
         "ours-cutoff": ("auto", "", {"cfg_cutoff": 0.6}), "ours-deepcache": ("auto", "", {"deep_cache": 3}),
         "ours-tinyvae": ("auto", "", {"tiny_vae": True}),
         "ours-fast-tinyvae": ("auto", "", {"fast": True, "tiny_vae": True}),
+        "ours-autocast": ("auto", "", {"autocast": True}),
+        "ours-fast-fp32": ("auto", "", {"deep_cache": 3, "cfg_cutoff": 0.6}),
         "ours-fast": ("auto", "", {"fast": True}), "ours-fast-bf16": ("bf16", "", {"fast": True}),
         "ours-fast-openvino": ("auto", "openvino", {"fast": True}),
         "ours-fast-tinyvae-openvino": ("auto", "openvino", {"fast": True, "tiny_vae": True})}

@@ -22,7 +22,7 @@ from . import __version__, img2img
 from .img2img import HIRES_UPSCALERS, MASKED_CONTENT, RESIZE_MODES
 from .deepcache import feature_cache
 from .infotext import Infotext
-from .models import LoadedModel, compiled_run, load_tiny_vae
+from .models import LoadedModel, autocast_run, compiled_run, load_tiny_vae
 from .prompts import PromptEncoder, WeightedPrompt, needs_encoding, parse_attention
 from .preview import fit_preview_map, latents_to_preview
 from .sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, make_scheduler, resolve_schedule
@@ -42,7 +42,7 @@ MAX_HIRES_SCALE = 4.0  # A1111's slider
 MAX_PROMPT = 8000
 MAX_DEEP_CACHE = 10  # DeepCache's paper goes to 10; past it the reused features are many steps old
 # The Fast choice: switches left off take these values (each measured on its own in BENCHMARKS.md, issue 19)
-FAST = {"deep_cache": 3, "cfg_cutoff": 0.6}
+FAST = {"deep_cache": 3, "cfg_cutoff": 0.6, "autocast": True}
 
 
 def _f(default, help: str, flag: str | None = None, **kw):
@@ -72,8 +72,11 @@ class GenerationParams:
                             f"between (DeepCache), 1-{MAX_DEEP_CACHE}; 1 = off, 3 about 1.5-2x faster")
     tiny_vae: bool = _f(False, "fast: decode with a tiny VAE (TAESD for SD's VAE, downloaded once, or the model's "
                                "own tiny_vae/ folder): 10-15x faster decoding, softer fine detail")
+    autocast: bool = _f(False, "fast: the UNet and the VAE's decoder compute in bf16 (torch.autocast; the weights "
+                               "stay fp32) on a CPU that computes bf16 natively (AVX-512 BF16 or AMX): about 1.6x; "
+                               "refused elsewhere, where it would not pay")
     fast: bool = _f(False, "the fast settings for what is left off: " + ", ".join(f"{k} {v}" for k, v in FAST.items())
-                    + " (a little detail for about 2x the speed; with --dtype bf16 on a CPU with AMX, about 5x)")
+                    + " (autocast only where it pays; a little detail for 2-3x the speed)")
     # Image to image, inpainting (with an init image) and hires fix (without one): A1111's controls and names.
     strength: float | None = _f(None, "denoising strength: how much of the init image (or of the hires fix's first "
                                       "pass) is redrawn, 0-1 (default: A1111's 0.75 for an init image, 0.7 for "
@@ -106,7 +109,8 @@ class GenerationParams:
                     guidance_scale=_number("guidance_scale", self.guidance_scale, optional=True),
                     batch_size=_whole("batch_size", self.batch_size), clip_skip=_whole("clip_skip", self.clip_skip),
                     cfg_cutoff=_number("cfg_cutoff", self.cfg_cutoff), deep_cache=_whole("deep_cache", self.deep_cache),
-                    tiny_vae=_flag("tiny_vae", self.tiny_vae), fast=_flag("fast", self.fast))
+                    tiny_vae=_flag("tiny_vae", self.tiny_vae), autocast=_flag("autocast", self.autocast),
+                    fast=_flag("fast", self.fast))
         p = replace(p, strength=_number("strength", p.strength, optional=True),
                     mask_blur=_whole("mask_blur", p.mask_blur), only_masked=_flag("only_masked", p.only_masked),
                     only_masked_padding=_whole("only_masked_padding", p.only_masked_padding),
@@ -263,8 +267,11 @@ def check_inputs(model: LoadedModel, params: GenerationParams,
     if p.clip_skip > model.max_clip_skip:
         raise ValueError(f"clip_skip: {p.clip_skip} is out of range for this model (its text encoder is shallower); "
                          f"use 1 to {model.max_clip_skip}")
+    if p.autocast and model.autocast_reason:
+        raise ValueError(f"autocast: {model.autocast_reason}; leave it off")
     if p.fast:
-        p = replace(p, **{k: v for k, v in FAST.items() if getattr(p, k) == getattr(GenerationParams, k)})
+        fast = {k: v for k, v in FAST.items() if k != "autocast" or not model.autocast_reason}
+        p = replace(p, **{k: v for k, v in fast.items() if getattr(p, k) == getattr(GenerationParams, k)})
     size = model.default_size
     width, height = img2img.output_size(source, size, p.width, p.height) if source else (p.width, p.height)
     return replace(
@@ -564,6 +571,8 @@ def make_infotext(model: LoadedModel, p: GenerationParams, seed: int, source: tu
         params["Deep cache"] = p.deep_cache
     if p.tiny_vae:
         params["Tiny VAE"] = model.tiny_vae_name
+    if p.autocast:
+        params["Autocast"] = "bf16"
     params["Version"] = f"sd_demo {__version__}"
     return Infotext(p.prompt, p.negative_prompt, params)
 
@@ -588,7 +597,8 @@ def generate(
     t0 = time.perf_counter()
     progress = _Progress(on_step, cancel, preview_every, {})
     notes = []
-    with model.lock, compiled_run(model):  # one job at a time per pipeline: the scheduler below is pipeline state
+    # one job at a time per pipeline: the scheduler below is pipeline state, and so are autocast's hooks
+    with model.lock, compiled_run(model), autocast_run(model, p.autocast):
         if p.tiny_vae and (missing := load_tiny_vae(model)):  # the run goes on with the full VAE and says so
             p = replace(p, tiny_vae=False)
             notes.append(f"tiny VAE: {missing}; decoded with the full VAE")
@@ -654,6 +664,8 @@ def params_from_infotext(info: Infotext) -> tuple[GenerationParams, list[str]]:
             values["hires_width"], values["hires_height"] = _size(value)
         elif key == "Tiny VAE":
             values["tiny_vae"] = True
+        elif key == "Autocast":
+            values["autocast"] = True
         elif key == "Inpaint area":
             values["only_masked"] = value == "Only masked"
         # the model and LoRAs: engine.locate_*; the source picture's size: the PNG does not hold the source

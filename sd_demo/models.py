@@ -32,7 +32,9 @@ transformers.utils.logging.set_verbosity_error()
 
 import diffusers  # noqa: E402
 from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel  # noqa: E402
+from diffusers.hooks import HookRegistry, ModelHook  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
+from torch.utils._pytree import tree_map  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from . import hub, openvino_blocks
@@ -55,6 +57,7 @@ SD_VAE_SCALES = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}  # the VAEs TA
 TINY_VAE_RETRY_S = 60.0
 COMPILERS = ("torch", "openvino")  # --compile's choices (compile_pipeline)
 WARM_UP = {"torch": "the first image at each new size", "openvino": "the first image and the first after a LoRA change"}
+AUTOCAST_HOOK = "sd_demo_autocast"
 MAX_SPEC = 4096  # PATH_MAX: a longer name is neither a folder here nor a Hub id
 
 
@@ -171,6 +174,12 @@ def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
     return DTYPES[requested]
 
 
+def native_bf16() -> bool:
+    """Does this CPU compute bf16 natively (AVX-512 BF16 or AMX)? Elsewhere oneDNN emulates it, slower than fp32."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 
@@ -249,6 +258,21 @@ class LoadedModel:
     tiny_vae_name: str = ""  # where it came from, for the infotext
     tiny_vae_missing: str = ""  # why there is none, after a failed load
     tiny_vae_failed: float = 0.0  # when (time.monotonic): tried again only TINY_VAE_RETRY_S later, not every image
+
+    @property
+    def autocast_reason(self) -> str:
+        """Why the ``autocast`` switch cannot speed this model up ("" when it can): it pays only for an fp32 model
+        on a CPU that computes bf16 natively, and a compiled one runs graphs built for fp32 (OpenVINO's take fp32
+        inputs only)."""
+        if self.device != "cpu":
+            return f"it is for the CPU; on {self.device} choose the precision with --dtype"
+        if self.dtype != torch.float32:
+            return f"the model already runs in {dtype_name(self.dtype)}"
+        if self.compiled:
+            return f"the model is compiled by {self.compiled} for fp32"
+        if not native_bf16():
+            return "this CPU has no native bf16 (AVX-512 BF16 or AMX), where it is slower than fp32"
+        return ""
 
     def set_loras(self, loras: list[tuple[str, float]]) -> None:
         """Apply exactly these adapters, no-op when unchanged: LoRAs (diffusers or kohya format, safetensors only)
@@ -639,6 +663,33 @@ def compiled_run(model: LoadedModel):
     import torch._inductor.config as inductor
 
     return inductor.patch(freezing=True)  # applies to graphs traced without grad only: training is untouched
+
+
+class _Autocast(ModelHook):
+    """On a module: its forward under torch.autocast (bf16 matmuls and convolutions, the weights staying fp32), its
+    output back in fp32, so the sampler's arithmetic and the pictures' conversion stay fp32."""
+
+    def new_forward(self, module, *args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        return tree_map(lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v, out)
+
+
+@contextlib.contextmanager
+def autocast_run(model: LoadedModel, on: bool):
+    """Within the block, the UNet and the VAE's decoder compute in bf16 (``on``; the caller has checked
+    ``model.autocast_reason``)."""
+    if not on:
+        yield
+        return
+    modules = [model.pipe.unet, model.pipe.vae.decoder]
+    for module in modules:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(_Autocast(), AUTOCAST_HOOK)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._diffusers_hook.remove_hook(AUTOCAST_HOOK, recurse=False)
 
 
 def load_model(spec: str, **kw) -> LoadedModel:

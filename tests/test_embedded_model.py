@@ -95,9 +95,10 @@ def test_heldout_prompts_meet_the_bar(heldout_run, attribute):
 
 
 def test_fast_keeps_what_the_prompts_ask_for(embedded, heldout_run):
-    """The Fast choice (Deep cache 3, CFG cutoff 0.6) on the same 16 held-out images: at most one image more gets
-    an attribute wrong than at full work (issue 19: at most 5 points lost; 32 prompts x 2 seeds lost none, see
-    BENCHMARKS.md), and it did skip work: the deep blocks ran on 7 of the 20 steps."""
+    """The Fast choice (Deep cache 3, CFG cutoff 0.6, bf16 autocast where the CPU has it) on the same 16 held-out
+    images: at most one image more gets an attribute wrong than at full work (issue 19: at most 5 points lost; 32
+    prompts x 2 seeds lost none, see BENCHMARKS.md), and it did skip work: the deep blocks ran on 7 of the 20
+    steps."""
     from sd_demo.shapes.eval_model import run_eval
 
     deep = []

@@ -453,11 +453,42 @@ def test_fast_fills_in_the_switches_left_off(loaded_models):
         FAST["deep_cache"], FAST["cfg_cutoff"])
     mine = run(loaded_models["sd15"], fast=True, steps=6, deep_cache=5)
     assert mine.infotexts[0].params["Deep cache"] == 5 and mine.infotexts[0].params["CFG cutoff"] == 0.6
+    # bf16 autocast joins where this CPU computes bf16 natively, and only there
+    assert ("Autocast" in fast.infotexts[0].params) == (loaded_models["sd15"].autocast_reason == "")
     params, _ = params_from_infotext(fast.infotexts[0])
-    again = run(loaded_models["sd15"], steps=6, deep_cache=params.deep_cache, cfg_cutoff=params.cfg_cutoff)
+    again = run(loaded_models["sd15"], steps=6, deep_cache=params.deep_cache, cfg_cutoff=params.cfg_cutoff,
+                autocast=params.autocast)
     assert px(again.images[0]).tobytes() == px(fast.images[0]).tobytes()
     for value, match in ((0, "deep_cache: 0 is out of range; use 1 \\(off\\) to 10"), ("maybe", "fast: 'maybe'")):
         field = "deep_cache" if value == 0 else "fast"
         with pytest.raises(ValueError, match=match):
             GenerationParams(prompt="x", **{field: value}).validate()
     assert GenerationParams(prompt="x", fast="true").validate().fast is True
+
+
+def test_autocast_runs_the_unet_in_bf16_where_the_cpu_has_it_and_says_why_not_elsewhere(loaded_models, monkeypatch):
+    """The autocast switch: the UNet's matmuls in bf16 (its weights and the sampler's latents stay fp32), the image
+    close to the exact one; where it cannot pay, one line says why, and Fast leaves it out."""
+    import torch
+
+    from sd_demo import models
+
+    model = loaded_models["sd15"]
+    if model.autocast_reason == "":  # this CPU computes bf16 natively (AVX-512 BF16 / AMX)
+        seen = []
+        hook = model.pipe.unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        try:
+            exact, ac = run(model, steps=4), run(model, steps=4, autocast=True)
+        finally:
+            hook.remove()
+        assert seen == [torch.float32] * 4 + [torch.bfloat16] * 4
+        assert model.pipe.unet.conv_in.weight.dtype == torch.float32  # no copy of the weights kept
+        assert ac.infotexts[0].params["Autocast"] == "bf16" and "Autocast" not in exact.infotexts[0].params
+        diff = np.abs(px(ac.images[0]) - px(exact.images[0]))
+        assert 0 < diff.mean() < 4, diff.mean()  # bf16's rounding, not another picture
+    monkeypatch.setattr(models, "native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="^autocast: this CPU has no native bf16 .*; leave it off$"):
+        run(model, autocast=True)
+    assert "Autocast" not in run(model, fast=True).infotexts[0].params
+    monkeypatch.setattr(model, "dtype", torch.bfloat16)
+    assert model.autocast_reason == "the model already runs in bf16"
