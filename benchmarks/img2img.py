@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # (shape, colour, background, position, new colour, whether the prompt names the position): the first two are
 # issue 20's example, on its blue background and on white
 SCENES = [("circle", "red", "blue", "left", "green", True), ("circle", "red", "white", "left", "green", True),
-          ("star", "white", "blue", "right", "orange", False), ("square", "yellow", "blue", "top left", "purple", False),
+          ("star", "white", "blue", "right", "orange", False),
+          ("square", "yellow", "blue", "top left", "purple", False),
           ("circle", "red", "blue", "bottom right", "green", False), ("cross", "green", "blue", "bottom", "red", False)]
 STRENGTHS = (0.3, 0.5, 0.65, 0.8, 1.0)
 HIRES = [("Latent", 0.7), ("Latent", 0.55), ("Lanczos", 0.4), ("Lanczos", 0.3)]
@@ -74,7 +75,8 @@ def img2img_rows(model, n: int, random: int) -> list[str]:
     rows = []
     for shape, old, background, where, new, say_where in SCENES:
         scene = make_scene(Shape(shape), Color(old), Color(background), position=Position(where))
-        prompt = f"a {new} {shape}{f' on the {where}' if say_where else ''} on a {background} background"
+        where_words = f" on the {where}" if say_where else ""
+        prompt = f"a{'n' * (new[0] in 'aeiou')} {new} {shape}{where_words} on a {background} background"
         for s in STRENGTHS:
             _, recoloured, shaped, placed = recolour_counts(model, [(scene, prompt, Color(new), n)], s, 100)
             rows.append(f"| {old} {shape}, {where}, on {background} -> \"{prompt}\" | {s} | {recoloured}/{n} | "

@@ -16,8 +16,10 @@ Rows:
    extra wait), and the approximate switches, each alone and then together (PSNR against
    the exact image): bf16 (``--dtype bf16``; fast where the CPU has AMX / AVX-512 BF16, slow elsewhere),
    ``cfg_cutoff`` 0.6 (the negative prompt's pass dropped for the last 40 % of the steps), ``deep_cache`` 3 (the
-   UNet's deep blocks every third step, sd_demo.deepcache), ``tiny_vae`` (a TAESD decoder), the Fast choice (the
-   first two), Fast with the tiny VAE, and Fast in bf16. The fast
+   UNet's deep blocks every third step, sd_demo.deepcache), ``tiny_vae`` (a TAESD decoder), ``autocast`` (the UNet
+   and the VAE decoder in bf16 under torch.autocast; only where the CPU computes bf16 natively), the Fast choice
+   (the first two, and autocast where it pays), Fast without autocast, Fast with the tiny VAE, and Fast in bf16. The
+   fast
    switches' quality is judged on the embedded model by the project's evaluator (BENCHMARKS.md), not by the PSNR
    of random weights.
 3. with ``--sdxl``: SDXL's architecture with random weights at 512 px, stock against our sides, each image made by
@@ -57,7 +59,8 @@ SEED = 7
 # Our sides: (dtype, --compile, GenerationParams switches). The exact path, compiled (--compile torch or openvino:
 # the same pixels), each approximate switch alone, then the Fast choice (Deep cache 3, CFG cutoff 0.6, and bf16
 # autocast where the CPU computes bf16 natively), Fast without autocast (fp32 throughout), Fast with the tiny VAE,
-# Fast in bf16, Fast compiled. A side ending in IMG2IMG (stock's too) redraws a picture at STRENGTH instead of starting from noise.
+# Fast in bf16, Fast compiled. A side ending in IMG2IMG (stock's too) redraws a picture at STRENGTH instead of
+# starting from noise.
 OURS = {"ours": ("auto", "", {}), "ours-compile": ("auto", "torch", {}), "ours-bf16": ("bf16", "", {}),
         "ours-openvino": ("auto", "openvino", {}),
         "ours-cutoff": ("auto", "", {"cfg_cutoff": 0.6}), "ours-deepcache": ("auto", "", {"deep_cache": 3}),
@@ -73,6 +76,13 @@ IMG2IMG, STRENGTH = "-img2img", 0.75
 
 
 _ENGINES: dict = {}
+
+
+def default_sides() -> list[str]:
+    """Every side of OURS this CPU can run: autocast only where it computes bf16 natively."""
+    from sd_demo.models import native_bf16
+
+    return [side for side, (_, _, switches) in OURS.items() if native_bf16() or "autocast" not in switches]
 
 
 def runner(side: str, model: str, size: int | None, steps: int):
@@ -362,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--sd15-sizes", default="256,512")
     ap.add_argument("--sd15-steps", type=int, default=5, help="steps per SD 1.5 image (each costs seconds on a CPU)")
-    ap.add_argument("--sd15-sides", help=f"comma-separated, of {', '.join(OURS)} (default: all)")
+    ap.add_argument("--sd15-sides", help=f"comma-separated, of {', '.join(OURS)} (default: all this CPU runs)")
     ap.add_argument("--sd15-model", help="a folder benchmarks/sd15.py built before (default: build one, ~2 min)")
     ap.add_argument("--sdxl", action="store_true", help="add SDXL's architecture (random weights, ~7 GB built in a "
                     "temporary folder), each image in its own process")
@@ -403,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
 
         sd15 = a.sd15_model or build_sd15(Path(tempfile.mkdtemp()))
         for size in (int(s) for s in a.sd15_sizes.split(",")):
-            rows += compare(sd15, size, a.sd15_steps, ["stock", *(a.sd15_sides.split(",") if a.sd15_sides else OURS)],
+            rows += compare(sd15, size, a.sd15_steps, ["stock", *(a.sd15_sides.split(",") if a.sd15_sides else
+                                                                  default_sides())],
                             a.runs,
                             f"SD 1.5 arch {size} px, {a.sd15_steps} steps")
         if not a.skip_train:

@@ -670,7 +670,9 @@ class _Autocast(ModelHook):
     output back in fp32, so the sampler's arithmetic and the pictures' conversion stay fp32."""
 
     def new_forward(self, module, *args, **kwargs):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        # cache_enabled=False: the cache would keep a bf16 copy of every weight (they require grad) until the call
+        # ends, reused by nothing (one context a call); measured slower too (BENCHMARKS.md, session 22)
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
             out = self.fn_ref.original_forward(*args, **kwargs)
         return tree_map(lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v, out)
 
@@ -682,13 +684,14 @@ def autocast_run(model: LoadedModel, on: bool):
     if not on:
         yield
         return
-    modules = [model.pipe.unet, model.pipe.vae.decoder]
-    for module in modules:
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(_Autocast(), AUTOCAST_HOOK)
+    hooked = []
     try:
+        for module in (model.pipe.unet, model.pipe.vae.decoder):
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(_Autocast(), AUTOCAST_HOOK)
+            hooked.append(module)
         yield
     finally:
-        for module in modules:
+        for module in hooked:
             module._diffusers_hook.remove_hook(AUTOCAST_HOOK, recurse=False)
 
 

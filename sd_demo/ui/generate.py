@@ -234,12 +234,12 @@ def make_generate_fn(engine: Engine, public: bool):
             z_values: Its values.
             deep_cache: Fast: run the UNet's deep blocks on every N-th step only and reuse their features between
                 (DeepCache); 1 for off, 3 is about 1.5-2x faster.
-            fast: The Fast choice: the fast switches left off take Deep cache 3, CFG cutoff 0.6 and, on a CPU
-                that computes bf16 natively, autocast (2-3x faster, a little less detail).
+            fast: The Fast choice: the fast switches left off take Deep cache 3, CFG cutoff 0.6 and, where it
+                pays (a CPU that computes bf16 natively, a large UNet), autocast: 2-4x faster, a little less detail.
             tiny_vae: Fast: decode with a tiny VAE (TAESD for SD's VAE, or the model's own), 10-15x faster
                 decoding with softer fine detail.
-            autocast: Fast: the UNet computes in bf16 (torch.autocast) on a CPU with AVX-512 BF16 or AMX, about
-                1.7-1.9x a step; an error elsewhere.
+            autocast: Fast: the UNet and the VAE's decoder compute in bf16 (torch.autocast) on a CPU with AVX-512
+                BF16 or AMX; elsewhere the run goes on without it and says why.
         """
         values = {k: v for k, v in locals().items() if k in REQUEST_FIELDS}
         model, lora_list, params, axes = generation_request(engine, public, **values)
@@ -457,9 +457,8 @@ def sampling_controls(d: ModelDefaults, size_info: str | None = None) -> Samplin
         random_btn = gr.Button("🎲", scale=1, min_width=40)
         reuse_btn = gr.Button("♻️", scale=1, min_width=40)
     fast = gr.Checkbox(GenerationParams.fast, label="Fast", elem_classes="fast",
-                       info=f"Deep cache {FAST['deep_cache']}, CFG cutoff {FAST['cfg_cutoff']} and, on a CPU that "
-                            "computes bf16 natively, bf16 autocast (where Advanced leaves them off): 2-3x faster, a "
-                            "little less detail")
+                       info=f"Deep cache {FAST['deep_cache']}, CFG cutoff {FAST['cfg_cutoff']} and, where it pays, "
+                            "bf16 autocast (where Advanced leaves them off): 2-4x faster, a little less detail")
     return SamplingControls(sampler, schedule, steps, width, height, batch, cfg, seed, random_btn, reuse_btn, fast)
 
 
@@ -558,8 +557,8 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                                        info="decode with TAESD (downloaded once; or the model's own tiny VAE): "
                                             "10-15x faster decoding, softer fine detail")
                 autocast = gr.Checkbox(GenerationParams.autocast, label="bf16 autocast (fast)", elem_id="autocast",
-                                       info="the UNet computes in bf16, its weights stay fp32: about 1.7-1.9x a step "
-                                            "on a CPU with AVX-512 BF16 or AMX (only there)")
+                                       info="the UNet and the VAE's decoder compute in bf16, their weights stay "
+                                            "fp32: faster on a CPU with AVX-512 BF16 or AMX (only there)")
         with gr.Column(scale=6):
             with gr.Row():
                 run_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn", scale=2)
@@ -582,8 +581,8 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     picked = gr.State(0)  # the gallery's selected image (a new result selects none: its first is sent)
     hires = [hires_on, hires_scale, hires_steps, hires_strength, hires_upscaler, hires_width, hires_height]
     tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip, lora,
-                      model, cfg_cutoff, deep_cache, fast, tiny_vae, autocast, hires, send_img2img, gallery, infos, picked,
-                      model_status)
+                      model, cfg_cutoff, deep_cache, fast, tiny_vae, autocast, hires, send_img2img, gallery, infos,
+                      picked, model_status)
 
     inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, *xyz_inputs,
                                        deep_cache, fast, tiny_vae, autocast, visitor]
