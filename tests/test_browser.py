@@ -51,10 +51,9 @@ def test_type_prompt_generate_and_read_parameters(page, tmp_path):
 
 
 def test_fast_ticked_runs_and_says_so(page):
-    """The Fast checkbox under the sampling controls: the run takes Deep cache 3, CFG cutoff 0.6 and, on a CPU that
-    computes bf16 natively, bf16 autocast (Advanced left them off), and the picture's parameters say what ran."""
-    from sd_demo.models import native_bf16
-
+    """The Fast checkbox under the sampling controls: the run takes Deep cache 3 and CFG cutoff 0.6 (Advanced left
+    them off; bf16 autocast only for UNets far larger than the embedded model's), and the picture's parameters say
+    what ran."""
     fast = page.locator(".fast:visible input[type=checkbox]")
     assert fast.count() == 1  # the img2img tab's own is hidden
     fast.check()
@@ -64,7 +63,7 @@ def test_fast_ticked_runs_and_says_so(page):
                            timeout=60_000)
     text = page.locator("#infotext textarea").input_value()
     assert "Deep cache: 3" in text and "CFG cutoff: 0.6" in text
-    assert ("Autocast: bf16" in text) == native_bf16()  # the app's model: the embedded one, fp32 on the CPU
+    assert "Autocast" not in text
     fast.uncheck()
 
 
