@@ -44,7 +44,8 @@ MAX_DEEP_CACHE = 10  # DeepCache's paper goes to 10; past it the reused features
 # The Fast choice: switches left off take these values (each measured on its own in BENCHMARKS.md, issue 19)
 FAST = {"deep_cache": 3, "cfg_cutoff": 0.6, "autocast": True}
 # Fast takes autocast where it can run (LoadedModel.autocast_reason) and the UNet is big enough for bf16 matmuls to
-# pay for their casts: on the embedded model's 9 M parameters Fast was 5 % slower with it, on SD 1.5's 860 M 2x faster
+# pay for their casts: on the embedded model's 9 M parameters Fast was 5 % slower with it, on SD 1.5's 860 M
+# 1.6-1.7x faster (BENCHMARKS.md, session 22)
 AUTOCAST_MIN_PARAMS = 100_000_000
 
 
@@ -271,8 +272,8 @@ def check_inputs(model: LoadedModel, params: GenerationParams,
         raise ValueError(f"clip_skip: {p.clip_skip} is out of range for this model (its text encoder is shallower); "
                          f"use 1 to {model.max_clip_skip}")
     if p.fast:
-        size = sum(w.numel() for w in model.pipe.unet.parameters())
-        pays = not model.autocast_reason and size >= AUTOCAST_MIN_PARAMS
+        unet_params = sum(w.numel() for w in model.pipe.unet.parameters())
+        pays = not model.autocast_reason and unet_params >= AUTOCAST_MIN_PARAMS
         fast = {k: v for k, v in FAST.items() if k != "autocast" or pays}
         p = replace(p, **{k: v for k, v in fast.items() if getattr(p, k) == getattr(GenerationParams, k)})
     size = model.default_size

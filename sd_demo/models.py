@@ -176,8 +176,8 @@ def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
 
 def native_bf16() -> bool:
     """Does this CPU compute bf16 natively (AVX-512 BF16 or AMX)? Elsewhere oneDNN emulates it, slower than fp32."""
-    cpu = torch.cpu
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's, private: absent means no
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

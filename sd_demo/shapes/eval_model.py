@@ -21,7 +21,7 @@ from .vocab import Position, Size
 from .world import make_scene, triples
 
 # The quality bar of the embedded model (issue 4), on held-out prompts at 20 steps.
-SWITCHES = ("cfg_cutoff", "deep_cache", "tiny_vae", "autocast", "fast")  # GenerationParams' fast ones, flags of `eval`
+SWITCHES = ("cfg_cutoff", "deep_cache", "tiny_vae", "autocast", "fast")  # GenerationParams' fast ones: eval's flags
 BAR = {"background": 0.95, "color": 0.90, "shape": 0.85, "position": 0.80}
 
 
