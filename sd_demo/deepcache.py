@@ -89,12 +89,13 @@ def feature_cache(unet, interval: int):
         yield
         return
     state = _State(interval)
-    modules = [unet, *deep_blocks(unet)]
-    HookRegistry.check_if_exists_or_initialize(unet).register_hook(_Count(state), HOOK)
-    for block in modules[1:]:
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(_Reuse(state), HOOK)
+    hooked = []  # removed even when a registration fails: a hook left behind would skip blocks in every later run
     try:
+        for module in (unet, *deep_blocks(unet)):
+            hook = _Count(state) if module is unet else _Reuse(state)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK)
+            hooked.append(module)
         yield
     finally:
-        for module in modules:
+        for module in hooked:
             module._diffusers_hook.remove_hook(HOOK, recurse=False)
