@@ -85,6 +85,7 @@ def test_search_download_use_and_delete(hub_models, page_of, tiny_model_dirs, tm
     hub_models.add("me/red-lora", tmp_path / "lora", tags=("lora",), downloads=3)
     page = page_of()
     assert "acme/tiny-sd" not in _model_choices(page)
+    page.locator("#cache-table [role=gridcell][data-col='0']").first.wait_for()  # drawn after the page's load
     assert _first_column(page, "#cache-table") == ["embedded"]  # the shipped model; the HF cache is empty
 
     page.locator("#hub-query textarea").fill("sd")
