@@ -32,21 +32,16 @@ def recolour_counts(model, cases, strength: float, seed: int) -> tuple[int, int,
     position kept)."""
     from sd_demo.generate import GenerationParams, generate
     from sd_demo.shapes.evaluate import detect
+    from sd_demo.shapes.world import render
 
     counts = [0, 0, 0, 0]
     for scene, prompt, new, n in cases:
         images = generate(model, GenerationParams(prompt=prompt, seed=seed, strength=strength, batch_size=n),
-                          init_image=scene_picture(scene)).images
+                          init_image=render(scene, 128)).images
         for d in map(detect, images):
             counts = [counts[0] + 1, counts[1] + (d.color == new), counts[2] + (d.shape == scene.obj.shape),
                       counts[3] + (d.position == scene.obj.position)]
     return tuple(counts)
-
-
-def scene_picture(scene):
-    from sd_demo.shapes.world import render
-
-    return render(scene, 128)
 
 
 def random_cases(n: int, seed: int = 11) -> list:

@@ -14,7 +14,9 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks import ModelHook
+
+from .hooks import hooked
 
 HOOK = "sd_demo_deepcache"
 
@@ -89,13 +91,5 @@ def feature_cache(unet, interval: int):
         yield
         return
     state = _State(interval)
-    hooked = []  # removed even when a registration fails: a hook left behind would skip blocks in every later run
-    try:
-        for module in (unet, *deep_blocks(unet)):
-            hook = _Count(state) if module is unet else _Reuse(state)
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK)
-            hooked.append(module)
+    with hooked(HOOK, [(unet, _Count(state)), *((block, _Reuse(state)) for block in deep_blocks(unet))]):
         yield
-    finally:
-        for module in hooked:
-            module._diffusers_hook.remove_hook(HOOK, recurse=False)

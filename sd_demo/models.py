@@ -32,12 +32,13 @@ transformers.utils.logging.set_verbosity_error()
 
 import diffusers  # noqa: E402
 from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel  # noqa: E402
-from diffusers.hooks import HookRegistry, ModelHook  # noqa: E402
+from diffusers.hooks import ModelHook  # noqa: E402
 from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: E402
 from torch.utils._pytree import tree_map  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from . import hub, openvino_blocks
+from .hooks import hooked
 from .sampling.registry import DEFAULT_SAMPLER
 
 log = logging.getLogger(__name__)
@@ -684,15 +685,8 @@ def autocast_run(model: LoadedModel, on: bool):
     if not on:
         yield
         return
-    hooked = []
-    try:
-        for module in (model.pipe.unet, model.pipe.vae.decoder):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(_Autocast(), AUTOCAST_HOOK)
-            hooked.append(module)
+    with hooked(AUTOCAST_HOOK, [(model.pipe.unet, _Autocast()), (model.pipe.vae.decoder, _Autocast())]):
         yield
-    finally:
-        for module in hooked:
-            module._diffusers_hook.remove_hook(AUTOCAST_HOOK, recurse=False)
 
 
 def load_model(spec: str, **kw) -> LoadedModel:
