@@ -42,11 +42,9 @@ MAX_HIRES_SCALE = 4.0  # A1111's slider
 MAX_PROMPT = 8000
 MAX_DEEP_CACHE = 10  # DeepCache's paper goes to 10; past it the reused features are many steps old
 # The Fast choice: switches left off take these values (each measured on its own in BENCHMARKS.md, issue 19)
+# (autocast only where it pays: LoadedModel.autocast_pays)
 FAST = {"deep_cache": 3, "cfg_cutoff": 0.6, "autocast": True}
-# Fast takes autocast where it can run (LoadedModel.autocast_reason) and the UNet is big enough for bf16 matmuls to
-# pay for their casts: on the embedded model's 9 M parameters Fast was 5 % slower with it, on SD 1.5's 860 M
-# 1.6-1.7x faster (BENCHMARKS.md, session 22)
-AUTOCAST_MIN_PARAMS = 100_000_000
+FAST_TEXT = f"Deep cache {FAST['deep_cache']}, CFG cutoff {FAST['cfg_cutoff']} and, where it pays, bf16 autocast"
 
 
 def _f(default, help: str, flag: str | None = None, **kw):
@@ -70,17 +68,18 @@ class GenerationParams:
     schedule: str = _f("Automatic", "noise schedule type (A1111 'Schedule type')", choices=list(SCHEDULES))
     batch_size: int = _f(1, f"images per run, 1-{MAX_BATCH}; image i uses seed+i", flag="--batch")
     clip_skip: int = _f(1, "use the text encoder's N-th last layer (1 = last, A1111 numbering)")
+    # The speed switches (speed=True, in this order: SPEED): the UI's, the evaluator's flags, a picture's read-back
     cfg_cutoff: float = _f(1.0, "fast: after this fraction of the steps, drop the negative prompt's pass (CFG then "
-                                "ends); 1 = never; 0.6 saves about a fifth of the time", type=float)
+                                "ends); 1 = never; 0.6 saves about a fifth of the time", type=float, speed=True)
     deep_cache: int = _f(1, f"fast: run the UNet's deep blocks on every N-th step only and reuse their features in "
-                            f"between (DeepCache), 1-{MAX_DEEP_CACHE}; 1 = off, 3 about 1.5-2x faster")
+                            f"between (DeepCache), 1-{MAX_DEEP_CACHE}; 1 = off, 3 about 1.5-2x faster", speed=True)
     tiny_vae: bool = _f(False, "fast: decode with a tiny VAE (TAESD for SD's VAE, downloaded once, or the model's "
-                               "own tiny_vae/ folder): 10-15x faster decoding, softer fine detail")
+                               "own tiny_vae/ folder): 10-15x faster decoding, softer fine detail", speed=True)
     autocast: bool = _f(False, "fast: the UNet and the VAE's decoder compute in bf16 (torch.autocast; the weights "
                                "stay fp32) on a CPU that computes bf16 natively (AVX-512 BF16 or AMX); elsewhere the "
-                               "run goes on without it and says why")
-    fast: bool = _f(False, "the fast settings for what is left off: " + ", ".join(f"{k} {v}" for k, v in FAST.items())
-                    + " (autocast where it pays; set --deep-cache and --cfg-cutoff instead for Fast without it)")
+                               "run goes on without it and says why", speed=True)
+    fast: bool = _f(False, f"the fast settings for what is left off: {FAST_TEXT} (set --deep-cache and --cfg-cutoff "
+                           "instead for Fast without autocast)", speed=True)
     # Image to image, inpainting (with an init image) and hires fix (without one): A1111's controls and names.
     strength: float | None = _f(None, "denoising strength: how much of the init image (or of the hires fix's first "
                                       "pass) is redrawn, 0-1 (default: A1111's 0.75 for an init image, 0.7 for "
@@ -166,6 +165,7 @@ class GenerationParams:
         return p
 
 
+SPEED = tuple(f.name for f in fields(GenerationParams) if f.metadata.get("speed"))
 _STRICT = ("resize_mode", "masked_content", "hires_upscaler")  # no "" = default for these
 
 
@@ -272,9 +272,7 @@ def check_inputs(model: LoadedModel, params: GenerationParams,
         raise ValueError(f"clip_skip: {p.clip_skip} is out of range for this model (its text encoder is shallower); "
                          f"use 1 to {model.max_clip_skip}")
     if p.fast:
-        unet_params = sum(w.numel() for w in model.pipe.unet.parameters())
-        pays = not model.autocast_reason and unet_params >= AUTOCAST_MIN_PARAMS
-        fast = {k: v for k, v in FAST.items() if k != "autocast" or pays}
+        fast = {k: v for k, v in FAST.items() if k != "autocast" or model.autocast_pays}
         p = replace(p, **{k: v for k, v in fast.items() if getattr(p, k) == getattr(GenerationParams, k)})
     size = model.default_size
     width, height = img2img.output_size(source, size, p.width, p.height) if source else (p.width, p.height)

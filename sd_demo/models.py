@@ -48,6 +48,9 @@ EMBEDDED_DIR = ASSETS / "shapes-sd"
 DEFAULT_GUIDANCE = 7.0  # A1111's CFG scale, for models whose card recommends none
 DEFAULT_STEPS = 20  # A1111's step count, likewise
 DEVICES = ("auto", "cuda", "mps", "cpu")
+# On the embedded model's 9 M UNet parameters Fast was 5 % slower with bf16 autocast, on SD 1.5's 860 M 1.6-1.7x
+# faster (BENCHMARKS.md, session 22)
+AUTOCAST_MIN_PARAMS = 100_000_000
 DTYPES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("auto", "sdpa", "xformers")
 # A tiny VAE (AutoencoderTiny) for the tiny_vae switch: a model folder's own tiny_vae/ (`shapes train-tiny-vae`
@@ -274,6 +277,13 @@ class LoadedModel:
         if not native_bf16():
             return "this CPU has no native bf16 (AVX-512 BF16 or AMX), where it is slower than fp32"
         return ""
+
+    @property
+    def autocast_pays(self) -> bool:
+        """Does Fast take autocast? Where it can run, and the UNet is big enough for bf16 matmuls to pay for their
+        casts."""
+        unet_params = sum(w.numel() for w in self.pipe.unet.parameters())
+        return not self.autocast_reason and unet_params >= AUTOCAST_MIN_PARAMS
 
     def set_loras(self, loras: list[tuple[str, float]]) -> None:
         """Apply exactly these adapters, no-op when unchanged: LoRAs (diffusers or kohya format, safetensors only)

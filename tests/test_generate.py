@@ -453,7 +453,7 @@ def test_fast_fills_in_the_switches_left_off(loaded_models):
         FAST["deep_cache"], FAST["cfg_cutoff"])
     mine = run(loaded_models["sd15"], fast=True, steps=6, deep_cache=5)
     assert mine.infotexts[0].params["Deep cache"] == 5 and mine.infotexts[0].params["CFG cutoff"] == 0.6
-    assert "Autocast" not in fast.infotexts[0].params  # a UNet this small gains nothing from bf16 (AUTOCAST_MIN_PARAMS)
+    assert "Autocast" not in fast.infotexts[0].params  # too small a UNet (AUTOCAST_MIN_PARAMS)
     params, _ = params_from_infotext(fast.infotexts[0])
     again = run(loaded_models["sd15"], steps=6, deep_cache=params.deep_cache, cfg_cutoff=params.cfg_cutoff,
                 autocast=params.autocast)

@@ -21,7 +21,6 @@ from .vocab import Position, Size
 from .world import make_scene, triples
 
 # The quality bar of the embedded model (issue 4), on held-out prompts at 20 steps.
-SWITCHES = ("cfg_cutoff", "deep_cache", "tiny_vae", "autocast", "fast")  # GenerationParams' fast ones: eval's flags
 BAR = {"background": 0.95, "color": 0.90, "shape": 0.85, "position": 0.80}
 
 
@@ -54,7 +53,7 @@ def run_eval(model, prompts: list[str], seeds: list[int], *, steps: int = 20, gu
              sampler: str | None = None, schedule: str = "Automatic", **switches) -> EvalRun:
     """Generate every (prompt, seed) pair with the app's ``generate`` and judge it. ``model`` is a LoadedModel;
     ``sampler`` None is the model's default (its card's recommendation, else the app's); ``switches``: more
-    GenerationParams fields (the fast ones: SWITCHES)."""
+    GenerationParams fields (the speed switches: generate.SPEED)."""
     from ..generate import GenerationParams, generate
 
     pairs = [(p, s) for p in prompts for s in seeds]
@@ -94,7 +93,7 @@ def bar_margin(report: Report) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     from ..flags import add_compile_flag, add_field_flags
-    from ..generate import GenerationParams
+    from ..generate import SPEED, GenerationParams
 
     parser = argparse.ArgumentParser(prog="python -m sd_demo.shapes eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="the model's precision (bf16 on a CPU: the fast path where it has AVX-512 BF16 / AMX)")
-    add_field_flags(parser, [(f.name, f.default, f.metadata) for f in fields(GenerationParams) if f.name in SWITCHES])
+    add_field_flags(parser, [(f.name, f.default, f.metadata) for f in fields(GenerationParams) if f.name in SPEED])
     add_compile_flag(parser)
     parser.add_argument("--guidance", type=float, nargs="+", default=[7.0], help="one table per value")
     parser.add_argument("--sampler", nargs="+", default=["DPM++ 2M"], help="one table per sampler")
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     for sampler in args.sampler:
         for guidance in args.guidance:
             run = run_eval(model, prompts, seeds, steps=args.steps, guidance=guidance, sampler=sampler,
-                           **{name: getattr(args, name) for name in SWITCHES})
+                           **{name: getattr(args, name) for name in SPEED})
             print(f"\n### held-out prompts: {args.prompts} prompts x {args.seeds} seeds, {args.steps} steps, "
                   f"{sampler}, CFG {guidance:g} ({run.seconds_per_image:.2f} s/image at "
                   f"{model.default_size} px)\n")

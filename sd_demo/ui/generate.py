@@ -10,8 +10,8 @@ import gradio as gr
 
 from .. import zerogpu
 from ..engine import Engine, ModelDefaults
-from ..generate import (DEFAULT_HIRES_STRENGTH, FAST, MAX_BATCH, MAX_CLIP_SKIP, MAX_DEEP_CACHE, MAX_HIRES_SCALE,
-                        MAX_SIDE, MAX_STEPS, GenerationParams)
+from ..generate import (DEFAULT_HIRES_STRENGTH, FAST_TEXT, MAX_BATCH, MAX_CLIP_SKIP, MAX_DEEP_CACHE, MAX_HIRES_SCALE,
+                        MAX_SIDE, MAX_STEPS, SPEED, GenerationParams)
 from ..img2img import HIRES_UPSCALERS
 from ..xyz import AXES as XYZ_AXES
 from ..infotext import format_infotext
@@ -56,14 +56,14 @@ class GenerateTab:
                 self.width, self.height, self.seed, self.batch_size, self.clip_skip]
 
     def speed_components(self) -> list:
-        """The fast switches, in the order of ``speed_values``."""
-        return [self.cfg_cutoff, self.deep_cache, self.tiny_vae, self.autocast, self.fast]
+        """The speed switches, in the order of ``speed_values`` (generate.SPEED)."""
+        return [getattr(self, name) for name in SPEED]
 
 
 def speed_values(params: GenerationParams) -> list:
-    """The fast switches' values for a picture's parameters: as recorded (its infotext has what Fast resolved to),
+    """The speed switches' values for a picture's parameters: as recorded (its infotext has what Fast resolved to),
     Fast itself off so that nothing more is added."""
-    return [params.cfg_cutoff, params.deep_cache, params.tiny_vae, params.autocast, False]
+    return [getattr(params, name) if name != "fast" else False for name in SPEED]
 
 
 # Generation handlers wait in the engine's queue (sd_demo.runqueue), which runs one job at a time and tells each its
@@ -457,8 +457,7 @@ def sampling_controls(d: ModelDefaults, size_info: str | None = None) -> Samplin
         random_btn = gr.Button("🎲", scale=1, min_width=40)
         reuse_btn = gr.Button("♻️", scale=1, min_width=40)
     fast = gr.Checkbox(GenerationParams.fast, label="Fast", elem_classes="fast",
-                       info=f"Deep cache {FAST['deep_cache']}, CFG cutoff {FAST['cfg_cutoff']} and, where it pays, "
-                            "bf16 autocast (where Advanced leaves them off): 2-4x faster, a little less detail")
+                       info=f"{FAST_TEXT} (where Advanced leaves them off): 2-4x faster, a little less detail")
     return SamplingControls(sampler, schedule, steps, width, height, batch, cfg, seed, random_btn, reuse_btn, fast)
 
 

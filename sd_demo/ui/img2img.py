@@ -94,8 +94,8 @@ def make_img2img_fn(engine: Engine, public: bool, editor: gr.ImageEditor, upload
             only_masked_padding: Inpainting, only masked: pixels of context around the mask.
             model: A model from the app's list; empty for the loaded one.
             loras: LoRAs to apply, "path_or_repo[:scale], ..."; empty for none.
-            fast: 2-4x faster for a little less detail (Deep cache 3, CFG cutoff 0.6, and bf16 autocast where it
-                pays).
+            fast: 2-4x faster for a little less detail (the Generate tab's Fast: Deep cache, CFG cutoff and,
+                where it pays, bf16 autocast).
         """
         init, mask_image = _pictures(editor, upload, image, mask)
         model, lora_list, params = checked(

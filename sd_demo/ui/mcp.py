@@ -31,8 +31,8 @@ def add_tools(engine: Engine, public: bool) -> None:
             sampler: An A1111 sampler name such as "Euler a" or "DPM++ 2M"; empty for the model's recommended one.
             seed: The random seed; the same seed and settings give the same image. -1 for a random seed.
             model: The model to use (a name from the app's model list); empty for the loaded model.
-            fast: 2-4x faster for a little less detail (Deep cache 3, CFG cutoff 0.6, and bf16 autocast where it
-                pays): drafts, many variations.
+            fast: 2-4x faster for a little less detail (the Generate tab's Fast: Deep cache, CFG cutoff and,
+                where it pays, bf16 autocast): drafts, many variations.
         """
         try:
             params = GenerationParams(prompt=prompt or "", negative_prompt=negative_prompt or "",
