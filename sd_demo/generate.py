@@ -5,6 +5,7 @@ Stages: check_inputs -> seeds/generators -> scheduler -> denoise (the diffusers 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -22,7 +23,7 @@ from . import __version__, img2img
 from .img2img import HIRES_UPSCALERS, MASKED_CONTENT, RESIZE_MODES
 from .deepcache import feature_cache
 from .infotext import Infotext
-from .models import LoadedModel, autocast_run, compiled_run, load_tiny_vae
+from .models import TINY_VAE_DIR, LoadedModel, autocast_run, compiled_run, load_tiny_vae
 from .prompts import PromptEncoder, WeightedPrompt, needs_encoding, parse_attention
 from .preview import fit_preview_map, latents_to_preview
 from .sampling.registry import DEFAULT_SAMPLER, SAMPLERS, SCHEDULES, make_scheduler, resolve_schedule
@@ -40,6 +41,9 @@ MAX_MASK_BLUR = 64  # A1111's slider
 MAX_HIRES_SCALE = 4.0  # A1111's slider
 # A1111 sets no limit and real prompts stay under a few thousand characters; 100 000 held the slot for a minute.
 MAX_PROMPT = 8000
+# Live previews decode with the VAE itself up to this size of decoder (the embedded model's: 0.6 M, 14 ms at 128 px;
+# SD's: 49 M, seconds on a CPU)
+PREVIEW_DECODER_PARAMS = 5_000_000
 MAX_DEEP_CACHE = 10  # DeepCache's paper goes to 10; past it the reused features are many steps old
 # The Fast choice: switches left off take these values (each measured on its own in BENCHMARKS.md, issue 19)
 # (autocast only where it pays: LoadedModel.autocast_pays)
@@ -335,9 +339,11 @@ class _Progress:
             if self.on_step is not None:
                 previews = None
                 if self.preview_every and ((i + 1) % self.preview_every == 0) and i + 1 < run:
-                    if model.preview_map is None:
-                        model.preview_map = fit_preview_map(pipe.vae)
-                    previews = latents_to_preview(kwargs["latents"], model.preview_map)
+                    # the step's denoised estimate where the sampler gave one (A1111 previews it too): the
+                    # latents themselves are mostly noise until the last steps
+                    shown = self.state.pop("denoised", None)
+                    previews = _previews(model, kwargs["latents"] if shown is None or shown.shape != kwargs[
+                        "latents"].shape else shown)
                 self.on_step(StepEvent(before + i + 1, before + run + after, time.perf_counter() - self.t0,
                                        previews))
             if self.stopped(i + 1 + before):
@@ -346,11 +352,56 @@ class _Progress:
 
         return step_end
 
+    @contextlib.contextmanager
+    def watching(self, scheduler):
+        """Within the block, each step of ``scheduler`` leaves its denoised estimate (x̂0) for the next preview."""
+        if self.on_step is None or not self.preview_every:
+            yield
+            return
+        step = scheduler.step
+
+        def recorded(*args, return_dict: bool = True, **kwargs):
+            out = step(*args, return_dict=True, **kwargs)
+            self.state["denoised"] = _denoised(scheduler, out)
+            return out if return_dict else out.to_tuple()
+
+        scheduler.step = recorded
+        try:
+            yield
+        finally:
+            del scheduler.step  # the class's own method shows through again
+
     def stopped(self, step: int | None = None) -> bool:
         """Has Stop arrived (recording the step it arrived at)?"""
         if self.state.get("interrupted_at") is None and self.cancel is not None and self.cancel.is_set():
             self.state["interrupted_at"] = step or 0
         return self.state.get("interrupted_at") is not None
+
+
+def _previews(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+    """Live previews, 4x the latents' size: decoded by the model's tiny VAE where it is loaded or the model has its
+    own, or by its VAE where that is small (the embedded model's: 14 ms, and too far from linear for a map: 120/255
+    off on its own pictures), else by a linear map fitted to its VAE (SD's decoder takes seconds on a CPU)."""
+    tiny = model.tiny_vae is not None or ((model.folder / TINY_VAE_DIR / "config.json").is_file()
+                                          and not load_tiny_vae(model))
+    if tiny or sum(w.numel() for w in model.pipe.vae.decoder.parameters()) <= PREVIEW_DECODER_PARAMS:
+        size = (latents.shape[-1] * 4, latents.shape[-2] * 4)
+        return [im.resize(size, Image.Resampling.BILINEAR) for im in decode(model, latents, tiny=tiny)]
+    if model.preview_map is None:
+        model.preview_map = fit_preview_map(model.pipe.vae)
+    return latents_to_preview(latents, model.preview_map)
+
+
+def _denoised(scheduler, out) -> torch.Tensor | None:
+    """A scheduler step's estimate of the clean latents: most name it in their output (LCM: ``denoised``); DPM-Solver
+    ++ and UniPC keep it as their last model output; others (PLMS) give none."""
+    for name in ("pred_original_sample", "denoised"):
+        if out.get(name) is not None:
+            return out[name]
+    in_x0 = scheduler.config.get("algorithm_type") in ("dpmsolver++", "sde-dpmsolver++") or scheduler.config.get(
+        "predict_x0")
+    outputs = getattr(scheduler, "model_outputs", None)
+    return outputs[-1] if in_x0 and outputs and outputs[-1] is not None else None
 
 
 def variant(model: LoadedModel, kind: str):
@@ -612,8 +663,9 @@ def generate(
             model.schedulers[key] = make_scheduler(p.sampler, p.schedule, model.base_scheduler_config)
         model.pipe.scheduler = model.schedulers[key]
         pos, neg = parse_attention(p.prompt), parse_attention(p.negative_prompt)
-        images = (_img2img(model, p, pos, neg, init, mask, progress) if init is not None
-                  else _txt2img(model, p, pos, neg, progress))
+        with progress.watching(model.pipe.scheduler):
+            images = (_img2img(model, p, pos, neg, init, mask, progress) if init is not None
+                      else _txt2img(model, p, pos, neg, progress))
     seeds = [p.seed + i for i in range(p.batch_size)]
     source = init.size if init else None
     return GenerationResult(

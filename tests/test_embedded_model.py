@@ -66,6 +66,24 @@ def test_model_card_recommends_the_sampler_and_cfg_scale_the_bar_was_measured_at
     assert f"{sampler}, CFG {guidance:g}: " in (models.EMBEDDED_DIR / "TRAINING.md").read_text()
 
 
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M"])
+def test_the_live_preview_shows_the_picture_forming(embedded, sampler):
+    """Halfway through, the preview is already the picture the run ends with (the step's denoised estimate through
+    the model's own small VAE), not the noise still in the latents."""
+    import numpy as np
+    from PIL import Image
+
+    from sd_demo.generate import GenerationParams, generate
+
+    events = []
+    r = generate(embedded, GenerationParams(prompt="a small orange triangle at the bottom left on a white background",
+                                            seed=5, sampler=sampler), on_step=events.append, preview_every=5)
+    half = next(e.previews[0] for e in events if e.step == 10)
+    final = np.asarray(r.images[0].resize(half.size, Image.Resampling.BILINEAR), dtype=float)
+    off = np.abs(np.asarray(half, dtype=float) - final).mean()
+    assert half.size == (64, 64) and off < 20, off  # measured 1-2 (the noisy latents: 120)
+
+
 def test_clip_skip_stops_at_the_text_encoders_three_layers(embedded):
     from sd_demo.generate import GenerationParams, generate
 
