@@ -79,15 +79,21 @@ def _rows(table) -> list[tuple[str, object]]:
     return [(r[0], r[1] if len(r) > 1 and r[1] == r[1] else None) for r in rows]  # (NaN != NaN)
 
 
+def loss_frame(rows: list[tuple[int, float, str]]):
+    """The loss plot's data: numbers even before the first loss (an empty frame's columns are objects, which the
+    plot reads as categories, and kept reading so for the rest of the run)."""
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": int, "loss": float})
+
+
 def _job_outputs(engine: Engine, job_id: str, public: bool, visitor: str | None) -> tuple:
     """(job id, progress markdown, loss plot rows, sample images, log tail, runs table) of one job this visitor
     may see (a ValueError otherwise)."""
-    import pandas as pd
-
     view = engine.jobs.view(engine.own_job(job_id, public, visitor))
     notes = "\n".join(f"- {m}" for m in view.messages[-6:])
     status = f"{view.progress_line()} · `{job_id}`\n\n{notes}"
-    plot = pd.DataFrame(view.loss_rows(), columns=["step", "loss", "series"])
+    plot = loss_frame(view.loss_rows())
     samples = [(str(p), f"step {view.sample_step}") for p in view.samples]
     log = engine.jobs.log_tail(job_id)
     if public:  # the job's messages and log name the model's folder and the job's own: no paths of this machine
