@@ -395,16 +395,21 @@ def cached_repos() -> list[CachedRepo]:
 
 def delete_cached(repo_id: str) -> int:
     """Delete every cached revision of a model repo; the bytes freed. Only repos of the cache are touched."""
+    if not REPO_ID.match(repo_id):
+        raise ValueError(f"delete: '{repo_id[:100]}' is not a Hub repo id; click a row of the table (org/name)")
     try:
         info = scan_cache_dir(cache_dir())
-        repo = next((r for r in info.repos if r.repo_type == "model" and r.repo_id == repo_id), None)
-        if repo is None:
-            raise ValueError(f"delete: '{repo_id}' is not in the local Hugging Face cache")
+    except CacheNotFound:  # no cache folder yet: nothing of the Hub is on this machine
+        info = None
+    repo = next((r for r in info.repos if r.repo_type == "model" and r.repo_id == repo_id), None) if info else None
+    if repo is None:
+        raise ValueError(f"delete: '{repo_id}' is not in the local Hugging Face cache")
+    try:
         strategy = info.delete_revisions(*(r.commit_hash for r in repo.revisions))
         strategy.execute()
-    except (CacheNotFound, OSError) as exc:
-        raise ValueError(f"delete: '{repo_id}' could not be deleted ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    except OSError as exc:
+        raise ValueError(f"delete: '{repo_id}' could not be deleted ({type(exc).__name__}: {first_line(exc)})") \
+            from exc
     return strategy.expected_freed_size
 
 

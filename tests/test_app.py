@@ -88,6 +88,8 @@ def test_loading_a_model_sets_its_native_size_and_recommended_cfg_sampler_and_st
     steps."""
     import types
 
+    import gradio as gr
+
     from sd_demo.ui.generate import _load_model_fn
 
     from sd_demo.engine import Engine
@@ -96,13 +98,22 @@ def test_loading_a_model_sets_its_native_size_and_recommended_cfg_sampler_and_st
                                    default_sampler="Euler a", max_clip_skip=3, examples=("a red circle",),
                                    default_steps=4)
     engine = types.SimpleNamespace(load=lambda name: loaded, cache=types.SimpleNamespace(current=None))
-    engine.defaults = lambda name: Engine.defaults(engine, name)  # the engine's rule, over a stub model
+    engine.defaults = lambda name=None: Engine.defaults(engine, name)  # the engine's rule, over a stub model
     engine.chosen_model = lambda name, public: name
     status, width, height, cfg, sampler, steps, clip, examples = _load_model_fn(engine, False)(
         "m", 5, progress=lambda *a, **k: None)
     assert (status, width, height, cfg, sampler, steps) == ("**m** loaded", 768, 768, 4.5, "Euler a", 4)
     assert (clip["maximum"], clip["value"]) == (3, 3)  # the clip-skip slider ends at the model's depth
     assert examples["samples"] == [["a red circle"]]  # the card's example prompts
+
+    # a model that fails to load: said on the status line, with what is still loaded; the other controls unchanged
+    def fails(name):
+        raise ValueError(f"model: '{name}' was not found on the Hub")
+
+    engine.cache.current, engine.load = loaded, fails
+    status, *rest = _load_model_fn(engine, False)("someone/missing", 5, progress=lambda *a, **k: None)
+    assert status == "⚠️ model: 'someone/missing' was not found on the Hub · still loaded: **m** loaded"
+    assert all(isinstance(r, type(gr.skip())) for r in rest) and len(rest) == 7
 
 
 @pytest.mark.parametrize("flags,enabled", [([], True), (["--share"], False), (["--share", "--allow-training"], True),

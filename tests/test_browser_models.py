@@ -132,6 +132,14 @@ def test_search_download_use_and_delete(hub_models, page_of, tiny_model_dirs, tm
     _shot(page, tmp_path / "5-deleted.png")
     assert "acme/tiny-sd" not in _model_choices(page)
 
+    # a failed delete says why on its note; the table keeps its rows (no "Error" over it)
+    page.locator("#delete-repo textarea").fill("not a repo!!")
+    page.locator("#delete-button").click()
+    page.wait_for_function("() => document.body.innerText.includes(\"'not a repo!!' is not a Hub repo id\")",
+                           timeout=WAIT)
+    assert _first_column(page, "#cache-table") == ["embedded", "me/red-lora"]
+    assert "Error" not in page.locator("#cache-table").inner_text()
+
 
 def test_a_download_shows_its_progress(hub_models, page_of, monkeypatch, tmp_path):
     """The local Hub holds the UNet's weights back (8 s at most, under the client's 10 s timeout) until the

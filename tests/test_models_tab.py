@@ -87,6 +87,18 @@ def test_a_download_shows_its_progress_then_runs_and_can_be_deleted(hub_repos, e
     freed = engine.delete_cached("acme/tiny-sd")
     assert freed > 100_000 and "acme/tiny-sd" not in {r[0] for r in models_tab.cache_rows(engine)}
     assert "acme/tiny-sd" not in engine.model_choices()
+    for bad, why in (("acme/tiny-sd", "'acme/tiny-sd' is not in the local Hugging Face cache"),
+                     ("not a repo!!", "'not a repo!!' is not a Hub repo id; click a row of the table")):
+        with pytest.raises(ValueError, match=why):
+            engine.delete_cached(bad)
+
+
+def test_a_repo_is_not_in_a_cache_that_is_not_there_yet(engine, monkeypatch, tmp_path):
+    """A fresh machine has no HF cache folder: deleting says the repo is not there, not the library's error with
+    this machine's path in it."""
+    monkeypatch.setattr(hub, "cache_dir", lambda: tmp_path / "none")
+    with pytest.raises(ValueError, match=r"^delete: 'someone/x' is not in the local Hugging Face cache$"):
+        engine.delete_cached("someone/x")
 
 
 def test_a_lora_from_a_repo_id_changes_the_image(hub_repos, engine):

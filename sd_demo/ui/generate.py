@@ -85,12 +85,22 @@ def sampler_choices() -> list[tuple[str, str]]:
     return [(f"{name} ★" if spec.ours else name, name) for name, spec in SAMPLERS.items()]
 
 
-def user_error(exc: Exception) -> gr.Error:
-    """A ValueError is the user's to fix: show its line. Anything else is ours: log the traceback, show one line."""
+def error_line(exc: Exception, what: str = "generation") -> str:
+    """A ValueError is the user's to fix: its line. Anything else is ours: log the traceback, say it in one line."""
     if isinstance(exc, ValueError):
-        return gr.Error(str(exc))
-    log.exception("generation failed", exc_info=exc)
-    return gr.Error(f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return str(exc)
+    log.exception("%s failed", what, exc_info=exc)
+    return f"{what} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def user_error(exc: Exception) -> gr.Error:
+    return gr.Error(error_line(exc))
+
+
+def said_on(line: str, others: int) -> tuple:
+    """A failed action's outputs: the line on its note, the other outputs left as they are (a raised gr.Error marks
+    every output "Error", hiding their values, and the mark stays)."""
+    return f"⚠️ {line}", *[gr.skip()] * others
 
 
 def checked(engine: Engine, public: bool, visitor: str | None, model: str | None, loras: str, **values):
@@ -391,7 +401,12 @@ def _load_model_fn(engine: Engine, public: bool):
             progress(0, desc=f"loading {model}")
             d = engine.defaults(engine.chosen_model(model, public))
         except Exception as exc:
-            raise user_error(exc) from None
+            line = error_line(exc, "loading")
+            try:
+                line += f" · still loaded: {engine.defaults().status}"
+            except ValueError:  # none is
+                pass
+            return said_on(line, 7)
         # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M);
         # the clip-skip slider ends at its text encoder's depth
         clip = gr.update(maximum=d.max_clip_skip, value=min(int(clip_skip or 1), d.max_clip_skip))
@@ -599,7 +614,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     for trigger in (load_btn.click, model.select):  # the Load button, or picking a model from the list
         trigger(_load_model_fn(engine, public), [model, clip_skip],
                 [model_status, width, height, cfg, sampler, steps, clip_skip, example_list],
-                api_visibility="private", concurrency_id="device", concurrency_limit=1)
+                api_visibility="private", concurrency_id="device", concurrency_limit=1, show_progress_on=model_status)
     example_list.click(lambda sample: sample[0], example_list, prompt, api_visibility="private")
     trained.focus(lambda who: gr.update(choices=engine.trained_results(public, who)), visitor, trained,
                   api_visibility="private")

@@ -8,7 +8,7 @@ import gradio as gr
 
 from .. import hub
 from ..engine import Engine
-from .generate import GenerateTab, add_lora
+from .generate import GenerateTab, add_lora, said_on
 
 _LABELS = {"model": "Text-to-image models", "lora": "LoRAs and embeddings", "downloads": "Most downloads",
            "likes": "Most likes", "trending_score": "Trending", "last_modified": "Recently updated"}
@@ -106,7 +106,7 @@ def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
         try:
             use = engine.download(spec, what, public, download_progress(progress))
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            return said_on(str(exc), 3)
         rows = cache_rows(engine)
         choices = gr.update(choices=engine.model_choices(public))
         if what == "model":
@@ -115,14 +115,14 @@ def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
                 add_lora(loras, use)[0], rows)
 
     dl_btn.click(download, [repo, dl_kind, gen.loras], [dl_note, gen.model, gen.loras, cache],
-                 api_visibility="private")
+                 api_visibility="private", show_progress_on=dl_note)
     refresh_btn.click(lambda: cache_rows(engine), None, cache, api_visibility="private")
 
     def delete(repo_id: str):
         try:
             freed = engine.delete_cached((repo_id or "").strip(), public)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            return said_on(str(exc), 2)
         return f"Deleted {repo_id.strip()}: {_size(freed)} freed.", cache_rows(engine), \
             gr.update(choices=engine.model_choices(public))
 
@@ -132,7 +132,7 @@ def build(engine: Engine, gen: GenerateTab, public: bool = False) -> None:
         try:
             kind, source = engine.use_cached((repo_id or "").strip(), public)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            return said_on(str(exc), 2)
         if kind == "model":
             return (f"`{source}` is in the Generate tab's model box.",
                     gr.update(choices=engine.model_choices(public), value=source), gr.skip())
