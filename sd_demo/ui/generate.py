@@ -73,6 +73,8 @@ def speed_values(params: GenerationParams) -> list:
 # On ZeroGPU each request runs in a worker process of its own (and its own queue): there gradio's limit of one keeps
 # the requests in turn.
 RUN = dict(concurrency_id="generation", concurrency_limit=1 if zerogpu.active() else None, preprocess=False)
+# Galleries of results: whole pictures (gradio's default crops them to its tiles), nothing to drop in
+SHOWN = dict(object_fit="contain", interactive=False)
 QUEUE_REFRESH_S = 1.0  # how often an open page's queue panel asks for changes
 
 # The page gets a step at most this often (and with each preview): each update costs gradio a message and a diff,
@@ -579,7 +581,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                 # ZeroGPU lends its GPU to a request, not to a job that runs after it has answered
                 queue_btn = gr.Button("Queue", elem_id="queue-btn", visible=not zerogpu.active(), scale=1)
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
-            gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="gallery")
+            gallery = gr.Gallery(**SHOWN, label="Images", columns=2, format="png", elem_id="gallery")
             send_img2img = gr.Button("Send to img2img", size="sm", elem_id="send-img2img")
             preview = gr.Image(label="Live preview", interactive=False, height=160)
             status = gr.Markdown("", elem_id="run-status")

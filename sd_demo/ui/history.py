@@ -7,7 +7,7 @@ import gradio as gr
 
 from .. import zerogpu
 from ..engine import Engine
-from .generate import GenerateTab, owner_of, session_of
+from .generate import SHOWN, GenerateTab, owner_of, session_of
 from .img2img import Img2imgTab
 from .info import wire_send_to_generate
 
@@ -31,7 +31,7 @@ def build(engine: Engine, gen: GenerateTab, img2img: Img2imgTab, tabs: gr.Tabs, 
     """Lay out the tab and wire its events; call inside gr.Blocks."""
     with gr.Row():
         with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Finished jobs, newest first", columns=4, height=560, format="png",
+            gallery = gr.Gallery(**SHOWN, label="Finished jobs, newest first", columns=4, height=560, format="png",
                                  elem_id="history-gallery")
         with gr.Column(scale=2):
             text = gr.Textbox(label="Parameters", lines=8, interactive=False, elem_id="history-info")

@@ -13,7 +13,8 @@ from ..img2img import MASKED_CONTENT, RESIZE_MODES, mask_from_layers
 from ..infotext import parse_infotext
 from ..models import DEFAULT_GUIDANCE
 from ..sampling.registry import DEFAULT_SAMPLER
-from .generate import RUN, GenerateTab, checked, gallery_item, on_gpu, sampling_controls, stream, wire_run_controls
+from .generate import (RUN, SHOWN, GenerateTab, checked, gallery_item, on_gpu, sampling_controls, stream,
+                       wire_run_controls)
 
 INPAINT_AREAS = ("Whole picture", "Only masked")  # A1111's "Inpaint area"
 
@@ -147,7 +148,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
             with gr.Row():
                 run_btn = gr.Button("Generate", variant="primary", elem_id="img2img-btn")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="img2img-stop")
-            gallery = gr.Gallery(label="Images", columns=2, format="png", elem_id="img2img-gallery")
+            gallery = gr.Gallery(**SHOWN, label="Images", columns=2, format="png", elem_id="img2img-gallery")
             preview = gr.Image(label="Live preview", interactive=False, height=160)
             status = gr.Markdown("", elem_id="img2img-status")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,

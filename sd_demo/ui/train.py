@@ -16,7 +16,7 @@ from ..train.config import Method, config_fields, from_values
 from ..train.autocaption import DEFAULT_CAPTIONER
 from ..train.jobs import PAUSED
 from ..train.presets import PRESETS
-from .generate import GenerateTab, add_lora, user_error
+from .generate import SHOWN, GenerateTab, add_lora, user_error
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +31,20 @@ DISABLED = ("Training is off on this public app. The owner turns it on with `pyt
 
 
 def _advanced_input(name: str, default, meta: dict) -> gr.components.Component:
-    label, info = name.replace("_", " "), meta.get("help", "")
+    kw = dict(label=name.replace("_", " "), info=meta.get("help", ""), elem_id=f"train-{name.replace('_', '-')}")
     typ = meta.get("type") or type(default)
-    elem_id = f"train-{name.replace('_', '-')}"
     if meta.get("choices"):
         choices = (["preset"] if default is None else []) + list(meta["choices"])
-        return gr.Dropdown(choices, value=default or "preset", label=label, info=info, elem_id=elem_id)
+        return gr.Dropdown(choices, value=default or "preset", **kw)
     if typ is bool and default is None:
-        return gr.Dropdown(list(_TRI), value="preset", label=label, info=info, elem_id=elem_id)
+        return gr.Dropdown(list(_TRI), value="preset", **kw)
     if typ is bool:
-        return gr.Checkbox(value=default, label=label, info=info, elem_id=elem_id)
+        return gr.Checkbox(value=default, **kw)
     if typ in (int, float) and default is not None:
-        return gr.Number(value=default, label=label, info=info, elem_id=elem_id)
+        return gr.Number(value=default, **kw)
     if default is None:  # a Number cannot be empty: text, converted and checked by the engine
-        return gr.Textbox("", label=label, info=info, placeholder="empty: the preset's value", elem_id=elem_id)
-    return gr.Textbox(value=default or "", label=label, info=info, elem_id=elem_id)
+        return gr.Textbox("", placeholder="empty: the preset's value", **kw)
+    return gr.Textbox(value=default or "", **kw)
 
 
 def _advanced_components(per_row: int = 4) -> dict[str, gr.components.Component]:
@@ -56,7 +55,8 @@ def _advanced_components(per_row: int = 4) -> dict[str, gr.components.Component]
     for i in range(0, len(items), per_row):
         with gr.Row(equal_height=True):
             for name, default, meta in items[i:i + per_row]:
-                comps[name] = _advanced_input(name, default, meta)
+                with gr.Column(min_width=220):  # the row wraps rather than squeeze a checkbox into a sliver
+                    comps[name] = _advanced_input(name, default, meta)
     return comps
 
 
@@ -184,7 +184,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
             files = gr.File(label="Training images (PNG, JPEG, WebP), caption .txt files or a .zip",
                             file_count="multiple", type="filepath", height=140, elem_id="train-files")
             data_note = gr.Markdown("", elem_id="train-data-note")
-            data_gallery = gr.Gallery(label="Training images", columns=6, height=180, elem_id="train-gallery")
+            data_gallery = gr.Gallery(**SHOWN, label="Training images", columns=6, height=180, elem_id="train-gallery")
             captions = gr.Dataframe(headers=["file", "caption"], datatype=["str", "str"], interactive=True,
                                     label="Captions (edit; saved beside each image as a .txt)",
                                     elem_id="train-captions")
@@ -214,7 +214,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
         with gr.Column(scale=6):
             status = gr.Markdown("No training job yet.", elem_id="train-status")
             plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=220, elem_id="train-loss")
-            samples = gr.Gallery(label="Validation samples (fixed seeds)", columns=4, height=200,
+            samples = gr.Gallery(**SHOWN, label="Validation samples (fixed seeds)", columns=4, height=200,
                                  elem_id="train-samples")
             with gr.Row():
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
