@@ -292,10 +292,10 @@ class Engine:
         Hub LoRA in the cache or a training run of this app; "hub_id:scale" of those to offer downloading; names
         not found). A public app offers no downloads, and only the visitor's own runs."""
         here, fetch, unknown = [], [], []
-        runs = {Path(folder).name: folder for _, folder in self.trained_results(public, visitor)}
+        runs = {run for _, run in self.trained_results(public, visitor)}
         for name, scale in parse_loras(text):
             if name in runs:
-                here.append(f"{runs[name]}:{scale:g}")
+                here.append(f"{name}:{scale:g}")
                 continue
             if hub.REPO_ID.match(name) and not public:
                 try:
@@ -404,6 +404,16 @@ class Engine:
         job = self.jobs.running()
         return job if job and (not public or (visitor and self.jobs.owner(job) == visitor)) else None
 
+    def lora_source(self, entry: str, public: bool = False, visitor: str | None = None) -> str:
+        """What a LoRA list entry loads: a training run's name (what the Train tab writes there, rather than a path
+        of this machine) is its folder, where this visitor may use it; anything else is itself."""
+        if "/" in entry or "\\" in entry:
+            return entry
+        try:
+            return str(self.jobs.folder(self.own_job(entry, public, visitor)))
+        except ValueError:
+            return entry
+
     def is_training_result(self, source: str, public: bool = False, visitor: str | None = None) -> bool:
         """Is ``source`` the output folder of one of this app's training jobs that this visitor may use? (Public
         apps allow only those as LoRAs.)"""
@@ -414,8 +424,8 @@ class Engine:
             return False
 
     def trained_results(self, public: bool = False, visitor: str | None = None) -> list[tuple[str, str]]:
-        """(label, folder) of finished adapter / embedding runs this visitor may use, newest first: the Generate
-        tab's list."""
+        """(label, run name) of finished adapter / embedding runs this visitor may use, newest first: the Generate
+        tab's list (a LoRA list entry: lora_source)."""
         from .train.jobs import FINISHED
 
         out = []
@@ -423,7 +433,7 @@ class Engine:
             view = self.jobs.summary(job)
             if view.state == FINISHED and self.use_training_result(job)[0] == "lora":
                 base = public_name(view.config.get("model", ""))
-                out.append((f"{job} ({view.config.get('method')}, {base})", str(view.folder)))
+                out.append((f"{job} ({view.config.get('method')}, {base})", job))
         return out
 
     def use_training_result(self, job_id: str) -> tuple[str, str]:

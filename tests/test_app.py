@@ -386,9 +386,11 @@ def test_on_a_public_app_each_visitor_sees_and_controls_only_their_own_runs(tiny
     stop(ann.name, "~ann")
     assert (ann / jobs.STOP).exists()
     assert zip_(ann.name, "~ann")[0].endswith(f"{ann.name}.zip")
-    assert use(ann.name, "~ann", "")[0] == f"{ann}:1"
+    assert use(ann.name, "~ann", "")[0] == f"{ann.name}:1"  # the run's name: no path of the server on the page
+    assert engine.lora_source(ann.name, public, "~ann") == str(ann)
+    assert engine.lora_source(bob.name, public, "~ann") == (bob.name if public else str(bob))  # not hers: a name
 
-    assert [f for _, f in engine.trained_results(public, "~ann")] == ([str(ann)] if public else [str(bob), str(ann)])
+    assert [r for _, r in engine.trained_results(public, "~ann")] == ([ann.name] if public else [bob.name, ann.name])
     generate = _handler(demo, "generate_gallery")
     with pytest.raises(gr.Error, match="only your own training results") if public else nullcontext():
         next(generate("x", steps=1, loras=str(bob), visitor="~ann"))

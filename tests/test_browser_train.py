@@ -124,7 +124,7 @@ def test_train_stop_resume_reload_kill_finish_and_use(app_server, upload_files, 
         prompt = page.get_by_label("Prompt", exact=True)
         prompt.wait_for()
         page.wait_for_function("() => document.querySelector('#lora textarea').value.includes(':1')", timeout=WAIT)
-        assert page.locator("#lora textarea").input_value() == f"{view.folder}:1"
+        assert page.locator("#lora textarea").input_value() == f"{view.folder.name}:1"  # its name, not a path
         prompt.fill("a blue zq square")
         page.locator("#generate-btn").click()
         page.wait_for_function("() => document.querySelector('#infotext textarea').value.includes('Lora: ')",

@@ -110,7 +110,7 @@ def checked(engine: Engine, public: bool, visitor: str | None, model: str | None
     to change."""
     try:
         model = engine.chosen_model(model, public)
-        lora_list = parse_loras(loras)
+        lora_list = [(engine.lora_source(src, public, visitor), scale) for src, scale in parse_loras(loras)]
         if public and not all(engine.is_training_result(src, public, visitor) for src, _ in lora_list):
             raise ValueError("lora: on a public app only your own training results (Train tab) can be used")
         # raw values: validate() converts them and names the field of one it cannot use (width='abc')

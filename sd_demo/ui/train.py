@@ -371,7 +371,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
             raise gr.Error(str(exc)) from None
         if kind == "model":
             return gr.skip(), gr.update(value=source), gr.Tabs(selected=generate_tab_id)
-        return add_lora(current, source)[0], gr.skip(), gr.Tabs(selected=generate_tab_id)
+        return add_lora(current, job_id)[0], gr.skip(), gr.Tabs(selected=generate_tab_id)  # its name, no path
 
     use_btn.click(use, [job, visitor, gen.loras], [gen.loras, gen.model, tabs], api_visibility="private")
 
