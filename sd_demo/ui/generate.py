@@ -556,7 +556,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
             # a public app shows LoRAs only when training is on (and then takes only its own results)
             with gr.Row(visible=not public if allow_loras is None else allow_loras):
                 lora = gr.Textbox("", label="LoRA", scale=3, elem_id="lora",
-                                  placeholder="training output folder, .safetensors or Hub repo[:scale], comma-separated")
+                                  placeholder="training run, folder, .safetensors or Hub repo[:scale], comma-separated")
                 trained = gr.Dropdown([] if public else engine.trained_results(), value=None, scale=2,
                                       label="Add a trained result", elem_id="trained-results",
                                       info="finished runs of the Train tab")
