@@ -95,8 +95,16 @@ def error_line(exc: Exception, what: str = "generation") -> str:
     return f"{what} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+class UserError(gr.Error):
+    """A line for the page, not a traceback in the server's console (gradio prints one for each gr.Error; our own
+    failures are logged where they are caught: error_line)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, print_exception=False)
+
+
 def user_error(exc: Exception) -> gr.Error:
-    return gr.Error(error_line(exc))
+    return UserError(error_line(exc))
 
 
 def said_on(line: str, others: int) -> tuple:
@@ -118,7 +126,7 @@ def checked(engine: Engine, public: bool, visitor: str | None, model: str | None
                       seed=-1 if values.get("seed") is None else values["seed"])
         return model or None, lora_list, GenerationParams(**values).validate()
     except (ValueError, TypeError) as exc:
-        raise gr.Error(str(exc)) from None
+        raise UserError(str(exc)) from None
 
 
 def session_of(request) -> str:
@@ -287,14 +295,14 @@ def make_enqueue_fn(engine: Engine, public: bool, names: list[str]):
     """The Queue button: the Generate tab's values (in ``names`` order) added to this visitor's queue, at once."""
     def enqueue(*values, request: gr.Request = None):
         if zerogpu.active():  # (the button is hidden there; a crafted request gets this line)
-            raise gr.Error("queue: not on ZeroGPU; press Generate")
+            raise UserError("queue: not on ZeroGPU; press Generate")
         args = dict(zip(names, values))
         model, lora_list, params, axes = generation_request(engine, public, **args)
         try:
             job = engine.enqueue(params, model, session_of(request), lora_list, axes=axes,
                                  owner=owner_of(args["visitor"], request), public=public)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
         return f"{engine.queue_note(job) or 'queued: starting now'} · its images appear in the History tab"
 
     return enqueue
@@ -328,11 +336,11 @@ def wire_queue(engine: Engine, public: bool, visitor: gr.State, table: gr.Datafr
     def act(action):
         def handler(job_id: str, who: str | None, request: gr.Request):
             if not job_id:
-                raise gr.Error("queue: pick a job in the table first")
+                raise UserError("queue: pick a job in the table first")
             try:
                 action(job_id, owner_of(who, request))
             except ValueError as exc:
-                raise gr.Error(str(exc)) from None
+                raise UserError(str(exc)) from None
             now = rows_now(who, request)
             return now["rows"], now, job_id if job_id in now["ids"] else ""
         return handler
@@ -423,7 +431,7 @@ def _load_model_fn(engine: Engine, public: bool):
 def gallery_item(images: list | None, texts: list[str] | None, index: int) -> tuple[str, str]:
     """(file, parameters) of a gallery's image ``index`` (its first when the index is stale), or gr.Error."""
     if not images or not texts:
-        raise gr.Error("generate an image first")
+        raise UserError("generate an image first")
     index = index if 0 <= (index or 0) < min(len(images), len(texts)) else 0
     return _path(images[index]), texts[index]
 

@@ -7,7 +7,7 @@ import gradio as gr
 
 from .. import zerogpu
 from ..engine import Engine
-from .generate import SHOWN, GenerateTab, owner_of, session_of
+from .generate import SHOWN, GenerateTab, UserError, owner_of, session_of
 from .img2img import Img2imgTab
 from .info import wire_send_to_generate
 
@@ -63,13 +63,13 @@ def build(engine: Engine, gen: GenerateTab, img2img: Img2imgTab, tabs: gr.Tabs, 
 
     def again(ref, who: str | None, request: gr.Request):
         if not ref:
-            raise gr.Error("history: pick an image first")
+            raise UserError("history: pick an image first")
         if zerogpu.active():  # (the button is hidden there; a crafted request gets this line)
-            raise gr.Error("re-run: not on ZeroGPU; send it to Generate instead")
+            raise UserError("re-run: not on ZeroGPU; send it to Generate instead")
         try:
             job = engine.rerun(ref[0], owner_of(who, request), session_of(request), public)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
         return (f"Queued again ({engine.queue_note(job) or 'starting now'}); see the Queue on the Generate tab. "
                 "Its images come here.")
 

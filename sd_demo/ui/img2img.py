@@ -13,8 +13,8 @@ from ..img2img import MASKED_CONTENT, RESIZE_MODES, mask_from_layers
 from ..infotext import parse_infotext
 from ..models import DEFAULT_GUIDANCE
 from ..sampling.registry import DEFAULT_SAMPLER
-from .generate import (RUN, SHOWN, GenerateTab, checked, gallery_item, on_gpu, sampling_controls, stream,
-                       wire_run_controls)
+from .generate import (RUN, SHOWN, GenerateTab, UserError, checked, gallery_item, on_gpu, sampling_controls,
+                       stream, wire_run_controls)
 
 INPAINT_AREAS = ("Whole picture", "Only masked")  # A1111's "Inpaint area"
 
@@ -27,7 +27,7 @@ def _preprocessed(component, raw, name: str):
     try:
         return component.preprocess(component.data_model.model_validate(raw))
     except Exception as exc:  # pydantic's ValidationError, PIL's UnidentifiedImageError, a decompression bomb
-        raise gr.Error(f"{name}: not a readable image ({type(exc).__name__})") from None
+        raise UserError(f"{name}: not a readable image ({type(exc).__name__})") from None
 
 
 def _pictures(editor: gr.ImageEditor, upload: gr.Image, raw_editor, raw_mask) -> tuple:
@@ -36,7 +36,7 @@ def _pictures(editor: gr.ImageEditor, upload: gr.Image, raw_editor, raw_mask) ->
     value = _preprocessed(editor, raw_editor, "init_image")
     init = value.get("background") if value else None
     if init is None:
-        raise gr.Error("init_image: upload or paste a picture first")
+        raise UserError("init_image: upload or paste a picture first")
     mask = _preprocessed(upload, raw_mask, "mask")
     if mask is None:
         mask = mask_from_layers(value.get("layers") or [])
@@ -190,12 +190,12 @@ class Img2imgTab:
     def values(self, path: str | None, text: str | None) -> tuple:
         """The targets' values for a picture file and its parameters text (None: the picture alone)."""
         if not path:
-            raise gr.Error("pick an image first")
+            raise UserError("pick an image first")
         try:
             with Image.open(path) as im:
                 image = im.convert("RGB")
         except Exception:  # gone from the disk, or not an image
-            raise gr.Error("Send to img2img: that file is not a readable image") from None
+            raise UserError("Send to img2img: that file is not a readable image") from None
         editor_value = {"background": image, "layers": [], "composite": image}
         if not text:
             return (editor_value, *[gr.skip()] * 5, gr.Tabs(selected=self.tab_id))

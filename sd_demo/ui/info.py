@@ -7,7 +7,7 @@ from ..engine import Engine
 from ..generate import params_from_infotext
 from ..infotext import Infotext, format_infotext, read_png
 from ..models import parse_lora
-from .generate import GenerateTab, add_lora, speed_values
+from .generate import GenerateTab, UserError, add_lora, speed_values
 from .img2img import Img2imgTab
 from .models import download_progress
 
@@ -38,7 +38,7 @@ def make_send_to_generate(engine: Engine, public: bool, generate_tab_id: str):
     def send_to_generate(path: str | None, who: str | None):
         _, info = read_parameters(path)
         if info is None:
-            raise gr.Error("drop a PNG with generation parameters first")
+            raise UserError("drop a PNG with generation parameters first")
         params, ignored = params_from_infotext(info)
         cfg = gr.skip() if params.guidance_scale is None else params.guidance_scale  # absent: keep the slider's
         values = [params.prompt, params.negative_prompt, params.sampler, params.schedule, params.steps, cfg,
@@ -120,7 +120,7 @@ def wire_send_to_generate(engine: Engine, public: bool, generate_tab_id: str, ta
                 current = add_lora(current, engine.download(repo_id, "lora", public, download_progress(progress)),
                                    scale)[0]
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
         model = (gr.update(choices=engine.model_choices(public), value=wanted["model"]) if wanted.get("model")
                  else gr.skip())
         return (f"Downloaded {_names(wanted, '`')}.", current, model, gr.Tabs(selected=generate_tab_id),

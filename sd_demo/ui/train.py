@@ -16,7 +16,7 @@ from ..train.config import Method, config_fields, from_values
 from ..train.autocaption import DEFAULT_CAPTIONER
 from ..train.jobs import PAUSED
 from ..train.presets import PRESETS
-from .generate import SHOWN, GenerateTab, add_lora, user_error
+from .generate import SHOWN, GenerateTab, UserError, add_lora, user_error
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
         try:
             return shown(engine.stage_training_data(paths, public=public))
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
 
     def restore(folder: str):
         """A reload shows the data this browser staged last, while the server still has it."""
@@ -285,7 +285,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
             engine.save_captions(folder, _rows(table))
             staged, n = engine.auto_caption(folder, model_id, trig, replace, public=public)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
         return f"{n} caption(s) written by {model_id}. {staged.summary()}", [list(r) for r in staged.rows]
 
     caption_btn.click(auto_caption, [data_dir, captions, captioner, trigger, overwrite], [data_note, captions],
@@ -307,7 +307,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
             job_id = engine.jobs.start(form_config(*values[:-1]), owner=values[-1])
             return _job_outputs(engine, job_id, public, values[-1])
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
 
     started = train_btn.click(start, form, job_view, api_visibility="private")
 
@@ -359,7 +359,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
         try:
             return _job_outputs(engine, rows[evt.index[0]][0], public, who)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
 
     runs.select(select_run, [runs, visitor], job_view, api_visibility="private")
 
@@ -368,7 +368,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
         try:
             kind, source = engine.use_training_result(engine.own_job(job_id, public, who))
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
         if kind == "model":
             return gr.skip(), gr.update(value=source), gr.Tabs(selected=generate_tab_id)
         return add_lora(current, job_id)[0], gr.skip(), gr.Tabs(selected=generate_tab_id)  # its name, no path
@@ -379,7 +379,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
         try:
             return str(engine.jobs.zip_result(engine.own_job(job_id, public, who))), ""
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
 
     zip_btn.click(make_zip, [job, visitor], [zip_file, result_note], api_visibility="private")
 
@@ -389,6 +389,6 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
         try:
             return f"Pushed to {engine.push_result(job_id, repo_id, public, login)} (private)"
         except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+            raise UserError(str(exc)) from None
 
     push_btn.click(push, [job, repo], result_note, api_visibility="private")
