@@ -162,6 +162,7 @@ class Engine:
         self.jobs = JobManager(Path(self.settings.outputs) / "train")  # training runs, one folder each
         self._jobs: dict[str, threading.Event] = {}  # job key (UI session) -> its Stop flag
         self._jobs_lock = threading.Lock()
+        self._used: dict[str, float] = {}  # repo id (or "embedded") -> when it last ran here (the Models tab)
         # every generation waits its turn here; a training job on the GPU holds the queue (no out-of-memory crash)
         self.queue = RunQueue(Path(self.settings.outputs) / HISTORY_FILE,
                               may_start=lambda: not self._gpu_held(),
@@ -171,7 +172,7 @@ class Engine:
     @on_device
     def load(self, spec: str | None = None, tqdm_class=None) -> LoadedModel:
         s = self.settings
-        return self.cache.get(
+        m = self.cache.get(
             spec or s.model,
             device=s.device,
             dtype=s.dtype,
@@ -180,6 +181,9 @@ class Engine:
             tqdm_class=tqdm_class,
             compile=s.compile,
         )
+        if m.ref.source != "local":  # (the cache's own times are its files' reads, where the disk keeps them)
+            self._used[m.ref.hub_id or "embedded"] = time.time()
+        return m
 
     def _offered(self, public: bool) -> dict[str, str]:
         """{name shown: model spec} of the model selector: the embedded model (when built), the start-up model,
@@ -312,7 +316,8 @@ class Engine:
         if (EMBEDDED_DIR / "model_index.json").exists():
             size = sum(f.stat().st_size for f in EMBEDDED_DIR.rglob("*") if f.is_file())
             shipped = [hub.CachedRepo("embedded", "pipeline (shipped)", size, EMBEDDED_DIR.stat().st_mtime)]
-        return shipped + hub.cached_repos()
+        return [dataclasses.replace(r, last_used=max(r.last_used, self._used.get(r.repo_id, 0.0)))
+                for r in shipped + hub.cached_repos()]
 
     def use_cached(self, repo_id: str, public: bool = False) -> tuple[str, str]:
         """('model', its id) for a cached pipeline, ('lora', its file) for a cached LoRA or embedding: what the

@@ -3,6 +3,8 @@ client: search, a download with progress that is then run, a LoRA from a repo id
 listed and cleaned, and what a public app refuses."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -79,7 +81,10 @@ def test_a_download_shows_its_progress_then_runs_and_can_be_deleted(hub_repos, e
     assert "acme/tiny-sd" in engine.model_choices()
     listed = {r[0]: r for r in models_tab.cache_rows(engine)}
     assert listed["acme/tiny-sd"][1] == "pipeline" and listed["embedded"][1] == "pipeline (shipped)"
+    before = time.time()
     assert _pixels(engine).std() > 1  # it runs: an image, not a blank
+    used = {r.repo_id: r.last_used for r in engine.cached_models()}
+    assert used["acme/tiny-sd"] >= before > used["embedded"]  # last used: now, by this run
 
     with pytest.raises(ValueError, match="'acme/tiny-sd' is the loaded model; load another one first"):
         engine.delete_cached("acme/tiny-sd")
