@@ -20,7 +20,7 @@ from .generate import SHOWN, GenerateTab, UserError, add_lora, user_error
 
 log = logging.getLogger(__name__)
 
-AUTO = "Auto (for the model, device and method)"
+AUTO = "Auto"  # the preset that fits the model, the device and the method
 # Fields shown above the Advanced accordion, or owned by the job (paths on the server are not for the browser).
 _MAIN = ("method", "model", "preset", "trigger", "instance_prompt")
 _HIDDEN = ("data", "out", "resume", "overwrite", "push_to_hub", "public", "class_data", "preserve_prompts")
