@@ -250,7 +250,7 @@ class StepEvent:
     step: int  # 1-based, counts scheduler iterations (2nd-order samplers run ~2x steps)
     total: int
     elapsed: float  # seconds since the denoising loop started
-    previews: list[Image.Image] | None = None
+    previews: list[Image.Image] | None = None  # the batch's first image as it forms (what the page shows)
 
 
 @dataclass
@@ -342,8 +342,9 @@ class _Progress:
                     # the step's denoised estimate where the sampler gave one (A1111 previews it too): the
                     # latents themselves are mostly noise until the last steps
                     shown = self.state.pop("denoised", None)
-                    previews = _previews(model, kwargs["latents"] if shown is None or shown.shape != kwargs[
-                        "latents"].shape else shown)
+                    if shown is None or shown.shape != kwargs["latents"].shape:
+                        shown = kwargs["latents"]
+                    previews = _previews(model, shown[:1])
                 self.on_step(StepEvent(before + i + 1, before + run + after, time.perf_counter() - self.t0,
                                        previews))
             if self.stopped(i + 1 + before):
