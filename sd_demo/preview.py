@@ -2,7 +2,8 @@
 
 Known fixed maps exist for the SD 1.x and SDXL VAEs only. We fit the map for whatever VAE is loaded instead, once,
 by least squares between the latents of a few flat colour images and their RGB values: ~0.1 s for the SD VAE on
-a CPU, and the result is right for any VAE (including our embedded one).
+a CPU. It holds for VAEs near linear in colour, as SD's are; a small VAE far from it (the embedded model's) decodes
+its previews itself (generate._previews).
 """
 from __future__ import annotations
 
