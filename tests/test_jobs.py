@@ -208,13 +208,14 @@ def test_a_space_visitor_pushes_only_with_their_own_login_into_their_own_account
     assert "pytorch_lora_weights.safetensors" in pushed and "README.md" in pushed
 
 
-@pytest.mark.parametrize("rows", [[], [(1, 0.25, "loss"), (1, 0.25, "smoothed")]])
-def test_the_loss_plot_draws_steps_and_losses_as_numbers_from_the_first_poll(rows):
-    """A job's first poll has no loss yet; its plot must still read step and loss as numbers (as categories, each
-    step was a label of its own, unreadable, for the rest of the run)."""
+def test_the_loss_plot_draws_steps_and_losses_as_numbers_from_its_first_loss():
+    """Before a job's first loss the plot is left empty (a chart first drawn from an empty frame read step and loss
+    as categories, then drew no line for the rest of the run); from the first loss on, both are numbers."""
     import gradio as gr
 
     from sd_demo.ui.train import loss_frame
 
-    plot = gr.LinePlot(x="step", y="loss", color="series").postprocess(loss_frame(rows))
+    assert loss_frame([]) is None
+    plot = gr.LinePlot(x="step", y="loss", color="series").postprocess(loss_frame([(1, 0.25, "loss"),
+                                                                                   (1, 0.25, "smoothed")]))
     assert plot.datatypes == {"step": "quantitative", "loss": "quantitative", "series": "nominal"}

@@ -80,10 +80,12 @@ def _rows(table) -> list[tuple[str, object]]:
 
 
 def loss_frame(rows: list[tuple[int, float, str]]):
-    """The loss plot's data: numbers even before the first loss (an empty frame's columns are objects, which the
-    plot reads as categories, and kept reading so for the rest of the run)."""
+    """The loss plot's data, None (an empty plot) until the first loss: a chart first drawn from an empty frame
+    read its columns as categories, then drew no line at all for the rest of the run."""
     import pandas as pd
 
+    if not rows:
+        return None
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": int, "loss": float})
 
 
@@ -323,7 +325,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, generate_tab_id: str,
         if not job_id:
             return (gr.skip(),) * (len(job_view) + 1)
         out = _job_outputs(engine, job_id, public, who)
-        key = f"{job_id}:{len(out[2])}:{out[3]}"
+        key = f"{job_id}:{0 if out[2] is None else len(out[2])}:{out[3]}"
         if key == drawn_key:  # re-sending redraws the plot at every tick (it flickered) for nothing
             out = (*out[:2], gr.skip(), gr.skip(), *out[4:])
         return (*out, key)
