@@ -361,6 +361,8 @@ class _Progress:
             return
         step = scheduler.step
 
+        # wraps: the pipeline reads step's signature to pass it the generator (Euler a's noise) and eta
+        @functools.wraps(step)
         def recorded(*args, return_dict: bool = True, **kwargs):
             out = step(*args, return_dict=True, **kwargs)
             self.state["denoised"] = _denoised(scheduler, out)

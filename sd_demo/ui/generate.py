@@ -416,14 +416,15 @@ def _load_model_fn(engine: Engine, public: bool):
                 line += f" · still loaded: {engine.defaults().status}"
             except ValueError:  # none is
                 pass
-            return said_on(line, 7)
+            # the box back to the loaded model: Generate would otherwise try the one that failed
+            return *said_on(line, 7), engine.current_choice(public)
         # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M);
         # the clip-skip slider ends at its text encoder's depth
         clip = gr.update(maximum=d.max_clip_skip, value=min(int(clip_skip or 1), d.max_clip_skip))
         # (an update as gr.Dataset(samples=...) would lose them: gradio keeps its samples processed without
         # components)
         examples = gr.update(samples=[[e] for e in d.examples], visible=bool(d.examples))
-        return d.status, d.size, d.size, d.guidance, d.sampler, d.steps, clip, examples
+        return d.status, d.size, d.size, d.guidance, d.sampler, d.steps, clip, examples, gr.skip()
 
     return load
 
@@ -589,7 +590,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                 # ZeroGPU lends its GPU to a request, not to a job that runs after it has answered
                 queue_btn = gr.Button("Queue", elem_id="queue-btn", visible=not zerogpu.active(), scale=1)
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
-            gallery = gr.Gallery(**SHOWN, label="Images", columns=2, format="png", elem_id="gallery")
+            gallery = gr.Gallery(**SHOWN, label="Images", columns=2, height="fit-content", format="png", elem_id="gallery")
             send_img2img = gr.Button("Send to img2img", size="sm", elem_id="send-img2img")
             preview = gr.Image(label="Live preview", interactive=False, height=160)
             status = gr.Markdown("", elem_id="run-status")
@@ -612,8 +613,9 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                                        deep_cache, fast, tiny_vae, autocast, visitor]
     outputs = [gallery, preview, status, infotext, infos]
     generate_fn = make_generate_fn(engine, public)
-    run_btn.click(generate_fn, inputs, outputs, api_name="generate", trigger_mode="multiple", **RUN)
-    prompt.submit(generate_fn, inputs, outputs, api_visibility="private", **RUN)
+    on_gallery = dict(RUN, show_progress_on=gallery)  # the progress over the gallery: the live preview stays in sight
+    run_btn.click(generate_fn, inputs, outputs, api_name="generate", trigger_mode="multiple", **on_gallery)
+    prompt.submit(generate_fn, inputs, outputs, api_visibility="private", **on_gallery)
     names = [n for n in inspect.signature(generate_fn).parameters if n not in ("request", "progress")]  # = inputs
     queue_btn.click(make_enqueue_fn(engine, public, names), inputs, status, api_visibility="private",
                     preprocess=False, queue=False)
@@ -623,7 +625,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     wire_run_controls(engine, c, stop_btn, gallery, infos, infotext, picked)
     for trigger in (load_btn.click, model.select):  # the Load button, or picking a model from the list
         trigger(_load_model_fn(engine, public), [model, clip_skip],
-                [model_status, width, height, cfg, sampler, steps, clip_skip, example_list],
+                [model_status, width, height, cfg, sampler, steps, clip_skip, example_list, model],
                 api_visibility="private", concurrency_id="device", concurrency_limit=1, show_progress_on=model_status)
     example_list.click(lambda sample: sample[0], example_list, prompt, api_visibility="private")
     trained.focus(lambda who: gr.update(choices=engine.trained_results(public, who)), visitor, trained,

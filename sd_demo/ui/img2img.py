@@ -148,7 +148,8 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
             with gr.Row():
                 run_btn = gr.Button("Generate", variant="primary", elem_id="img2img-btn")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="img2img-stop")
-            gallery = gr.Gallery(**SHOWN, label="Images", columns=2, format="png", elem_id="img2img-gallery")
+            gallery = gr.Gallery(**SHOWN, label="Images", columns=2, height="fit-content", format="png",
+                                 elem_id="img2img-gallery")
             preview = gr.Image(label="Live preview", interactive=False, height=160)
             status = gr.Markdown("", elem_id="img2img-status")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
@@ -159,8 +160,9 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
               visitor]
     outputs = [gallery, preview, status, infotext, infos]
     handler = make_img2img_fn(engine, public, editor, mask)
-    run_btn.click(handler, inputs, outputs, api_name="img2img", **RUN)  # through the queue, as Generate's
-    prompt.submit(handler, inputs, outputs, api_visibility="private", **RUN)
+    on_gallery = dict(RUN, show_progress_on=gallery)  # through the queue, as Generate's; the live preview in sight
+    run_btn.click(handler, inputs, outputs, api_name="img2img", **on_gallery)
+    prompt.submit(handler, inputs, outputs, api_visibility="private", **on_gallery)
     wire_run_controls(engine, c, stop_btn, gallery, infos, infotext)
 
     def model_defaults():
