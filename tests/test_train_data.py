@@ -109,6 +109,11 @@ def test_missing_captions_error_says_count_and_fix(tmp_path):
     with pytest.raises(ValueError, match=r"2 of 3 images have no caption \(b.png, c.png\).*\.txt.*instance prompt"):
         scan(tmp_path)
     assert len(scan(tmp_path, instance_prompt="photo").examples) == 3  # the stated fix works
+    # so does a trigger word alone (the Training tab's note says either fills them)
+    rep = scan(tmp_path, trigger="zq")
+    assert [e.caption for e in rep.examples] == ["zq, has one", "zq", "zq"] and rep.source == "folder"
+    (tmp_path / "a.txt").unlink()
+    assert scan(tmp_path, trigger="zq").source == "trigger"
 
 
 # ---------------------------------------------------------------- zip

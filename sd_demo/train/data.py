@@ -1,7 +1,8 @@
 """Training data: scan a folder / .zip of images + captions (what is usable, what is skipped and why).
 Turning the examples into pixels, buckets and batches is ``batches.py``.
 
-Captions, first found wins per image: metadata.jsonl (HF imagefolder) > sidecar ``<stem>.txt`` > instance prompt.
+Captions, first found wins per image: metadata.jsonl (HF imagefolder) > sidecar ``<stem>.txt`` > instance prompt >
+the trigger word alone.
 A trigger word, when given, is prepended ("trigger, caption") to every caption that lacks it (kohya / DreamBooth
 convention), so a LoRA learns to bind the concept to that word.
 
@@ -51,7 +52,8 @@ class DataConfig:
                                         "+ instance prompt"})
     resolution: int = _f(512, "training side in px; buckets keep about resolution² pixels per image")
     instance_prompt: str | None = _f(None, "caption for every image that has no .txt / metadata.jsonl caption")
-    prompt_name: str = _f("an instance prompt", "what errors call instance_prompt (the class stream: --class-prompt)")
+    prompt_name: str = _f("an instance prompt or a trigger word", "what errors call the captions' fill-ins (the class "
+                                                                    "stream: --class-prompt)")
     trigger: str | None = _f(None, "trigger word prepended ('trigger, caption') to every caption lacking it")
     center_crop: bool = _f(True, "centre crop after resizing to cover the target (False: random crop)")
     buckets: bool = _f(False, "aspect-ratio buckets (kohya style) instead of square crops")
@@ -106,7 +108,7 @@ class DatasetReport:
     examples: list[Example]
     skipped: list[tuple[str, str]]  # (file relative to the data root, why it was skipped)
     upscaled: list[str]  # files smaller than their training size: upscaled, so blurrier (for_training)
-    source: str  # "folder" | "metadata.jsonl" | "instance prompt", prefixed "zip:<name>:" for a zip
+    source: str  # "folder" | "metadata.jsonl" | "instance prompt" | "trigger", prefixed "zip:<name>:" for a zip
     extract_dir: Path | None = None  # temp dir a zip was extracted into (see scan_dataset)
     _keep: _TempDir | None = field(default=None, repr=False, compare=False)
 
@@ -347,8 +349,9 @@ def _classify(root: Path, files: list[Path], max_pixels: int):
 
 
 def _caption_images(root: Path, images: dict, sidecars: dict, meta: dict, cfg: DataConfig):
-    """(examples, files lacking a caption, source) with metadata > sidecar > instance prompt per image."""
-    prompt = _clean(cfg.instance_prompt)
+    """(examples, files lacking a caption, source) with metadata > sidecar > instance prompt > the trigger word
+    alone per image."""
+    prompt = _clean(cfg.instance_prompt) or _clean(cfg.trigger)
     examples, missing, cut, from_files = [], [], [], False
     for p, size in images.items():
         name = p.relative_to(root).as_posix()
@@ -364,7 +367,8 @@ def _caption_images(root: Path, images: dict, sidecars: dict, meta: dict, cfg: D
     if cut:
         warnings.warn(f"{len(cut)} caption(s) cut to {MAX_CAPTION} characters (the text encoder reads about 300): "
                       + _names(cut), stacklevel=3)
-    source = METADATA_FILE if meta else ("folder" if from_files or not prompt else "instance prompt")
+    filler = "instance prompt" if _clean(cfg.instance_prompt) else "trigger"
+    source = METADATA_FILE if meta else ("folder" if from_files or not prompt else filler)
     return examples, missing, source
 
 
