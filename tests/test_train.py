@@ -321,6 +321,19 @@ def test_bad_training_input(tiny_model_dirs, data_dir, tmp_path, capsys, flag, v
     assert not (tmp_path / "o").exists()
 
 
+def test_a_trigger_word_alone_captions_uncaptioned_images(tiny_model_dirs, tmp_path):
+    """Images without captions train with the trigger word as their caption (the Training tab's note promises it;
+    the run refused them unless an instance prompt was given)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (30 * i, 90, 200)).save(data / f"{i}.png")
+    with pytest.raises(ValueError, match="2 of 2 images have no caption"):
+        train(config(tiny_model_dirs["sd15"], data, tmp_path / "none", steps=1, grad_accum=1))
+    result = train(config(tiny_model_dirs["sd15"], data, tmp_path / "out", steps=1, grad_accum=1, trigger="blue"))
+    assert len(result.losses) == 1 and np.isfinite(result.losses[0])
+
+
 def test_non_empty_out_is_refused_and_untouched(tiny_model_dirs, data_dir, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["train", "--model", str(tiny_model_dirs["sd15"]), "--data", str(data_dir), "--out", str(tmp_path),

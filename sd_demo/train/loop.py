@@ -283,7 +283,7 @@ def load_for_training(cfg: TrainConfig):
     """The instance data (read once), the base model loaded in the run's precision, and the config with its
     preset's values filled in (a LoRA or DreamBooth run without --trigger takes the made-up word its captions
     share: data.find_trigger)."""
-    report = read_dataset(DataConfig(path=cfg.data, instance_prompt=cfg.instance_prompt))
+    report = read_dataset(DataConfig(path=cfg.data, instance_prompt=cfg.instance_prompt, trigger=cfg.trigger))
     device = pick_device("auto")
     bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     precision = presets.load_precision(cfg, device, bf16)
