@@ -410,23 +410,17 @@ class Engine:
         return job if job and (not public or (visitor and self.jobs.owner(job) == visitor)) else None
 
     def lora_source(self, entry: str, public: bool = False, visitor: str | None = None) -> str:
-        """What a LoRA list entry loads: a training run's name (what the Train tab writes there, rather than a path
-        of this machine) is its folder, where this visitor may use it; anything else is itself."""
-        if "/" in entry or "\\" in entry:
-            return entry
-        try:
-            return str(self.jobs.folder(self.own_job(entry, public, visitor)))
-        except ValueError:
-            return entry
+        """What a LoRA list entry loads: the name of a finished adapter run this visitor may use (what the Train tab
+        writes there, rather than a path of this machine) is its folder; anything else is itself."""
+        runs = {run for _, run in self.trained_results(public, visitor)}
+        return str(self.jobs.root / entry) if entry in runs else entry
 
     def is_training_result(self, source: str, public: bool = False, visitor: str | None = None) -> bool:
-        """Is ``source`` the output folder of one of this app's training jobs that this visitor may use? (Public
+        """Is ``source`` the output folder of a finished adapter run of this app that this visitor may use? (Public
         apps allow only those as LoRAs.)"""
-        try:
-            folder = Path(source).resolve()
-            return folder.parent == self.jobs.root.resolve() and bool(self.own_job(folder.name, public, visitor))
-        except ValueError:
-            return False
+        folder = Path(source).resolve()
+        return folder.parent == self.jobs.root.resolve() and folder.name in {
+            run for _, run in self.trained_results(public, visitor)}
 
     def trained_results(self, public: bool = False, visitor: str | None = None) -> list[tuple[str, str]]:
         """(label, run name) of finished adapter / embedding runs this visitor may use, newest first: the Generate

@@ -302,8 +302,8 @@ class LoadedModel:
         for i, (source, scale) in enumerate(loras):
             path = Path(source)
             if not path.exists() and not hub.REPO_ID.match(source):
-                raise ValueError(f"lora: '{source}' not found; give a training output folder, a .safetensors file "
-                                 "or a Hub repo id")
+                raise ValueError(f"lora: '{source}' not found; give a training run's name or output folder, a "
+                                 ".safetensors file or a Hub repo id")
             try:
                 embedding = (find_embedding(path) if path.is_dir() else
                              path if path.is_file() and path.suffix == ".safetensors" and is_embedding_file(path)
@@ -324,7 +324,9 @@ class LoadedModel:
                 self.pipe.unload_lora_weights()
                 self._unload_embeddings()
                 what = "not a readable .safetensors file: " if isinstance(exc, SafetensorError) else ""
-                raise ValueError(f"lora: '{source}' could not be loaded: {what}{str(exc).splitlines()[0]}") from exc
+                # named, not pathed: a public app's run names stand for folders of this machine (engine.lora_source)
+                raise ValueError(f"lora: '{hub.adapter_name(source)}' could not be loaded: "
+                                 f"{what}{public_text(hub.first_line(exc))}") from exc
         if names:
             self.pipe.set_adapters(names, adapter_weights=[loras[int(n.removeprefix("lora"))][1] for n in names])
         self.loras = loras  # a compiled model compiles again: dynamo's guards see peft's new adapter layers

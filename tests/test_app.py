@@ -131,10 +131,13 @@ def test_training_is_off_on_a_public_app_unless_the_owner_turns_it_on(tiny_model
     assert ("train-btn" in ids) == enabled and ("train-disabled" in ids) == (not enabled)
     # where it is on, a public app takes only its own training results as LoRAs
     engine = demo.engine
-    run = engine.jobs.root / "20260101-000000-x"
-    run.mkdir(parents=True)
-    (run / "job.json").write_text("{}")
+    run = _finished_run(engine, "20260101-000000-x", None, str(tiny_model_dirs["sd15"]))
+    unfinished = engine.jobs.root / "20260101-000001-y"
+    unfinished.mkdir(parents=True)
+    (unfinished / "job.json").write_text("{}")
     assert engine.is_training_result(str(run)) and not engine.is_training_result(str(tiny_model_dirs["sd15"]))
+    assert not engine.is_training_result(str(unfinished))  # no adapter to load yet
+    assert engine.lora_source(run.name) == str(run) and engine.lora_source(unfinished.name) == unfinished.name
 
 
 def test_png_info_reads_huge_or_broken_uploads_with_a_message(client, tmp_path):
