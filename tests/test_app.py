@@ -102,8 +102,9 @@ def test_loading_a_model_sets_its_native_size_and_recommended_cfg_sampler_and_st
     engine = types.SimpleNamespace(load=lambda name: loaded, cache=types.SimpleNamespace(current=None))
     engine.defaults = lambda name=None: Engine.defaults(engine, name)  # the engine's rule, over a stub model
     engine.chosen_model = lambda name, public: name
-    status, width, height, cfg, sampler, steps, clip, examples, box = _load_model_fn(engine, False)(
+    status, width, height, cfg, sampler, steps, clip, examples, box, loaded_now = _load_model_fn(engine, False)(
         "m", 5, progress=lambda *a, **k: None)
+    assert loaded_now == status  # what the img2img tab follows
     assert (status, width, height, cfg, sampler, steps) == ("**m** loaded", 768, 768, 4.5, "Euler a", 4)
     assert (clip["maximum"], clip["value"]) == (3, 3)  # the clip-skip slider ends at the model's depth
     assert examples["samples"] == [["a red circle"]]  # the card's example prompts
@@ -114,9 +115,9 @@ def test_loading_a_model_sets_its_native_size_and_recommended_cfg_sampler_and_st
 
     engine.cache.current, engine.load = loaded, fails
     engine.current_choice = lambda public: "m"
-    status, *rest, box = _load_model_fn(engine, False)("someone/missing", 5, progress=lambda *a, **k: None)
-    assert status == "⚠️ model: 'someone/missing' was not found on the Hub · still loaded: **m** loaded"
-    assert all(isinstance(r, type(gr.skip())) for r in rest) and len(rest) == 7
+    status, *rest, box, loaded_now = _load_model_fn(engine, False)("someone/missing", 5, progress=lambda *a, **k: None)
+    assert status == "⚠️ model: 'someone/missing' was not found on the Hub · still loaded: m"
+    assert all(isinstance(r, type(gr.skip())) for r in [*rest, loaded_now]) and len(rest) == 7
     assert box == "m"  # the model box back to the loaded model, so that Generate does not try the failed one
 
 

@@ -23,7 +23,7 @@ def test_clip_skip_slider_ends_at_the_loaded_models_depth(engine, tiny_model_dir
     with gr.Blocks():
         tab = build(engine)
     assert tab.clip_skip.maximum == 2  # the tiny SD encoder's 2 layers
-    *_, clip, _, _ = _load_model_fn(engine, False)(str(tiny_model_dirs["sdxl"]), 2, progress=no_progress)
+    *_, clip, _, _, _ = _load_model_fn(engine, False)(str(tiny_model_dirs["sdxl"]), 2, progress=no_progress)
     assert (clip["maximum"], clip["value"]) == (1, 1)  # SDXL reads one layer back already
 
 

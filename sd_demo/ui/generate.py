@@ -49,7 +49,7 @@ class GenerateTab:
     gallery: gr.Gallery
     infos: gr.State  # the gallery's images' parameters (A1111 text), in order
     picked: gr.State  # the index of the gallery's selected image
-    model_status: gr.Markdown  # changes when a model has loaded (the img2img tab then takes its defaults)
+    loaded: gr.State  # changes when a model has loaded (the img2img tab then takes its defaults), not on a failure
 
     def param_components(self) -> list:
         return [self.prompt, self.negative_prompt, self.sampler, self.schedule, self.steps, self.guidance_scale,
@@ -412,19 +412,17 @@ def _load_model_fn(engine: Engine, public: bool):
             d = engine.defaults(engine.chosen_model(model, public))
         except Exception as exc:
             line = error_line(exc, "loading")
-            try:
-                line += f" · still loaded: {engine.defaults().status}"
-            except ValueError:  # none is
-                pass
+            if engine.cache.current is not None:
+                line += f" · still loaded: {engine.current_choice(public)}"
             # the box back to the loaded model: Generate would otherwise try the one that failed
-            return *said_on(line, 7), engine.current_choice(public)
+            return *said_on(line, 7), engine.current_choice(public), gr.skip()
         # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M);
         # the clip-skip slider ends at its text encoder's depth
         clip = gr.update(maximum=d.max_clip_skip, value=min(int(clip_skip or 1), d.max_clip_skip))
         # (an update as gr.Dataset(samples=...) would lose them: gradio keeps its samples processed without
         # components)
         examples = gr.update(samples=[[e] for e in d.examples], visible=bool(d.examples))
-        return d.status, d.size, d.size, d.guidance, d.sampler, d.steps, clip, examples, gr.skip()
+        return d.status, d.size, d.size, d.guidance, d.sampler, d.steps, clip, examples, gr.skip(), d.status
 
     return load
 
@@ -524,6 +522,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                             info="Hub id (org/name[@revision]), local folder, or embedded")
         load_btn = gr.Button("Load", scale=1)
     model_status = gr.Markdown(notice or engine.model_status(), elem_id="model-status")
+    loaded = gr.State("")
     with gr.Row():
         with gr.Column(scale=5):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background")
@@ -607,7 +606,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     hires = [hires_on, hires_scale, hires_steps, hires_strength, hires_upscaler, hires_width, hires_height]
     tab = GenerateTab(prompt, negative, sampler, schedule, steps, cfg, width, height, seed, batch, clip_skip, lora,
                       model, cfg_cutoff, deep_cache, fast, tiny_vae, autocast, hires, send_img2img, gallery, infos,
-                      picked, model_status)
+                      picked, loaded)
 
     inputs = tab.param_components() + [model, lora, cfg_cutoff, *hires, *xyz_inputs,
                                        deep_cache, fast, tiny_vae, autocast, visitor]
@@ -625,7 +624,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
     wire_run_controls(engine, c, stop_btn, gallery, infos, infotext, picked)
     for trigger in (load_btn.click, model.select):  # the Load button, or picking a model from the list
         trigger(_load_model_fn(engine, public), [model, clip_skip],
-                [model_status, width, height, cfg, sampler, steps, clip_skip, example_list, model],
+                [model_status, width, height, cfg, sampler, steps, clip_skip, example_list, model, loaded],
                 api_visibility="private", concurrency_id="device", concurrency_limit=1, show_progress_on=model_status)
     example_list.click(lambda sample: sample[0], example_list, prompt, api_visibility="private")
     trained.focus(lambda who: gr.update(choices=engine.trained_results(public, who)), visitor, trained,

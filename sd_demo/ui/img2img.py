@@ -173,7 +173,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
             return gr.skip(), gr.skip(), gr.skip()
         return d.sampler, d.steps, d.guidance
 
-    gen.model_status.change(model_defaults, None, [c.sampler, c.steps, c.cfg], api_visibility="private")
+    gen.loaded.change(model_defaults, None, [c.sampler, c.steps, c.cfg], api_visibility="private")
 
     here = Img2imgTab([editor, prompt, negative, c.sampler, c.cfg, c.seed, tabs], tab_id)
     gen.send_img2img.click(lambda images, texts, index: here.values(*gallery_item(images, texts, index)),
