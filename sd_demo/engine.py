@@ -181,8 +181,9 @@ class Engine:
             tqdm_class=tqdm_class,
             compile=s.compile,
         )
-        if m.ref.source != "local":  # (the cache's own times are its files' reads, where the disk keeps them)
-            self._used[m.ref.hub_id or "embedded"] = time.time()
+        name = m.ref.hub_id or ("embedded" if m.ref.source == "embedded" else None)
+        if name:  # (the cache's own times are its files' reads, where the disk keeps them)
+            self._used[name] = time.time()
         return m
 
     def _offered(self, public: bool) -> dict[str, str]:
@@ -311,13 +312,14 @@ class Engine:
         return here, fetch, unknown
 
     def cached_models(self) -> list[hub.CachedRepo]:
-        """The shipped embedded model and every repo of the HF cache."""
+        """The shipped embedded model, then every repo of the HF cache, last used first."""
         shipped = []
         if (EMBEDDED_DIR / "model_index.json").exists():
             size = sum(f.stat().st_size for f in EMBEDDED_DIR.rglob("*") if f.is_file())
             shipped = [hub.CachedRepo("embedded", "pipeline (shipped)", size, EMBEDDED_DIR.stat().st_mtime)]
-        return [dataclasses.replace(r, last_used=max(r.last_used, self._used.get(r.repo_id, 0.0)))
-                for r in shipped + hub.cached_repos()]
+        shipped, cached = ([dataclasses.replace(r, last_used=max(r.last_used, self._used.get(r.repo_id, 0.0)))
+                            for r in repos] for repos in (shipped, hub.cached_repos()))
+        return shipped + sorted(cached, key=lambda r: -r.last_used)
 
     def use_cached(self, repo_id: str, public: bool = False) -> tuple[str, str]:
         """('model', its id) for a cached pipeline, ('lora', its file) for a cached LoRA or embedding: what the

@@ -368,11 +368,15 @@ class _Progress:
             self.state["denoised"] = _denoised(scheduler, out)
             return out if return_dict else out.to_tuple()
 
+        before = scheduler.__dict__.get("step")  # (None: the class's own method)
         scheduler.step = recorded
         try:
             yield
         finally:
-            del scheduler.step  # the class's own method shows through again
+            if before is None:
+                del scheduler.step
+            else:
+                scheduler.step = before
 
     def stopped(self, step: int | None = None) -> bool:
         """Has Stop arrived (recording the step it arrived at)?"""

@@ -395,20 +395,20 @@ def cached_repos() -> list[CachedRepo]:
 
 def delete_cached(repo_id: str) -> int:
     """Delete every cached revision of a model repo; the bytes freed. Only repos of the cache are touched."""
-    if not REPO_ID.match(repo_id):
-        raise ValueError(f"delete: '{repo_id[:100]}' is not a Hub repo id; click a row of the table (org/name)")
     try:
         info = scan_cache_dir(cache_dir())
     except CacheNotFound:  # no cache folder yet: nothing of the Hub is on this machine
         info = None
+    # (by membership: the cache, shared by the machine, may hold old ids without an org, as 'gpt2')
     repo = next((r for r in info.repos if r.repo_type == "model" and r.repo_id == repo_id), None) if info else None
     if repo is None:
-        raise ValueError(f"delete: '{repo_id}' is not in the local Hugging Face cache")
+        raise ValueError(f"delete: '{repo_id[:100]}' is not in the local Hugging Face cache; click a row of the "
+                         "table")
     try:
         strategy = info.delete_revisions(*(r.commit_hash for r in repo.revisions))
         strategy.execute()
-    except OSError as exc:
-        raise ValueError(f"delete: '{repo_id}' could not be deleted ({type(exc).__name__}: {first_line(exc)})") \
+    except OSError as exc:  # its text names the cache's path
+        raise ValueError(f"delete: '{repo_id}' could not be deleted ({exc.strerror or type(exc).__name__})") \
             from exc
     return strategy.expected_freed_size
 

@@ -12,6 +12,7 @@ from .. import zerogpu
 from ..engine import Engine, ModelDefaults
 from ..generate import (DEFAULT_HIRES_STRENGTH, FAST_TEXT, MAX_BATCH, MAX_CLIP_SKIP, MAX_DEEP_CACHE, MAX_HIRES_SCALE,
                         MAX_SIDE, MAX_STEPS, SPEED, GenerationParams)
+from ..hub import first_line
 from ..img2img import HIRES_UPSCALERS
 from ..xyz import AXES as XYZ_AXES
 from ..infotext import format_infotext
@@ -37,7 +38,7 @@ class GenerateTab:
     seed: gr.Number
     batch_size: gr.Slider
     clip_skip: gr.Slider
-    loras: gr.Textbox  # "path_or_repo[:scale], ..." (the Training tab's "Use in Generate" adds to it)
+    loras: gr.Textbox  # "source[:scale], ...": run names, files, folders, Hub ids (lora_source)
     model: gr.Dropdown  # the Training tab's "Use in Generate" puts a full fine-tune here
     cfg_cutoff: gr.Slider  # an input after model and loras (the API's positions before it stay as they were)
     deep_cache: gr.Slider  # with fast: inputs after the X/Y/Z plot's (the API's positions before stay)
@@ -92,7 +93,7 @@ def error_line(exc: Exception, what: str = "generation") -> str:
     if isinstance(exc, ValueError):
         return str(exc)
     log.exception("%s failed", what, exc_info=exc)
-    return f"{what} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return f"{what} failed: {type(exc).__name__}: {first_line(exc)}"
 
 
 class UserError(gr.Error):
@@ -104,6 +105,7 @@ class UserError(gr.Error):
 
 
 def user_error(exc: Exception) -> gr.Error:
+    """An exception as the page shows it (error_line)."""
     return UserError(error_line(exc))
 
 
@@ -230,7 +232,8 @@ def make_generate_fn(engine: Engine, public: bool):
             batch_size: Images to make, 1 to 8.
             clip_skip: Text-encoder layers to skip from the end (A1111's CLIP skip); 1 for none.
             model: A model from the app's list; empty for the loaded one.
-            loras: LoRAs to apply, "path_or_repo[:scale], ..."; empty for none.
+            loras: LoRAs to apply, "source[:scale], ..." (a training run's name, a file or folder, a Hub repo id);
+                empty for none.
             cfg_cutoff: Fast: after this fraction of the steps the negative prompt's pass is dropped (CFG ends);
                 1 for never, 0.6 saves about a fifth of the time.
             hires: Hires fix: generate, enlarge, then redraw at the larger size (A1111's "Hires. fix").

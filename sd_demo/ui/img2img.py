@@ -94,7 +94,8 @@ def make_img2img_fn(engine: Engine, public: bool, editor: gr.ImageEditor, upload
             inpaint_area: Inpainting: "Whole picture", or "Only masked" (redrawn at width x height, pasted back).
             only_masked_padding: Inpainting, only masked: pixels of context around the mask.
             model: A model from the app's list; empty for the loaded one.
-            loras: LoRAs to apply, "path_or_repo[:scale], ..."; empty for none.
+            loras: LoRAs to apply, "source[:scale], ..." (a training run's name, a file or folder, a Hub repo id);
+                empty for none.
             fast: 2-4x faster for a little less detail (the Generate tab's Fast: Deep cache, CFG cutoff and,
                 where it pays, bf16 autocast).
         """

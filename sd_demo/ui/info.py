@@ -7,7 +7,7 @@ from ..engine import Engine
 from ..generate import params_from_infotext
 from ..infotext import Infotext, format_infotext, read_png
 from ..models import parse_lora
-from .generate import GenerateTab, UserError, add_lora, speed_values
+from .generate import GenerateTab, UserError, add_lora, said_on, speed_values
 from .img2img import Img2imgTab
 from .models import download_progress
 
@@ -120,11 +120,11 @@ def wire_send_to_generate(engine: Engine, public: bool, generate_tab_id: str, ta
                 current = add_lora(current, engine.download(repo_id, "lora", public, download_progress(progress)),
                                    scale)[0]
         except ValueError as exc:
-            raise UserError(str(exc)) from None
+            return said_on(str(exc), 4)
         model = (gr.update(choices=engine.model_choices(public), value=wanted["model"]) if wanted.get("model")
                  else gr.skip())
         return (f"Downloaded {_names(wanted, '`')}.", current, model, gr.Tabs(selected=generate_tab_id),
                 gr.update(visible=False))
 
     fetch.click(download, [wanted, target.loras], [note, target.loras, target.model, tabs, fetch],
-                api_visibility="private")
+                api_visibility="private", show_progress_on=note)
