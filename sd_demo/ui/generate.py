@@ -592,7 +592,9 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                 # ZeroGPU lends its GPU to a request, not to a job that runs after it has answered
                 queue_btn = gr.Button("Queue", elem_id="queue-btn", visible=not zerogpu.active(), scale=1)
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
-            gallery = gr.Gallery(**SHOWN, label="Images", columns=2, height="fit-content", format="png", elem_id="gallery")
+            # fit-content: gradio's default (and "auto") height caps a gallery at 55 vh, cutting a single picture
+            gallery = gr.Gallery(**SHOWN, label="Images", columns=2, height="fit-content", format="png",
+                                 elem_id="gallery")
             send_img2img = gr.Button("Send to img2img", size="sm", elem_id="send-img2img")
             preview = gr.Image(label="Live preview", interactive=False, height=160)
             status = gr.Markdown("", elem_id="run-status")
