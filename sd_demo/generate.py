@@ -388,10 +388,12 @@ class _Progress:
 def _previews(model: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
     """Live previews, 4x the latents' size: decoded by the model's tiny VAE where it is loaded or the model has its
     own, or by its VAE where that is small (the embedded model's: 14 ms, and too far from linear for a map: 120/255
-    off on its own pictures), else by a linear map fitted to its VAE (SD's decoder takes seconds on a CPU)."""
+    off on its own pictures), else by a linear map fitted to its VAE (SD's decoder takes seconds on a CPU; a
+    compiled one would compile again for the preview's batch of one)."""
     tiny = model.tiny_vae is not None or ((model.folder / TINY_VAE_DIR / "config.json").is_file()
                                           and not load_tiny_vae(model))
-    if tiny or sum(w.numel() for w in model.pipe.vae.decoder.parameters()) <= PREVIEW_DECODER_PARAMS:
+    small = sum(w.numel() for w in model.pipe.vae.decoder.parameters()) <= PREVIEW_DECODER_PARAMS
+    if tiny or (small and not model.compiled):
         size = (latents.shape[-1] * 4, latents.shape[-2] * 4)
         return [im.resize(size, Image.Resampling.BILINEAR) for im in decode(model, latents, tiny=tiny)]
     if model.preview_map is None:
