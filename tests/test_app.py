@@ -109,14 +109,14 @@ def test_loading_a_model_sets_its_native_size_and_recommended_cfg_sampler_and_st
     assert (clip["maximum"], clip["value"]) == (3, 3)  # the clip-skip slider ends at the model's depth
     assert examples["samples"] == [["a red circle"]]  # the card's example prompts
 
-    # a model that fails to load: said on the status line, with what is still loaded; the other controls unchanged
+    # a model that fails to load: said on the status line, the box back to the loaded model, the rest unchanged
     def fails(name):
         raise ValueError(f"model: '{name}' was not found on the Hub")
 
     engine.cache.current, engine.load = loaded, fails
     engine.current_choice = lambda public: "m"
     status, *rest, box, loaded_now = _load_model_fn(engine, False)("someone/missing", 5, progress=lambda *a, **k: None)
-    assert status == "⚠️ model: 'someone/missing' was not found on the Hub · still loaded: m"
+    assert status == "⚠️ model: 'someone/missing' was not found on the Hub · back to m"
     assert all(isinstance(r, type(gr.skip())) for r in [*rest, loaded_now]) and len(rest) == 7
     assert box == "m"  # the model box back to the loaded model, so that Generate does not try the failed one
 

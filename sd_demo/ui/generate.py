@@ -414,11 +414,10 @@ def _load_model_fn(engine: Engine, public: bool):
             progress(0, desc=f"loading {model}")
             d = engine.defaults(engine.chosen_model(model, public))
         except Exception as exc:
-            line = error_line(exc, "loading")
-            if engine.cache.current is not None:
-                line += f" · still loaded: {engine.current_choice(public)}"
-            # the box back to the loaded model: Generate would otherwise try the one that failed
-            return *said_on(line, 7), engine.current_choice(public), gr.skip()
+            # the box back to the loaded model (else the start-up one): Generate would otherwise try the one that
+            # failed
+            back = engine.current_choice(public)
+            return *said_on(f"{error_line(exc, 'loading')} · back to {back}", 7), back, gr.skip()
         # the new model's native size and the CFG scale and sampler its card recommends (else A1111's 7, DPM++ 2M);
         # the clip-skip slider ends at its text encoder's depth
         clip = gr.update(maximum=d.max_clip_skip, value=min(int(clip_skip or 1), d.max_clip_skip))
