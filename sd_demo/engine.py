@@ -297,7 +297,7 @@ class Engine:
         Hub LoRA in the cache or a training run of this app; "hub_id:scale" of those to offer downloading; names
         not found). A public app offers no downloads, and only the visitor's own runs."""
         here, fetch, unknown = [], [], []
-        runs = {run for _, run in self.trained_results(public, visitor)}
+        runs = self._usable_runs(public, visitor)
         for name, scale in parse_loras(text):
             if name in runs:
                 here.append(f"{name}:{scale:g}")
@@ -411,22 +411,32 @@ class Engine:
         job = self.jobs.running()
         return job if job and (not public or (visitor and self.jobs.owner(job) == visitor)) else None
 
-    def lora_source(self, entry: str, public: bool = False, visitor: str | None = None) -> str:
-        """What a LoRA list entry loads: the name of a finished adapter run this visitor may use (what the Train tab
-        writes there, rather than a path of this machine) is its folder; anything else is itself."""
-        runs = {run for _, run in self.trained_results(public, visitor)}
-        return str(self.jobs.root / entry) if entry in runs else entry
+    def lora_sources(self, loras: list[tuple[str, float]], public: bool = False,
+                     visitor: str | None = None) -> list[tuple[str, float]]:
+        """A LoRA list as what it loads: the name of a finished adapter run this visitor may use (what the Train
+        tab writes there, rather than a path of this machine) is its folder; anything else is itself. A public app
+        takes only those runs (ValueError otherwise)."""
+        runs = self._usable_runs(public, visitor)
+        out = [(str(self.jobs.root / src) if src in runs else src, scale) for src, scale in loras]
+        if public and not all(self._is_run(src, runs) for src, _ in out):
+            raise ValueError("lora: on a public app only your own training results (Train tab) can be used")
+        return out
 
     def is_training_result(self, source: str, public: bool = False, visitor: str | None = None) -> bool:
         """Is ``source`` the output folder of a finished adapter run of this app that this visitor may use? (Public
         apps allow only those as LoRAs.)"""
+        return self._is_run(source, self._usable_runs(public, visitor))
+
+    def _is_run(self, source: str, runs: set[str]) -> bool:
         folder = Path(source).resolve()
-        return folder.parent == self.jobs.root.resolve() and folder.name in {
-            run for _, run in self.trained_results(public, visitor)}
+        return folder.parent == self.jobs.root.resolve() and folder.name in runs
+
+    def _usable_runs(self, public: bool, visitor: str | None) -> set[str]:
+        return {run for _, run in self.trained_results(public, visitor)}
 
     def trained_results(self, public: bool = False, visitor: str | None = None) -> list[tuple[str, str]]:
         """(label, run name) of finished adapter / embedding runs this visitor may use, newest first: the Generate
-        tab's list (a LoRA list entry: lora_source)."""
+        tab's list (a LoRA list entry: lora_sources)."""
         from .train.jobs import FINISHED
 
         out = []

@@ -324,7 +324,7 @@ class LoadedModel:
                 self.pipe.unload_lora_weights()
                 self._unload_embeddings()
                 what = "not a readable .safetensors file: " if isinstance(exc, SafetensorError) else ""
-                # named, not pathed: a public app's run names stand for folders of this machine (engine.lora_source)
+                # named, not pathed: a public app's run names stand for folders of this machine (engine.lora_sources)
                 raise ValueError(f"lora: '{hub.adapter_name(source)}' could not be loaded: "
                                  f"{what}{public_text(hub.first_line(exc))}") from exc
         if names:

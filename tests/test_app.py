@@ -138,7 +138,7 @@ def test_training_is_off_on_a_public_app_unless_the_owner_turns_it_on(tiny_model
     (unfinished / "job.json").write_text("{}")
     assert engine.is_training_result(str(run)) and not engine.is_training_result(str(tiny_model_dirs["sd15"]))
     assert not engine.is_training_result(str(unfinished))  # no adapter to load yet
-    assert engine.lora_source(run.name) == str(run) and engine.lora_source(unfinished.name) == unfinished.name
+    assert engine.lora_sources([(run.name, 1.0), (unfinished.name, 1.0)]) == [(str(run), 1.0), (unfinished.name, 1.0)]
 
 
 def test_png_info_reads_huge_or_broken_uploads_with_a_message(client, tmp_path):
@@ -395,8 +395,9 @@ def test_on_a_public_app_each_visitor_sees_and_controls_only_their_own_runs(tiny
     assert (ann / jobs.STOP).exists()
     assert zip_(ann.name, "~ann")[0].endswith(f"{ann.name}.zip")
     assert use(ann.name, "~ann", "")[0] == f"{ann.name}:1"  # the run's name: no path of the server on the page
-    assert engine.lora_source(ann.name, public, "~ann") == str(ann)
-    assert engine.lora_source(bob.name, public, "~ann") == (bob.name if public else str(bob))  # not hers: a name
+    assert engine.lora_sources([(ann.name, 0.5)], public, "~ann") == [(str(ann), 0.5)]
+    with pytest.raises(ValueError, match="only your own training results") if public else nullcontext():
+        assert engine.lora_sources([(bob.name, 1.0)], public, "~ann") == [(str(bob), 1.0)]  # not hers on a public app
 
     assert [r for _, r in engine.trained_results(public, "~ann")] == ([ann.name] if public else [bob.name, ann.name])
     generate = _handler(demo, "generate_gallery")

@@ -38,7 +38,7 @@ class GenerateTab:
     seed: gr.Number
     batch_size: gr.Slider
     clip_skip: gr.Slider
-    loras: gr.Textbox  # "source[:scale], ...": run names, files, folders, Hub ids (lora_source)
+    loras: gr.Textbox  # "source[:scale], ...": run names, files, folders, Hub ids (Engine.lora_sources)
     model: gr.Dropdown  # the Training tab's "Use in Generate" puts a full fine-tune here
     cfg_cutoff: gr.Slider  # an input after model and loras (the API's positions before it stay as they were)
     deep_cache: gr.Slider  # with fast: inputs after the X/Y/Z plot's (the API's positions before stay)
@@ -120,9 +120,7 @@ def checked(engine: Engine, public: bool, visitor: str | None, model: str | None
     to change."""
     try:
         model = engine.chosen_model(model, public)
-        lora_list = [(engine.lora_source(src, public, visitor), scale) for src, scale in parse_loras(loras)]
-        if public and not all(engine.is_training_result(src, public, visitor) for src, _ in lora_list):
-            raise ValueError("lora: on a public app only your own training results (Train tab) can be used")
+        lora_list = engine.lora_sources(parse_loras(loras), public, visitor)
         # raw values: validate() converts them and names the field of one it cannot use (width='abc')
         values.update(width=values.get("width") or None, height=values.get("height") or None,
                       seed=-1 if values.get("seed") is None else values["seed"])
