@@ -76,6 +76,17 @@ def speed_values(params: GenerationParams) -> list:
 RUN = dict(concurrency_id="generation", concurrency_limit=1 if zerogpu.active() else None, preprocess=False)
 # Galleries of results: whole pictures (gradio's default crops them to its tiles), nothing to drop in
 SHOWN = dict(object_fit="contain", interactive=False)
+
+
+def results_gallery(elem_id: str) -> gr.Gallery:
+    """A generating tab's gallery of images (fit-content: gradio's default and "auto" heights cap a gallery at
+    55 vh, cutting a single picture)."""
+    return gr.Gallery(**SHOWN, label="Images", columns=2, height="fit-content", format="png", elem_id=elem_id)
+
+
+def run_events(gallery: gr.Gallery) -> dict:
+    """A generating tab's run events: RUN, with gradio's progress over the gallery, not over the live preview."""
+    return dict(RUN, show_progress_on=gallery)
 QUEUE_REFRESH_S = 1.0  # how often an open page's queue panel asks for changes
 
 # The page gets a step at most this often (and with each preview): each update costs gradio a message and a diff,
@@ -589,9 +600,7 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                 # ZeroGPU lends its GPU to a request, not to a job that runs after it has answered
                 queue_btn = gr.Button("Queue", elem_id="queue-btn", visible=not zerogpu.active(), scale=1)
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn", scale=1)
-            # fit-content: gradio's default (and "auto") height caps a gallery at 55 vh, cutting a single picture
-            gallery = gr.Gallery(**SHOWN, label="Images", columns=2, height="fit-content", format="png",
-                                 elem_id="gallery")
+            gallery = results_gallery("gallery")
             send_img2img = gr.Button("Send to img2img", size="sm", elem_id="send-img2img")
             preview = gr.Image(label="Live preview", interactive=False, height=160)
             status = gr.Markdown("", elem_id="run-status")
@@ -614,9 +623,8 @@ def build(engine: Engine, public: bool = False, notice: str = "", allow_loras: b
                                        deep_cache, fast, tiny_vae, autocast, visitor]
     outputs = [gallery, preview, status, infotext, infos]
     generate_fn = make_generate_fn(engine, public)
-    on_gallery = dict(RUN, show_progress_on=gallery)  # the progress over the gallery: the live preview stays in sight
-    run_btn.click(generate_fn, inputs, outputs, api_name="generate", trigger_mode="multiple", **on_gallery)
-    prompt.submit(generate_fn, inputs, outputs, api_visibility="private", **on_gallery)
+    run_btn.click(generate_fn, inputs, outputs, api_name="generate", trigger_mode="multiple", **run_events(gallery))
+    prompt.submit(generate_fn, inputs, outputs, api_visibility="private", **run_events(gallery))
     names = [n for n in inspect.signature(generate_fn).parameters if n not in ("request", "progress")]  # = inputs
     queue_btn.click(make_enqueue_fn(engine, public, names), inputs, status, api_visibility="private",
                     preprocess=False, queue=False)

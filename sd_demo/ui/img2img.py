@@ -13,8 +13,8 @@ from ..img2img import MASKED_CONTENT, RESIZE_MODES, mask_from_layers
 from ..infotext import parse_infotext
 from ..models import DEFAULT_GUIDANCE
 from ..sampling.registry import DEFAULT_SAMPLER
-from .generate import (RUN, SHOWN, GenerateTab, UserError, checked, gallery_item, on_gpu, sampling_controls,
-                       stream, wire_run_controls)
+from .generate import (GenerateTab, UserError, checked, gallery_item, on_gpu, results_gallery, run_events,
+                       sampling_controls, stream, wire_run_controls)
 
 INPAINT_AREAS = ("Whole picture", "Only masked")  # A1111's "Inpaint area"
 
@@ -149,8 +149,7 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
             with gr.Row():
                 run_btn = gr.Button("Generate", variant="primary", elem_id="img2img-btn")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="img2img-stop")
-            gallery = gr.Gallery(**SHOWN, label="Images", columns=2, height="fit-content", format="png",
-                                 elem_id="img2img-gallery")
+            gallery = results_gallery("img2img-gallery")
             preview = gr.Image(label="Live preview", interactive=False, height=160)
             status = gr.Markdown("", elem_id="img2img-status")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
@@ -161,9 +160,8 @@ def build(engine: Engine, gen: GenerateTab, tabs: gr.Tabs, tab_id: str, public: 
               visitor]
     outputs = [gallery, preview, status, infotext, infos]
     handler = make_img2img_fn(engine, public, editor, mask)
-    on_gallery = dict(RUN, show_progress_on=gallery)  # through the queue, as Generate's; the live preview in sight
-    run_btn.click(handler, inputs, outputs, api_name="img2img", **on_gallery)
-    prompt.submit(handler, inputs, outputs, api_visibility="private", **on_gallery)
+    run_btn.click(handler, inputs, outputs, api_name="img2img", **run_events(gallery))  # queued, as Generate's
+    prompt.submit(handler, inputs, outputs, api_visibility="private", **run_events(gallery))
     wire_run_controls(engine, c, stop_btn, gallery, infos, infotext)
 
     def model_defaults():
