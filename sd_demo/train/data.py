@@ -351,7 +351,8 @@ def _classify(root: Path, files: list[Path], max_pixels: int):
 def _caption_images(root: Path, images: dict, sidecars: dict, meta: dict, cfg: DataConfig):
     """(examples, files lacking a caption, source) with metadata > sidecar > instance prompt > the trigger word
     alone per image."""
-    prompt = _clean(cfg.instance_prompt) or _clean(cfg.trigger)
+    instance = _clean(cfg.instance_prompt)
+    prompt = instance or _clean(cfg.trigger)
     examples, missing, cut, from_files = [], [], [], False
     for p, size in images.items():
         name = p.relative_to(root).as_posix()
@@ -367,8 +368,8 @@ def _caption_images(root: Path, images: dict, sidecars: dict, meta: dict, cfg: D
     if cut:
         warnings.warn(f"{len(cut)} caption(s) cut to {MAX_CAPTION} characters (the text encoder reads about 300): "
                       + _names(cut), stacklevel=3)
-    filler = "instance prompt" if _clean(cfg.instance_prompt) else "trigger"
-    source = METADATA_FILE if meta else ("folder" if from_files or not prompt else filler)
+    source = METADATA_FILE if meta else ("folder" if from_files or not prompt else
+                                         "instance prompt" if instance else "trigger")
     return examples, missing, source
 
 
